@@ -1,0 +1,1 @@
+"""harvester package."""

@@ -1,0 +1,5 @@
+import sys
+
+from sasa.cli import main
+
+sys.exit(main())
