@@ -1,0 +1,166 @@
+"""Reading a cache: the read-only ``Cache`` that trainers and analysis jobs open.
+
+A ``Cache`` is a snapshot: it sees the shards committed when it was opened (``refresh()``
+takes a new snapshot), so an analysis job can mount a cache while a harvest still writes it.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+import torch
+import zarr
+
+from sasa.errors import SasaError
+from store import layout as L
+from store.convert import storage_to_float32
+from store.location import open_group, url_fs
+from store.reader import BatchStream
+from store.stats import HookpointStats, Moments, merge, summarize
+from store.writer import DEFAULT_EXCLUDE, special_mask
+
+
+class Cache:
+    """A read-only view of the committed shards of a cache."""
+
+    def __init__(self, url: str, group: zarr.Group, storage_options: dict | None = None):
+        self.url = url
+        self.group = group
+        self.storage_options = storage_options
+        sasa = dict(group.attrs["sasa"])
+        version = sasa.get("format_version")
+        if not isinstance(version, int) or version > L.FORMAT_VERSION:
+            raise SasaError(f"{url!r} has cache format version {version}, newer than this sasa "
+                            f"reads (<= {L.FORMAT_VERSION}); upgrade sasa (pip install -U sasa)")
+        self.fingerprint = sasa.pop("fingerprint", None)
+        self.layout = L.Layout.from_attrs(sasa)
+        self.attrs = {k: v for k, v in group.attrs.items() if k != "sasa"}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Take a new snapshot of which shards are committed."""
+        self._committed = self.group[L.COMMITTED][:].astype(bool)
+        self._stats_cache = {}
+
+    # -- shape -------------------------------------------------------------------------
+    @property
+    def hookpoints(self) -> dict[str, int]:
+        return dict(self.layout.hookpoints)
+
+    @property
+    def ctx_len(self) -> int:
+        return self.layout.ctx_len
+
+    @property
+    def n_seq(self) -> int:
+        return self.layout.n_seq
+
+    @property
+    def shard_seqs(self) -> int:
+        return self.layout.shard_seqs
+
+    @property
+    def n_shards(self) -> int:
+        return self.layout.n_shards
+
+    @property
+    def dtype(self) -> str:
+        return self.layout.dtype
+
+    def committed_shards(self) -> list[int]:
+        return [int(i) for i in np.flatnonzero(self._committed)]
+
+    def pending_shards(self) -> list[int]:
+        return [int(i) for i in np.flatnonzero(~self._committed)]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._committed.all())
+
+    @property
+    def n_tokens(self) -> int:
+        """Committed rows."""
+        return int(self._committed.sum()) * self.layout.shard_rows
+
+    @property
+    def tokens(self) -> zarr.Array:
+        """[n_seq, ctx_len] int32 (rows of uncommitted shards are undefined)."""
+        return self.group[L.TOKENS]
+
+    def acts(self, hookpoint: str) -> zarr.Array:
+        """[n_tokens, d] in the storage dtype (bf16 as uint16 bits)."""
+        return self.group[L.acts_path(self.check_hookpoint(hookpoint))]
+
+    def check_hookpoint(self, hookpoint: str) -> str:
+        if hookpoint not in self.layout.hookpoints:
+            raise SasaError(f"hookpoint {hookpoint!r} is not in {self.url}; it has "
+                            f"{', '.join(self.layout.hookpoints)}")
+        return hookpoint
+
+    def exclude_ids(self, exclude) -> dict[str, list[int]]:
+        """Special-token ids per excluded kind; unknown kinds are an error."""
+        special = self.attrs.get("special_token_ids", {})
+        unknown = [k for k in exclude if k not in special and k not in DEFAULT_EXCLUDE]
+        if unknown:
+            raise SasaError(f"cannot exclude {unknown}: this cache records special tokens "
+                            f"{sorted(special) or 'none'}")
+        return {k: list(special.get(k, [])) for k in exclude}
+
+    def row_mask(self, tokens_flat: np.ndarray, exclude=DEFAULT_EXCLUDE) -> np.ndarray:
+        """True for rows that are kept under the exclusion policy."""
+        ids = self.exclude_ids(exclude)
+        return ~special_mask(tokens_flat, ids, list(ids))
+
+    # -- reading -----------------------------------------------------------------------
+    def read_rows(self, hookpoint: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a hookpoint as float32 (sequential reads, for analysis)."""
+        return storage_to_float32(self.acts(hookpoint)[start:stop], self.dtype)
+
+    def stats(self, hookpoint: str) -> HookpointStats:
+        """Exact statistics over the committed rows, BOS and padding excluded."""
+        self.check_hookpoint(hookpoint)
+        if hookpoint not in self._stats_cache:
+            shards = self.committed_shards()
+            g = lambda name: self.group[L.stats_path(hookpoint, name)]  # noqa: E731
+            counts, means, m2s = g("count")[:], g("mean")[:], g("m2")[:]
+            total = Moments(0, np.zeros(self.hookpoints[hookpoint]), np.zeros(self.hookpoints[hookpoint]))
+            norms = []
+            for s in shards:
+                total = merge(total, Moments(int(counts[s]), means[s], m2s[s]))
+                rows = slice(s * self.layout.shard_rows, (s + 1) * self.layout.shard_rows)
+                seqs = slice(s * self.shard_seqs, (s + 1) * self.shard_seqs)
+                keep = self.row_mask(self.tokens[seqs].reshape(-1), DEFAULT_EXCLUDE)
+                norms.append(self.group[L.norms_path(hookpoint)][rows][keep])
+            self._stats_cache[hookpoint] = summarize(total, np.concatenate(norms) if norms else np.zeros(0))
+        return self._stats_cache[hookpoint]
+
+    def batches(self, hookpoint, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                exclude=DEFAULT_EXCLUDE, rank: int = 0, world_size: int = 1,
+                dtype: torch.dtype = torch.float32, epochs: int | None = 1, resume: dict | None = None,
+                with_rows: bool = False, shuffle_rows: int | None = None,
+                prefetch_threads: int = 4) -> BatchStream:
+        """Stream batches of rows; see ``store.reader.BatchStream`` for the order and state."""
+        hookpoints = [hookpoint] if isinstance(hookpoint, str) else list(hookpoint)
+        for hp in hookpoints:
+            self.check_hookpoint(hp)
+        return BatchStream(self, hookpoints, batch_size, single=isinstance(hookpoint, str),
+                           shuffle=shuffle, seed=seed, exclude=tuple(exclude), rank=rank,
+                           world_size=world_size, dtype=dtype, epochs=epochs, resume=resume,
+                           with_rows=with_rows, shuffle_rows=shuffle_rows,
+                           prefetch_threads=prefetch_threads)
+
+    @cached_property
+    def size_bytes(self) -> int:
+        """Bytes on disk (or in the bucket) under the cache's root."""
+        fs, path = url_fs(self.url, self.storage_options)
+        return int(fs.du(path, total=True))
+
+    def __repr__(self) -> str:
+        return (f"Cache({self.url!r}, hookpoints={self.hookpoints}, tokens={self.n_tokens:,}, "
+                f"shards={len(self.committed_shards())}/{self.n_shards})")
+
+
+def open_cache(url: str, storage_options: dict | None = None) -> Cache:
+    """Open the cache at ``url`` (a path or any fsspec URL) read-only."""
+    return Cache(url, open_group(str(url), "r", storage_options), storage_options)

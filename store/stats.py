@@ -1,0 +1,82 @@
+"""Exact per-dimension statistics, computed per shard and merged (parallel Welford).
+
+Each shard stores (count, mean, M2) in float64 over its unmasked rows; merging the shards with
+Chan et al.'s pairwise update gives the same mean and variance as one float64 pass over all
+the data, up to float64 rounding, whatever the order shards were written in. Norms are kept
+per row (float32, 4 bytes a token), so norm quantiles are exact too and any row mask can be
+applied to them at read time.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
+
+
+class Moments(NamedTuple):
+    """count rows with per-dimension mean_D and sum of squared deviations m2_D (float64)."""
+
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+
+class HookpointStats(NamedTuple):
+    """Statistics of one hookpoint over the committed, unmasked rows of a cache."""
+
+    count: int
+    """Rows counted (BOS and padding excluded)."""
+    mean: np.ndarray
+    """[d] float64 mean per dimension."""
+    var: np.ndarray
+    """[d] float64 population variance per dimension."""
+    mean_norm: float
+    """Mean L2 norm of a row."""
+    norm_quantiles: dict[float, float]
+    """Quantile -> L2 norm, exact."""
+
+    @property
+    def mean_sq_norm(self) -> float:
+        """E||x||^2 = sum(var + mean^2): the scale trainers normalise by."""
+        return float(np.sum(self.var + self.mean**2))
+
+
+def moments(x_ND: np.ndarray, block_rows: int = 8192) -> Moments:
+    """Moments of the rows of x in float64, in blocks so memory stays bounded."""
+    total = Moments(0, np.zeros(x_ND.shape[1]), np.zeros(x_ND.shape[1]))
+    for start in range(0, len(x_ND), block_rows):
+        block = np.asarray(x_ND[start:start + block_rows], dtype=np.float64)
+        mean = block.mean(axis=0)
+        total = merge(total, Moments(len(block), mean, ((block - mean) ** 2).sum(axis=0)))
+    return total
+
+
+def merge(a: Moments, b: Moments) -> Moments:
+    """Chan et al.'s pairwise combination of two sets of moments."""
+    if a.count == 0:
+        return b
+    if b.count == 0:
+        return a
+    n = a.count + b.count
+    delta = b.mean - a.mean
+    mean = a.mean + delta * (b.count / n)
+    m2 = a.m2 + b.m2 + delta**2 * (a.count * b.count / n)
+    return Moments(n, mean, m2)
+
+
+def summarize(total: Moments, norms: np.ndarray) -> HookpointStats:
+    """Final statistics from merged moments and the norms of the same rows."""
+    if total.count == 0:
+        nan = np.full_like(total.mean, np.nan)
+        return HookpointStats(0, nan, nan, float("nan"), {q: float("nan") for q in QUANTILES})
+    quantiles = np.quantile(norms.astype(np.float64), QUANTILES) if len(norms) else [np.nan] * len(QUANTILES)
+    return HookpointStats(
+        count=total.count,
+        mean=total.mean,
+        var=total.m2 / total.count,
+        mean_norm=float(norms.astype(np.float64).mean()),
+        norm_quantiles={q: float(v) for q, v in zip(QUANTILES, quantiles)},
+    )

@@ -1,0 +1,233 @@
+"""Writing a cache: deterministic shards and a commit protocol.
+
+A shard is written in this order: tokens, activations, per-row norms, the shard's moments,
+its checksums, and last its ``shards/committed`` flag. Each of these is a separate zarr chunk
+object that belongs to this shard alone, so workers never write the same object and a crash
+at any point leaves at worst an uncommitted shard, which readers ignore and a rerun rewrites
+with the same bytes. Rewriting a *committed* shard is a no-op when the content is identical
+(a retried task) and an error when it differs (a non-deterministic producer, or a config
+change that the fingerprint did not catch).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from typing import NamedTuple
+
+import numpy as np
+import zarr
+
+from sasa.errors import SasaError
+from store import layout as L
+from store.convert import storage_to_float32, to_storage
+from store.location import Kind, open_group, probe, url_fs
+from store.stats import moments
+
+#: Kinds of special tokens excluded from statistics and, by default, from training batches.
+DEFAULT_EXCLUDE = ("bos", "pad")
+
+
+class ShardResult(NamedTuple):
+    index: int
+    rows: int
+    """Rows written (shard_seqs * ctx_len)."""
+    bytes: int
+    """Activation bytes written over all hookpoints."""
+    skipped: bool
+    """True when the shard was already committed with the same content."""
+
+
+def special_mask(tokens_flat: np.ndarray, special_ids: dict, kinds) -> np.ndarray:
+    """True for rows whose token is one of the special ids of the given kinds."""
+    ids = [i for kind in kinds for i in special_ids.get(kind, [])]
+    if not ids:
+        return np.zeros(tokens_flat.shape, dtype=bool)
+    return np.isin(tokens_flat, np.asarray(ids, dtype=tokens_flat.dtype))
+
+
+def non_finite(stored: np.ndarray, dtype: str) -> int:
+    """Count of NaN/Inf values in stored data (bf16 bits: exponent all ones)."""
+    if dtype == "bfloat16":
+        return int(np.count_nonzero((stored & 0x7F80) == 0x7F80))
+    return int(stored.size - np.count_nonzero(np.isfinite(stored)))
+
+
+def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {json.dumps(a, default=str)} -> {json.dumps(b, default=str)}")
+    return diffs
+
+
+def _json_roundtrip(attrs: dict) -> dict:
+    try:
+        return json.loads(json.dumps(attrs))
+    except (TypeError, ValueError) as err:
+        raise SasaError(f"cache attrs must be JSON-serialisable: {err}") from None
+
+
+class CacheWriter:
+    """Writes and commits the shards of one cache (create with ``create_cache``)."""
+
+    def __init__(self, url: str, group: zarr.Group, layout: L.Layout, storage_options: dict | None):
+        self.url = url
+        self.layout = layout
+        self.group = group
+        self.attrs = {k: v for k, v in group.attrs.items() if k != "sasa"}
+        self.storage_options = storage_options
+        self.special_ids = self.attrs.get("special_token_ids", {})
+        self._tokens = group[L.TOKENS]
+        self._committed = group[L.COMMITTED]
+        self._crc = group[L.CHECKSUMS]
+        self._acts = {hp: group[L.acts_path(hp)] for hp in layout.hookpoints}
+        self._norms = {hp: group[L.norms_path(hp)] for hp in layout.hookpoints}
+        self._stats = {hp: {name: group[L.stats_path(hp, name)] for name in ("count", "mean", "m2")}
+                       for hp in layout.hookpoints}
+
+    @property
+    def n_shards(self) -> int:
+        return self.layout.n_shards
+
+    def committed(self) -> np.ndarray:
+        """[n_shards] bool: which shards are committed now."""
+        return self._committed[:].astype(bool)
+
+    def pending_shards(self) -> list[int]:
+        return [int(i) for i in np.flatnonzero(~self.committed())]
+
+    def write_shard(self, index: int, tokens, acts: dict) -> ShardResult:
+        """Write shard ``index`` and commit it.
+
+        tokens: [shard_seqs, ctx_len] integers; acts: {hookpoint: [shard_seqs*ctx_len, d]}
+        float numpy arrays or torch tensors (bf16 allowed).
+        """
+        lay = self.layout
+        lay.check_shard(index)
+        tokens = self._check_tokens(tokens)
+        stored = self._check_acts(acts)
+        crc = np.array([zlib.crc32(tokens)] + [zlib.crc32(stored[hp]) for hp in lay.hookpoints],
+                       dtype=np.uint32)
+        nbytes = sum(a.nbytes for a in stored.values())
+        if self._committed[index]:
+            if np.array_equal(self._crc[index], crc):
+                return ShardResult(index, lay.shard_rows, nbytes, skipped=True)
+            raise SasaError(
+                f"shard {index} of {self.url} is already committed with different content; the "
+                f"producer is not deterministic or its config changed (rerun with --overwrite to rebuild)")
+
+        rows = slice(index * lay.shard_rows, (index + 1) * lay.shard_rows)
+        self._tokens[index * lay.shard_seqs:(index + 1) * lay.shard_seqs] = tokens
+        keep = ~special_mask(tokens.reshape(-1), self.special_ids, DEFAULT_EXCLUDE)
+        for hp, data in stored.items():
+            self._acts[hp][rows] = data
+            x = storage_to_float32(data, lay.dtype)
+            self._norms[hp][rows] = np.linalg.norm(x, axis=1).astype(np.float32)
+            m = moments(x[keep])
+            self._stats[hp]["count"][index] = m.count
+            self._stats[hp]["mean"][index] = m.mean
+            self._stats[hp]["m2"][index] = m.m2
+        self._crc[index] = crc
+        self._committed[index] = 1  # the commit: readers see the shard from here on
+        return ShardResult(index, lay.shard_rows, nbytes, skipped=False)
+
+    def _check_tokens(self, tokens) -> np.ndarray:
+        lay = self.layout
+        if hasattr(tokens, "numpy"):
+            tokens = tokens.detach().cpu().numpy()
+        tokens = np.asarray(tokens)
+        if tokens.shape != (lay.shard_seqs, lay.ctx_len):
+            raise SasaError(f"tokens have shape {tokens.shape}; this cache expects "
+                            f"[shard_seqs, ctx_len] = {[lay.shard_seqs, lay.ctx_len]}")
+        if tokens.dtype.kind not in "iu":
+            raise SasaError(f"tokens have dtype {tokens.dtype}; pass integer token ids")
+        if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.int32).max):
+            raise SasaError("token ids must lie in [0, 2**31); got ids outside that range")
+        return np.ascontiguousarray(tokens, dtype=np.int32)
+
+    def _check_acts(self, acts: dict) -> dict[str, np.ndarray]:
+        lay = self.layout
+        if set(acts) != set(lay.hookpoints):
+            raise SasaError(f"acts have hookpoints {sorted(acts)}; this cache expects {sorted(lay.hookpoints)}")
+        stored = {}
+        for hp, d in lay.hookpoints.items():
+            shape = tuple(acts[hp].shape)
+            if shape != (lay.shard_rows, d):
+                raise SasaError(f"acts[{hp!r}] has shape {list(shape)}; this cache expects "
+                                f"[shard_seqs*ctx_len, d] = {[lay.shard_rows, d]}")
+            stored[hp] = to_storage(acts[hp], lay.dtype, f"acts[{hp!r}]")
+            bad = non_finite(stored[hp], lay.dtype)
+            if bad:
+                raise SasaError(f"acts[{hp!r}] hold {bad} NaN/Inf values (as {lay.dtype}); nothing was "
+                                f"written. If float16 overflowed, harvest with --dtype bf16 or fp32")
+        return stored
+
+
+def _ensure_arrays(group: zarr.Group, lay: L.Layout) -> None:
+    """Create the cache's arrays that do not exist yet (idempotent: a crash during creation
+    is repaired by the next open)."""
+
+    def require(path, shape, chunks, dtype, shards=None, compressors=None):
+        if path in group:
+            return
+        group.create_array(path, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
+                           compressors=compressors, fill_value=0)
+
+    n_hp = len(lay.hookpoints)
+    require(L.TOKENS, (lay.n_seq, lay.ctx_len), (lay.chunk_seqs, lay.ctx_len), "int32",
+            compressors="auto")  # token ids compress ~3x and are read rarely
+    for hp, d in lay.hookpoints.items():
+        shards = (lay.shard_rows, d) if lay.shard_objects else None
+        require(L.acts_path(hp), (lay.n_rows, d), (lay.chunk_rows, d), lay.storage_dtype, shards)
+        require(L.norms_path(hp), (lay.n_rows,), (lay.chunk_rows,), "float32")
+        require(L.stats_path(hp, "count"), (lay.n_shards,), (1,), "int64")
+        require(L.stats_path(hp, "mean"), (lay.n_shards, d), (1, d), "float64")
+        require(L.stats_path(hp, "m2"), (lay.n_shards, d), (1, d), "float64")
+    require(L.CHECKSUMS, (lay.n_shards, 1 + n_hp), (1, 1 + n_hp), "uint32")
+    require(L.COMMITTED, (lay.n_shards,), (1,), "uint8")
+
+
+def create_cache(url: str, *, hookpoints: dict[str, int], ctx_len: int, n_seq: int,
+                 shard_seqs: int, dtype: str = "bfloat16", storage_options: dict | None = None,
+                 attrs: dict | None = None, chunk_seqs: int | None = None,
+                 shard_objects: bool = False, overwrite: bool = False) -> CacheWriter:
+    """Create a cache at ``url`` and return its writer; reopen it (resume) if the same cache is
+    already there.
+
+    ``attrs`` is the producer's metadata (model, tokenizer, dataset, config, and
+    ``special_token_ids = {"bos": [...], "pad": [...]}`` for the read-time masks); it must not
+    hold secrets. A different layout or attrs at ``url`` is refused with the differences
+    listed, unless ``overwrite`` replaces the old cache.
+    """
+    lay = L.Layout.build(hookpoints, ctx_len, n_seq, shard_seqs, dtype, chunk_seqs, shard_objects)
+    attrs = _json_roundtrip(attrs or {})
+    if "sasa" in attrs:
+        raise SasaError("attrs key 'sasa' is reserved for the cache layout; rename it")
+    sasa_attrs = {**lay.to_attrs(), "fingerprint": L.fingerprint([lay.to_attrs(), attrs])}
+
+    kind = probe(url, storage_options)
+    if kind is Kind.OTHER:
+        raise SasaError(f"{url!r} holds files that are not a sasa cache; choose a new or empty "
+                        f"location (sasa never deletes what it did not write)")
+    if kind is Kind.SASA:
+        group = open_group(url, "r+", storage_options)
+        old = dict(group.attrs)
+        if old["sasa"].get("fingerprint") == sasa_attrs["fingerprint"]:
+            _ensure_arrays(group, lay)
+            return CacheWriter(url, group, lay, storage_options)
+        if not overwrite:
+            old_cfg = {**{k: v for k, v in old.items() if k != "sasa"}, **old["sasa"]}
+            new_cfg = {**attrs, **sasa_attrs}
+            diffs = [d for d in _config_diff(old_cfg, new_cfg) if not d.startswith("fingerprint")]
+            raise SasaError(f"{url!r} holds a cache with a different config ({'; '.join(diffs) or 'fingerprint'}); "
+                            f"rerun with the same settings to resume, or pass --overwrite to replace it")
+        fs, path = url_fs(url, storage_options)
+        fs.rm(path, recursive=True)
+    group = zarr.open_group(url, mode="w", storage_options=storage_options,
+                            attributes={**attrs, "sasa": sasa_attrs})
+    _ensure_arrays(group, lay)
+    return CacheWriter(url, group, lay, storage_options)
