@@ -1,0 +1,50 @@
+"""Small builders shared by the store tests: deterministic shard content and byte snapshots."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from store import create_cache
+from store.location import url_fs
+
+BOS, PAD = 1, 0
+SPECIAL = {"special_token_ids": {"bos": [BOS], "pad": [PAD]}}
+
+
+def shard_content(index: int, shard_seqs: int, ctx: int, widths: dict[str, int], pad_tail: int = 2):
+    """Tokens and activations of one shard, a pure function of the shard index.
+
+    Every sequence starts with BOS; the last ``pad_tail`` positions of odd sequences are padding.
+    Column 0 of each activation holds the global row index (exact in float32), so tests can
+    tell rows apart after shuffling.
+    """
+    rng = np.random.default_rng(1000 + index)
+    tokens = rng.integers(2, 500, size=(shard_seqs, ctx), dtype=np.int64)
+    tokens[:, 0] = BOS
+    tokens[1::2, ctx - pad_tail:] = PAD
+    rows = np.arange(index * shard_seqs * ctx, (index + 1) * shard_seqs * ctx)
+    acts = {}
+    for j, (hp, d) in enumerate(widths.items()):
+        x = rng.normal(size=(len(rows), d)).astype(np.float32) * (1 + j)
+        x[:, 0] = rows
+        acts[hp] = x
+    return tokens, acts
+
+
+def build(url, *, widths=None, ctx=8, n_seq=64, shard_seqs=16, chunk_seqs=4, dtype="float32",
+          shards=None, storage_options=None, **kw):
+    """A cache with the given shards written (all by default); returns its writer."""
+    widths = widths or {"resid_post.1": 16, "resid_post.2": 8}
+    w = create_cache(url, hookpoints=widths, ctx_len=ctx, n_seq=n_seq, shard_seqs=shard_seqs,
+                     chunk_seqs=chunk_seqs, dtype=dtype, storage_options=storage_options,
+                     attrs={**SPECIAL, "model": "test-model"}, **kw)
+    for i in (range(w.n_shards) if shards is None else shards):
+        w.write_shard(i, *shard_content(i, shard_seqs, ctx, widths))
+    return w
+
+
+def snapshot(url, storage_options=None) -> dict[str, bytes]:
+    """Every object under the cache root -> its bytes (for byte-identity checks)."""
+    fs, root = url_fs(url, storage_options)
+    fs.invalidate_cache()
+    return {p[len(root.rstrip('/')):]: fs.cat_file(p) for p in fs.find(root)}

@@ -1,0 +1,281 @@
+"""The store contract, run against a local folder, memory:// and s3:// on a loopback S3 server.
+
+Each test takes ``location`` (url, storage_options), so one suite checks every backend the way
+zarr-python's store tests do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sasa.errors import SasaError
+from store import create_cache, open_cache, shuffle_quality
+from store.writer import special_mask
+from store_helpers import BOS, PAD, SPECIAL, build, shard_content, snapshot
+
+W = {"resid_post.1": 16, "resid_post.2": 8}
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def location(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "cache"), None
+    if request.param == "memory":
+        return request.getfixturevalue("memory_url"), None
+    return request.getfixturevalue("s3_url"), request.getfixturevalue("s3").storage_options
+
+
+def kept_rows(cache):
+    """Reference: every row of a committed shard whose token is neither BOS nor PAD."""
+    rows = []
+    for s in cache.committed_shards():
+        tok = cache.tokens[s * cache.shard_seqs:(s + 1) * cache.shard_seqs].reshape(-1)
+        base = s * cache.shard_seqs * cache.ctx_len
+        rows.append(base + np.flatnonzero(~np.isin(tok, [BOS, PAD])))
+    return np.concatenate(rows)
+
+
+# -- writing and the commit protocol ---------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_roundtrip_every_dtype(location, dtype):
+    url, so = location
+    build(url, dtype=dtype, storage_options=so)
+    cache = open_cache(url, so)
+    assert cache.n_tokens == 64 * 8 and cache.complete and cache.dtype == dtype
+    assert cache.hookpoints == W and cache.attrs["model"] == "test-model"
+    tokens, acts = shard_content(2, 16, 8, W)
+    np.testing.assert_array_equal(cache.tokens[32:48], tokens)
+    for hp in W:
+        ref = torch.from_numpy(acts[hp]).to(getattr(torch, dtype)).float().numpy()
+        np.testing.assert_array_equal(cache.read_rows(hp, 256, 384), ref)  # bit-exact after rounding
+
+
+def test_bf16_is_stored_as_raw_bits_readable_by_plain_zarr(tmp_path):
+    import zarr
+    x = torch.randn(128, 16, dtype=torch.bfloat16)
+    w = create_cache(tmp_path / "c", hookpoints={"h": 16}, ctx_len=8, n_seq=16, shard_seqs=16)
+    w.write_shard(0, np.full((16, 8), 5), {"h": x})
+    g = zarr.open_group(str(tmp_path / "c"), mode="r")
+    bits = g["acts/h"][:]
+    assert bits.dtype == np.uint16 and g.attrs["sasa"]["dtype"] == "bfloat16"
+    assert torch.equal(torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16), x)
+    stream = open_cache(tmp_path / "c").batches("h", 128, shuffle=False, dtype=torch.bfloat16)
+    assert torch.equal(next(iter(stream)), x)
+
+
+def test_uncommitted_shard_is_invisible_and_rewrite_gives_same_bytes(location):
+    url, so = location
+    w = build(url, shards=[0, 1], storage_options=so)
+
+    class Crash(Exception):
+        pass
+
+    class FailingFlag:  # the commit flag write fails: everything else of shard 2 is written
+        def __getitem__(self, i):
+            return 0
+
+        def __setitem__(self, i, v):
+            raise Crash
+
+    real_flag, w._committed = w._committed, FailingFlag()
+    with pytest.raises(Crash):
+        w.write_shard(2, *shard_content(2, 16, 8, W))
+    w._committed = real_flag
+
+    cache = open_cache(url, so)
+    assert cache.committed_shards() == [0, 1] and cache.n_tokens == 2 * 16 * 8
+    rows = np.concatenate([b.rows.numpy() for b in cache.batches(list(W), 7, with_rows=True)])
+    assert rows.max() < 2 * 16 * 8  # nothing of shard 2 reaches a reader
+    assert create_cache(url, hookpoints=W, ctx_len=8, n_seq=64, shard_seqs=16, chunk_seqs=4,
+                        dtype="float32", storage_options=so,
+                        attrs={**SPECIAL, "model": "test-model"}).pending_shards() == [2, 3]
+
+    w.write_shard(2, *shard_content(2, 16, 8, W))  # the retry
+    w.write_shard(3, *shard_content(3, 16, 8, W))
+    reference = f"memory://sasa-test/reference-{abs(hash(url))}"
+    build(reference)
+    assert snapshot(url, so) == snapshot(reference)
+
+
+def test_committed_shard_same_content_is_noop_different_is_refused(location):
+    url, so = location
+    w = build(url, shards=[0], storage_options=so)
+    tokens, acts = shard_content(0, 16, 8, W)
+    assert w.write_shard(0, tokens, acts).skipped
+    acts["resid_post.2"][5, 3] += 1.0
+    with pytest.raises(SasaError, match="already committed with different content"):
+        w.write_shard(0, tokens, acts)
+
+
+def test_reopen_resumes_and_different_config_is_refused(location):
+    url, so = location
+    build(url, shards=[1], storage_options=so)
+    w = build(url, shards=[], storage_options=so)
+    assert w.pending_shards() == [0, 2, 3]
+    with pytest.raises(SasaError, match=r"ctx_len: 8 -> 16.*--overwrite"):
+        build(url, ctx=16, shards=[], storage_options=so)
+    with pytest.raises(SasaError, match=r"model: \"test-model\" -> \"other\""):
+        create_cache(url, hookpoints=W, ctx_len=8, n_seq=64, shard_seqs=16, chunk_seqs=4,
+                     dtype="float32", storage_options=so, attrs={**SPECIAL, "model": "other"})
+    w = build(url, ctx=16, shards=[], storage_options=so, overwrite=True)
+    assert w.pending_shards() == [0, 1, 2, 3] and open_cache(url, so).ctx_len == 16
+
+
+# -- statistics --------------------------------------------------------------------------
+def test_stats_equal_float64_numpy_over_all_kept_rows(location):
+    url, so = location
+    build(url, shards=[0, 2, 3], storage_options=so)
+    cache = open_cache(url, so)
+    keep = kept_rows(cache)
+    for hp in W:
+        x = cache.read_rows(hp, 0, cache.n_seq * cache.ctx_len)[keep].astype(np.float64)
+        st = cache.stats(hp)
+        assert st.count == len(keep)
+        np.testing.assert_allclose(st.mean, x.mean(0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(st.var, x.var(0), rtol=1e-11)
+        norms = np.linalg.norm(x, axis=1)
+        assert st.mean_norm == pytest.approx(norms.mean(), rel=1e-6)
+        for q, v in st.norm_quantiles.items():
+            assert v == pytest.approx(np.quantile(norms, q), rel=1e-6)
+
+
+# -- the reader ----------------------------------------------------------------------------
+def collect(stream):
+    rows, acts = [], []
+    for batch in stream:
+        rows.append(batch.rows.numpy())
+        acts.append(batch.acts)
+    return rows, acts
+
+
+def test_reader_every_kept_row_once_deterministic_and_aligned(location):
+    url, so = location
+    build(url, storage_options=so)
+    cache = open_cache(url, so)
+    rows, acts = collect(cache.batches(list(W), 50, seed=3, with_rows=True))
+    flat = np.concatenate(rows)
+    np.testing.assert_array_equal(np.sort(flat), kept_rows(cache))  # each kept row exactly once
+    assert all(len(r) == 50 for r in rows[:-1]) and 0 < len(rows[-1]) <= 50
+    for r, a in zip(rows, acts):  # same rows from every hookpoint, and the right rows
+        for hp in W:
+            np.testing.assert_array_equal(a[hp][:, 0].numpy(), r)
+    again, _ = collect(cache.batches(list(W), 50, seed=3, with_rows=True))
+    other, _ = collect(cache.batches(list(W), 50, seed=4, with_rows=True))
+    assert all(np.array_equal(a, b) for a, b in zip(rows, again))
+    assert not np.array_equal(flat, np.concatenate(other))
+
+
+@pytest.mark.parametrize("shuffle_rows", [None, 64])
+def test_ranks_disjoint_and_complete(tmp_path, shuffle_rows):
+    build(tmp_path / "c", n_seq=96)
+    cache = open_cache(tmp_path / "c")
+    per_rank = [np.concatenate(collect(cache.batches("resid_post.1", 32, rank=r, world_size=3,
+                                                     with_rows=True, shuffle_rows=shuffle_rows))[0])
+                for r in range(3)]
+    flat = np.concatenate(per_rank)
+    assert len(flat) == len(set(flat.tolist()))
+    np.testing.assert_array_equal(np.sort(flat), kept_rows(cache))
+
+
+@pytest.mark.parametrize("stop_after", [1, 5, 9])
+def test_resume_continues_with_exactly_the_rows_that_would_have_come(tmp_path, stop_after):
+    build(tmp_path / "c")
+    cache = open_cache(tmp_path / "c")
+    kw = dict(seed=7, with_rows=True, shuffle_rows=96, epochs=2)  # several windows, two epochs
+    full, _ = collect(cache.batches("resid_post.2", 40, **kw))
+    stream = cache.batches("resid_post.2", 40, **kw)
+    head = []
+    for batch in stream:
+        head.append(batch.rows.numpy())
+        if len(head) == stop_after:
+            break
+    state = stream.state_dict()
+    import json
+    state = json.loads(json.dumps(state))  # the state survives a JSON round trip
+    tail, _ = collect(open_cache(tmp_path / "c").batches("resid_post.2", 40, resume=state, **kw))
+    assert len(head) + len(tail) == len(full)
+    for a, b in zip(head + tail, full):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(SasaError, match="seed: 7 -> 8"):
+        cache.batches("resid_post.2", 40, resume=state, **{**kw, "seed": 8})
+
+
+def test_shuffle_quality_near_ideal(tmp_path):
+    build(tmp_path / "c", n_seq=256, shard_seqs=32, ctx=16, widths={"h": 4})
+    cache = open_cache(tmp_path / "c")
+    n = len(kept_rows(cache))
+    rows, _ = collect(cache.batches("h", 256, seed=0, with_rows=True, exclude=()))
+    shuffled = shuffle_quality(rows, 16, cache.n_tokens)
+    rows, _ = collect(cache.batches("h", 256, shuffle=False, with_rows=True, exclude=()))
+    sequential = shuffle_quality(rows, 16, cache.n_tokens)
+    assert 0.8 < shuffled < 1.25, shuffled
+    assert sequential > 10 * shuffled  # the measure can tell a bad shuffle apart
+    assert n < cache.n_tokens
+
+
+def test_sweep_style_multi_epoch_and_chunk_count(tmp_path):
+    build(tmp_path / "c")
+    cache = open_cache(tmp_path / "c")
+    stream = cache.batches(list(W), 64, epochs=3)
+    n = sum(len(b["resid_post.1"]) for b in stream)
+    assert n == 3 * len(kept_rows(cache))
+    assert stream.chunks_read == 3 * (64 // 4)
+
+
+# -- bad input --------------------------------------------------------------------------------
+def test_errors_name_the_problem_and_the_fix(tmp_path, location):
+    url, so = location
+    with pytest.raises(SasaError, match="no sasa cache at .* does not exist"):
+        open_cache(url, so)
+    build(url, shards=[0], storage_options=so)
+    cache = open_cache(url, so)
+    with pytest.raises(SasaError, match=r"hookpoint 'resid_post.9' is not in .* it has resid_post.1, resid_post.2"):
+        cache.batches("resid_post.9", 8)
+    w = build(url, shards=[], storage_options=so)
+    tokens, acts = shard_content(1, 16, 8, W)
+    with pytest.raises(SasaError, match=r"acts\['resid_post.2'\] has shape \[128, 9\].*\[128, 8\]"):
+        w.write_shard(1, tokens, {**acts, "resid_post.2": np.zeros((128, 9), np.float32)})
+    with pytest.raises(SasaError, match="dtype int64; activations must be floating point"):
+        w.write_shard(1, tokens, {**acts, "resid_post.2": np.zeros((128, 8), np.int64)})
+    with pytest.raises(SasaError, match=r"tokens have shape \(16, 7\)"):
+        w.write_shard(1, tokens[:, :7], acts)
+    with pytest.raises(SasaError, match="hookpoints"):
+        w.write_shard(1, tokens, {"resid_post.1": acts["resid_post.1"]})
+    bad = {**acts, "resid_post.1": acts["resid_post.1"].copy()}
+    bad["resid_post.1"][3, 3] = np.inf
+    with pytest.raises(SasaError, match="1 NaN/Inf values"):
+        w.write_shard(1, tokens, bad)
+    with pytest.raises(SasaError, match="shard 4 is out of range"):
+        w.write_shard(4, tokens, acts)
+    assert open_cache(url, so).committed_shards() == [0]  # nothing of the failures landed
+
+
+def test_not_a_cache_and_newer_format(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("hello")
+    with pytest.raises(SasaError, match="is not a sasa cache"):
+        open_cache(tmp_path / "notes")
+    with pytest.raises(SasaError, match="holds files that are not a sasa cache"):
+        build(tmp_path / "notes")
+    assert (tmp_path / "notes" / "a.txt").read_text() == "hello"
+    import zarr
+    build(tmp_path / "c", shards=[0])
+    g = zarr.open_group(str(tmp_path / "c"), mode="r+")
+    g.attrs["sasa"] = {**g.attrs["sasa"], "format_version": 99}
+    with pytest.raises(SasaError, match="format version 99, newer .* upgrade sasa"):
+        open_cache(tmp_path / "c")
+
+
+def test_config_validation():
+    with pytest.raises(SasaError, match="not a multiple of shard_seqs"):
+        create_cache("memory://x/bad", hookpoints={"h": 4}, ctx_len=8, n_seq=10, shard_seqs=4)
+    with pytest.raises(SasaError, match="unknown storage dtype"):
+        create_cache("memory://x/bad", hookpoints={"h": 4}, ctx_len=8, n_seq=8, shard_seqs=4, dtype="int8")
+
+
+def test_special_mask():
+    tok = np.array([1, 5, 0, 7, 1])
+    assert special_mask(tok, {"bos": [1], "pad": [0]}, ["bos"]).tolist() == [True, False, False, False, True]
+    assert special_mask(tok, {}, ["bos"]).tolist() == [False] * 5
