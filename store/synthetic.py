@@ -1,0 +1,168 @@
+"""Synthetic activations with planted multi-dimensional features (numpy only).
+
+Why: SASA's central claim is that a feature living on a d_i-dimensional subspace is held by one
+group when r >= d_i, where a standard SAE splits it over many latents. Checking that needs data
+whose features, subspaces and per-sample coordinates are known; this module plants them.
+
+Model of a sample: x = sum_{f active} m_f * B_f u_f + noise, where B_f is a random d x d_i
+orthonormal basis (drawn once from ``spec.seed``), u_f is uniform on the unit sphere of R^{d_i}
+(a circle for d_i = 2), m_f is a magnitude near 1, and noise is isotropic Gaussian. Features are
+on independently with Zipf-like probabilities scaled so that ~``mean_active`` are on per sample.
+
+Trade-offs:
+- The bases are independent, not mutually orthogonal: sum d_i may exceed d (80 > 64 by default),
+  as in real superposition. A feature's subspace therefore catches a little energy from other
+  features; the splitting metric sees that leak (see analysis/splitting.py).
+- 1-D features are intensities (u = +1) by default rather than the two-point sphere {-1, +1}:
+  that is the usual toy-model convention and keeps a ReLU latent able to hold one feature.
+  ``signed_1d=True`` gives the literal sphere.
+- The planted structure depends only on the spec; samples depend on (spec, seed), so a cache
+  can be generated in independent chunks (one seed per chunk) that share the same features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+from sasa.errors import SasaError
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """The planted features. Everything about them is fixed by these fields and ``seed``."""
+
+    d: int = 64
+    """Ambient dimension of the activations."""
+
+    features_per_dim: dict[int, int] = field(default_factory=lambda: {1: 8, 2: 8, 3: 8, 4: 8})
+    """Number of features of each intrinsic dimension d_i."""
+
+    mean_active: float = 3.0
+    """Expected number of active features per sample."""
+
+    zipf_exponent: float = 1.0
+    """Activation probability of the k-th most frequent feature is proportional to
+    1 / k**zipf_exponent (capped at 1). Frequency ranks are shuffled across dimensions."""
+
+    magnitude_spread: float = 0.2
+    """Magnitude m_f is uniform in [1 - spread, 1 + spread]."""
+
+    noise: float = 0.02
+    """Standard deviation of the isotropic Gaussian noise, per coordinate."""
+
+    signed_1d: bool = False
+    """1-D features take u = +-1 (the sphere S^0) instead of u = +1."""
+
+    seed: int = 0
+    """Seed of the planted structure (bases, frequencies), independent of the sample seed."""
+
+    def __post_init__(self) -> None:
+        if self.d < 1:
+            raise SasaError(f"synthetic d must be positive (got {self.d})")
+        for dim, count in self.features_per_dim.items():
+            if not 1 <= dim <= self.d or count < 0:
+                raise SasaError(f"features_per_dim needs 1 <= d_i <= d={self.d} and counts >= 0 "
+                                f"(got {dim}: {count})")
+        if self.n_features == 0:
+            raise SasaError("features_per_dim plants no feature; give at least one")
+        if not 0 < self.mean_active <= self.n_features:
+            raise SasaError(f"mean_active must be in (0, n_features={self.n_features}] "
+                            f"(got {self.mean_active})")
+        if not 0 <= self.magnitude_spread < 1 or self.noise < 0:
+            raise SasaError("magnitude_spread must be in [0, 1) and noise >= 0")
+
+    @property
+    def dims(self) -> np.ndarray:
+        """Intrinsic dimension of each feature, [F] int, grouped by dimension ascending."""
+        return np.concatenate([np.full(self.features_per_dim[k], k, dtype=np.int64)
+                               for k in sorted(self.features_per_dim)])
+
+    @property
+    def n_features(self) -> int:
+        return int(sum(self.features_per_dim.values()))
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """[F + 1]: feature f's coordinates are columns offsets[f]:offsets[f+1] of coords_NK."""
+        return np.concatenate([[0], np.cumsum(self.dims)])
+
+
+class Planted(NamedTuple):
+    """The fixed structure drawn from a spec."""
+
+    bases: list[np.ndarray]
+    """Per feature, an orthonormal basis [d, d_i] (float64)."""
+    probs_F: np.ndarray
+    """Activation probability of each feature."""
+
+
+class SyntheticBatch(NamedTuple):
+    """n samples with their ground truth."""
+
+    x_ND: np.ndarray
+    """Activations, float32."""
+    active_NF: np.ndarray
+    """bool: feature f is on in sample n."""
+    coords_NK: np.ndarray
+    """float32 [N, sum d_i]: m_f * u_f in feature f's basis (columns ``offsets[f]:offsets[f+1]``,
+    zero when off). Feature f contributes coords @ bases[f].T; its energy is ||coords||^2."""
+    offsets: np.ndarray
+    """[F + 1] column ranges of coords_NK."""
+    dims_F: np.ndarray
+    """Intrinsic dimension of each feature."""
+    bases: list[np.ndarray]
+    """Per feature, the orthonormal basis [d, d_i]."""
+
+    def contribution(self, f: int) -> np.ndarray:
+        """Feature f's contribution to x, [N, d] float32."""
+        sl = slice(self.offsets[f], self.offsets[f + 1])
+        return (self.coords_NK[:, sl] @ self.bases[f].T).astype(np.float32)
+
+
+def planted(spec: SyntheticSpec) -> Planted:
+    """Draw the bases and frequencies of ``spec`` (deterministic in ``spec.seed``)."""
+    rng = np.random.default_rng([spec.seed, 0x5A5A])
+    bases = []
+    for dim in spec.dims:
+        q, r = np.linalg.qr(rng.standard_normal((spec.d, int(dim))))
+        bases.append(q * np.sign(np.diag(r)))
+    ranks = rng.permutation(spec.n_features) + 1
+    weights = 1.0 / ranks.astype(np.float64) ** spec.zipf_exponent
+    # Scale so the expected count is mean_active; re-scale after capping at 1 until it holds.
+    probs = weights * spec.mean_active / weights.sum()
+    for _ in range(64):
+        probs = np.minimum(probs, 1.0)
+        deficit = spec.mean_active - probs.sum()
+        if deficit <= 1e-12:
+            break
+        free = probs < 1.0
+        probs[free] *= 1 + deficit / probs[free].sum()
+    return Planted(bases=bases, probs_F=probs)
+
+
+def generate(spec: SyntheticSpec, n: int, seed: int = 0) -> SyntheticBatch:
+    """``n`` samples. Same ``spec`` -> same features; same (spec, seed) -> same samples."""
+    if n < 0:
+        raise SasaError(f"number of samples must be >= 0 (got {n})")
+    plant = planted(spec)
+    dims, offsets = spec.dims, spec.offsets
+    rng = np.random.default_rng([spec.seed, seed, 0xDA7A])
+    active_NF = rng.random((n, spec.n_features)) < plant.probs_F
+    coords_NK = np.zeros((n, int(offsets[-1])), dtype=np.float64)
+    x_ND = rng.standard_normal((n, spec.d)) * spec.noise
+    spread = spec.magnitude_spread
+    for f, dim in enumerate(dims):
+        u_NK = rng.standard_normal((n, int(dim)))
+        if dim == 1 and not spec.signed_1d:
+            u_NK = np.abs(u_NK)
+        u_NK /= np.linalg.norm(u_NK, axis=1, keepdims=True)
+        mag_N = rng.uniform(1 - spread, 1 + spread, n) * active_NF[:, f]
+        c_NK = u_NK * mag_N[:, None]
+        coords_NK[:, offsets[f]:offsets[f + 1]] = c_NK
+        x_ND += c_NK @ plant.bases[f].T
+    return SyntheticBatch(x_ND=x_ND.astype(np.float32), active_NF=active_NF,
+                          coords_NK=coords_NK.astype(np.float32), offsets=offsets,
+                          dims_F=dims, bases=plant.bases)

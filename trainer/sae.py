@@ -1,0 +1,518 @@
+"""Sparse autoencoders: SASA (grouped subspaces) and its two baselines, TopK and ReLU + L1.
+
+Why one module for three architectures: a TopK SAE is a SASA with block size r = 1 and ReLU
+codes, and a ReLU SAE is the same encoder/decoder without a gate. Keeping one parameter layout
+([G, r, d] for both encoder and decoder) makes the r = 1 reduction exact by construction and
+lets one test pin SASA to a TopK reference.
+
+Layout. ``W_enc_GRD[g]`` is E_g (r x d); ``W_dec_GRD[g]`` holds the r decoder directions of group
+g as rows, so D_g = W_dec_GRD[g].T (d x r). Storing the decoder row-major means the decode is a
+single [B, G*r] @ [G*r, d] matmul with no copy, and encode is the transpose shape. Both are dense
+over all groups: at the sizes we train (G*r ~ 2.5e4, d ~ 768) the dense matmul is what the GPU
+is fast at, and a gather-based sparse decode would only pay off at much larger widths.
+
+What was traded off:
+- The gate's selection uses the squared norm of the (detached) codes: it is monotone in
+  ||h_g||, needs no sqrt, and the gate is not differentiable anyway; gradients reach the kept
+  groups through ``h * mask``.
+- Dead-unit bookkeeping (for AuxK) is a tensor buffer updated inside ``forward`` in training
+  mode: no ``.item()``, no host sync in the hot path. In eval mode it is read, never written, so
+  evaluation and ``gradcheck`` see a fixed dead set.
+- The nuclear norm of the group map P_g = D_g E_g is computed exactly as ||R_g E_g||_* with
+  D_g = Q_g R_g (batched QR of a d x r matrix, then svdvals of an r x d matrix). With orthonormal
+  D_g (what ``post_step`` maintains) R_g = I and this is ||E_g||_* as SASA.md says, but the QR
+  form stays correct between an optimiser step and ``post_step`` and for the baselines, whose
+  decoders are not orthonormal, at the cost of one small batched QR per step.
+- ``svdvals`` rather than ``eigvalsh`` of the Gram matrix: the latter's backward is unstable
+  when eigenvalues repeat (SASA.md, pitfalls).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sasa.errors import SasaError
+
+ARCHS = ("sasa", "topk", "relu")
+CODES = ("signed", "relu")
+GATES = ("token", "batch")
+NUC_ON = ("map", "decoder", "encoder")
+INIT_ENCODER = ("transpose", "random")
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "sae.safetensors"
+FORMAT_NAME = "sasa-sae"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SAEConfig:
+    """One sparse autoencoder. ``None`` fields resolve to the architecture's default."""
+
+    d_in: int
+    """Width of the input activations (d)."""
+
+    groups: int
+    """Number of groups G. For topk/relu this is the number of latents (width)."""
+
+    arch: str = "sasa"
+    """"sasa" (grouped subspaces, Top-s gate), "topk" (Gao et al. 2024) or "relu" (ReLU + L1)."""
+
+    rank: int | None = None
+    """Block size r of each group's subspace. Default: 4 for sasa, 1 (required) for topk/relu."""
+
+    top_s: int = 8
+    """Groups kept per token: s for sasa, k for topk. Unused by relu."""
+
+    codes: str | None = None
+    """"signed" (no nonlinearity: a point on a circle needs negative coordinates) or "relu".
+    Default: "signed" for sasa, "relu" for topk/relu. sasa with rank=1 and codes="relu" is
+    exactly a TopK SAE."""
+
+    gate: str = "token"
+    """"token": Top-s groups per token. "batch": Top s*B groups over the whole batch of B tokens
+    (a token may get more or fewer than s; the average is s)."""
+
+    nuc_lambda: float = 0.0
+    """Weight of the nuclear-norm penalty sum_g ||.||_* (0 disables it and skips the SVDs)."""
+
+    nuc_on: str = "map"
+    """What the nuclear norm acts on: "map" = P_g = D_g E_g (= ||E_g||_* when D_g is
+    orthonormal), "encoder" = E_g, "decoder" = D_g (an ablation: constant r per group while
+    D_g is orthonormal, so it only acts on non-orthonormal decoders)."""
+
+    auxk_alpha: float = 1 / 32
+    """Weight of the AuxK loss (Gao et al.: dead units reconstruct the residual). 0 disables."""
+
+    auxk_k: int | None = None
+    """Dead units used per token by AuxK. Default: enough groups for d/2 coordinates
+    (max(1, d_in // (2 * rank))), capped at ``groups``; d/2 follows EleutherAI/sparsify."""
+
+    dead_tokens: int = 10_000_000
+    """A unit that has not been active for this many tokens counts as dead (for AuxK)."""
+
+    l1_coeff: float = 1e-3
+    """relu only: weight of the L1 penalty sum_i |z_i| * ||d_i|| (per token, batch mean)."""
+
+    init_encoder: str = "transpose"
+    """"transpose": E_g = D_g^T at init (Gao et al.; measured in bench/SPLITTING.md to leave
+    fewer dead units and converge faster). "random": an independent uniform init."""
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise SasaError(f"unknown SAE arch {self.arch!r}; use one of {', '.join(ARCHS)}")
+        if self.d_in < 1 or self.groups < 1:
+            raise SasaError(f"d_in and groups must be positive (got d_in={self.d_in}, "
+                            f"groups={self.groups})")
+        if self.rank is None:
+            self.rank = 4 if self.arch == "sasa" else 1
+        if self.rank < 1:
+            raise SasaError(f"rank must be >= 1 (got {self.rank})")
+        if self.arch != "sasa" and self.rank != 1:
+            raise SasaError(f"arch {self.arch} has one direction per latent; set rank=1 "
+                            f"(got {self.rank}) or use arch='sasa'")
+        if self.rank > self.d_in:
+            raise SasaError(f"rank {self.rank} exceeds d_in {self.d_in}; a group's subspace "
+                            "cannot be wider than the input")
+        if self.codes is None:
+            self.codes = "signed" if self.arch == "sasa" else "relu"
+        if self.codes not in CODES:
+            raise SasaError(f"unknown codes {self.codes!r}; use 'signed' or 'relu'")
+        if self.arch == "relu" and self.codes != "relu":
+            raise SasaError("arch relu needs codes='relu' (or leave codes unset)")
+        if self.arch != "relu" and not 1 <= self.top_s <= self.groups:
+            raise SasaError(f"top_s must be in 1..groups (got s={self.top_s} > G={self.groups})"
+                            if self.top_s > self.groups else
+                            f"top_s must be >= 1 (got {self.top_s})")
+        if self.gate not in GATES:
+            raise SasaError(f"unknown gate {self.gate!r}; use 'token' or 'batch'")
+        if self.nuc_lambda < 0:
+            raise SasaError(f"nuc_lambda must be >= 0 (got {self.nuc_lambda})")
+        if self.nuc_on not in NUC_ON:
+            raise SasaError(f"unknown nuc_on {self.nuc_on!r}; use one of {', '.join(NUC_ON)}")
+        if self.auxk_alpha < 0:
+            raise SasaError(f"auxk_alpha must be >= 0 (got {self.auxk_alpha})")
+        if self.auxk_k is None:
+            self.auxk_k = min(self.groups, max(1, self.d_in // (2 * self.rank)))
+        if not 1 <= self.auxk_k <= self.groups:
+            raise SasaError(f"auxk_k must be in 1..groups (got {self.auxk_k}, G={self.groups})")
+        if self.dead_tokens < 1:
+            raise SasaError(f"dead_tokens must be >= 1 (got {self.dead_tokens})")
+        if self.l1_coeff < 0:
+            raise SasaError(f"l1_coeff must be >= 0 (got {self.l1_coeff})")
+        if self.init_encoder not in INIT_ENCODER:
+            raise SasaError(f"unknown init_encoder {self.init_encoder!r}; use 'transpose' "
+                            "or 'random'")
+
+    @property
+    def n_coords(self) -> int:
+        """Total code coordinates n = G * r."""
+        return self.groups * self.rank
+
+
+class ForwardOutput(NamedTuple):
+    """Everything one training step or one evaluation needs. Scalars are 0-d tensors."""
+
+    x_hat_BD: torch.Tensor
+    """Reconstruction."""
+    codes_BGR: torch.Tensor
+    """Codes after the gate (zero outside kept groups)."""
+    active_BG: torch.Tensor
+    """bool: group kept by the gate and nonzero."""
+    fvu: torch.Tensor
+    """Fraction of variance unexplained over the batch: sum||x - x_hat||^2 / sum||x - mean||^2."""
+    auxk_loss: torch.Tensor
+    """AuxK loss before its weight (0 when nothing is dead or auxk_alpha = 0)."""
+    nuc_term: torch.Tensor
+    """nuc_lambda * sum_g ||.||_* (0 when nuc_lambda = 0)."""
+    l1_term: torch.Tensor
+    """relu only: l1_coeff * mean_b sum_i |z_i| ||d_i||."""
+    loss: torch.Tensor
+    """fvu + auxk_alpha * auxk_loss + nuc_term + l1_term."""
+    l0_groups: torch.Tensor
+    """Mean active groups (units) per token."""
+    l0_coords: torch.Tensor
+    """Mean nonzero code coordinates per token."""
+
+
+class EffectiveRanks(NamedTuple):
+    """Per-group effective rank of the reconstruction map P_g = D_g E_g."""
+
+    threshold_G: torch.Tensor
+    """Number of singular values above 0.1 x the group's largest (int64)."""
+    entropy_G: torch.Tensor
+    """exp(entropy of sigma / sum sigma) (Roy & Vetterli 2007); between 1 and r."""
+
+
+def _signfix_qr(a_GDR: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Q with the sign convention diag(R) >= 0, so Q stays close to A.
+
+    ``torch.linalg.qr`` may flip column signs; without the fix the decoder drifts away from
+    its encoder and training stalls (SASA.md, pitfalls)."""
+    q_GDR, r_GRR = torch.linalg.qr(a_GDR)
+    sign_GR = torch.sign(torch.diagonal(r_GRR, dim1=-2, dim2=-1))
+    sign_GR = torch.where(sign_GR == 0, torch.ones_like(sign_GR), sign_GR)
+    return q_GDR * sign_GR.unsqueeze(-2)
+
+
+class SAE(nn.Module):
+    """SASA / TopK / ReLU sparse autoencoder on inputs of width d.
+
+    Training loop contract: ``out = sae(x_BD); out.loss.backward(); opt.step();
+    sae.post_step()``. ``post_step`` restores the decoder constraint (orthonormal D_g for sasa,
+    unit-norm columns for topk).
+    """
+
+    def __init__(self, cfg: SAEConfig, *, device=None, dtype=None, seed: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        G, R, D = cfg.groups, cfg.rank, cfg.d_in
+        factory = {"device": device, "dtype": dtype}
+        self.W_enc_GRD = nn.Parameter(torch.empty(G, R, D, **factory))
+        self.b_enc_GR = nn.Parameter(torch.zeros(G, R, **factory))
+        self.W_dec_GRD = nn.Parameter(torch.empty(G, R, D, **factory))
+        self.b_dec_D = nn.Parameter(torch.zeros(D, **factory))
+        # Tokens since each unit was last active; starts at 0 so nothing is dead at init.
+        self.register_buffer("tokens_since_fired_G",
+                             torch.zeros(G, dtype=torch.long, device=device))
+        self.reset_parameters(seed)
+
+    # ----------------------------------------------------------------------------- init
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+        G, R, D = self.cfg.groups, self.cfg.rank, self.cfg.d_in
+        w_GDR = torch.randn(G, D, R, generator=gen, dtype=torch.float64)
+        if self.cfg.arch == "sasa":
+            w_GDR = _signfix_qr(w_GDR)
+        else:
+            w_GDR = w_GDR / w_GDR.norm(dim=1, keepdim=True)
+        self.W_dec_GRD.copy_(w_GDR.transpose(1, 2))
+        if self.cfg.init_encoder == "transpose":
+            self.W_enc_GRD.copy_(self.W_dec_GRD)
+        else:
+            bound = 1 / math.sqrt(D)
+            self.W_enc_GRD.copy_(torch.rand(G, R, D, generator=gen, dtype=torch.float64)
+                                 .mul_(2 * bound).sub_(bound))
+        self.b_enc_GR.zero_()
+        self.b_dec_D.zero_()
+        self.tokens_since_fired_G.zero_()
+
+    @torch.no_grad()
+    def init_from_data(self, x_ND: torch.Tensor, *, seed: int = 0) -> None:
+        """Data-based init: b_dec = mean of x; each D_g spans r random centred samples.
+
+        Starts every group's subspace inside the data's span (a k-subspaces style seed), with
+        E_g = D_g^T when ``init_encoder == "transpose"``. Measured in bench/SPLITTING.md.
+        """
+        G, R, D = self.cfg.groups, self.cfg.rank, self.cfg.d_in
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        x_ND = x_ND.detach().to("cpu", torch.float64)
+        mean_D = x_ND.mean(0)
+        idx = torch.randint(0, x_ND.shape[0], (G * R,), generator=gen)
+        w_GDR = (x_ND[idx] - mean_D).reshape(G, R, D).transpose(1, 2)
+        w_GDR = w_GDR + 1e-3 * torch.randn(G, D, R, generator=gen, dtype=torch.float64)
+        if self.cfg.arch == "sasa":
+            w_GDR = _signfix_qr(w_GDR)
+        else:
+            w_GDR = w_GDR / w_GDR.norm(dim=1, keepdim=True)
+        self.W_dec_GRD.copy_(w_GDR.transpose(1, 2))
+        if self.cfg.init_encoder == "transpose":
+            self.W_enc_GRD.copy_(self.W_dec_GRD)
+        self.b_dec_D.copy_(mean_D)
+
+    # ----------------------------------------------------------------------------- forward
+    @property
+    def decoder_GDR(self) -> torch.Tensor:
+        """D_g as [G, d, r] (a view)."""
+        return self.W_dec_GRD.transpose(1, 2)
+
+    def pre_codes(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """h_g = E_g (x - b_dec) + b_g for every group, before the gate: [B, G, r]."""
+        G, R, D = self.W_enc_GRD.shape
+        h_BN = (x_BD - self.b_dec_D) @ self.W_enc_GRD.reshape(G * R, D).T
+        h_BGR = h_BN.reshape(-1, G, R) + self.b_enc_GR
+        if self.cfg.codes == "relu":
+            h_BGR = F.relu(h_BGR)
+        return h_BGR
+
+    def gate(self, h_BGR: torch.Tensor) -> torch.Tensor:
+        """bool [B, G]: the groups kept (all of them for relu)."""
+        B, G, _ = h_BGR.shape
+        if self.cfg.arch == "relu":
+            return torch.ones(B, G, dtype=torch.bool, device=h_BGR.device)
+        score_BG = h_BGR.detach().square().sum(-1)
+        s = self.cfg.top_s
+        if self.cfg.gate == "token":
+            idx_BS = score_BG.topk(s, dim=1, sorted=False).indices
+            return torch.zeros_like(score_BG, dtype=torch.bool).scatter_(1, idx_BS, True)
+        idx = score_BG.flatten().topk(s * B, sorted=False).indices
+        keep = torch.zeros(B * G, dtype=torch.bool, device=h_BGR.device)
+        return keep.scatter_(0, idx, True).view(B, G)
+
+    def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """Gated codes z [B, G, r] (zero outside the kept groups)."""
+        h_BGR = self.pre_codes(x_BD)
+        return h_BGR * self.gate(h_BGR).unsqueeze(-1)
+
+    def decode(self, codes_BGR: torch.Tensor, *, bias: bool = True) -> torch.Tensor:
+        """x_hat = b_dec + sum_g D_g z_g: [B, d]."""
+        G, R, D = self.W_dec_GRD.shape
+        out_BD = codes_BGR.reshape(-1, G * R) @ self.W_dec_GRD.reshape(G * R, D)
+        return out_BD + self.b_dec_D if bias else out_BD
+
+    def dead_mask(self) -> torch.Tensor:
+        """bool [G]: units inactive for at least ``dead_tokens`` tokens."""
+        return self.tokens_since_fired_G >= self.cfg.dead_tokens
+
+    def forward(self, x_BD: torch.Tensor) -> ForwardOutput:
+        cfg = self.cfg
+        h_BGR = self.pre_codes(x_BD)
+        keep_BG = self.gate(h_BGR)
+        codes_BGR = h_BGR * keep_BG.unsqueeze(-1)
+        x_hat_BD = self.decode(codes_BGR)
+
+        active_BG = keep_BG & (h_BGR.detach().abs().amax(-1) > 0)
+        fvu = _fvu(x_BD, x_hat_BD)
+        zero = x_BD.new_zeros(())
+
+        auxk = zero
+        if cfg.auxk_alpha > 0 and cfg.arch != "relu":
+            auxk = self._auxk_loss(x_BD - x_hat_BD.detach(), h_BGR)
+        nuc_term = cfg.nuc_lambda * self.nuclear_norm() if cfg.nuc_lambda > 0 else zero
+        l1_term = zero
+        if cfg.arch == "relu" and cfg.l1_coeff > 0:
+            norms_GR = self.W_dec_GRD.norm(dim=-1)
+            l1_term = cfg.l1_coeff * (codes_BGR.abs() * norms_GR).sum((1, 2)).mean()
+        loss = fvu + cfg.auxk_alpha * auxk + nuc_term + l1_term
+
+        if self.training:
+            with torch.no_grad():
+                self.tokens_since_fired_G.add_(x_BD.shape[0])
+                self.tokens_since_fired_G.masked_fill_(active_BG.any(0), 0)
+
+        return ForwardOutput(
+            x_hat_BD=x_hat_BD, codes_BGR=codes_BGR, active_BG=active_BG, fvu=fvu,
+            auxk_loss=auxk, nuc_term=nuc_term, l1_term=l1_term, loss=loss,
+            l0_groups=active_BG.sum(1).to(x_BD.dtype).mean(),
+            l0_coords=(codes_BGR != 0).sum((1, 2)).to(x_BD.dtype).mean(),
+        )
+
+    def _auxk_loss(self, resid_BD: torch.Tensor, h_BGR: torch.Tensor) -> torch.Tensor:
+        """Gao et al.'s AuxK: the top ``auxk_k`` dead units per token reconstruct the residual.
+
+        The scale min(n_dead / auxk_k, 1) (as in EleutherAI/sparsify) fades the term out as
+        units revive; it and the dead mask stay tensors, so nothing syncs with the host."""
+        dead_G = self.dead_mask()
+        score_BG = h_BGR.detach().square().sum(-1).masked_fill(~dead_G, -1.0)
+        idx_BK = score_BG.topk(self.cfg.auxk_k, dim=1, sorted=False).indices
+        pick_BG = torch.zeros_like(dead_G.expand_as(score_BG)).scatter_(1, idx_BK, True)
+        pick_BG &= dead_G
+        e_hat_BD = self.decode(h_BGR * pick_BG.unsqueeze(-1), bias=False)
+        scale = (dead_G.sum().to(resid_BD.dtype) / self.cfg.auxk_k).clamp(max=1.0)
+        return scale * _fvu(resid_BD, e_hat_BD)
+
+    # ----------------------------------------------------------------------------- constraints
+    @torch.no_grad()
+    def post_step(self) -> None:
+        """Restore the decoder constraint after an optimiser step (batched, no group loop)."""
+        if self.cfg.arch == "sasa":
+            d_GDR = self.decoder_GDR
+            if d_GDR.dtype in (torch.float16, torch.bfloat16):  # no half-precision QR kernels
+                d_GDR = d_GDR.float()
+            q_GDR = _signfix_qr(d_GDR)
+            self.W_dec_GRD.copy_(q_GDR.transpose(1, 2))
+        elif self.cfg.arch == "topk":
+            self.W_dec_GRD.div_(self.W_dec_GRD.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    def _nuc_singular_values(self) -> torch.Tensor:
+        """Singular values [G, r] of the matrices the nuclear norm acts on (differentiable)."""
+        if self.cfg.nuc_on == "encoder":
+            return torch.linalg.svdvals(self.W_enc_GRD)
+        if self.cfg.nuc_on == "decoder":
+            return torch.linalg.svdvals(self.W_dec_GRD)
+        return self.map_singular_values()
+
+    def map_singular_values(self) -> torch.Tensor:
+        """Singular values [G, r] of P_g = D_g E_g, via D_g = Q_g R_g: sv(P_g) = sv(R_g E_g)."""
+        _, r_GRR = torch.linalg.qr(self.decoder_GDR)
+        return torch.linalg.svdvals(r_GRR @ self.W_enc_GRD)
+
+    def nuclear_norm(self) -> torch.Tensor:
+        """sum_g ||.||_* of what ``nuc_on`` names (differentiable, 0-d)."""
+        return self._nuc_singular_values().sum()
+
+    @torch.no_grad()
+    def effective_ranks(self) -> EffectiveRanks:
+        """Effective rank of each group's map P_g: threshold count and entropy-based."""
+        sv_GR = self.map_singular_values()
+        threshold_G = (sv_GR > 0.1 * sv_GR.amax(-1, keepdim=True)).sum(-1)
+        p_GR = sv_GR / sv_GR.sum(-1, keepdim=True).clamp_min(torch.finfo(sv_GR.dtype).tiny)
+        ent_G = -(p_GR * torch.log(p_GR.clamp_min(torch.finfo(sv_GR.dtype).tiny))).sum(-1)
+        return EffectiveRanks(threshold_G=threshold_G, entropy_G=ent_G.exp())
+
+    # ----------------------------------------------------------------------------- folding
+    @torch.no_grad()
+    def fold_normalisation(self, mean_D: torch.Tensor | float, scale: torch.Tensor | float) -> None:
+        """Make an SAE trained on (x - mean) / scale apply to raw x: sae(x) ~ x afterwards.
+
+        With b' = mean + scale * b_dec and codes scaled by ``scale`` (b_enc' = scale * b_enc),
+        E_g (x - b') + b_enc' = scale * (E_g (x_n - b_dec) + b_enc), so every code is multiplied
+        by the same positive number: the gate's ranking, ReLU, and the orthonormal decoder all
+        stay as they are, and D_g z' + b' = mean + scale * x_n_hat. ``scale`` must be a positive
+        scalar (the trainer's normalisation E||x_n||^2 = d is one number)."""
+        scale_t = torch.as_tensor(scale, dtype=self.b_dec_D.dtype, device=self.b_dec_D.device)
+        if scale_t.numel() != 1 or not bool(scale_t > 0):
+            raise SasaError("fold_normalisation needs one positive scale (a scalar); "
+                            "per-dimension scales cannot be folded into an orthonormal decoder")
+        mean_t = torch.as_tensor(mean_D, dtype=self.b_dec_D.dtype, device=self.b_dec_D.device)
+        self.b_dec_D.copy_(mean_t + scale_t * self.b_dec_D)
+        self.b_enc_GR.mul_(scale_t)
+        if self.cfg.arch == "relu":
+            # Codes grew by `scale`; keep the L1 term's value for the same raw reconstruction.
+            self.cfg.l1_coeff = self.cfg.l1_coeff / float(scale_t)
+
+
+def _fvu(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:
+    total = (x_BD - x_BD.mean(0)).square().sum()
+    return (x_BD - x_hat_BD).square().sum() / total.clamp_min(torch.finfo(x_BD.dtype).tiny)
+
+
+# --------------------------------------------------------------------------------- persistence
+def save_sae(sae: SAE, directory: str | Path) -> Path:
+    """Write ``config.json`` (format name, version, resolved config) and ``sae.safetensors``."""
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+            "config": dataclasses.asdict(sae.cfg)}
+    (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
+    save_file(tensors, str(out / WEIGHTS_NAME))
+    return out
+
+
+def load_sae(path: str | Path, *, device=None) -> SAE:
+    """Load an SAE written by ``save_sae`` from its directory (or its config.json)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    directory = path.parent if path.name in (CONFIG_NAME, WEIGHTS_NAME) else path
+    cfg_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not cfg_file.is_file() or not weights_file.is_file():
+        raise SasaError(f"{directory} is not a saved SAE: it needs {CONFIG_NAME} and "
+                        f"{WEIGHTS_NAME} (write one with save_sae)")
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("format") != FORMAT_NAME or meta.get("version", 0) > FORMAT_VERSION:
+        raise SasaError(f"{cfg_file} is not a {FORMAT_NAME} v<={FORMAT_VERSION} config; "
+                        "upgrade sasa to read it")
+    fields = {f.name for f in dataclasses.fields(SAEConfig)}
+    unknown = set(meta["config"]) - fields
+    if unknown:
+        raise SasaError(f"{cfg_file} has unknown config fields {sorted(unknown)}; "
+                        "upgrade sasa to read it")
+    cfg = SAEConfig(**meta["config"])
+    tensors = load_file(str(weights_file))
+    dtype = tensors["W_enc_GRD"].dtype
+    sae = SAE(cfg, dtype=dtype)
+    sae.load_state_dict(tensors)
+    return sae.to(device) if device is not None else sae
+
+
+# --------------------------------------------------------------------------------- small loop
+class TrainLog(NamedTuple):
+    """What ``train_in_memory`` reports."""
+
+    fvu: list[float]
+    """FVU of each step's batch."""
+    dead_fraction: float
+    """Fraction of dead units at the end."""
+
+
+def train_in_memory(sae: SAE, x_ND: torch.Tensor, *, steps: int, batch_size: int = 512,
+                    lr: float = 1e-3, seed: int = 0, warmup: int = 0,
+                    decay_frac: float = 0.0, log_every: int = 0) -> TrainLog:
+    """Adam on random minibatches of an in-memory tensor (tests and toy experiments).
+
+    The streaming trainer (reading the Zarr cache) lives elsewhere; this loop exists so the
+    model can be exercised and measured without a cache. ``warmup`` steps of linear lr warm-up
+    and a linear decay to 0 over the last ``decay_frac`` of the steps, as in SASA.md."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    decay_start = int(steps * (1 - decay_frac))
+
+    def lr_at(step: int) -> float:
+        f = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        if step >= decay_start and decay_frac > 0:
+            f *= (steps - step) / (steps - decay_start)
+        return f
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sae.train()
+    fvus: list[torch.Tensor] = []
+    for step in range(steps):
+        idx = torch.randint(0, x_ND.shape[0], (batch_size,), generator=gen)
+        out = sae(x_ND[idx])
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        sched.step()
+        sae.post_step()
+        fvus.append(out.fvu.detach())
+        if log_every and (step + 1) % log_every == 0:
+            print(f"step {step + 1}: fvu {float(out.fvu):.4f} l0 {float(out.l0_groups):.2f}")
+    sae.eval()
+    return TrainLog(fvu=torch.stack(fvus).tolist() if fvus else [],
+                    dead_fraction=float(sae.dead_mask().float().mean()))
