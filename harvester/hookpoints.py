@@ -25,9 +25,10 @@ class Hookpoint(NamedTuple):
         return f"{self.kind}.{self.layer}"
 
     @property
-    def stop_after(self) -> int:
-        """The last block the forward must run to produce this tensor (-1: none)."""
-        return self.layer - 1 if self.kind == "resid_pre" else self.layer
+    def stop_point(self) -> tuple[int, int]:
+        """Where the forward may stop once this tensor is captured: (block, 0) on entering the
+        block for ``resid_pre``, (block, 1) after the block for the others. Comparable."""
+        return (self.layer, 0 if self.kind == "resid_pre" else 1)
 
 
 def parse_hookpoint(name: str) -> Hookpoint:

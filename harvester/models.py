@@ -66,7 +66,11 @@ def _load_errors(model: str, err: Exception) -> SasaError:
     if not os.path.exists(model) and (os.sep in model or model.startswith(".")):
         return SasaError(f"model {model!r} not found: no such folder; pass a local folder "
                          "saved with save_pretrained or a hub name")
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = str(err).strip()
+    if "custom code" in text or "trust_remote_code" in text:
+        return SasaError(f"cannot load model {model!r}: it ships its own Python code; pass "
+                         "--trust-remote-code only if you trust its source")
+    first = text.splitlines()[0] if text else type(err).__name__
     return SasaError(f"cannot load model {model!r}: {first}")
 
 
@@ -197,7 +201,7 @@ class ActivationCapture:
         _, self.blocks = find_blocks(model)
         self._acts: dict[str, torch.Tensor] = {}
         self._handles = []
-        deepest = max(hp.stop_after for hp in self.hookpoints)
+        stop_layer, after = max(hp.stop_point for hp in self.hookpoints)
         for hp in self.hookpoints:
             if hp.layer >= len(self.blocks):
                 raise SasaError(f"hookpoint {hp.name}: the model has only {len(self.blocks)} "
@@ -212,10 +216,11 @@ class ActivationCapture:
                 module = find_sublayer(block, hp.kind)
                 self._handles.append(module.register_forward_hook(self._post_hook(hp.name)))
         # The stop hook runs after every capture hook of the same module (registration order).
-        if deepest >= 0:
-            self._handles.append(self.blocks[deepest].register_forward_hook(self._stop))
-        else:  # only resid_pre.0: stop on entering block 0
-            self._handles.append(self.blocks[0].register_forward_pre_hook(self._stop))
+        # A resid_pre-only deepest point stops on entering that block: it never runs.
+        if after:
+            self._handles.append(self.blocks[stop_layer].register_forward_hook(self._stop))
+        else:
+            self._handles.append(self.blocks[stop_layer].register_forward_pre_hook(self._stop))
         cfg = getattr(model, "config", None)
         self._kwargs = {"use_cache": False} if getattr(cfg, "use_cache", None) is not None else {}
 

@@ -77,12 +77,12 @@ class ShardRunner:
         self.device = resolve_device(spec.device)
         self.cuda = self.device.startswith("cuda")
         hps = [parse_hookpoint(h) for h in spec.hookpoints]
-        deepest = max(hp.stop_after for hp in hps)
+        deepest = max(hp.layer for hp in hps)
         if model is None:
             model = load_model(spec.model_source, dtype=resolve_model_dtype(spec.model_dtype,
                                self.device), device=self.device, revision=spec.revision,
                                trust_remote_code=spec.trust_remote_code,
-                               keep_layers=max(deepest + 1, 1))
+                               keep_layers=deepest + 1)
         self.model = model
         self.capture = ActivationCapture(model, hps)
         self.writer = create_cache(spec.url, storage_options=spec.storage_options or None,
