@@ -76,8 +76,9 @@ def run_on_ray(spec: WorkerSpec, tokens_NC: np.ndarray, shard_seqs: int, pending
     gpus = int(resources.get("GPU", 0))
     n = workers or gpus or 1
     threads = 1 if gpus else max(1, int(resources.get("CPU", 1)) // n)
-    actor_cls = ray.remote(HarvestActor).options(
-        num_cpus=1, num_gpus=1 if gpus else 0, max_concurrency=IN_FLIGHT_PER_ACTOR)
+    actor_cls = ray.remote(HarvestActor)
+    actor_options = {"num_cpus": 1, "num_gpus": 1 if gpus else 0,
+                     "max_concurrency": IN_FLIGHT_PER_ACTOR}
     run_id = uuid.uuid4().hex[:8]
     S = shard_seqs
     token_refs = {i: ray.put(np.ascontiguousarray(tokens_NC[i * S:(i + 1) * S])) for i in pending}
@@ -95,7 +96,7 @@ def run_on_ray(spec: WorkerSpec, tokens_NC: np.ndarray, shard_seqs: int, pending
         if made >= n * MAX_ATTEMPTS:
             raise SasaError(f"{made} Ray workers died; check the workers' memory and the Ray "
                             "logs, then rerun to resume")
-        actor = actor_cls.options(name=f"{name_prefix}-{run_id}-{made}").remote(spec, threads)
+        actor = actor_cls.options(name=f"{name_prefix}-{run_id}-{made}", **actor_options).remote(spec, threads)
         made += 1
         starting[actor.start.remote()] = actor
 
