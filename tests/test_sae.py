@@ -222,7 +222,7 @@ def test_gradcheck_auxk_float64(kw):
     params = list(sae.named_parameters())
     x = _x(n=7, d=6, dtype=torch.float64)
     resid = _x(n=7, d=6, seed=1, dtype=torch.float64)
-    assert float(probe(resid, x)) > 0
+    assert float(probe(resid, x).detach()) > 0
     assert _gradcheck(probe, "sae.", params, resid, x)
 
 
