@@ -32,6 +32,7 @@ TOPK = dict(arch="topk", d_in=D, groups=256)
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "topk-12": ({**TOPK, "top_s": 12}, {}),
     "topk-24": ({**TOPK, "top_s": 24}, {}),
+    "topk-24-lr-3e-3": ({**TOPK, "top_s": 24}, {"lr": 3e-3}),
     "sasa-base": (SASA, {}),
     "sasa-enc-random": ({**SASA, "init_encoder": "random"}, {}),
     "sasa-data-init": (SASA, {"data_init": True}),
