@@ -174,6 +174,11 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, member_ids
                unit_scale=True, desc=f"train[{worker}]" if member_ids is not None else "train",
                disable=not progress, dynamic_ncols=True)
 
+    def last_good() -> str:
+        if not ckpt_path.exists():
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint is {ckpt_path} (step {torch.load(ckpt_path, weights_only=True)['step']})"
+
     def save_checkpoint():
         _atomic_save({"version": CHECKPOINT_VERSION, "step": step, "reader": stream.state_dict(),
                       "config": cfg.to_json(), "members": {m.cfg.name: m.state() for m in members}},
@@ -191,8 +196,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, member_ids
                 bad_row = int(batch.rows[(~torch.isfinite(raw)).any(1)][0])
                 raise SasaError(
                     f"step {step + 1}: the batch of {hp} holds NaN/Inf (row {bad_row}, chunk "
-                    f"{bad_row // chunk_rows}); training stopped, the last good checkpoint is {ckpt_path} "
-                    f"(step {step}); check the cache with `sasa info --verify {cache.url}`")
+                    f"{bad_row // chunk_rows}); training stopped, {last_good()}; check the cache "
+                    f"with `sasa info --verify {cache.url}`")
             if on_cuda:
                 raw = raw.pin_memory().to(device, non_blocking=True)
             xs[hp] = (raw.float() - norm[hp][0]) / norm[hp][1]
@@ -212,7 +217,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, member_ids
                 last[m.cfg.name] = line = m.metrics(step, step * cfg.batch_size)
                 if not math.isfinite(line["loss"]):
                     raise SasaError(f"step {step}: SAE {m.cfg.name} reached a non-finite loss; lower its lr "
-                                    f"(now {m.lr:g}); the last good checkpoint is {ckpt_path}")
+                                    f"(now {m.lr:g}); {last_good()}")
                 with open(out / m.cfg.name / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(line) + "\n")
             lines = list(last.values())
