@@ -1,0 +1,323 @@
+"""``sasa eval``: evaluate one trained SAE on a cache, in one sequential read pass.
+
+The cache is opened read-only (``open_cache``), so an evaluation can run while a harvest is
+still writing: it sees the shards committed when it starts. Nothing is ever written under the
+cache; outputs go beside the SAE (``eval.json``, ``contexts.parquet``, ``codes.parquet``) or
+to ``--out``.
+
+What one pass accumulates (see ``analysis.metrics`` for the definitions): FVU and SAEBench's
+explained variance, L0 in groups and coordinates, per-unit firing (dead fraction), top
+contexts per group and the first codes of each group for 2-D views; then from the weights:
+effective ranks and the largest decoder overlap between groups. On a synthetic cache, the
+first ``synth_samples`` evaluated tokens are also scored against the planted features
+(splitting, subspace recovery, effective rank against the true dimension). For causal LMs the
+splice-in scores run the model with the reconstruction in place (``analysis.splice``).
+
+Trade-off: there is no held-out split in a cache, so the evaluated tokens are the cache's first
+rows in order (``shuffle=False``); a trained SAE may have seen them. Harvest a separate cache
+for a strict held-out number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from analysis import metrics as M
+from analysis.contexts import CodeViews, TopRows, context_table, load_tokenizer_for
+from sasa.errors import SasaError
+
+EVAL_VERSION = 1
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation of one SAE on one cache."""
+
+    cache: str
+    """Cache URL (opened read-only)."""
+    sae: str
+    """Folder of a trained SAE (config.json + sae.safetensors)."""
+    hookpoint: str | None = None
+    """Hookpoint to evaluate on; default: the one in the SAE's train.json, or the cache's only one."""
+    tokens: int = 1 << 20
+    """Tokens to evaluate (the cache's first rows, BOS/padding excluded); capped at the cache."""
+    batch_size: int = 4096
+    """Tokens per forward."""
+    exclude: tuple[str, ...] = ("bos", "pad")
+    """Special tokens left out, as in training."""
+    contexts: int = 8
+    """Top contexts kept per group (0: none)."""
+    window: int = 8
+    """Tokens shown on each side of a context's token."""
+    tokenizer: str | None = None
+    """Tokenizer (model folder or name) to decode contexts; default: the one the cache names."""
+    view_tokens: int = 16384
+    """Tokens whose codes are kept for the 2-D views of groups (r >= 2)."""
+    view_groups: int = 6
+    """Groups shown in 2-D (the most active ones)."""
+    synth_samples: int = 4096
+    """Tokens scored against the ground truth of a synthetic cache."""
+    splice_seqs: int = 32
+    """Sequences for the splice-in scores (causal LMs only; 0: skip)."""
+    model: str | None = None
+    """Model for splice-in and absorption; default: the model the cache was harvested from."""
+    absorption: bool = False
+    """Also run the first-letter absorption eval (loads the model)."""
+    device: str = "cpu"
+    """Where the SAE runs: cpu, cuda, auto."""
+    out: str | None = None
+    """eval.json path; default <sae>/eval.json (contexts/codes Parquet files go beside it)."""
+    storage_options: dict | None = field(default=None, repr=False)
+    """fsspec options for the cache (never saved)."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self):
+        for key in ("tokens", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise SasaError(f"{key} must be positive, got {getattr(self, key)}")
+        for key in ("contexts", "window", "view_tokens", "synth_samples", "splice_seqs"):
+            if getattr(self, key) < 0:
+                raise SasaError(f"{key} must be >= 0, got {getattr(self, key)}")
+        self.exclude = tuple(self.exclude)
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out) if self.out else Path(self.sae) / "eval.json"
+
+
+class EvalResult(NamedTuple):
+    report: dict
+    """Everything written to eval.json."""
+    path: Path
+    """eval.json."""
+    contexts: Path | None
+    codes: Path | None
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SasaError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+def _train_info(sae_dir: Path) -> dict:
+    p = sae_dir / "train.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def _resolve_hookpoint(cfg: EvalConfig, cache, info: dict) -> str:
+    if cfg.hookpoint:
+        return cache.check_hookpoint(cfg.hookpoint)
+    hp = info.get("member", {}).get("hookpoint")
+    if hp:
+        return cache.check_hookpoint(hp)
+    if len(cache.hookpoints) == 1:
+        return next(iter(cache.hookpoints))
+    raise SasaError(f"{cache.url} has several hookpoints ({', '.join(cache.hookpoints)}) and the SAE "
+                    "names none; pass --hookpoint")
+
+
+def cache_model(cache, override: str | None = None) -> str | None:
+    """The model a cache was harvested from (the harvester's config), or ``override``."""
+    if override:
+        return override
+    return cache.attrs.get("harvest", {}).get("config", {}).get("model")
+
+
+def _json_safe(obj):
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def evaluate(cfg: EvalConfig) -> EvalResult:
+    """Evaluate ``cfg.sae`` on ``cfg.cache`` and write eval.json (and Parquet files) beside it."""
+    from store import open_cache
+    from trainer import load_sae
+
+    sae_dir = Path(cfg.sae)
+    sae = load_sae(sae_dir).float().eval()
+    device = _device(cfg.device)
+    sae.to(device)
+    cache = open_cache(cfg.cache, cfg.storage_options)
+    info = _train_info(sae_dir)
+    hp = _resolve_hookpoint(cfg, cache, info)
+    if cache.hookpoints[hp] != sae.cfg.d_in:
+        raise SasaError(f"the SAE reads width {sae.cfg.d_in} but {hp} in {cache.url} has width "
+                        f"{cache.hookpoints[hp]}; pick the matching hookpoint or cache")
+    G, R = sae.cfg.groups, sae.cfg.rank
+    synthetic = "synthetic" in cache.attrs
+    recon = M.ReconAccumulator(sae.cfg.d_in)
+    sparse = M.SparsityAccumulator(G)
+    top = TopRows(G, cfg.contexts) if cfg.contexts else None
+    views = CodeViews(cfg.view_tokens) if R >= 2 and cfg.view_tokens else None
+    synth_codes, synth_rows, n_synth = [], [], 0
+
+    budget = min(cfg.tokens, cache.n_tokens)
+    stream = cache.batches(hp, cfg.batch_size, shuffle=False, epochs=1, exclude=cfg.exclude,
+                           with_rows=True)
+    done = 0
+    bar = tqdm(total=budget, unit="tok", unit_scale=True, desc="eval", disable=not cfg.progress)
+    it = iter(stream)
+    try:
+        with torch.no_grad():
+            for batch in it:
+                x = batch.acts[: budget - done].to(device)
+                rows = batch.rows[: budget - done]
+                out = sae(x)
+                recon.update(x, out.x_hat_BD)
+                sparse.update(out.codes_BGR, out.active_BG)
+                if top is not None:
+                    top.update(out.codes_BGR.norm(dim=-1), rows)
+                if views is not None:
+                    views.update(out.codes_BGR, out.active_BG, rows)
+                if synthetic and n_synth < cfg.synth_samples:
+                    take = min(cfg.synth_samples - n_synth, len(x))
+                    synth_codes.append(out.codes_BGR[:take].cpu())
+                    synth_rows.append(rows[:take])
+                    n_synth += take
+                done += len(x)
+                bar.update(len(x))
+                if done >= budget:
+                    break
+    finally:
+        bar.close()
+        if hasattr(it, "close"):
+            it.close()  # stop the reader's prefetch threads now
+
+    sae.cpu()
+    rm, sp = recon.result(), sparse.result()
+    with torch.no_grad():
+        ranks = sae.effective_ranks()
+        overlap = M.max_subspace_overlap(sae.decoder_GDR) if G > 1 else None
+    live = sp.frequency_G > 0
+    report = {
+        "version": EVAL_VERSION,
+        "sae": str(sae_dir), "name": info.get("member", {}).get("name", sae_dir.name),
+        "sae_config": asdict(sae.cfg), "cache": str(cfg.cache), "cache_fingerprint": cache.fingerprint,
+        "hookpoint": hp, "train_tokens": info.get("tokens"),
+        "eval_config": {k: v for k, v in asdict(cfg).items() if k != "storage_options"},
+        "n_tokens": rm.n_tokens,
+        "fvu": rm.fvu, "explained_variance": rm.explained_variance,
+        "explained_variance_legacy": rm.explained_variance_legacy, "mse": rm.mse, "cosine": rm.cosine,
+        "l2_ratio": rm.l2_ratio, "l0_groups": sp.l0_groups, "l0_coords": sp.l0_coords,
+        "dead_fraction": sp.dead_fraction,
+        "dead_fraction_train": float(sae.dead_mask().float().mean()),
+        "eff_rank_hist": M.rank_histogram(ranks.threshold_G.numpy(), R),
+        "eff_rank_hist_live": M.rank_histogram(ranks.threshold_G.numpy()[live], R),
+        "eff_rank_entropy_mean": float(ranks.entropy_G.mean()),
+        "max_overlap_mean": float(overlap.max_overlap_G.mean()) if overlap else None,
+        "max_overlap_max": float(overlap.max_overlap_G.max()) if overlap else None,
+        "overlap_above_0.9": float((overlap.max_overlap_G > 0.9).mean()) if overlap else None,
+    }
+    if synthetic and synth_codes:
+        report["synthetic"] = synthetic_scores(cache, sae, torch.cat(synth_codes), torch.cat(synth_rows))
+
+    model = cache_model(cache, cfg.model)
+    if cfg.splice_seqs and model:
+        from analysis.splice import is_causal_lm
+        if is_causal_lm(model):
+            report["splice"] = splice_for_cache(cache, sae, hp, model, cfg.splice_seqs,
+                                                cfg.exclude, progress=cfg.progress)._asdict()
+        else:
+            report["splice"] = {"skipped": f"{model} is not a causal LM"}
+    if cfg.absorption:
+        if not model:
+            raise SasaError(f"{cache.url} names no model; pass --model for the absorption eval")
+        from analysis.absorption import AbsorptionConfig, absorption, word_activations
+        acfg = AbsorptionConfig(model=model, hookpoint=hp)
+        report["absorption"] = absorption(sae, word_activations(acfg, progress=cfg.progress), acfg).to_json()
+
+    out = cfg.out_path
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ctx_path = codes_path = None
+    import pyarrow.parquet as pq
+    if top is not None:
+        tokenizer, tok_name = load_tokenizer_for(cache, cfg.tokenizer)
+        ctx_path = _beside(out, "contexts")
+        pq.write_table(context_table(cache, top, tokenizer=tokenizer, window=cfg.window), ctx_path)
+        report["contexts"] = {"path": ctx_path.name, "tokenizer": tok_name, "per_group": cfg.contexts}
+    if views is not None:
+        codes_path = _beside(out, "codes")
+        table = views.table(n_groups=cfg.view_groups)
+        pq.write_table(table, codes_path)
+        report["codes"] = {"path": codes_path.name, "groups": sorted(set(table.column("group").to_pylist()))}
+    report = _json_safe(report)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return EvalResult(report, out, ctx_path, codes_path)
+
+
+def _beside(out: Path, kind: str) -> Path:
+    """contexts.parquet beside eval.json; <stem>.contexts.parquet beside any other name."""
+    return out.with_name(f"{kind}.parquet" if out.stem == "eval" else f"{out.stem}.{kind}.parquet")
+
+
+def synthetic_scores(cache, sae, codes_NGR: torch.Tensor, rows_N: torch.Tensor) -> dict:
+    """Splitting, subspace recovery and effective rank per planted feature."""
+    from analysis.splitting import splitting
+    from analysis.synth import load_truth
+
+    truth = load_truth(cache)
+    rows = rows_N.numpy()
+    lo, hi = int(rows.min()), int(rows.max()) + 1
+    active_NF = truth.active(cache, lo, hi)[rows - lo]
+    coords_NK = truth.coords(cache, lo, hi)[rows - lo]
+    decoder_GDR = sae.decoder_GDR.detach().double()
+    split = splitting(codes_NGR.double(), decoder_GDR, active_NF, truth.bases, coords_NK=coords_NK)
+    rec = M.subspace_recovery(decoder_GDR, truth.bases)
+    eff_G = sae.effective_ranks().threshold_G.numpy()
+    eff_best_F = eff_G[rec.best_unit_F]
+    dims = truth.dims_F
+
+    def by_dim(v):
+        return {int(k): float(np.nanmean(v[dims == k])) if np.isfinite(v[dims == k]).any() else None
+                for k in sorted(set(dims.tolist()))}
+
+    return {
+        "n_samples": int(len(rows)),
+        "dims_F": dims, "units_F": split.units_F, "capture_F": split.capture_F,
+        "n_on_F": split.n_on_F, "recovery_F": rec.recovery_F, "best_unit_F": rec.best_unit_F,
+        "eff_rank_best_F": eff_best_F,
+        "units_by_dim": split.units_by_dim, "recovery_by_dim": by_dim(rec.recovery_F),
+        "capture_by_dim": by_dim(split.capture_F), "eff_rank_by_dim": by_dim(eff_best_F.astype(float)),
+        "eff_rank_matches_dim": float(np.mean(eff_best_F == np.minimum(dims, sae.cfg.rank))),
+    }
+
+
+def splice_for_cache(cache, sae, hookpoint: str, model: str, n_seqs: int, exclude, *, progress=False):
+    """Splice-in scores on the cache's first committed sequences."""
+    from analysis.splice import load_causal_lm, sae_reconstruct, splice_scores
+    from store.writer import special_mask
+
+    seqs = []
+    for s in cache.committed_shards():
+        start = s * cache.shard_seqs
+        seqs.extend(range(start, start + cache.shard_seqs))
+        if len(seqs) >= n_seqs:
+            break
+    tokens_NT = cache.tokens.get_orthogonal_selection((np.array(seqs[:n_seqs]), slice(None)))
+    keep_NT = cache.row_mask(tokens_NT.reshape(-1), exclude).reshape(tokens_NT.shape)
+    pad = cache.attrs.get("special_token_ids", {}).get("pad", [])
+    target_ok_NT = ~special_mask(tokens_NT.reshape(-1), {"pad": pad}, ["pad"]).reshape(tokens_NT.shape)
+    lm = load_causal_lm(model)
+    return splice_scores(lm, hookpoint, sae_reconstruct(sae), tokens_NT, keep_NT=keep_NT,
+                         target_ok_NT=target_ok_NT, progress=progress)
