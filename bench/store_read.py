@@ -157,59 +157,6 @@ def read_sasa(path: Path, ctx: int) -> Iterator:
         yield b.acts, b.rows.numpy()
 
 
-# The proposed reader fix (store/reader.py), applied to one stream instance only: numpy fancy
-# indexing of a [n, d] uint16/float array copies element by element (itemsize 2 or 4), ~10x
-# slower than gathering whole rows viewed as one opaque (void) item each.
-def take_rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """a[idx] for a 2-D C-contiguous array, row by row as void items (same result)."""
-    a = np.ascontiguousarray(a)
-    rows = a.view(np.dtype((np.void, a.shape[1] * a.itemsize))).reshape(-1)
-    return rows[idx].view(a.dtype).reshape(len(idx), a.shape[1])
-
-
-def _fixed_read_chunk(self, chunk: int):
-    from store.reader import BatchStream
-    lay = self.layout
-    seqs = slice(chunk * lay.chunk_seqs, (chunk + 1) * lay.chunk_seqs)
-    keep = self.cache.row_mask(self.cache.tokens[seqs].reshape(-1), self.exclude)
-    rows = np.arange(chunk * lay.chunk_rows, (chunk + 1) * lay.chunk_rows, dtype=np.int64)
-    idx = np.flatnonzero(keep)
-    arrays = {}
-    for hp in self.hookpoints:
-        data = self.cache.acts(hp)[rows[0]:rows[-1] + 1]
-        arrays[hp] = data if keep.all() else take_rows(data, idx)
-    with self._lock:
-        self.chunks_read += 1
-    return arrays, rows[keep]
-
-
-def _fixed_build_window(self, io, epoch: int, window: int):
-    from store.reader import Window
-    chunks = self.epoch_chunks(epoch)[window * self.window_chunks:(window + 1) * self.window_chunks]
-    parts = list(io.map(self._read_chunk, chunks))
-    rows = np.concatenate([p[1] for p in parts])
-    order = None
-    if self.shuffle:
-        rng = np.random.default_rng([self.seed, epoch, window, self.rank, self.world_size])
-        order = rng.permutation(len(rows))
-        rows = rows[order]
-    arrays = {}
-    for hp in self.hookpoints:
-        data = np.concatenate([p[0][hp] for p in parts]) if len(parts) > 1 else parts[0][0][hp]
-        arrays[hp] = take_rows(data, order) if order is not None else data
-    return Window(arrays, rows)
-
-
-def read_sasa_fixed(path: Path, ctx: int) -> Iterator:
-    import types
-    cache = open_cache(str(path))
-    stream = cache.batches(HOOKPOINT, BATCH, dtype=torch.float32, with_rows=True)
-    stream._read_chunk = types.MethodType(_fixed_read_chunk, stream)
-    stream._build_window = types.MethodType(_fixed_build_window, stream)
-    for b in stream:
-        yield b.acts, b.rows.numpy()
-
-
 def read_arrow(path: Path, ctx: int, prompts: int = 32, buffer_batches: int = 20) -> Iterator:
     """SAELens ActivationsStore over a cached dataset: sequential slices of ``prompts``
     sequences in torch format fill a mixing buffer of ``buffer_batches`` such slices; the
@@ -341,7 +288,6 @@ def main(argv=None) -> None:
         path = data / f"sasa_{i}"
         build_sasa(path, acts, tokens, meta, **kw)
         readers[name] = (read_sasa, path)
-    readers["sasa default + proposed row-gather fix"] = (read_sasa_fixed, data / "sasa_0")
     build_safetensors(data / "safetensors", acts, tokens, meta)
     readers["safetensors shards + 1 GiB window (bf16)"] = (read_safetensors, data / "safetensors")
     build_arrow(data / "arrow", acts, tokens, meta)
