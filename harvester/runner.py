@@ -16,6 +16,7 @@ are handed to the writer.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -90,6 +91,19 @@ class ShardRunner:
         self.layout = self.writer.layout
         self.store_dtype = TORCH_DTYPES[self.layout.dtype]
         self.compute_lock = threading.Lock()
+        self._buffers: queue.SimpleQueue = queue.SimpleQueue()  # reusable pinned host buffers
+
+    def _host_buffers(self, rows: int) -> dict[str, torch.Tensor]:
+        """Pinned buffers on a GPU (allocating pinned memory is slow: reuse it), else new."""
+        if self.cuda:
+            try:
+                bufs = self._buffers.get_nowait()
+                if next(iter(bufs.values())).shape[0] == rows:
+                    return bufs
+            except queue.Empty:
+                pass
+        return {hp: torch.empty((rows, d), dtype=self.store_dtype, pin_memory=self.cuda)
+                for hp, d in self.layout.hookpoints.items()}
 
     def compute(self, tokens_SC: np.ndarray) -> dict[str, torch.Tensor]:
         """{hookpoint: [S*C, d]} host tensors in the storage dtype."""
@@ -98,8 +112,7 @@ class ShardRunner:
         ids = torch.from_numpy(np.ascontiguousarray(tokens_SC, dtype=np.int64))
         if self.cuda:
             ids = ids.pin_memory()
-        host = {hp: torch.empty((S * C, d), dtype=self.store_dtype, pin_memory=self.cuda)
-                for hp, d in self.layout.hookpoints.items()}
+        host = self._host_buffers(S * C)
         for b in range(0, S, B):
             x = ids[b:b + B].to(self.device, non_blocking=True)
             acts = self.capture(x)
@@ -118,6 +131,8 @@ class ShardRunner:
             acts = self.compute(tokens_SC)
         t1 = time.perf_counter()
         result = self.writer.write_shard(index, tokens_SC, acts)
+        if self.cuda:
+            self._buffers.put(acts)  # written: the next shard may fill it
         return ShardDone(index, int(tokens_SC.size), result.skipped, t1 - t0,
                          time.perf_counter() - t1)
 

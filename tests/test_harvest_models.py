@@ -160,3 +160,23 @@ def test_cache_equals_direct_forward(which, request, tmp_path):
         for hp in hps:
             got = cache.read_rows(hp, s * 32, (s + 4) * 32)
             np.testing.assert_array_equal(got, acts[hp].reshape(-1, acts[hp].shape[-1]).numpy())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_path_bf16_pinned_equals_device_reference(tmp_path, gpt2):
+    """bf16 weights, pinned buffers, non_blocking copies: the cache holds exactly what the same
+    bf16 model computes on the GPU for the same batches."""
+    data = tmp_path / "docs.txt"
+    data.write_text("\n\n".join(SAMPLE_DOCS[:30]))
+    harvest(HarvestConfig(out=str(tmp_path / "c"), model=gpt2, dataset=str(data),
+                          hookpoints=("resid_post.1",), tokens=16 * 32, ctx_len=32, shard_seqs=4,
+                          batch_size=4, dtype="bf16", device="cuda", workers=0, progress=False))
+    cache = open_cache(str(tmp_path / "c"))
+    assert cache.attrs["model"]["dtype"] == "bfloat16"
+    model = load_model(gpt2, dtype=torch.bfloat16, device="cuda")
+    cap = ActivationCapture(model, ["resid_post.1"])
+    tokens = torch.from_numpy(cache.tokens[:].astype(np.int64)).cuda()
+    for s in range(0, 16, 4):
+        ref = cap(tokens[s:s + 4])["resid_post.1"].reshape(-1, 32).float().cpu().numpy()
+        np.testing.assert_array_equal(cache.read_rows("resid_post.1", s * 32, (s + 4) * 32), ref)
