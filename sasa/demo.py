@@ -62,7 +62,7 @@ def sasa(*args: str) -> None:
 def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cache, runs, evals, report = out / "cache", out / "sweep", out / "eval", out / "report.html"
+    cache, runs, report = out / "cache", out / "sweep", out / "report.html"
     t0 = time.time()
     sasa("harvest", "--out", str(cache), "--hookpoints", ",".join(HOOKPOINTS), "--tokens", str(args.tokens))
 
@@ -72,20 +72,17 @@ def run(args) -> int:
     sasa("sweep", str(spec), "--out", str(runs), *resume)
 
     names = sorted(p.name for p in runs.iterdir() if (p / "sae.safetensors").exists())
-    evals.mkdir(exist_ok=True)
-    for name in names:
-        sasa("eval", "--cache", str(cache), "--sae", str(runs / name), "--tokens", str(args.eval_tokens),
-             "--out", str(evals / f"{name}.json"))
-    sasa("report", "--sweep", str(runs), "--evals", str(evals), "--out", str(report))
+    sasa("eval", "--cache", str(cache), "--sae", *(str(runs / n) for n in names),
+         "--tokens", str(args.eval_tokens))
+    sasa("report", "--sweep", str(runs), "--out", str(report))
 
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
     print(f"  cache   {cache}   (inspect: sasa info {cache})")
-    print(f"  SAEs    {runs}/<name>/   (load: trainer.load_sae(path))")
-    print(f"  evals   {evals}/<name>.json")
+    print(f"  SAEs    {runs}/<name>/   (load: trainer.load_sae(path); eval.json and contexts beside)")
     print(f"  report  {report}")
     print(f"\n{'sae':<34} {'FVU':>7} {'expl.var':>9} {'L0 coords':>10} {'dead':>6}")
     for name in names:
-        m = json.loads((evals / f"{name}.json").read_text())
+        m = json.loads((runs / name / "eval.json").read_text())
         print(f"{name:<34} {m['fvu']:>7.4f} {m['explained_variance']:>9.4f} {m['l0_coords']:>10.1f} "
               f"{m['dead_fraction']:>6.2f}")
     return 0

@@ -17,6 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One OpenMP thread per process: tests run beside Ray workers and subprocesses on 2 cores, where
+# spinning OpenMP threads make torch ops up to 10x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 class S3Endpoint(NamedTuple):

@@ -93,6 +93,9 @@ class TrainConfig:
     """Rows per shuffle window (default: about 1 GiB of activations)."""
     device: str = "auto"
     """"auto" (cuda when available), "cpu", "cuda", "cuda:1", ..."""
+    cpu_threads: int | None = None
+    """torch threads on CPU. Default: one core fewer than the machine has (at least 1), leaving a
+    core for the reader; oversubscribed OpenMP threads spin and can make a step 10x slower."""
     autocast: bool = True
     """bf16 autocast of the SAE forward on CUDA (the constraint steps and SVDs stay fp32)."""
     workers: int = 0

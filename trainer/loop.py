@@ -135,6 +135,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, member_ids
     """
     out = Path(out)
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
     cache = open_cache(cfg.cache, cfg.storage_options)
     for hp in cfg.hookpoints:
         cache.check_hookpoint(hp)
