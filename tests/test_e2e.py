@@ -1,0 +1,54 @@
+"""The README's main job, end to end through the `sasa` command (subprocesses), at a small size;
+and the README's two commands are exactly what CI runs."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    block = re.search(r"## Set-up: two commands.*?```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return [ln for ln in block.group(1).splitlines() if ln and not ln.startswith("#")]
+
+
+def test_readme_commands_are_what_ci_runs():
+    main, tests = readme_commands()
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci == tests
+    assert main.endswith("sasa demo --out runs/demo") and tests.endswith("python -m pytest -q")
+    assert main.split(" && ")[:3] == tests.split(" && ")[:3]  # the same installation steps
+
+
+def test_demo_pipeline_end_to_end(tmp_path):
+    main, _ = readme_commands()
+    demo = main.split(" && ")[-1].split()
+    assert demo[:3] == ["sasa", "demo", "--out"]
+    out = tmp_path / "demo"  # the README's command with its output moved and its sizes shrunk
+    small = ["--tokens", "8192", "--width", "128", "--active", "8", "--batch-size", "256", "--eval-tokens", "2048"]
+    done = subprocess.run([sys.executable, "-m", "sasa", "demo", "--out", str(out), *small],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "demo finished" in done.stdout and "$ sasa harvest" in done.stdout
+
+    info = json.loads(subprocess.run([sys.executable, "-m", "sasa", "info", str(out / "cache"), "--json"],
+                                     capture_output=True, text=True, timeout=120).stdout)
+    assert info["tokens_committed"] >= 8192 - 128 and set(info["hookpoints"]) == {"resid_post.2", "resid_post.4"}
+    assert info["model"] and info["hookpoints"]["resid_post.4"]["d"] == 384
+
+    saes = sorted(p for p in (out / "sweep").iterdir() if (p / "sae.safetensors").exists())
+    assert len(saes) == 7  # SASA r = 1, 2, 4, 8, TopK and ReLU on one hookpoint, TopK on the other
+    for folder in saes:
+        ev = json.loads((folder / "eval.json").read_text())
+        assert 0 < ev["fvu"] < 1 and abs(ev["explained_variance"] - (1 - ev["fvu"])) < 0.2
+        if not folder.name.startswith("relu"):
+            assert abs(ev["l0_coords"] - 8) < 0.5  # s * r = k = 8 active coordinates
+    html = (out / "report.html").read_text()
+    assert html.lstrip().lower().startswith("<!doctype html") and html.count("data:image/png;base64,") >= 3
+    for folder in saes:
+        assert folder.name in html
