@@ -186,9 +186,11 @@ def word_activations(cfg: AbsorptionConfig, *, progress: bool = False) -> WordAc
 
 def _fit_logistic(x_NK: torch.Tensor, y_N: torch.Tensor, n_classes: int, steps: int,
                   weight_decay: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full-batch Adam logistic regression on standardised inputs; returns (W [C, K], b [C]) for
-    the raw inputs."""
-    mu, sd = x_NK.mean(0), x_NK.std(0).clamp_min(1e-6)
+    """Full-batch Adam logistic regression on centred inputs scaled by one number (per-dimension
+    scaling would blow up directions that barely vary in training); returns (W [C, K], b [C])
+    for the raw inputs."""
+    mu = x_NK.mean(0)
+    sd = (x_NK - mu).square().sum(1).mean().sqrt().clamp_min(1e-6)
     z = (x_NK - mu) / sd
     w = torch.zeros(n_classes, x_NK.shape[1], requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)
@@ -244,7 +246,7 @@ def absorption(sae, data: WordActs, cfg: AbsorptionConfig) -> AbsorptionResult:
                 k_main = k
         main = order[:k_main]
         w_D = F.normalize(w_CD[li], dim=0)
-        tp = torch.flatnonzero(te & pos_N & (pred_N == li))
+        tp = torch.nonzero(te & pos_N & (pred_N == li)).flatten()
         absorbed, fractions = 0, []
         for n in tp.tolist():
             contrib_GD = torch.einsum("gr,grd->gd", codes_NGR[n], dec_GRD)

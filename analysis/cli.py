@@ -1,0 +1,132 @@
+"""``sasa eval``, ``sasa synth`` and ``sasa report``: thin parsers over analysis functions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sasa.errors import SasaError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate trained SAEs on a cache (read-only)",
+                              description="Evaluate SAEs on a cache, opened read-only: FVU, explained "
+                              "variance, L0, dead fraction, effective ranks, decoder overlap, top contexts, "
+                              "splice-in scores for causal LMs, ground-truth scores on synthetic caches. "
+                              "Writes eval.json, contexts.parquet and codes.parquet beside each SAE.")
+    p.add_argument("--cache", required=True, help="cache URL")
+    p.add_argument("--sae", required=True, nargs="+",
+                   help="SAE folder(s), or a run folder of `sasa train`/`sasa sweep` (all its SAEs)")
+    p.add_argument("--hookpoint", default=None, help="default: the SAE's training hookpoint")
+    p.add_argument("--tokens", type=int, default=1 << 20, help="tokens to evaluate (default 1048576)")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--contexts", type=int, default=8, help="top contexts per group (0: none)")
+    p.add_argument("--window", type=int, default=8, help="context tokens on each side")
+    p.add_argument("--tokenizer", default=None, help="tokenizer for contexts (default: the cache's)")
+    p.add_argument("--splice-seqs", type=int, default=32, help="sequences for splice-in scores (causal LMs; 0: skip)")
+    p.add_argument("--model", default=None, help="model for splice-in / absorption (default: the cache's)")
+    p.add_argument("--absorption", action="store_true", help="also run the first-letter absorption eval")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
+    p.add_argument("--out", default=None, help="eval.json path (one SAE only; default <sae>/eval.json)")
+    p.add_argument("--storage-options", default=None, metavar="JSON", help="fsspec options for the cache")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_eval)
+
+    p = subparsers.add_parser("synth", help="write a cache of synthetic activations with planted features",
+                              description="Write a cache of synthetic activations whose features have "
+                              "intrinsic dimension 1-4 (circles, spheres), Zipf frequencies and noise, with "
+                              "the ground truth stored in the cache for `sasa eval`.")
+    p.add_argument("--out", required=True, help="cache URL")
+    p.add_argument("--d", type=int, default=64, help="activation width (default 64)")
+    p.add_argument("--features", default="1:8,2:8,3:8,4:8", help="DIM:COUNT,... (default 1:8,2:8,3:8,4:8)")
+    p.add_argument("--mean-active", type=float, default=3.0, help="mean active features per token")
+    p.add_argument("--noise", type=float, default=0.02, help="noise std per coordinate")
+    p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the frequencies")
+    p.add_argument("--tokens", type=int, default=1 << 18, help="rows (rounded up to whole shards)")
+    p.add_argument("--ctx-len", type=int, default=64)
+    p.add_argument("--shard-seqs", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="sample seed (the features depend on --feature-seed)")
+    p.add_argument("--feature-seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_synth)
+
+    p = subparsers.add_parser("report", help="one self-contained HTML page for trained sweeps",
+                              description="Plots (FVU and L0 against tokens, effective ranks, splitting, "
+                              "group code views), top contexts and a table of every metric, in one HTML file.")
+    p.add_argument("--sweep", required=True, nargs="+", help="run folder(s) of `sasa train` / `sasa sweep`")
+    p.add_argument("--out", required=True, help="HTML file to write")
+    p.add_argument("--title", default=None)
+    p.set_defaults(func=run_report)
+
+
+def _sae_folders(paths) -> list[Path]:
+    out = []
+    for p in map(Path, paths):
+        if (p / "config.json").is_file():
+            out.append(p)
+        elif p.is_dir() and any((c / "config.json").is_file() for c in p.iterdir() if c.is_dir()):
+            out += sorted(c for c in p.iterdir() if (c / "config.json").is_file())
+        else:
+            raise SasaError(f"{p} is neither a saved SAE nor a run folder holding SAEs")
+    return out
+
+
+def run_eval(args) -> int:
+    from analysis.evaluate import EvalConfig, evaluate
+
+    folders = _sae_folders(args.sae)
+    if args.out and len(folders) > 1:
+        raise SasaError("--out names one file; with several SAEs each writes <sae>/eval.json (drop --out)")
+    opts = None
+    if args.storage_options:
+        try:
+            opts = json.loads(args.storage_options)
+        except json.JSONDecodeError as err:
+            raise SasaError(f"--storage-options is not valid JSON: {err.msg}") from None
+    for folder in folders:
+        cfg = EvalConfig(cache=args.cache, sae=str(folder), hookpoint=args.hookpoint, tokens=args.tokens,
+                         batch_size=args.batch_size, contexts=args.contexts, window=args.window,
+                         tokenizer=args.tokenizer, splice_seqs=args.splice_seqs, model=args.model,
+                         absorption=args.absorption, device=args.device, out=args.out,
+                         storage_options=opts, progress=not args.no_progress)
+        result = evaluate(cfg)
+        r = result.report
+        line = (f"{r['name']}: fvu {r['fvu']:.4f} ev {r['explained_variance']:.4f} "
+                f"L0 {r['l0_groups']:.2f} groups / {r['l0_coords']:.2f} coords dead {r['dead_fraction']:.3f}")
+        if isinstance(r.get("splice"), dict) and "ce_score" in r["splice"]:
+            line += f" CE score {r['splice']['ce_score']:.3f} KL score {r['splice']['kl_score']:.3f}"
+        if "synthetic" in r:
+            line += " units/feature by dim " + " ".join(f"{k}:{v:.2f}" for k, v in r["synthetic"]["units_by_dim"].items() if v is not None)
+        print(line)
+        print(f"  wrote {result.path}")
+    return 0
+
+
+def _features(text: str) -> dict[int, int]:
+    try:
+        pairs = [item.split(":") for item in text.split(",") if item.strip()]
+        return {int(k): int(v) for k, v in pairs}
+    except ValueError:
+        raise SasaError(f"--features {text!r}: write DIM:COUNT pairs separated by commas, e.g. 1:8,2:8") from None
+
+
+def run_synth(args) -> int:
+    from analysis.synth import write_synthetic_cache
+    from store.synthetic import SyntheticSpec
+
+    spec = SyntheticSpec(d=args.d, features_per_dim=_features(args.features), mean_active=args.mean_active,
+                         noise=args.noise, zipf_exponent=args.zipf, seed=args.feature_seed)
+    cache = write_synthetic_cache(args.out, spec=spec, n_tokens=args.tokens, ctx_len=args.ctx_len,
+                                  shard_seqs=args.shard_seqs, seed=args.seed, overwrite=args.overwrite,
+                                  progress=not args.no_progress)
+    print(f"wrote {cache.n_tokens:,} synthetic tokens (d={spec.d}, {spec.n_features} features) to {args.out}")
+    return 0
+
+
+def run_report(args) -> int:
+    from analysis.report import build_report
+
+    out = build_report(args.sweep, args.out, title=args.title)
+    print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB)")
+    return 0
