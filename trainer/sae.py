@@ -7,9 +7,17 @@ lets one test pin SASA to a TopK reference.
 
 Layout. ``W_enc_GRD[g]`` is E_g (r x d); ``W_dec_GRD[g]`` holds the r decoder directions of group
 g as rows, so D_g = W_dec_GRD[g].T (d x r). Storing the decoder row-major means the decode is a
-single [B, G*r] @ [G*r, d] matmul with no copy, and encode is the transpose shape. Both are dense
-over all groups: at the sizes we train (G*r ~ 2.5e4, d ~ 768) the dense matmul is what the GPU
-is fast at, and a gather-based sparse decode would only pay off at much larger widths.
+single [B, G*r] @ [G*r, d] matmul with no copy, and encode is the transpose shape.
+
+Two decode paths (``SAEConfig.decode``). Only s*r of the G*r codes of a token are non-zero, yet
+the dense path pays for all of them nine times a step: encode, decode and AuxK decode forward,
+and two matmuls in each of their backwards. The sparse path keeps only the one matmul that
+must see every group (the encoder forward, which the gate ranks) and does everything else on
+the kept (token, coordinate) pairs: the decode is an ``F.embedding_bag`` over the rows of
+W_dec with the codes as per-sample weights, and the encoder's backward (``_GatherCodes``)
+touches only the kept rows of W_enc. On this project's CPUs that is 3-5x less time per step
+(bench/RESULTS_train.md); the dense path stays as the reference the sparse one is tested
+against, and is what ``auto`` picks on GPUs (unmeasured there) and for dense ReLU codes.
 
 What was traded off:
 - The gate's selection uses the squared norm of the (detached) codes: it is monotone in
@@ -25,6 +33,9 @@ What was traded off:
   decoders are not orthonormal, at the cost of one small batched QR per step.
 - ``svdvals`` rather than ``eigvalsh`` of the Gram matrix: the latter's backward is unstable
   when eigenvalues repeat (SASA.md, pitfalls).
+- AuxK is skipped outright when nothing is dead, and ranks only the dead units, but only on
+  CPU, where reading the dead mask costs nothing; on GPU it stays sync-free (always computed,
+  scaled by n_dead / auxk_k = 0).
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ CODES = ("signed", "relu")
 GATES = ("token", "batch")
 NUC_ON = ("map", "decoder", "encoder")
 INIT_ENCODER = ("transpose", "random")
+DECODES = ("auto", "dense", "sparse")
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "sae.safetensors"
@@ -107,6 +119,15 @@ class SAEConfig:
     """"transpose": E_g = D_g^T at init (Gao et al.; measured in bench/SPLITTING.md to leave
     fewer dead units and converge faster). "random": an independent uniform init."""
 
+    decode: str = "auto"
+    """How the codes are decoded (and the encoder's backward run); the results are the same up
+    to float rounding, only the cost differs. "dense": one [B, G*r] @ [G*r, d] matmul per
+    decode, gradients by dense matmuls (the reference). "sparse": only the kept (token,
+    coordinate) pairs are touched (embedding_bag over W_dec rows, a gathered encoder backward);
+    cost ~ s*r/(G*r) of the dense decode. A token's number of kept groups may vary (batch
+    gate). ReLU SAEs have no fixed number of active codes and always decode densely.
+    "auto": sparse on CPU when s*r <= G*r / 8 (measured crossover ~G*r/8), dense elsewhere."""
+
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise SasaError(f"unknown SAE arch {self.arch!r}; use one of {', '.join(ARCHS)}")
@@ -149,6 +170,8 @@ class SAEConfig:
             raise SasaError(f"dead_tokens must be >= 1 (got {self.dead_tokens})")
         if self.l1_coeff < 0:
             raise SasaError(f"l1_coeff must be >= 0 (got {self.l1_coeff})")
+        if self.decode not in DECODES:
+            raise SasaError(f"unknown decode {self.decode!r}; use one of {', '.join(DECODES)}")
         if self.init_encoder not in INIT_ENCODER:
             raise SasaError(f"unknown init_encoder {self.init_encoder!r}; use 'transpose' "
                             "or 'random'")
@@ -202,6 +225,87 @@ def _signfix_qr(a_GDR: torch.Tensor) -> torch.Tensor:
     sign_GR = torch.sign(torch.diagonal(r_GRR, dim1=-2, dim2=-1))
     sign_GR = torch.where(sign_GR == 0, torch.ones_like(sign_GR), sign_GR)
     return q_GDR * sign_GR.unsqueeze(-2)
+
+
+class _Kept(NamedTuple):
+    """The (token, coordinate) pairs a sparse decode touches, sorted by token.
+
+    Each kept group contributes its r coordinates as r consecutive pairs, so a token's pairs
+    form one bag of ``F.embedding_bag`` (bags may differ in size: batch gate)."""
+
+    token_P: torch.Tensor
+    """int64 [P]: token (row of the batch) of each pair, non-decreasing."""
+    coord_P: torch.Tensor
+    """int64 [P]: code coordinate g * r + j of each pair."""
+    offsets_B: torch.Tensor
+    """int64 [B]: index of each token's first pair (``embedding_bag`` offsets)."""
+
+
+def _kept_pairs(token_K: torch.Tensor, group_K: torch.Tensor, rank: int, batch: int,
+                offsets_B: torch.Tensor | None = None) -> _Kept:
+    """Expand kept (token, group) pairs (sorted by token) to (token, coordinate) pairs.
+
+    ``offsets_B`` may be given when every token keeps the same number of groups; otherwise it
+    is found with ``searchsorted`` (no host sync)."""
+    j_R = torch.arange(rank, device=group_K.device)
+    coord_P = (group_K.unsqueeze(-1) * rank + j_R).reshape(-1)
+    token_P = token_K.repeat_interleave(rank)
+    if offsets_B is None:
+        offsets_B = torch.searchsorted(token_P, torch.arange(batch, device=token_P.device))
+    return _Kept(token_P, coord_P, offsets_B)
+
+
+class _GatherCodes(torch.autograd.Function):
+    """pre[token_P, coord_P] of pre = xc @ W^T + b, with a backward that touches kept rows only.
+
+    ``pre_BN`` is computed once, without autograd, by the dense encoder matmul (the gate needs
+    every score); this function hands out its kept entries and gives them the gradient of
+    xc @ W^T + b without the two dense [B, N] x [N, d] matmuls autograd would run:
+    grad_xc[b] = sum_p g_p W[c_p] and grad_W[c] = sum_p g_p xc[b_p], both as embedding_bags
+    (the second over the pairs sorted by coordinate), grad_b[c] = sum_p g_p."""
+
+    @staticmethod
+    def forward(ctx, xc_BD, W_ND, b_N, pre_BN, kept: _Kept):  # noqa: D401
+        ctx.save_for_backward(xc_BD, W_ND, kept.token_P, kept.coord_P, kept.offsets_B)
+        ctx.b_dtype = b_N.dtype
+        n = pre_BN.shape[1]
+        return pre_BN.reshape(-1)[kept.token_P * n + kept.coord_P]
+
+    @staticmethod
+    def backward(ctx, g_P):
+        xc_BD, W_ND, token_P, coord_P, offsets_B = ctx.saved_tensors
+        n = W_ND.shape[0]
+        grad_xc = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_xc = F.embedding_bag(coord_P, W_ND, offsets_B, mode="sum",
+                                      per_sample_weights=g_P.to(W_ND.dtype)).to(xc_BD.dtype)
+        if ctx.needs_input_grad[1]:
+            coord_sorted, order = torch.sort(coord_P)
+            by_coord_N = torch.searchsorted(coord_sorted, torch.arange(n, device=coord_P.device))
+            grad_W = F.embedding_bag(token_P[order], xc_BD.to(W_ND.dtype), by_coord_N, mode="sum",
+                                     per_sample_weights=g_P[order].to(W_ND.dtype))
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(n, dtype=ctx.b_dtype, device=g_P.device).index_add_(
+                0, coord_P, g_P.to(ctx.b_dtype))
+        return grad_xc, grad_W, grad_b, None, None
+
+
+def _auxk_groups(score_BG: torch.Tensor, dead_G: torch.Tensor, k: int, *, sync_free: bool):
+    """AuxK's picks: the top-k dead units per token by score, as (group_BK, valid_BK).
+
+    ``sync_free`` (GPU): a top-k over all units with live ones scored -1; ``valid_BK`` marks
+    the picks that are really dead (fewer dead than k: the rest count for nothing).
+    Otherwise (CPU, where reading the mask is free): ``None`` when nothing is dead, else a
+    top-min(k, n_dead) over the dead units only, all valid (``valid_BK`` None). Both pick the
+    same units up to ties."""
+    if sync_free:
+        group_BK = score_BG.masked_fill(~dead_G, -1.0).topk(k, dim=1, sorted=False).indices
+        return group_BK, dead_G[group_BK]
+    dead_idx = dead_G.nonzero().squeeze(1)
+    if dead_idx.numel() == 0:
+        return None
+    top_BK = score_BG[:, dead_idx].topk(min(k, dead_idx.numel()), dim=1, sorted=False).indices
+    return dead_idx[top_BK], None
 
 
 class SAE(nn.Module):
@@ -316,7 +420,22 @@ class SAE(nn.Module):
         """bool [G]: units inactive for at least ``dead_tokens`` tokens."""
         return self.tokens_since_fired_G >= self.cfg.dead_tokens
 
+    def uses_sparse_decode(self, x_BD: torch.Tensor) -> bool:
+        """Whether ``forward`` takes the sparse path for this input (see ``SAEConfig.decode``)."""
+        cfg = self.cfg
+        if cfg.arch == "relu" or cfg.decode == "dense":
+            return False
+        if cfg.decode == "sparse":
+            return True
+        return x_BD.device.type == "cpu" and 8 * cfg.top_s * cfg.rank <= cfg.n_coords
+
     def forward(self, x_BD: torch.Tensor) -> ForwardOutput:
+        if self.uses_sparse_decode(x_BD):
+            return self._forward_sparse(x_BD)
+        return self._forward_dense(x_BD)
+
+    def _forward_dense(self, x_BD: torch.Tensor) -> ForwardOutput:
+        """The reference: every code of every token goes through dense matmuls."""
         cfg = self.cfg
         h_BGR = self.pre_codes(x_BD)
         keep_BG = self.gate(h_BGR)
@@ -324,12 +443,65 @@ class SAE(nn.Module):
         x_hat_BD = self.decode(codes_BGR)
 
         active_BG = keep_BG & (h_BGR.detach().abs().amax(-1) > 0)
-        fvu = _fvu(x_BD, x_hat_BD)
-        zero = x_BD.new_zeros(())
-
-        auxk = zero
+        auxk = x_BD.new_zeros(())
         if cfg.auxk_alpha > 0 and cfg.arch != "relu":
             auxk = self._auxk_loss(x_BD - x_hat_BD.detach(), h_BGR)
+        l0_coords = (codes_BGR != 0).sum((1, 2)).to(x_BD.dtype).mean()
+        return self._finish(x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords)
+
+    def _forward_sparse(self, x_BD: torch.Tensor) -> ForwardOutput:
+        """Same results as ``_forward_dense``; one dense matmul (the encoder forward) per step."""
+        cfg = self.cfg
+        G, R, D = self.W_enc_GRD.shape
+        B, N = x_BD.shape[0], G * R
+        xc_BD = x_BD - self.b_dec_D
+        W_enc_ND, b_enc_N = self.W_enc_GRD.reshape(N, D), self.b_enc_GR.reshape(N)
+        with torch.no_grad():  # the same ops as pre_codes, so the gate picks the same groups
+            pre_BN = ((xc_BD @ W_enc_ND.T).reshape(B, G, R) + self.b_enc_GR).reshape(B, N)
+            pre_BN = pre_BN.to(self.W_dec_GRD.dtype)  # autocast: decode in the weights' dtype
+            h_BGR = pre_BN.view(B, G, R)
+            if cfg.codes == "relu":
+                h_BGR = F.relu(h_BGR)
+            score_BG = h_BGR.square().sum(-1)
+            if cfg.gate == "token":
+                s = cfg.top_s
+                group_K = score_BG.topk(s, dim=1, sorted=False).indices.reshape(-1)
+                token_K = torch.arange(B, device=x_BD.device).repeat_interleave(s)
+                offsets_B = torch.arange(0, B * s * R, s * R, device=x_BD.device)
+            else:
+                flat_K = score_BG.flatten().topk(cfg.top_s * B, sorted=False).indices.sort().values
+                token_K, group_K, offsets_B = flat_K // G, flat_K % G, None
+            kept = _kept_pairs(token_K, group_K, R, B, offsets_B)
+
+        def take(k: _Kept) -> torch.Tensor:  # differentiable codes at the pairs k
+            vals_P = _GatherCodes.apply(xc_BD, W_enc_ND, b_enc_N, pre_BN, k)
+            return F.relu(vals_P) if cfg.codes == "relu" else vals_P
+
+        vals_P = take(kept)
+        x_hat_BD = self._decode_pairs(kept, vals_P) + self.b_dec_D
+        codes_BGR = (x_BD.new_zeros(B * N, dtype=vals_P.dtype)
+                     .scatter(0, kept.token_P * N + kept.coord_P, vals_P).view(B, G, R))
+        with torch.no_grad():
+            nonzero_P = vals_P.detach() != 0
+            active_BG = torch.zeros(B * G, dtype=torch.bool, device=x_BD.device).index_put_(
+                (token_K * G + group_K,), nonzero_P.view(-1, R).any(-1)).view(B, G)
+            l0_coords = nonzero_P.sum().to(x_BD.dtype) / B
+        auxk = x_BD.new_zeros(())
+        if cfg.auxk_alpha > 0:
+            auxk = self._auxk_loss(x_BD - x_hat_BD.detach(), h_BGR, take=take)
+        return self._finish(x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords)
+
+    def _decode_pairs(self, kept: _Kept, vals_P: torch.Tensor) -> torch.Tensor:
+        """sum over a token's pairs of vals_p * W_dec[coord_p], without the bias: [B, d]."""
+        G, R, D = self.W_dec_GRD.shape
+        return F.embedding_bag(kept.coord_P, self.W_dec_GRD.reshape(G * R, D), kept.offsets_B,
+                               mode="sum", per_sample_weights=vals_P.to(self.W_dec_GRD.dtype))
+
+    def _finish(self, x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords) -> ForwardOutput:
+        """The loss terms and bookkeeping shared by both paths."""
+        cfg = self.cfg
+        fvu = _fvu(x_BD, x_hat_BD)
+        zero = x_BD.new_zeros(())
         nuc_term = cfg.nuc_lambda * self.nuclear_norm() if cfg.nuc_lambda > 0 else zero
         l1_term = zero
         if cfg.arch == "relu" and cfg.l1_coeff > 0:
@@ -345,22 +517,45 @@ class SAE(nn.Module):
         return ForwardOutput(
             x_hat_BD=x_hat_BD, codes_BGR=codes_BGR, active_BG=active_BG, fvu=fvu,
             auxk_loss=auxk, nuc_term=nuc_term, l1_term=l1_term, loss=loss,
-            l0_groups=active_BG.sum(1).to(x_BD.dtype).mean(),
-            l0_coords=(codes_BGR != 0).sum((1, 2)).to(x_BD.dtype).mean(),
+            l0_groups=active_BG.sum(1).to(x_BD.dtype).mean(), l0_coords=l0_coords,
         )
 
-    def _auxk_loss(self, resid_BD: torch.Tensor, h_BGR: torch.Tensor) -> torch.Tensor:
+    def _auxk_loss(self, resid_BD: torch.Tensor, h_BGR: torch.Tensor, take=None) -> torch.Tensor:
         """Gao et al.'s AuxK: the top ``auxk_k`` dead units per token reconstruct the residual.
 
         The scale min(n_dead / auxk_k, 1) (as in EleutherAI/sparsify) fades the term out as
-        units revive; it and the dead mask stay tensors, so nothing syncs with the host."""
+        units revive. On CPU it returns 0 at once when nothing is dead and ranks only the dead
+        units (reading the mask is free there); elsewhere the dead mask and the scale stay
+        tensors, so nothing syncs with the host. ``h_BGR`` gives the scores (and, on the dense
+        path, the differentiable codes); on the sparse path ``take(kept)`` returns the
+        differentiable codes at the picked pairs."""
+        cfg = self.cfg
+        B, G, R = h_BGR.shape
         dead_G = self.dead_mask()
-        score_BG = h_BGR.detach().square().sum(-1).masked_fill(~dead_G, -1.0)
-        idx_BK = score_BG.topk(self.cfg.auxk_k, dim=1, sorted=False).indices
-        pick_BG = torch.zeros_like(dead_G.expand_as(score_BG)).scatter_(1, idx_BK, True)
-        pick_BG &= dead_G
-        e_hat_BD = self.decode(h_BGR * pick_BG.unsqueeze(-1), bias=False)
-        scale = (dead_G.sum().to(resid_BD.dtype) / self.cfg.auxk_k).clamp(max=1.0)
+        picks = _auxk_groups(h_BGR.detach().square().sum(-1), dead_G, cfg.auxk_k,
+                             sync_free=dead_G.device.type != "cpu")
+        if picks is None:
+            return resid_BD.new_zeros(())
+        group_BK, valid_BK = picks
+        if take is None and not self.uses_sparse_decode(resid_BD):
+            pick_BG = torch.zeros(B, G, dtype=torch.bool, device=group_BK.device)
+            pick_BG.scatter_(1, group_BK, True)
+            if valid_BK is not None:
+                pick_BG &= dead_G
+            e_hat_BD = self.decode(h_BGR * pick_BG.unsqueeze(-1), bias=False)
+        else:
+            K = group_BK.shape[1]
+            token_K = torch.arange(B, device=group_BK.device).repeat_interleave(K)
+            offsets_B = torch.arange(0, B * K * R, K * R, device=group_BK.device)
+            kept = _kept_pairs(token_K, group_BK.reshape(-1), R, B, offsets_B)
+            if take is None:
+                vals_P = h_BGR.reshape(B, G * R).gather(1, kept.coord_P.view(B, K * R)).reshape(-1)
+            else:
+                vals_P = take(kept)
+            if valid_BK is not None:
+                vals_P = vals_P * valid_BK.reshape(-1).repeat_interleave(R)
+            e_hat_BD = self._decode_pairs(kept, vals_P)
+        scale = (dead_G.sum().to(resid_BD.dtype) / cfg.auxk_k).clamp(max=1.0)
         return scale * _fvu(resid_BD, e_hat_BD)
 
     # ----------------------------------------------------------------------------- constraints
