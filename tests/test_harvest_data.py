@@ -102,6 +102,7 @@ def test_input_ids_outside_vocab_are_refused(tmp_path, mistral):
         _pack(corpus.open_dataset(str(tmp_path / "bad.jsonl")), load_tokenizer(mistral))
 
 
+@pytest.mark.slow  # tokenises a million tokens: ~12 s idle, over a minute on a busy machine
 def test_builtin_corpus_is_large_real_text():
     """The offline default: over a million MiniLM tokens of English prose, same order always."""
     from harvester.models import resolve_model_source

