@@ -121,13 +121,16 @@ def test_nan_in_a_batch_stops_naming_step_and_chunk_and_keeps_the_checkpoint(tmp
     assert ckpt["step"] == (failed_step - 1) // 2 * 2 and ckpt["step"] < failed_step
 
 
-def test_ray_workers_give_the_same_weights_as_one_process(cache_url, tmp_path, monkeypatch):
+def test_ray_workers_give_the_same_weights_as_one_process(cache_url, tmp_path):
     import ray
     from trainer.distributed import train_distributed
 
     members = [SASA, TOPK, RELU]
     local = train(config(cache_url, members), tmp_path / "local", progress=False)
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path / "ray"), log_to_driver=False)
+    import tempfile
+    # Ray's socket paths must stay under 108 bytes: a short temp dir, not pytest's deep tmp_path
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+             log_to_driver=False)
     try:
         dist = train_distributed(config(cache_url, members, workers=2), tmp_path / "dist")
     finally:
