@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
 
@@ -42,6 +43,58 @@ class HookpointStats(NamedTuple):
     def mean_sq_norm(self) -> float:
         """E||x||^2 = sum(var + mean^2): the scale trainers normalise by."""
         return float(np.sum(self.var + self.mean**2))
+
+
+class ShardSummary(NamedTuple):
+    """What the writer stores beside a shard's activations of one hookpoint."""
+
+    norms: np.ndarray
+    """[n] float32 L2 norm of every row (masked rows too)."""
+    moments: Moments
+    """Moments over the kept rows."""
+    non_finite: int
+    """Count of NaN/Inf values (the shard must then be refused)."""
+
+
+#: Rows per block of ``summarize_shard``: a block and its float64 copy stay in the CPU cache,
+#: so the pass costs little beyond reading the data once (big temporaries would page-fault).
+BLOCK_ROWS = 1024
+
+
+def summarize_shard(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> ShardSummary:
+    """Norms, exact float64 moments of the kept rows, and a NaN/Inf count, in one blocked pass
+    over the stored values (bf16 bits are widened to float32 exactly by a 16-bit shift)."""
+    n, d = stored_ND.shape
+    norms = np.empty(n, np.float32)
+    total = Moments(0, np.zeros(d), np.zeros(d))
+    bad = 0
+    buf = np.empty((min(BLOCK_ROWS, n), d), np.float32)
+    for start in range(0, n, BLOCK_ROWS):
+        block = stored_ND[start:start + BLOCK_ROWS]
+        x = buf[:len(block)]
+        if dtype == "bfloat16":
+            bits = x.view(np.uint32)
+            np.copyto(bits, block, casting="unsafe")
+            bits <<= 16
+        else:
+            np.copyto(x, block)
+        t = torch.from_numpy(x)
+        block_norms = torch.linalg.vector_norm(t, dim=1)
+        if not bool(torch.isfinite(block_norms).all()):  # cheap screen; count exactly only here
+            bad += int((~torch.isfinite(t)).sum())
+            if bad:
+                continue
+        norms[start:start + len(block)] = block_norms.numpy()
+        # Kept rows weigh 1, masked rows 0: two weighted sums (matrix-vector products) give the
+        # block's exact float64 mean and centred M2 without gathering the kept rows.
+        w = torch.from_numpy(keep_N[start:start + len(block)].astype(np.float64))
+        count = int(w.sum())
+        if count:
+            x64 = t.double()
+            mean = (w @ x64) / count
+            m2 = w @ x64.sub_(mean).square_()
+            total = merge(total, Moments(count, mean.numpy(), m2.numpy()))
+    return ShardSummary(norms, total, bad)
 
 
 def moments(x_ND: np.ndarray, block_rows: int = 8192) -> Moments:

@@ -20,9 +20,9 @@ import zarr
 
 from sasa.errors import SasaError
 from store import layout as L
-from store.convert import storage_to_float32, to_storage
+from store.convert import to_storage
 from store.location import Kind, open_group, probe, url_fs
-from store.stats import moments
+from store.stats import summarize_shard
 
 #: Kinds of special tokens excluded from statistics and, by default, from training batches.
 DEFAULT_EXCLUDE = ("bos", "pad")
@@ -120,14 +120,19 @@ class CacheWriter:
                 f"shard {index} of {self.url} is already committed with different content; the "
                 f"producer is not deterministic or its config changed (rerun with --overwrite to rebuild)")
 
+        keep = ~special_mask(tokens.reshape(-1), self.special_ids, DEFAULT_EXCLUDE)
+        summaries = {hp: summarize_shard(data, lay.dtype, keep) for hp, data in stored.items()}
+        for hp, summary in summaries.items():
+            if summary.non_finite:
+                raise SasaError(f"acts[{hp!r}] hold {summary.non_finite} NaN/Inf values (as {lay.dtype}); nothing "
+                                f"was written. If float16 overflowed, harvest with --dtype bf16 or fp32")
+
         rows = slice(index * lay.shard_rows, (index + 1) * lay.shard_rows)
         self._tokens[index * lay.shard_seqs:(index + 1) * lay.shard_seqs] = tokens
-        keep = ~special_mask(tokens.reshape(-1), self.special_ids, DEFAULT_EXCLUDE)
         for hp, data in stored.items():
             self._acts[hp][rows] = data
-            x = storage_to_float32(data, lay.dtype)
-            self._norms[hp][rows] = np.linalg.norm(x, axis=1).astype(np.float32)
-            m = moments(x[keep])
+            self._norms[hp][rows] = summaries[hp].norms
+            m = summaries[hp].moments
             self._stats[hp]["count"][index] = m.count
             self._stats[hp]["mean"][index] = m.mean
             self._stats[hp]["m2"][index] = m.m2
@@ -160,10 +165,6 @@ class CacheWriter:
                 raise SasaError(f"acts[{hp!r}] has shape {list(shape)}; this cache expects "
                                 f"[shard_seqs*ctx_len, d] = {[lay.shard_rows, d]}")
             stored[hp] = to_storage(acts[hp], lay.dtype, f"acts[{hp!r}]")
-            bad = non_finite(stored[hp], lay.dtype)
-            if bad:
-                raise SasaError(f"acts[{hp!r}] hold {bad} NaN/Inf values (as {lay.dtype}); nothing was "
-                                f"written. If float16 overflowed, harvest with --dtype bf16 or fp32")
         return stored
 
 
