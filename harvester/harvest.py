@@ -173,6 +173,7 @@ def harvest(config: HarvestConfig) -> HarvestResult:
     if not cache.complete:
         raise SasaError(f"shards {cache.pending_shards()[:8]} of {config.out!r} are not "
                         "committed; rerun the same command to finish them")
+    writer.remove_stray_temporaries()  # left by workers killed mid-write; nothing runs now
     stats = {hp: cache.stats(hp) for hp in cache.hookpoints}  # merges the shards' moments
     return HarvestResult(config.out, cache.n_tokens, cache.n_shards, len(pending),
                          time.perf_counter() - t0, len(pending) * S * C / max(run_s, 1e-9), stats)

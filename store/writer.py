@@ -100,6 +100,19 @@ class CacheWriter:
     def pending_shards(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.committed())]
 
+    def remove_stray_temporaries(self) -> int:
+        """Delete the temporary files that a writer killed mid-write leaves on a local disk
+        (zarr's LocalStore writes ``<key>.<uuid>.partial`` and renames it). Call it only when
+        no writer is running, e.g. once every shard is committed; object stores have none.
+        Returns how many were removed."""
+        fs, root = url_fs(self.url, self.storage_options)
+        if "file" not in fs.protocol:
+            return 0
+        stray = [p for p in fs.find(root) if p.endswith(".partial")]
+        for p in stray:
+            fs.rm_file(p)
+        return len(stray)
+
     def write_shard(self, index: int, tokens, acts: dict) -> ShardResult:
         """Write shard ``index`` and commit it.
 

@@ -279,3 +279,12 @@ def test_special_mask():
     tok = np.array([1, 5, 0, 7, 1])
     assert special_mask(tok, {"bos": [1], "pad": [0]}, ["bos"]).tolist() == [True, False, False, False, True]
     assert special_mask(tok, {}, ["bos"]).tolist() == [False] * 5
+
+
+def test_stray_temporaries_of_killed_writers_are_removed(tmp_path):
+    w = build(tmp_path / "c")
+    stray = tmp_path / "c" / "acts" / "resid_post.1" / "c" / "0" / "0.1234abcd.partial"
+    stray.write_bytes(b"half a chunk")
+    assert w.remove_stray_temporaries() == 1 and not stray.exists()
+    assert open_cache(tmp_path / "c").complete and w.remove_stray_temporaries() == 0
+    assert build("memory://sasa-test/no-temporaries").remove_stray_temporaries() == 0
