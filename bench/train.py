@@ -188,7 +188,9 @@ def sample_efficiency(steps: int, eval_every: int, batch: int, lr: float, n_trai
         return next((t for t, f in curve if f <= target), None)
 
     (tn, tc), (sn, sc) = curves.items()
-    return {"curves": curves, "total": steps * batch, "topk_final": tc[-1][1], "sasa_final": sc[-1][1],
+    lead = [t for (t, a), (_, b) in zip(tc, sc) if b < a]  # evals where SASA is ahead
+    return {"curves": curves, "total": steps * batch, "sasa_ahead_until": max(lead) if lead else None,
+            "topk_final": tc[-1][1], "sasa_final": sc[-1][1],
             "sasa_to_topk": tokens_to(sc, tc[-1][1]), "topk_to_sasa": tokens_to(tc, sc[-1][1]),
             "topk_best": min(f for _, f in tc), "sasa_best": min(f for _, f in sc),
             "batch": batch, "lr": lr, "eval_every": eval_every}
@@ -234,6 +236,9 @@ def render(args, steps_rows, sweep, eff, wall) -> str:
         L.append(f"| final held-out FVU | {e['topk_final']:.4f} | {e['sasa_final']:.4f} |")
         L.append(f"| best held-out FVU | {e['topk_best']:.4f} | {e['sasa_best']:.4f} |")
         L.append(f"| tokens to reach the other's final FVU | {tok(e['topk_to_sasa'])} | {tok(e['sasa_to_topk'])} |")
+        ahead = e["sasa_ahead_until"]
+        L.append(f"| SASA's held-out FVU below TopK's up to | {ahead:,} tokens | |" if ahead else
+                 "| SASA's held-out FVU below TopK's | never | |")
         pts = sorted({t for t, _ in e["curves"]["TopK k=24"]})
         marks = [pts[i] for i in sorted({max(0, int(len(pts) * f) - 1) for f in (0.1, 0.25, 0.5, 0.75, 1.0)})]
         L.append("\nHeld-out FVU along the way:\n")

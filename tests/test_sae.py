@@ -436,3 +436,14 @@ def test_auxk_is_skipped_when_nothing_is_dead():
     sae.eval()
     out = sae(_x())
     assert float(out.auxk_loss) == 0 and out.auxk_loss.grad_fn is None
+
+
+@pytest.mark.parametrize("nuc_on", ["map", "encoder", "decoder"])
+def test_nuclear_norm_rank1_shortcut_matches_plain_svd(nuc_on):
+    sae = _sae(rank=1, nuc_on=nuc_on, codes="relu")
+    with torch.no_grad():
+        sae.W_dec_GRD.mul_(torch.rand(12, 1, 1) + 0.5)
+    mats = [{"map": sae.W_dec_GRD[g].T @ sae.W_enc_GRD[g], "encoder": sae.W_enc_GRD[g],
+             "decoder": sae.W_dec_GRD[g].T}[nuc_on] for g in range(12)]
+    expected = sum(torch.linalg.svdvals(m.double()).sum() for m in mats)
+    torch.testing.assert_close(sae.nuclear_norm().double(), expected, rtol=1e-5, atol=0)

@@ -574,15 +574,19 @@ class SAE(nn.Module):
     def _nuc_singular_values(self) -> torch.Tensor:
         """Singular values [G, r] of the matrices the nuclear norm acts on (differentiable)."""
         if self.cfg.nuc_on == "encoder":
-            return torch.linalg.svdvals(self.W_enc_GRD)
+            return _svdvals_GR(self.W_enc_GRD)
         if self.cfg.nuc_on == "decoder":
-            return torch.linalg.svdvals(self.W_dec_GRD)
+            return _svdvals_GR(self.W_dec_GRD)
         return self.map_singular_values()
 
     def map_singular_values(self) -> torch.Tensor:
-        """Singular values [G, r] of P_g = D_g E_g, via D_g = Q_g R_g: sv(P_g) = sv(R_g E_g)."""
+        """Singular values [G, r] of P_g = D_g E_g, via D_g = Q_g R_g: sv(P_g) = sv(R_g E_g).
+
+        r = 1: P_g = d_g e_g^T has the one singular value ||d_g|| ||e_g|| (no QR, no SVD)."""
+        if self.cfg.rank == 1:
+            return self.W_dec_GRD.norm(dim=-1) * self.W_enc_GRD.norm(dim=-1)
         _, r_GRR = torch.linalg.qr(self.decoder_GDR)
-        return torch.linalg.svdvals(r_GRR @ self.W_enc_GRD)
+        return _svdvals_GR(r_GRR @ self.W_enc_GRD)
 
     def nuclear_norm(self) -> torch.Tensor:
         """sum_g ||.||_* of what ``nuc_on`` names (differentiable, 0-d)."""
@@ -617,6 +621,16 @@ class SAE(nn.Module):
         if self.cfg.arch == "relu":
             # Codes grew by `scale`; keep the L1 term's value for the same raw reconstruction.
             self.cfg.l1_coeff = self.cfg.l1_coeff / float(scale_t)
+
+
+def _svdvals_GR(m_GRD: torch.Tensor) -> torch.Tensor:
+    """Singular values [G, r] of r x d matrices (r <= d), differentiable.
+
+    Taken of the tall d x r transpose (same values): LAPACK is 1.5-3x faster on it than on the
+    wide r x d form here (d = 384, r = 4-8, forward and backward), and for r = 1 it is a norm."""
+    if m_GRD.shape[1] == 1:
+        return m_GRD.norm(dim=-1)
+    return torch.linalg.svdvals(m_GRD.transpose(1, 2))
 
 
 def _fvu(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:
