@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from sasa.errors import SasaError
@@ -74,16 +73,12 @@ def _sae_folders(paths) -> list[Path]:
 
 def run_eval(args) -> int:
     from analysis.evaluate import EvalConfig, evaluate
+    from store.options import parse_storage_options
 
     folders = _sae_folders(args.sae)
     if args.out and len(folders) > 1:
         raise SasaError("--out names one file; with several SAEs each writes <sae>/eval.json (drop --out)")
-    opts = None
-    if args.storage_options:
-        try:
-            opts = json.loads(args.storage_options)
-        except json.JSONDecodeError as err:
-            raise SasaError(f"--storage-options is not valid JSON: {err.msg}") from None
+    opts = parse_storage_options(args.storage_options)
     for folder in folders:
         cfg = EvalConfig(cache=args.cache, sae=str(folder), hookpoint=args.hookpoint, tokens=args.tokens,
                          batch_size=args.batch_size, contexts=args.contexts, window=args.window,

@@ -109,8 +109,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"| model | steps | seed | FVU | units per feature, d_i = 1 / 2 / 3 / 4 | capture "
-          f"| dead | eff. rank | s |")
+    print("| model | steps | seed | FVU | units per feature, d_i = 1 / 2 / 3 / 4 | capture "
+          "| dead | eff. rank | s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.only:
         for seed in args.seeds:

@@ -323,8 +323,8 @@ def main(argv=None) -> None:
             "partial": any(r.capped for r in rs),
         })
     arrow_tps = next(t["tok_s"] for t in table if t["reader"].startswith("HF Arrow"))
-    head = (f"| reader | GB/s fp32 batches | GB/s stored bytes | k tokens/s | x raw seq | x SAELens-style "
-            f"| size on disk GB | shuffle quality (1 = ideal) |\n|---|---|---|---|---|---|---|---|")
+    head = ("| reader | GB/s fp32 batches | GB/s stored bytes | k tokens/s | x raw seq | x SAELens-style "
+            "| size on disk GB | shuffle quality (1 = ideal) |\n|---|---|---|---|---|---|---|---|")
     lines = [head]
     for t in table:
         lines.append(f"| {t['reader']}{' (capped at %.0f s)' % max_s if t['partial'] else ''} | {t['gbs_fp32']:.2f} | "

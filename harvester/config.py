@@ -10,11 +10,11 @@ byte-identical however it was produced, and credentials in ``storage_options`` c
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 
 from harvester.hookpoints import parse_hookpoint
 from sasa.errors import SasaError
+from store.options import parse_storage_options
 
 #: ``--dtype`` spellings -> the store's dtype names.
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
@@ -134,7 +134,7 @@ class HarvestConfig:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise SasaError(f"unknown device {self.device!r}; use auto, cpu or cuda")
         if isinstance(self.storage_options, str):
-            self.storage_options = parse_storage_options(self.storage_options)
+            self.storage_options = parse_storage_options(self.storage_options) or {}
         self.storage_options = dict(self.storage_options or {})
 
     # Runtime fields: they change speed, not bytes, so they stay out of the cache.
@@ -153,15 +153,3 @@ class HarvestConfig:
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         shown["storage_options"] = sorted(self.storage_options) and "<hidden>"
         return "HarvestConfig(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
-
-
-def parse_storage_options(text: str) -> dict:
-    """``--storage-options`` JSON -> dict (the message never echoes the text: it may hold keys)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise SasaError(f"--storage-options is not valid JSON ({err.msg} at character "
-                        f"{err.pos}); pass an object such as '{{\"anon\": true}}'") from None
-    if not isinstance(value, dict):
-        raise SasaError("--storage-options must be a JSON object such as '{\"anon\": true}'")
-    return value

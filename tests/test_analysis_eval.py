@@ -19,7 +19,6 @@ import torch
 from analysis.contexts import ring_shape
 from analysis.evaluate import EvalConfig, evaluate
 from analysis.oracle import oracle_sae, split_sae
-from analysis.report import build_report
 from analysis.synth import load_truth, write_synthetic_cache
 from sasa.errors import SasaError
 from store import create_cache, open_cache
