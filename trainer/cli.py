@@ -10,6 +10,8 @@ def _run_args(p) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of initialisation and shuffling (default 0)")
     p.add_argument("--log-every", type=int, default=None, help="steps between metric lines (default 50)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 500)")
+    p.add_argument("--nuc-every", type=int, default=None,
+                   help="apply the nuclear-norm penalty every k steps with weight k*lambda (default 4)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--workers", type=int, default=None, help="Ray actors to spread the SAEs over (default 0: this process)")
     p.add_argument("--address", default=None, help="Ray cluster address for --workers (default: start a local Ray)")
@@ -47,7 +49,7 @@ def register(subparsers) -> None:
 
 
 def _overrides(args) -> dict:
-    keys = ("tokens", "batch_size", "seed", "log_every", "checkpoint_every", "device", "workers")
+    keys = ("tokens", "batch_size", "seed", "log_every", "checkpoint_every", "nuc_every", "device", "workers")
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 

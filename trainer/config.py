@@ -87,6 +87,10 @@ class TrainConfig:
     """Steps between metric lines (the only host syncs of the loop)."""
     checkpoint_every: int = 500
     """Steps between checkpoints (model, optimiser and reader state); 0 = only at the end."""
+    nuc_every: int = 4
+    """Apply the nuclear-norm penalty every k-th step with weight k * nuc_lambda: the same
+    average pull on the singular values, while the batched SVDs (15-40% of a SASA step when
+    run every step, bench/RESULTS.md) are paid once per k steps. 1 = every step."""
     exclude: tuple[str, ...] = ("bos", "pad")
     """Special tokens left out of training batches."""
     shuffle_rows: int | None = None
@@ -115,6 +119,8 @@ class TrainConfig:
                 raise SasaError(f"{key} must be positive, got {getattr(self, key)}")
         if not 0 <= self.decay_frac < 1:
             raise SasaError(f"decay_frac must be in [0, 1), got {self.decay_frac}")
+        if self.nuc_every < 1:
+            raise SasaError(f"nuc_every must be >= 1, got {self.nuc_every}")
         if self.workers < 0:
             raise SasaError(f"workers must be >= 0, got {self.workers}")
         self.exclude = tuple(self.exclude)

@@ -203,9 +203,10 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, member_ids
             if on_cuda:
                 raw = raw.pin_memory().to(device, non_blocking=True)
             xs[hp] = (raw.float() - norm[hp][0]) / norm[hp][1]
+        nuc_scale = float(cfg.nuc_every) if step % cfg.nuc_every == 0 else 0.0
         for m in members:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda and cfg.autocast):
-                o = m.sae(xs[m.cfg.hookpoint])
+                o = m.sae(xs[m.cfg.hookpoint], nuc_scale=nuc_scale)
             m.opt.zero_grad(set_to_none=True)
             o.loss.backward()
             m.opt.step()

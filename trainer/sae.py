@@ -429,12 +429,15 @@ class SAE(nn.Module):
             return True
         return x_BD.device.type == "cpu" and 8 * cfg.top_s * cfg.rank <= cfg.n_coords
 
-    def forward(self, x_BD: torch.Tensor) -> ForwardOutput:
+    def forward(self, x_BD: torch.Tensor, *, nuc_scale: float = 1.0) -> ForwardOutput:
+        """``nuc_scale`` multiplies the nuclear-norm term; 0 skips its SVDs. A trainer that
+        applies the penalty every k-th step with scale k keeps its average weight (see
+        ``TrainConfig.nuc_every``)."""
         if self.uses_sparse_decode(x_BD):
-            return self._forward_sparse(x_BD)
-        return self._forward_dense(x_BD)
+            return self._forward_sparse(x_BD, nuc_scale)
+        return self._forward_dense(x_BD, nuc_scale)
 
-    def _forward_dense(self, x_BD: torch.Tensor) -> ForwardOutput:
+    def _forward_dense(self, x_BD: torch.Tensor, nuc_scale: float = 1.0) -> ForwardOutput:
         """The reference: every code of every token goes through dense matmuls."""
         cfg = self.cfg
         h_BGR = self.pre_codes(x_BD)
@@ -447,9 +450,9 @@ class SAE(nn.Module):
         if cfg.auxk_alpha > 0 and cfg.arch != "relu":
             auxk = self._auxk_loss(x_BD - x_hat_BD.detach(), h_BGR)
         l0_coords = (codes_BGR != 0).sum((1, 2)).to(x_BD.dtype).mean()
-        return self._finish(x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords)
+        return self._finish(x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords, nuc_scale)
 
-    def _forward_sparse(self, x_BD: torch.Tensor) -> ForwardOutput:
+    def _forward_sparse(self, x_BD: torch.Tensor, nuc_scale: float = 1.0) -> ForwardOutput:
         """Same results as ``_forward_dense``; one dense matmul (the encoder forward) per step."""
         cfg = self.cfg
         G, R, D = self.W_enc_GRD.shape
@@ -489,7 +492,7 @@ class SAE(nn.Module):
         auxk = x_BD.new_zeros(())
         if cfg.auxk_alpha > 0:
             auxk = self._auxk_loss(x_BD - x_hat_BD.detach(), h_BGR, take=take)
-        return self._finish(x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords)
+        return self._finish(x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords, nuc_scale)
 
     def _decode_pairs(self, kept: _Kept, vals_P: torch.Tensor) -> torch.Tensor:
         """sum over a token's pairs of vals_p * W_dec[coord_p], without the bias: [B, d]."""
@@ -497,12 +500,14 @@ class SAE(nn.Module):
         return F.embedding_bag(kept.coord_P, self.W_dec_GRD.reshape(G * R, D), kept.offsets_B,
                                mode="sum", per_sample_weights=vals_P.to(self.W_dec_GRD.dtype))
 
-    def _finish(self, x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords) -> ForwardOutput:
+    def _finish(self, x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords, nuc_scale=1.0) -> ForwardOutput:
         """The loss terms and bookkeeping shared by both paths."""
         cfg = self.cfg
         fvu = _fvu(x_BD, x_hat_BD)
         zero = x_BD.new_zeros(())
-        nuc_term = cfg.nuc_lambda * self.nuclear_norm() if cfg.nuc_lambda > 0 else zero
+        nuc_term = zero
+        if cfg.nuc_lambda > 0 and nuc_scale > 0:
+            nuc_term = (cfg.nuc_lambda * nuc_scale) * self.nuclear_norm()
         l1_term = zero
         if cfg.arch == "relu" and cfg.l1_coeff > 0:
             norms_GR = self.W_dec_GRD.norm(dim=-1)

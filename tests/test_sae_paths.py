@@ -1,5 +1,6 @@
-"""The training loop's GPU path runs the SAE forward under bf16 autocast. CUDA is not here, but
-CPU autocast takes the same code paths (QR, SVD, top-k, sparse decode), so dtype errors show."""
+"""SAE paths the training loop takes beyond the plain forward: bf16 autocast (the GPU path; CUDA
+is not here, but CPU autocast takes the same code: QR, SVD, top-k, sparse decode) and the
+amortised rank penalty (``nuc_scale``)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,14 @@ def test_bf16_autocast_forward_backward_close_to_fp32(kw, decode):
         d = amp.decoder_GDR
         eye = torch.eye(4).expand(8, 4, 4)
         assert torch.allclose(d.transpose(1, 2) @ d, eye, atol=1e-5)
+
+
+def test_nuc_scale_weights_the_rank_penalty_and_zero_skips_it():
+    torch.manual_seed(0)
+    x = torch.randn(64, 32)
+    sae = SAE(SAEConfig(d_in=32, groups=8, rank=4, top_s=2, nuc_lambda=1e-2), seed=0)
+    plain = SAE(SAEConfig(d_in=32, groups=8, rank=4, top_s=2), seed=0)
+    once, four, none = sae(x), sae(x, nuc_scale=4.0), sae(x, nuc_scale=0.0)
+    ref = 1e-2 * torch.linalg.svdvals(sae.decoder_GDR @ sae.W_enc_GRD).sum()
+    assert torch.allclose(once.nuc_term, ref, rtol=1e-5) and torch.allclose(four.nuc_term, 4 * ref, rtol=1e-5)
+    assert float(none.nuc_term) == 0.0 and torch.equal(none.loss, plain(x).loss)
