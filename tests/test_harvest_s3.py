@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 
 import numpy as np
-import pytest
 from harvest_fixtures import SAMPLE_DOCS, make_gpt2, write_jsonl
 
 from harvester.config import HarvestConfig
@@ -16,31 +14,16 @@ from harvester.harvest import harvest
 from sasa.cli import main
 from store import open_cache
 
-moto_server = pytest.importorskip("moto.server")
-s3fs = pytest.importorskip("s3fs")
-
-KEY, SECRET, ENV_SECRET = "AKIASASAHARVESTKEY", "opt-s3cr3t-9f8e7d", "env-s3cr3t-1a2b3c"
+ENV_SECRET = "env-s3cr3t-1a2b3c"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def endpoint():
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    s3fs.S3FileSystem(endpoint_url=url, key=KEY, secret=SECRET).mkdir("bucket")
-    yield url
-    server.stop()
-
-
-def test_s3_harvest_reads_back_equal_and_keeps_secrets(endpoint, tmp_path, monkeypatch, capsys,
+def test_s3_harvest_reads_back_equal_and_keeps_secrets(s3, s3_url, tmp_path, monkeypatch, capsys,
                                                        caplog):
+    import s3fs
+
+    endpoint, options = s3.endpoint_url, s3.storage_options  # the loopback server of conftest.py
+    KEY, SECRET = options["key"], options["secret"]
+    c1, c2 = f"{s3_url}/c1", f"{s3_url}/c2"
     caplog.set_level(logging.DEBUG, logger="harvester")
     model = make_gpt2(tmp_path / "gpt2")
     data = write_jsonl(tmp_path / "d.jsonl", SAMPLE_DOCS[:20])
@@ -48,27 +31,26 @@ def test_s3_harvest_reads_back_equal_and_keeps_secrets(endpoint, tmp_path, monke
               "--tokens", "1024", "--ctx-len", "32", "--shard-seqs", "8", "--dtype", "fp32",
               "--workers", "0", "--no-progress"]
     assert main(["harvest", "--out", str(tmp_path / "local"), *common]) == 0
-    options = {"endpoint_url": endpoint, "key": KEY, "secret": SECRET}
-    assert main(["harvest", "--out", "s3://bucket/c1", "--storage-options", json.dumps(options),
+    assert main(["harvest", "--out", c1, "--storage-options", json.dumps(options),
                  *common]) == 0
     # Credentials from the environment, as s3fs/botocore read them.
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ENV_SECRET)
-    harvest(HarvestConfig(out="s3://bucket/c2", model=str(model), dataset=str(data),
+    harvest(HarvestConfig(out=c2, model=str(model), dataset=str(data),
                           hookpoints=("resid_post.1",), tokens=1024, ctx_len=32, shard_seqs=8,
                           dtype="fp32", workers=0, progress=False,
                           storage_options={"endpoint_url": endpoint}))
 
     local = open_cache(str(tmp_path / "local"))
-    for url in ("s3://bucket/c1", "s3://bucket/c2"):
+    for url in (c1, c2):
         remote = open_cache(url, options)
         assert remote.complete and remote.attrs == local.attrs
         np.testing.assert_array_equal(remote.tokens[:], local.tokens[:])
         np.testing.assert_array_equal(remote.read_rows("resid_post.1", 0, 1024),
                                       local.read_rows("resid_post.1", 0, 1024))
 
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key=KEY, secret=SECRET)
-    blobs = b"".join(fs.cat(p) for p in fs.find("bucket"))
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key=KEY, secret=SECRET, skip_instance_cache=True)
+    blobs = b"".join(fs.cat(p) for p in fs.find(s3_url))
     out = capsys.readouterr()
     logs = caplog.text + out.out + out.err
     for secret in (KEY, SECRET, ENV_SECRET):

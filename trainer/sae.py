@@ -337,15 +337,8 @@ class SAE(nn.Module):
         if seed is not None:
             gen = torch.Generator(device="cpu").manual_seed(seed)
         G, R, D = self.cfg.groups, self.cfg.rank, self.cfg.d_in
-        w_GDR = torch.randn(G, D, R, generator=gen, dtype=torch.float64)
-        if self.cfg.arch == "sasa":
-            w_GDR = _signfix_qr(w_GDR)
-        else:
-            w_GDR = w_GDR / w_GDR.norm(dim=1, keepdim=True)
-        self.W_dec_GRD.copy_(w_GDR.transpose(1, 2))
-        if self.cfg.init_encoder == "transpose":
-            self.W_enc_GRD.copy_(self.W_dec_GRD)
-        else:
+        self._set_decoder(torch.randn(G, D, R, generator=gen, dtype=torch.float64))
+        if self.cfg.init_encoder != "transpose":
             bound = 1 / math.sqrt(D)
             self.W_enc_GRD.copy_(torch.rand(G, R, D, generator=gen, dtype=torch.float64)
                                  .mul_(2 * bound).sub_(bound))
@@ -366,7 +359,12 @@ class SAE(nn.Module):
         mean_D = x_ND.mean(0)
         idx = torch.randint(0, x_ND.shape[0], (G * R,), generator=gen)
         w_GDR = (x_ND[idx] - mean_D).reshape(G, R, D).transpose(1, 2)
-        w_GDR = w_GDR + 1e-3 * torch.randn(G, D, R, generator=gen, dtype=torch.float64)
+        self._set_decoder(w_GDR + 1e-3 * torch.randn(G, D, R, generator=gen, dtype=torch.float64))
+        self.b_dec_D.copy_(mean_D)
+
+    def _set_decoder(self, w_GDR: torch.Tensor) -> None:
+        """Constrain [G, d, r] directions (orthonormal blocks for sasa, unit columns otherwise),
+        store them as the decoder, and as the encoder too when ``init_encoder == "transpose"``."""
         if self.cfg.arch == "sasa":
             w_GDR = _signfix_qr(w_GDR)
         else:
@@ -374,7 +372,6 @@ class SAE(nn.Module):
         self.W_dec_GRD.copy_(w_GDR.transpose(1, 2))
         if self.cfg.init_encoder == "transpose":
             self.W_enc_GRD.copy_(self.W_dec_GRD)
-        self.b_dec_D.copy_(mean_D)
 
     # ----------------------------------------------------------------------------- forward
     @property
