@@ -27,7 +27,8 @@ def register(subparsers) -> None:
                               description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/demo", help="folder for the cache, the sweep, evals and report")
     p.add_argument("--tokens", type=int, default=1 << 20, help="tokens to harvest (default 1,048,576)")
-    p.add_argument("--train-tokens", type=int, default=None, help="training tokens per SAE (default: all harvested)")
+    p.add_argument("--train-tokens", type=int, default=None,
+                   help="training tokens per SAE (default: half the harvested tokens, at most 524,288)")
     p.add_argument("--width", type=int, default=1536, help="code coordinates n = G*r of every SAE (default 1536 = 4x d)")
     p.add_argument("--active", type=int, default=32, help="active coordinates per token, s*r = k (default 32)")
     p.add_argument("--batch-size", type=int, default=1024, help="training tokens per step (default 1024)")
@@ -45,7 +46,7 @@ def sweep_yaml(cache: str, tokens: int, batch_size: int, width: int, active: int
         if active % r == 0 and width % r == 0:
             lines.append(f"  - {{hookpoint: {deep}, arch: sasa, rank: {r}, groups: {width // r}, top_s: {active // r}}}")
     lines.append(f"  - {{hookpoint: {deep}, arch: topk, groups: {width}, top_s: {active}}}")
-    lines.append(f"  - {{hookpoint: {deep}, arch: relu, groups: {width}, l1_coeff: 0.002}}")
+    lines.append(f"  - {{hookpoint: {deep}, arch: relu, groups: {width}, l1_coeff: 0.015}}")
     lines.append(f"  - {{hookpoint: {shallow}, arch: topk, groups: {width}, top_s: {active}}}")
     return "\n".join(lines) + "\n"
 
@@ -67,7 +68,8 @@ def run(args) -> int:
     sasa("harvest", "--out", str(cache), "--hookpoints", ",".join(HOOKPOINTS), "--tokens", str(args.tokens))
 
     spec = out / "sweep.yaml"
-    spec.write_text(sweep_yaml(str(cache), args.train_tokens or args.tokens, args.batch_size, args.width, args.active))
+    train_tokens = args.train_tokens or min(args.tokens // 2, 1 << 19)
+    spec.write_text(sweep_yaml(str(cache), train_tokens, args.batch_size, args.width, args.active))
     resume = ["--resume"] if (runs / "checkpoints").exists() else []
     sasa("sweep", str(spec), "--out", str(runs), *resume)
 
