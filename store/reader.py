@@ -22,6 +22,7 @@ shuffle whenever a window is smaller than the cache. ``shuffle_quality`` measure
 
 from __future__ import annotations
 
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
@@ -260,9 +261,10 @@ class BatchStream:
         finally:
             # Never wait here: a generator may be finalised on any thread (even zarr's event
             # loop thread, where waiting on a read would deadlock). Orphaned reads only touch
-            # this iteration's buffers.
-            builder.shutdown(wait=False, cancel_futures=True)
-            io.shutdown(wait=False, cancel_futures=True)
+            # this iteration's buffers. At interpreter exit the executors are already gone.
+            if not sys.is_finalizing():
+                builder.shutdown(wait=False, cancel_futures=True)
+                io.shutdown(wait=False, cancel_futures=True)
 
 
 def shuffle_quality(rows_per_batch, ctx_len: int, n_rows: int) -> float:
