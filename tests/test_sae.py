@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sasa.errors import SasaError
-from trainer.sae import SAE, SAEConfig, _auxk_groups, load_sae, save_sae, train_in_memory
+from trainer.sae import SAE, SAEConfig, load_sae, save_sae, train_in_memory
+from trainer.sparse import auxk_groups
 
 
 def _sae(seed: int = 0, dtype=torch.float32, **kw) -> SAE:
@@ -419,8 +420,8 @@ def test_auxk_picks_sync_free_and_cpu_agree(n_dead):
     score = torch.rand(16, 12, generator=g)
     dead = torch.zeros(12, dtype=torch.bool)
     dead[torch.randperm(12, generator=g)[:n_dead]] = True
-    gpu_groups, valid = _auxk_groups(score, dead, 4, sync_free=True)
-    cpu = _auxk_groups(score, dead, 4, sync_free=False)
+    gpu_groups, valid = auxk_groups(score, dead, 4, sync_free=True)
+    cpu = auxk_groups(score, dead, 4, sync_free=False)
     if n_dead == 0:
         assert cpu is None and not valid.any()
         return

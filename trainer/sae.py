@@ -14,7 +14,7 @@ the dense path pays for all of them nine times a step: encode, decode and AuxK d
 and two matmuls in each of their backwards. The sparse path keeps only the one matmul that
 must see every group (the encoder forward, which the gate ranks) and does everything else on
 the kept (token, coordinate) pairs: the decode is an ``F.embedding_bag`` over the rows of
-W_dec with the codes as per-sample weights, and the encoder's backward (``_GatherCodes``)
+W_dec with the codes as per-sample weights, and the encoder's backward (``GatherCodes``)
 touches only the kept rows of W_enc. On this project's CPUs that is 3-5x less time per step
 (bench/RESULTS_train.md); the dense path stays as the reference the sparse one is tested
 against, and is what ``auto`` picks on GPUs (unmeasured there) and for dense ReLU codes.
@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sasa.errors import SasaError
+from trainer.sparse import GatherCodes, Kept, auxk_groups, kept_pairs
 
 ARCHS = ("sasa", "topk", "relu")
 CODES = ("signed", "relu")
@@ -227,87 +228,6 @@ def _signfix_qr(a_GDR: torch.Tensor) -> torch.Tensor:
     return q_GDR * sign_GR.unsqueeze(-2)
 
 
-class _Kept(NamedTuple):
-    """The (token, coordinate) pairs a sparse decode touches, sorted by token.
-
-    Each kept group contributes its r coordinates as r consecutive pairs, so a token's pairs
-    form one bag of ``F.embedding_bag`` (bags may differ in size: batch gate)."""
-
-    token_P: torch.Tensor
-    """int64 [P]: token (row of the batch) of each pair, non-decreasing."""
-    coord_P: torch.Tensor
-    """int64 [P]: code coordinate g * r + j of each pair."""
-    offsets_B: torch.Tensor
-    """int64 [B]: index of each token's first pair (``embedding_bag`` offsets)."""
-
-
-def _kept_pairs(token_K: torch.Tensor, group_K: torch.Tensor, rank: int, batch: int,
-                offsets_B: torch.Tensor | None = None) -> _Kept:
-    """Expand kept (token, group) pairs (sorted by token) to (token, coordinate) pairs.
-
-    ``offsets_B`` may be given when every token keeps the same number of groups; otherwise it
-    is found with ``searchsorted`` (no host sync)."""
-    j_R = torch.arange(rank, device=group_K.device)
-    coord_P = (group_K.unsqueeze(-1) * rank + j_R).reshape(-1)
-    token_P = token_K.repeat_interleave(rank)
-    if offsets_B is None:
-        offsets_B = torch.searchsorted(token_P, torch.arange(batch, device=token_P.device))
-    return _Kept(token_P, coord_P, offsets_B)
-
-
-class _GatherCodes(torch.autograd.Function):
-    """pre[token_P, coord_P] of pre = xc @ W^T + b, with a backward that touches kept rows only.
-
-    ``pre_BN`` is computed once, without autograd, by the dense encoder matmul (the gate needs
-    every score); this function hands out its kept entries and gives them the gradient of
-    xc @ W^T + b without the two dense [B, N] x [N, d] matmuls autograd would run:
-    grad_xc[b] = sum_p g_p W[c_p] and grad_W[c] = sum_p g_p xc[b_p], both as embedding_bags
-    (the second over the pairs sorted by coordinate), grad_b[c] = sum_p g_p."""
-
-    @staticmethod
-    def forward(ctx, xc_BD, W_ND, b_N, pre_BN, kept: _Kept):  # noqa: D401
-        ctx.save_for_backward(xc_BD, W_ND, kept.token_P, kept.coord_P, kept.offsets_B)
-        ctx.b_dtype = b_N.dtype
-        n = pre_BN.shape[1]
-        return pre_BN.reshape(-1)[kept.token_P * n + kept.coord_P]
-
-    @staticmethod
-    def backward(ctx, g_P):
-        xc_BD, W_ND, token_P, coord_P, offsets_B = ctx.saved_tensors
-        n = W_ND.shape[0]
-        grad_xc = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_xc = F.embedding_bag(coord_P, W_ND, offsets_B, mode="sum",
-                                      per_sample_weights=g_P.to(W_ND.dtype)).to(xc_BD.dtype)
-        if ctx.needs_input_grad[1]:
-            coord_sorted, order = torch.sort(coord_P)
-            by_coord_N = torch.searchsorted(coord_sorted, torch.arange(n, device=coord_P.device))
-            grad_W = F.embedding_bag(token_P[order], xc_BD.to(W_ND.dtype), by_coord_N, mode="sum",
-                                     per_sample_weights=g_P[order].to(W_ND.dtype))
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(n, dtype=ctx.b_dtype, device=g_P.device).index_add_(
-                0, coord_P, g_P.to(ctx.b_dtype))
-        return grad_xc, grad_W, grad_b, None, None
-
-
-def _auxk_groups(score_BG: torch.Tensor, dead_G: torch.Tensor, k: int, *, sync_free: bool):
-    """AuxK's picks: the top-k dead units per token by score, as (group_BK, valid_BK).
-
-    ``sync_free`` (GPU): a top-k over all units with live ones scored -1; ``valid_BK`` marks
-    the picks that are really dead (fewer dead than k: the rest count for nothing).
-    Otherwise (CPU, where reading the mask is free): ``None`` when nothing is dead, else a
-    top-min(k, n_dead) over the dead units only, all valid (``valid_BK`` None). Both pick the
-    same units up to ties."""
-    if sync_free:
-        group_BK = score_BG.masked_fill(~dead_G, -1.0).topk(k, dim=1, sorted=False).indices
-        return group_BK, dead_G[group_BK]
-    dead_idx = dead_G.nonzero().squeeze(1)
-    if dead_idx.numel() == 0:
-        return None
-    top_BK = score_BG[:, dead_idx].topk(min(k, dead_idx.numel()), dim=1, sorted=False).indices
-    return dead_idx[top_BK], None
-
-
 class SAE(nn.Module):
     """SASA / TopK / ReLU sparse autoencoder on inputs of width d.
 
@@ -471,10 +391,10 @@ class SAE(nn.Module):
             else:
                 flat_K = score_BG.flatten().topk(cfg.top_s * B, sorted=False).indices.sort().values
                 token_K, group_K, offsets_B = flat_K // G, flat_K % G, None
-            kept = _kept_pairs(token_K, group_K, R, B, offsets_B)
+            kept = kept_pairs(token_K, group_K, R, B, offsets_B)
 
-        def take(k: _Kept) -> torch.Tensor:  # differentiable codes at the pairs k
-            vals_P = _GatherCodes.apply(xc_BD, W_enc_ND, b_enc_N, pre_BN, k)
+        def take(k: Kept) -> torch.Tensor:  # differentiable codes at the pairs k
+            vals_P = GatherCodes.apply(xc_BD, W_enc_ND, b_enc_N, pre_BN, k)
             return F.relu(vals_P) if cfg.codes == "relu" else vals_P
 
         vals_P = take(kept)
@@ -491,7 +411,7 @@ class SAE(nn.Module):
             auxk = self._auxk_loss(x_BD - x_hat_BD.detach(), h_BGR, take=take)
         return self._finish(x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords, nuc_scale)
 
-    def _decode_pairs(self, kept: _Kept, vals_P: torch.Tensor) -> torch.Tensor:
+    def _decode_pairs(self, kept: Kept, vals_P: torch.Tensor) -> torch.Tensor:
         """sum over a token's pairs of vals_p * W_dec[coord_p], without the bias: [B, d]."""
         G, R, D = self.W_dec_GRD.shape
         return F.embedding_bag(kept.coord_P, self.W_dec_GRD.reshape(G * R, D), kept.offsets_B,
@@ -534,7 +454,7 @@ class SAE(nn.Module):
         cfg = self.cfg
         B, G, R = h_BGR.shape
         dead_G = self.dead_mask()
-        picks = _auxk_groups(h_BGR.detach().square().sum(-1), dead_G, cfg.auxk_k,
+        picks = auxk_groups(h_BGR.detach().square().sum(-1), dead_G, cfg.auxk_k,
                              sync_free=dead_G.device.type != "cpu")
         if picks is None:
             return resid_BD.new_zeros(())
@@ -549,7 +469,7 @@ class SAE(nn.Module):
             K = group_BK.shape[1]
             token_K = torch.arange(B, device=group_BK.device).repeat_interleave(K)
             offsets_B = torch.arange(0, B * K * R, K * R, device=group_BK.device)
-            kept = _kept_pairs(token_K, group_BK.reshape(-1), R, B, offsets_B)
+            kept = kept_pairs(token_K, group_BK.reshape(-1), R, B, offsets_B)
             if take is None:
                 vals_P = h_BGR.reshape(B, G * R).gather(1, kept.coord_P.view(B, K * R)).reshape(-1)
             else:
