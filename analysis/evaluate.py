@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from analysis import metrics as M
 from analysis.contexts import CodeViews, TopRows, context_table, load_tokenizer_for
+from sasa.devices import resolve_device
 from sasa.errors import SasaError
 
 EVAL_VERSION = 1
@@ -103,14 +104,6 @@ class EvalResult(NamedTuple):
     codes: Path | None
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SasaError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu")
-    return torch.device(name)
-
-
 def _train_info(sae_dir: Path) -> dict:
     p = sae_dir / "train.json"
     return json.loads(p.read_text()) if p.is_file() else {}
@@ -156,7 +149,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
 
     sae_dir = Path(cfg.sae)
     sae = load_sae(sae_dir).float().eval()
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     sae.to(device)
     cache = open_cache(cfg.cache, cfg.storage_options)
     info = _train_info(sae_dir)

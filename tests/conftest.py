@@ -60,3 +60,17 @@ def s3_url(s3):
 @pytest.fixture
 def memory_url():
     return f"memory://sasa-test/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def gpt2(tmp_path_factory):
+    """A tiny random GPT-2 with a locally trained BPE tokenizer, saved as a hub-style folder."""
+    from harvest_fixtures import make_gpt2
+    return str(make_gpt2(tmp_path_factory.mktemp("gpt2")))
+
+
+@pytest.fixture(scope="session")
+def mistral(tmp_path_factory):
+    """A tiny random Mistral, saved the same way."""
+    from harvest_fixtures import make_mistral
+    return str(make_mistral(tmp_path_factory.mktemp("mistral")))

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from harvest_fixtures import SAMPLE_DOCS, make_gpt2, make_mistral, tree_digest, write_jsonl
+from harvest_fixtures import SAMPLE_DOCS, tree_digest, write_jsonl
 
 from harvester import corpus, packing
 from harvester.config import HarvestConfig
@@ -19,16 +19,6 @@ from store import open_cache
 # Documents without blank lines, since a .txt file splits documents at blank lines.
 DOCS = ["\n".join(line for line in doc.splitlines() if line.strip()).strip()
         for doc in SAMPLE_DOCS[:25]]
-
-
-@pytest.fixture(scope="module")
-def gpt2(tmp_path_factory):
-    return str(make_gpt2(tmp_path_factory.mktemp("gpt2")))
-
-
-@pytest.fixture(scope="module")
-def mistral(tmp_path_factory):
-    return str(make_mistral(tmp_path_factory.mktemp("mistral")))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from harvest_fixtures import SAMPLE_DOCS, make_gpt2, make_mistral, minilm_path
+from harvest_fixtures import SAMPLE_DOCS, minilm_path
 
 from harvester import models
 from harvester.config import HarvestConfig
@@ -19,16 +19,6 @@ from harvester.harvest import harvest
 from harvester.models import ActivationCapture, load_model
 from sasa.errors import SasaError
 from store import open_cache
-
-
-@pytest.fixture(scope="module")
-def gpt2(tmp_path_factory):
-    return str(make_gpt2(tmp_path_factory.mktemp("gpt2")))
-
-
-@pytest.fixture(scope="module")
-def mistral(tmp_path_factory):
-    return str(make_mistral(tmp_path_factory.mktemp("mistral")))
 
 
 def _ids(vocab: int, B=3, T=16, seed=0):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sasa.devices import resolve_device
 from sasa.errors import SasaError
 from store import open_cache
 from trainer.config import MemberConfig, TrainConfig
@@ -40,14 +41,6 @@ class TrainResult(NamedTuple):
     """Chunk reads of this process's read pass (each chunk once per epoch, whatever the sweep size)."""
     final: dict[str, dict]
     """Member name -> its last metrics line."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SasaError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu")
-    return torch.device(name)
 
 
 class Member:

@@ -1,0 +1,18 @@
+"""Picking the torch device of a local process (trainer, evaluation)."""
+
+from __future__ import annotations
+
+import torch
+
+from sasa.errors import SasaError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when torch sees one, else cpu; a CUDA name without CUDA is a clear error.
+
+    (The harvester resolves devices on its Ray workers instead, where the GPUs are.)"""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SasaError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)
