@@ -288,3 +288,14 @@ def test_stray_temporaries_of_killed_writers_are_removed(tmp_path):
     assert w.remove_stray_temporaries() == 1 and not stray.exists()
     assert open_cache(tmp_path / "c").complete and w.remove_stray_temporaries() == 0
     assert build("memory://sasa-test/no-temporaries").remove_stray_temporaries() == 0
+
+
+def test_norm_quantiles_are_estimated_from_evenly_spaced_shards_beyond_the_limit(tmp_path, monkeypatch):
+    import store.cache
+    build(tmp_path / "c", n_seq=96)  # 6 shards
+    exact = open_cache(tmp_path / "c").stats("resid_post.1")
+    monkeypatch.setattr(store.cache, "NORM_SAMPLE_SHARDS", 3)
+    sampled = open_cache(tmp_path / "c").stats("resid_post.1")
+    np.testing.assert_array_equal(sampled.mean, exact.mean)  # moments stay exact
+    assert sampled.count == exact.count
+    assert sampled.mean_norm == pytest.approx(exact.mean_norm, rel=0.1) and sampled.mean_norm != exact.mean_norm
