@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -127,14 +129,14 @@ def test_ray_workers_give_the_same_weights_as_one_process(cache_url, tmp_path):
 
     members = [SASA, TOPK, RELU]
     local = train(config(cache_url, members), tmp_path / "local", progress=False)
-    import tempfile
     # Ray's socket paths must stay under 108 bytes: a short temp dir, not pytest's deep tmp_path
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
-             log_to_driver=False)
+    ray_dir = tempfile.mkdtemp(prefix="sasa-ray-")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_dir, log_to_driver=False)
     try:
         dist = train_distributed(config(cache_url, members, workers=2), tmp_path / "dist")
     finally:
         ray.shutdown()
+        shutil.rmtree(ray_dir, ignore_errors=True)
     assert set(dist.saes) == set(local.saes)
     for name in local.saes:
         a, b = weights(local.saes[name]), weights(dist.saes[name])
