@@ -107,16 +107,6 @@ def summarize_shard(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> Sh
     return ShardSummary(norms, total, bad)
 
 
-def moments(x_ND: np.ndarray, block_rows: int = 8192) -> Moments:
-    """Moments of the rows of x in float64, in blocks so memory stays bounded."""
-    total = Moments(0, np.zeros(x_ND.shape[1]), np.zeros(x_ND.shape[1]))
-    for start in range(0, len(x_ND), block_rows):
-        block = np.asarray(x_ND[start:start + block_rows], dtype=np.float64)
-        mean = block.mean(axis=0)
-        total = merge(total, Moments(len(block), mean, ((block - mean) ** 2).sum(axis=0)))
-    return total
-
-
 def merge(a: Moments, b: Moments) -> Moments:
     """Chan et al.'s pairwise combination of two sets of moments."""
     if a.count == 0:
