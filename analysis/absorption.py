@@ -31,6 +31,7 @@ r = 1 ReLU/TopK SAE reduces to the latent-level definition.
 
 from __future__ import annotations
 
+import functools
 import string
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -43,7 +44,7 @@ from tqdm.auto import tqdm
 from sasa.errors import SasaError
 
 
-@dataclass
+@dataclass(frozen=True)
 class AbsorptionConfig:
     """Settings of the first-letter absorption eval."""
 
@@ -140,8 +141,12 @@ def letter_words(tokenizer, cfg: AbsorptionConfig) -> list[tuple[str, int]]:
     return out
 
 
+@functools.lru_cache(maxsize=4)
 def word_activations(cfg: AbsorptionConfig, *, progress: bool = False) -> WordActs:
-    """Run the model on the prompts and keep the hookpoint's activation at each word."""
+    """Run the model on the prompts and keep the hookpoint's activation at each word.
+
+    Cached per config: ``sasa eval --absorption`` over a sweep evaluates many SAEs on the same
+    model and hookpoint, and the forward passes (~25 s on 2 CPU cores) are the same for each."""
     from harvester.hookpoints import parse_hookpoint
     from harvester.models import ActivationCapture, load_model, load_tokenizer, resolve_model_source
 
