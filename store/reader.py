@@ -95,7 +95,7 @@ class BatchStream:
         self.single = single
         self.shuffle = shuffle
         self.seed = seed
-        self.exclude_ids = cache.exclude_ids(exclude)
+        cache.exclude_ids(exclude)  # unknown kinds fail here, not in a reader thread
         self.exclude = exclude
         self.rank, self.world_size = rank, world_size
         self.dtype = dtype
