@@ -147,8 +147,8 @@ def word_activations(cfg: AbsorptionConfig, *, progress: bool = False) -> WordAc
 
     Cached per config: ``sasa eval --absorption`` over a sweep evaluates many SAEs on the same
     model and hookpoint, and the forward passes (~25 s on 2 CPU cores) are the same for each."""
-    from harvester.hookpoints import parse_hookpoint
-    from harvester.models import ActivationCapture, load_model, load_tokenizer, resolve_model_source
+    from sasa.harvester.hookpoints import parse_hookpoint
+    from sasa.harvester.models import ActivationCapture, load_model, load_tokenizer, resolve_model_source
 
     source = resolve_model_source(cfg.model)
     tokenizer = load_tokenizer(source)

@@ -72,8 +72,8 @@ def _sae_folders(paths) -> list[Path]:
 
 
 def run_eval(args) -> int:
-    from analysis.evaluate import EvalConfig, evaluate
-    from store.options import parse_storage_options
+    from sasa.analysis.evaluate import EvalConfig, evaluate
+    from sasa.store.options import parse_storage_options
 
     folders = _sae_folders(args.sae)
     if args.out and len(folders) > 1:
@@ -107,8 +107,8 @@ def _features(text: str) -> dict[int, int]:
 
 
 def run_synth(args) -> int:
-    from analysis.synth import write_synthetic_cache
-    from store.synthetic import SyntheticSpec
+    from sasa.analysis.synth import write_synthetic_cache
+    from sasa.store.synthetic import SyntheticSpec
 
     spec = SyntheticSpec(d=args.d, features_per_dim=_features(args.features), mean_active=args.mean_active,
                          noise=args.noise, zipf_exponent=args.zipf, seed=args.feature_seed)
@@ -120,7 +120,7 @@ def run_synth(args) -> int:
 
 
 def run_report(args) -> int:
-    from analysis.report import build_report
+    from sasa.analysis.report import build_report
 
     out = build_report(args.sweep, args.out, title=args.title)
     print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB)")

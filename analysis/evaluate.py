@@ -5,13 +5,13 @@ still writing: it sees the shards committed when it starts. Nothing is ever writ
 cache; outputs go beside the SAE (``eval.json``, ``contexts.parquet``, ``codes.parquet``) or
 to ``--out``.
 
-What one pass accumulates (see ``analysis.metrics`` for the definitions): FVU and SAEBench's
+What one pass accumulates (see ``sasa.analysis.metrics`` for the definitions): FVU and SAEBench's
 explained variance, L0 in groups and coordinates, per-unit firing (dead fraction), top
 contexts per group and the first codes of each group for 2-D views; then from the weights:
 effective ranks and the largest decoder overlap between groups. On a synthetic cache, the
 first ``synth_samples`` evaluated tokens are also scored against the planted features
 (splitting, subspace recovery, effective rank against the true dimension). For causal LMs the
-splice-in scores run the model with the reconstruction in place (``analysis.splice``).
+splice-in scores run the model with the reconstruction in place (``sasa.analysis.splice``).
 
 Trade-off: there is no held-out split in a cache, so the evaluated tokens are the cache's first
 rows in order (``shuffle=False``); a trained SAE may have seen them. Harvest a separate cache
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from analysis import metrics as M
-from analysis.contexts import CodeViews, TopRows, context_table, load_tokenizer_for
+from sasa.analysis import metrics as M
+from sasa.analysis.contexts import CodeViews, TopRows, context_table, load_tokenizer_for
 from sasa.devices import resolve_device
 from sasa.errors import SasaError
 
@@ -144,8 +144,8 @@ def _json_safe(obj):
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Evaluate ``cfg.sae`` on ``cfg.cache`` and write eval.json (and Parquet files) beside it."""
-    from store import open_cache
-    from trainer import load_sae
+    from sasa.store import open_cache
+    from sasa.trainer import load_sae
 
     sae_dir = Path(cfg.sae)
     sae = load_sae(sae_dir).float().eval()
@@ -227,7 +227,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
 
     model = cache_model(cache, cfg.model)
     if cfg.splice_seqs and model:
-        from analysis.splice import is_causal_lm
+        from sasa.analysis.splice import is_causal_lm
         if is_causal_lm(model):
             report["splice"] = splice_for_cache(cache, sae, hp, model, cfg.splice_seqs,
                                                 cfg.exclude, progress=cfg.progress)._asdict()
@@ -236,7 +236,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     if cfg.absorption:
         if not model:
             raise SasaError(f"{cache.url} names no model; pass --model for the absorption eval")
-        from analysis.absorption import AbsorptionConfig, absorption, word_activations
+        from sasa.analysis.absorption import AbsorptionConfig, absorption, word_activations
         acfg = AbsorptionConfig(model=model, hookpoint=hp)
         report["absorption"] = absorption(sae, word_activations(acfg, progress=cfg.progress), acfg).to_json()
 
@@ -266,8 +266,8 @@ def _beside(out: Path, kind: str) -> Path:
 
 def synthetic_scores(cache, sae, codes_NGR: torch.Tensor, rows_N: torch.Tensor) -> dict:
     """Splitting, subspace recovery and effective rank per planted feature."""
-    from analysis.splitting import splitting
-    from analysis.synth import load_truth
+    from sasa.analysis.splitting import splitting
+    from sasa.analysis.synth import load_truth
 
     truth = load_truth(cache)
     rows = rows_N.numpy()
@@ -298,8 +298,8 @@ def synthetic_scores(cache, sae, codes_NGR: torch.Tensor, rows_N: torch.Tensor) 
 
 def splice_for_cache(cache, sae, hookpoint: str, model: str, n_seqs: int, exclude, *, progress=False):
     """Splice-in scores on the cache's first committed sequences."""
-    from analysis.splice import load_causal_lm, sae_reconstruct, splice_scores
-    from store.writer import special_mask
+    from sasa.analysis.splice import load_causal_lm, sae_reconstruct, splice_scores
+    from sasa.store.writer import special_mask
 
     seqs = []
     for s in cache.committed_shards():

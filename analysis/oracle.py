@@ -5,7 +5,7 @@ the feature's basis, zero-padded to r; encoder = the matching rows of the pseudo
 bases, so its codes are the true coordinates up to noise) and must score one unit per feature
 and perfect subspace recovery; the *split* dictionary gives every basis direction its own
 r = 1 unit, so a d_i-dimensional feature is split over d_i units and must score as split.
-Both are ordinary ``trainer.SAE`` objects, so they go through the same ``sasa eval`` path.
+Both are ordinary ``sasa.trainer.SAE`` objects, so they go through the same ``sasa eval`` path.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def _pinv_rows(bases) -> np.ndarray:
 
 def oracle_sae(bases, *, rank: int | None = None, top_s: int | None = None):
     """One SASA group per feature: decoder = its basis (zero columns pad it to ``rank``)."""
-    from trainer import SAE, SAEConfig
+    from sasa.trainer import SAE, SAEConfig
 
     dims = [b.shape[1] for b in bases]
     r = rank or max(dims)
@@ -45,7 +45,7 @@ def oracle_sae(bases, *, rank: int | None = None, top_s: int | None = None):
 
 def split_sae(bases, *, top_s: int | None = None):
     """One r = 1 (signed) unit per basis direction: each feature split over d_i units."""
-    from trainer import SAE, SAEConfig
+    from sasa.trainer import SAE, SAEConfig
 
     enc_KD = _pinv_rows(bases)
     dec_KD = np.concatenate(bases, axis=1).T

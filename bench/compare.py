@@ -3,7 +3,7 @@ coordinates, on the synthetic cache and on a MiniLM cache; writes a Markdown tab
 
     python bench/compare.py [--tokens 262144] [--minilm-tokens 131072] [--out bench/data/analysis]
 
-Each dataset is one `trainer.train` run (one read pass feeds every SAE), then `sasa eval` on
+Each dataset is one `sasa.trainer.train` run (one read pass feeds every SAE), then `sasa eval` on
 each SAE; absorption (first-letter task) runs on MiniLM with one shared set of word activations.
 """
 
@@ -21,10 +21,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from analysis.evaluate import EvalConfig, evaluate  # noqa: E402
-from analysis.synth import write_synthetic_cache  # noqa: E402
-from store import open_cache  # noqa: E402
-from trainer import MemberConfig, TrainConfig, load_sae, train  # noqa: E402
+from sasa.analysis.evaluate import EvalConfig, evaluate  # noqa: E402
+from sasa.analysis.synth import write_synthetic_cache  # noqa: E402
+from sasa.store import open_cache  # noqa: E402
+from sasa.trainer import MemberConfig, TrainConfig, load_sae, train  # noqa: E402
 
 K = 24
 RELU_L1 = (3e-3, 1e-2, 3e-2)
@@ -54,7 +54,7 @@ def run(cache: str, hp: str, coords: int, tokens: int, batch: int, out: Path, ev
     train_s = time.time() - t0
     words = None
     if absorption:
-        from analysis.absorption import AbsorptionConfig, word_activations
+        from sasa.analysis.absorption import AbsorptionConfig, word_activations
         acfg = AbsorptionConfig(hookpoint=hp)
         words = word_activations(acfg)
     rows = {}
@@ -65,7 +65,7 @@ def run(cache: str, hp: str, coords: int, tokens: int, batch: int, out: Path, ev
         lines = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
         row = {"name": m.name, "eval": ev, "lines": lines}
         if words is not None:
-            from analysis.absorption import absorption as absorb
+            from sasa.analysis.absorption import absorption as absorb
             row["absorption"] = absorb(load_sae(folder), words, acfg).to_json()
         rows[m.name] = row
     # ReLU: keep the l1 whose eval L0 (coordinates) is closest to K.

@@ -32,17 +32,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from harvester.config import HarvestConfig  # noqa: E402
-from harvester.harvest import plan, run_local  # noqa: E402
-from harvester.models import ActivationCapture, load_model  # noqa: E402
-from harvester.runner import ShardRunner, WorkerSpec  # noqa: E402
+from sasa.harvester.config import HarvestConfig  # noqa: E402
+from sasa.harvester.harvest import plan, run_local  # noqa: E402
+from sasa.harvester.models import ActivationCapture, load_model  # noqa: E402
+from sasa.harvester.runner import ShardRunner, WorkerSpec  # noqa: E402
 
 
 class FreeRunner(ShardRunner):
     """The harvest pipeline with the model replaced by a free function of the right shape."""
 
     def __init__(self, spec: WorkerSpec) -> None:  # no model: only the writer
-        from store import create_cache
+        from sasa.store import create_cache
         import threading
         self.spec = spec
         self.writer = create_cache(spec.url, **spec.cache)

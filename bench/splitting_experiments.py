@@ -20,9 +20,9 @@ import time
 import numpy as np
 import torch
 
-from analysis.splitting import splitting
-from store.synthetic import SyntheticSpec, generate
-from trainer.sae import SAE, SAEConfig, train_in_memory
+from sasa.analysis.splitting import splitting
+from sasa.store.synthetic import SyntheticSpec, generate
+from sasa.trainer.sae import SAE, SAEConfig, train_in_memory
 
 D = 64
 SASA = dict(arch="sasa", d_in=D, groups=64, rank=4, top_s=6)

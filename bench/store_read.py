@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
 from bench._activations import HOOKPOINT, generate  # noqa: E402
-from store import create_cache, open_cache, shuffle_quality  # noqa: E402
-from store.convert import storage_to_torch, to_storage  # noqa: E402
+from sasa.store import create_cache, open_cache, shuffle_quality  # noqa: E402
+from sasa.store.convert import storage_to_torch, to_storage  # noqa: E402
 
 BATCH = 4096
 SHARD_SEQS = 1024

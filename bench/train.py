@@ -11,8 +11,8 @@ Three parts, each measured side by side in one process:
    (lambda = 1e-4) to get its share of a step. Configurations are interleaved step by step and
    the median taken, so a load change on the shared machine hits all of them alike. Fresh SAEs:
    nothing is dead, so AuxK costs nothing on CPU (see trainer/sae.py).
-2. Sweep vs separate passes: ``trainer.train`` with 4 members on one read of a bf16 cache of
-   random activations (d = 384, written with ``store.create_cache``) against 4 runs of one.
+2. Sweep vs separate passes: ``sasa.trainer.train`` with 4 members on one read of a bf16 cache of
+   random activations (d = 384, written with ``sasa.store.create_cache``) against 4 runs of one.
 3. Sample efficiency on the default synthetic spec (d = 64): TopK k = 24 (256 latents) and SASA
    r = 4, s = 6 (64 groups) on the same minibatch stream, lr 3e-3 (best for both in
    bench/SPLITTING.md), held-out FVU every few steps; the tokens SASA needs to reach TopK's
@@ -35,10 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from store import create_cache  # noqa: E402
-from store.synthetic import SyntheticSpec, generate  # noqa: E402
-from trainer import MemberConfig, TrainConfig, train  # noqa: E402
-from trainer.sae import SAE, SAEConfig  # noqa: E402
+from sasa.store import create_cache  # noqa: E402
+from sasa.store.synthetic import SyntheticSpec, generate  # noqa: E402
+from sasa.trainer import MemberConfig, TrainConfig, train  # noqa: E402
+from sasa.trainer.sae import SAE, SAEConfig  # noqa: E402
 
 D, BATCH, N_COORDS, K = 384, 1024, 1536, 32
 ARCHS = [("TopK k=32", dict(arch="topk", groups=N_COORDS, top_s=K)),
@@ -220,7 +220,7 @@ def render(args, steps_rows, sweep, eff, wall) -> str:
         L.append(f"\n## 2. Sweep of 4 SAEs from one read pass vs 4 separate passes\n")
         L.append(f"bf16 cache of random activations, d = 384, {s['cache_mb']:.0f} MB on disk (written in "
                  f"{s['write_s']:.0f} s); {s['tokens']:,} training tokens per SAE, batch 1024; members: "
-                 "TopK n=1536 k=32, SASA r=2/4/8 (n=1536, s*r=32); `trainer.train`, device cpu.\n")
+                 "TopK n=1536 k=32, SASA r=2/4/8 (n=1536, s*r=32); `sasa.trainer.train`, device cpu.\n")
         L.append("| run | wall s | chunk reads |")
         L.append("|---|---|---|")
         L.append(f"| 1 run, 4 members | {s['sweep_s']:.1f} | {s['sweep_chunks']} |")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from harvester.config import BOS_POLICIES, BUILTIN_MODEL, HarvestConfig
+from sasa.harvester.config import BOS_POLICIES, BUILTIN_MODEL, HarvestConfig
 
 
 def register(subparsers) -> None:
@@ -53,7 +53,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harvester.harvest import harvest
+    from sasa.harvester.harvest import harvest
     config = HarvestConfig(
         out=args.out, model=args.model, dataset=args.dataset, hookpoints=args.hookpoints,
         tokens=args.tokens, ctx_len=args.ctx_len, batch_size=args.batch_size, dtype=args.dtype,

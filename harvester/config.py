@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from harvester.hookpoints import parse_hookpoint
+from sasa.harvester.hookpoints import parse_hookpoint
 from sasa.errors import SasaError
-from store.options import parse_storage_options
+from sasa.store.options import parse_storage_options
 
 #: ``--dtype`` spellings -> the store's dtype names.
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
@@ -38,7 +38,7 @@ class HarvestConfig:
 
     dataset: str | None = None
     """A .txt / .jsonl / .parquet file, or a folder written by ``datasets.save_to_disk``;
-    ``None`` uses the built-in corpus of English text (see ``harvester.corpus``)."""
+    ``None`` uses the built-in corpus of English text (see ``sasa.harvester.corpus``)."""
 
     hookpoints: tuple[str, ...] = ("resid_post.3",)
     """Where to read activations: ``resid_pre.L``, ``resid_post.L``, ``attn_out.L`` or

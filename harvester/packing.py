@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from harvester.corpus import DocumentSource
+from sasa.harvester.corpus import DocumentSource
 from sasa.errors import SasaError
 
 _TOKENIZE_BATCH = 256  # documents per tokenizer call (the fast tokenizer batches in Rust)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from harvester.runner import ShardDone, ShardRunner, WorkerSpec
+from sasa.harvester.runner import ShardDone, ShardRunner, WorkerSpec
 from sasa.errors import SasaError
 
 IN_FLIGHT_PER_ACTOR = 2

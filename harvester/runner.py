@@ -25,8 +25,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from harvester.hookpoints import parse_hookpoint
-from harvester.models import TORCH_DTYPES, ActivationCapture, load_model
+from sasa.harvester.hookpoints import parse_hookpoint
+from sasa.harvester.models import TORCH_DTYPES, ActivationCapture, load_model
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class ShardRunner:
     """Loads the (truncated) model once, then computes and writes shards."""
 
     def __init__(self, spec: WorkerSpec, threads: int | None = None, model=None) -> None:
-        from store import create_cache
+        from sasa.store import create_cache
         if threads:
             torch.set_num_threads(threads)
         self.spec = spec

@@ -1,20 +1,25 @@
 """The ``sasa`` command: a thin dispatcher over the subcommands of each package.
 
-Each package contributes ``register(subparsers)`` in its ``cli`` module; a subcommand parses its
-arguments, builds a config and calls one function. Heavy imports (torch, ray, transformers) happen
-inside the subcommand, so ``sasa --help`` stays fast.
+Each package contributes ``register(subparsers)`` in its ``cli`` module, imported here statically
+so the layering reads from this file; a subcommand parses its arguments, builds a config and
+calls one function. Heavy imports (torch, ray, transformers, zarr) happen inside the subcommand,
+so ``sasa --help`` imports none of them.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from sasa import demo
+from sasa.analysis import cli as analysis_cli
 from sasa.errors import SasaError
+from sasa.harvester import cli as harvester_cli
+from sasa.store import cli as store_cli
+from sasa.trainer import cli as trainer_cli
 
-# Packages whose ``cli`` module registers subcommands, in the order `sasa --help` lists them.
-COMMAND_MODULES = ("store.cli", "harvester.cli", "trainer.cli", "analysis.cli", "sasa.demo")
+# Modules that register subcommands, in the order `sasa --help` lists them.
+COMMAND_MODULES = (store_cli, harvester_cli, trainer_cli, analysis_cli, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Harvest transformer activations into a Zarr cache; train and analyse SAEs.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
     return parser
 
 

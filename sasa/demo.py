@@ -80,7 +80,7 @@ def run(args) -> int:
 
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
     print(f"  cache   {cache}   (inspect: sasa info {cache})")
-    print(f"  SAEs    {runs}/<name>/   (load: trainer.load_sae(path); eval.json and contexts beside)")
+    print(f"  SAEs    {runs}/<name>/   (load: sasa.trainer.load_sae(path); eval.json and contexts beside)")
     print(f"  report  {report}")
     print(f"\n{'sae':<34} {'FVU':>7} {'expl.var':>9} {'L0 coords':>10} {'dead':>6}")
     for name in names:

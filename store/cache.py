@@ -13,12 +13,12 @@ import torch
 import zarr
 
 from sasa.errors import SasaError
-from store import layout as L
-from store.convert import storage_to_float32
-from store.location import open_group, url_fs
-from store.reader import BatchStream
-from store.stats import HookpointStats, Moments, merge, summarize
-from store.writer import DEFAULT_EXCLUDE, special_mask
+from sasa.store import layout as L
+from sasa.store.convert import storage_to_float32
+from sasa.store.location import open_group, url_fs
+from sasa.store.reader import BatchStream
+from sasa.store.stats import HookpointStats, Moments, merge, summarize
+from sasa.store.writer import DEFAULT_EXCLUDE, special_mask
 
 
 #: Shards whose norms are read for norm quantiles (all of them up to this many).
@@ -152,7 +152,7 @@ class Cache:
                 dtype: torch.dtype = torch.float32, epochs: int | None = 1, resume: dict | None = None,
                 with_rows: bool = False, shuffle_rows: int | None = None,
                 prefetch_threads: int = 4) -> BatchStream:
-        """Stream batches of rows; see ``store.reader.BatchStream`` for the order and state."""
+        """Stream batches of rows; see ``sasa.store.reader.BatchStream`` for the order and state."""
         hookpoints = [hookpoint] if isinstance(hookpoint, str) else list(hookpoint)
         for hp in hookpoints:
             self.check_hookpoint(hp)

@@ -63,9 +63,9 @@ def format_text(info: dict) -> str:
 
 
 def run(args) -> int:
-    from store.cache import open_cache
-    from store.options import parse_storage_options
-    from store.verify import verify
+    from sasa.store.cache import open_cache
+    from sasa.store.options import parse_storage_options
+    from sasa.store.verify import verify
 
     cache = open_cache(args.url, parse_storage_options(args.storage_options))
     info = describe(cache)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from sasa.errors import SasaError
-from store.convert import storage_to_torch
+from sasa.store.convert import storage_to_torch
 
 DEFAULT_SHUFFLE_BYTES = 1 << 30
 STATE_VERSION = 1

@@ -11,9 +11,9 @@ import zlib
 import numpy as np
 from tqdm.auto import tqdm
 
-from store import layout as L
-from store.cache import Cache
-from store.writer import non_finite
+from sasa.store import layout as L
+from sasa.store.cache import Cache
+from sasa.store.writer import non_finite
 
 
 def verify(cache: Cache, progress: bool = True) -> list[str]:

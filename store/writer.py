@@ -19,10 +19,10 @@ import numpy as np
 import zarr
 
 from sasa.errors import SasaError
-from store import layout as L
-from store.convert import to_storage
-from store.location import Kind, open_group, probe, url_fs
-from store.stats import summarize_shard
+from sasa.store import layout as L
+from sasa.store.convert import to_storage
+from sasa.store.location import Kind, open_group, probe, url_fs
+from sasa.store.stats import summarize_shard
 
 #: Kinds of special tokens excluded from statistics and, by default, from training batches.
 DEFAULT_EXCLUDE = ("bos", "pad")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from store import create_cache
-from store.location import url_fs
+from sasa.store import create_cache
+from sasa.store.location import url_fs
 
 BOS, PAD = 1, 0
 SPECIAL = {"special_token_ids": {"bos": [BOS], "pad": [PAD]}}

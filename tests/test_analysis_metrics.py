@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import metrics as M
-from analysis.absorption import AbsorptionConfig, WordActs, absorption
+from sasa.analysis import metrics as M
+from sasa.analysis.absorption import AbsorptionConfig, WordActs, absorption
 from sasa.errors import SasaError
-from trainer import SAE, SAEConfig
+from sasa.trainer import SAE, SAEConfig
 
 X = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]])  # mean 0, sum ||x||^2 = 10
 

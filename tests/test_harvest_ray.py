@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from harvest_fixtures import SAMPLE_DOCS, make_gpt2, tree_digest, write_jsonl
 
-from harvester.config import HarvestConfig
-from harvester.harvest import harvest
-from store import open_cache
+from sasa.harvester.config import HarvestConfig
+from sasa.harvester.harvest import harvest
+from sasa.store import open_cache
 
 ray = pytest.importorskip("ray")
 
@@ -94,8 +94,8 @@ def test_killed_driver_then_rerun_gives_the_same_bytes(ray_session, setup, tmp_p
     out = str(tmp_path / "c")
     script = textwrap.dedent(f"""
         import ray
-        from harvester.config import HarvestConfig
-        from harvester.harvest import harvest
+        from sasa.harvester.config import HarvestConfig
+        from sasa.harvester.harvest import harvest
         ray.init(address={ray_session!r}, logging_level="warning")
         harvest(HarvestConfig(out={out!r}, workers=2, **{kw!r}))
     """)

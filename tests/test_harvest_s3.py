@@ -9,10 +9,10 @@ import logging
 import numpy as np
 from harvest_fixtures import SAMPLE_DOCS, make_gpt2, write_jsonl
 
-from harvester.config import HarvestConfig
-from harvester.harvest import harvest
+from sasa.harvester.config import HarvestConfig
+from sasa.harvester.harvest import harvest
 from sasa.cli import main
-from store import open_cache
+from sasa.store import open_cache
 
 ENV_SECRET = "env-s3cr3t-1a2b3c"
 

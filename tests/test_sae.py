@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sasa.errors import SasaError
-from trainer.sae import SAE, SAEConfig, load_sae, save_sae, train_in_memory
-from trainer.sparse import auxk_groups
+from sasa.trainer.sae import SAE, SAEConfig, load_sae, save_sae, train_in_memory
+from sasa.trainer.sparse import auxk_groups
 
 
 def _sae(seed: int = 0, dtype=torch.float32, **kw) -> SAE:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from sasa.errors import SasaError
-from store import create_cache, open_cache, shuffle_quality
-from store.writer import special_mask
+from sasa.store import create_cache, open_cache, shuffle_quality
+from sasa.store.writer import special_mask
 from store_helpers import BOS, PAD, SPECIAL, build, shard_content, snapshot
 
 W = {"resid_post.1": 16, "resid_post.2": 8}
@@ -291,10 +291,10 @@ def test_stray_temporaries_of_killed_writers_are_removed(tmp_path):
 
 
 def test_norm_quantiles_are_estimated_from_evenly_spaced_shards_beyond_the_limit(tmp_path, monkeypatch):
-    import store.cache
+    import sasa.store.cache
     build(tmp_path / "c", n_seq=96)  # 6 shards
     exact = open_cache(tmp_path / "c").stats("resid_post.1")
-    monkeypatch.setattr(store.cache, "NORM_SAMPLE_SHARDS", 3)
+    monkeypatch.setattr(sasa.store.cache, "NORM_SAMPLE_SHARDS", 3)
     sampled = open_cache(tmp_path / "c").stats("resid_post.1")
     np.testing.assert_array_equal(sampled.mean, exact.mean)  # moments stay exact
     assert sampled.count == exact.count

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.splitting import splitting, unit_energies
+from sasa.analysis.splitting import splitting, unit_energies
 from sasa.errors import SasaError
-from store.synthetic import SyntheticSpec, generate, planted
-from trainer.sae import SAE, SAEConfig, train_in_memory
+from sasa.store.synthetic import SyntheticSpec, generate, planted
+from sasa.trainer.sae import SAE, SAEConfig, train_in_memory
 
 SPEC = SyntheticSpec()
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 import zarr
 
-from analysis.synth import write_synthetic_cache
+from sasa.analysis.synth import write_synthetic_cache
 from sasa.errors import SasaError
-from store.synthetic import SyntheticSpec
-from trainer import MemberConfig, TrainConfig, load_sae, train
+from sasa.store.synthetic import SyntheticSpec
+from sasa.trainer import MemberConfig, TrainConfig, load_sae, train
 
 SPEC = SyntheticSpec(d=16, features_per_dim={1: 4, 2: 4}, mean_active=2.0)
 SASA = {"arch": "sasa", "groups": 8, "rank": 2, "top_s": 2}
@@ -68,7 +68,7 @@ def test_outputs_metrics_and_loading(cache_url, tmp_path):
     assert json.loads((tmp_path / "run" / "run.json").read_text())["tokens"] == 24 * 128
     assert "storage_options" not in (tmp_path / "run" / "run.json").read_text()
     # the saved SAE applies to raw activations (normalisation folded in)
-    from store import open_cache
+    from sasa.store import open_cache
     sae = load_sae(folder)
     x = torch.from_numpy(open_cache(cache_url).read_rows("synthetic", 0, 2048))
     with torch.no_grad():
@@ -125,7 +125,7 @@ def test_nan_in_a_batch_stops_naming_step_and_chunk_and_keeps_the_checkpoint(tmp
 
 def test_ray_workers_give_the_same_weights_as_one_process(cache_url, tmp_path):
     import ray
-    from trainer.distributed import train_distributed
+    from sasa.trainer.distributed import train_distributed
 
     members = [SASA, TOPK, RELU]
     local = train(config(cache_url, members), tmp_path / "local", progress=False)

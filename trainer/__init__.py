@@ -1,8 +1,19 @@
-"""The trainer: SASA and SAE baselines streamed from a cache, many SAEs per read pass."""
+"""The trainer: SASA and SAE baselines streamed from a cache, many SAEs per read pass.
 
-from trainer.config import MemberConfig, TrainConfig, load_sweep
-from trainer.loop import TrainResult, train
-from trainer.sae import SAE, SAEConfig, load_sae, save_sae
+Names are imported on first use, so ``from sasa.trainer import cli`` does not pay for torch.
+"""
 
-__all__ = ["SAE", "MemberConfig", "SAEConfig", "TrainConfig", "TrainResult", "load_sae", "load_sweep",
-           "save_sae", "train"]
+from importlib import import_module
+
+_HOMES = {
+    "MemberConfig": "config", "TrainConfig": "config", "load_sweep": "config",
+    "TrainResult": "loop", "train": "loop",
+    "SAE": "sae", "SAEConfig": "sae", "load_sae": "sae", "save_sae": "sae",
+}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(import_module(f"{__name__}.{_HOMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

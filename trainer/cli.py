@@ -54,8 +54,8 @@ def _overrides(args) -> dict:
 
 
 def _execute(cfg, args) -> int:
-    from trainer.distributed import train_distributed
-    from trainer.loop import train
+    from sasa.trainer.distributed import train_distributed
+    from sasa.trainer.loop import train
 
     if cfg.workers:
         result = train_distributed(cfg, args.out, resume=args.resume, address=args.address)
@@ -72,8 +72,8 @@ def _execute(cfg, args) -> int:
 
 
 def run_train(args) -> int:
-    from store.options import parse_storage_options
-    from trainer.config import MemberConfig, TrainConfig
+    from sasa.store.options import parse_storage_options
+    from sasa.trainer.config import MemberConfig, TrainConfig
 
     sae = {"arch": args.arch, "groups": args.groups, "top_s": args.top_s, "nuc_lambda": args.nuc_lambda,
            "nuc_on": args.nuc_on, "gate": args.gate}
@@ -87,8 +87,8 @@ def run_train(args) -> int:
 
 
 def run_sweep(args) -> int:
-    from store.options import parse_storage_options
-    from trainer.config import load_sweep
+    from sasa.store.options import parse_storage_options
+    from sasa.trainer.config import load_sweep
 
     cfg = load_sweep(args.sweep, cache=args.cache, **_overrides(args))
     cfg.storage_options = parse_storage_options(args.storage_options)

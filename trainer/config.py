@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sasa.errors import SasaError
-from trainer.sae import SAEConfig
+from sasa.trainer.sae import SAEConfig
 
 SAE_FIELDS = {f.name for f in dataclasses.fields(SAEConfig)}
 

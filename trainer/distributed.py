@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from trainer.config import TrainConfig
-from trainer.loop import TrainResult, train
+from sasa.trainer.config import TrainConfig
+from sasa.trainer.loop import TrainResult, train
 
 
 class TrainWorker:

@@ -24,16 +24,16 @@ from tqdm.auto import tqdm
 
 from sasa.devices import resolve_device
 from sasa.errors import SasaError
-from store import open_cache
-from trainer.config import MemberConfig, TrainConfig
-from trainer.sae import SAE, save_sae
+from sasa.store import open_cache
+from sasa.trainer.config import MemberConfig, TrainConfig
+from sasa.trainer.sae import SAE, save_sae
 
 CHECKPOINT_VERSION = 1
 
 
 class TrainResult(NamedTuple):
     saes: dict[str, Path]
-    """Member name -> folder of the saved SAE (loadable with ``trainer.load_sae``)."""
+    """Member name -> folder of the saved SAE (loadable with ``sasa.trainer.load_sae``)."""
     steps: int
     tokens: int
     """Tokens each SAE was trained on."""

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sasa.errors import SasaError
-from trainer.sparse import GatherCodes, Kept, auxk_groups, kept_pairs
+from sasa.trainer.sparse import GatherCodes, Kept, auxk_groups, kept_pairs
 
 ARCHS = ("sasa", "topk", "relu")
 CODES = ("signed", "relu")

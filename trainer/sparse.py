@@ -2,7 +2,7 @@
 
 With s*r of G*r codes kept per token, a dense decode wastes G/s of its work. These helpers
 describe the kept pairs, gather their codes with a gradient that touches only those pairs, and
-pick AuxK's dead units. ``trainer.sae.SAE`` uses them on its sparse path and keeps the dense
+pick AuxK's dead units. ``sasa.trainer.sae.SAE`` uses them on its sparse path and keeps the dense
 path as the reference they are tested against (tests/test_sae.py).
 """
 
