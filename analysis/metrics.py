@@ -213,7 +213,7 @@ def subspace_recovery(decoder_GDR, bases) -> RecoveryResult:
 
 
 def threshold_ranks(singular_values_GR, *, rel: float = 0.1) -> np.ndarray:
-    """Number of singular values above ``rel`` x each row's largest (SASA.md's effective rank)."""
+    """Number of singular values above ``rel`` x each row's largest (docs/sasa.md's effective rank)."""
     sv = _f64(singular_values_GR)
     return (sv > rel * sv.max(-1, keepdims=True)).sum(-1)
 

@@ -1,6 +1,6 @@
 """Feature splitting on data with known features: how many units hold one true feature.
 
-Definition (SASA.md): for a true feature f with orthonormal basis B_f [d, d_i], and a sample
+Definition (docs/sasa.md): for a true feature f with orthonormal basis B_f [d, d_i], and a sample
 where f is on, each unit u (a latent of a standard SAE, a group of SASA) contributes c_u = D_u z_u
 to the reconstruction; the energy that lands in f's subspace is e_u = ||B_f^T c_u||^2. Sort
 the e_u in decreasing order and count the units needed to reach ``threshold`` (90%) of sum_u e_u.

@@ -16,7 +16,7 @@ Three parts, each measured side by side in one process:
 3. Sample efficiency on the default synthetic spec (d = 64): TopK k = 24 (256 latents) and SASA
    r = 4, s = 6 (64 groups) on the same minibatch stream, lr 3e-3 (best for both in
    bench/SPLITTING.md), held-out FVU every few steps; the tokens SASA needs to reach TopK's
-   final FVU, and the reverse. SASA.md's claim: SASA matches with about half the tokens.
+   final FVU, and the reverse. docs/sasa.md's claim: SASA matches with about half the tokens.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sasa.store import create_cache  # noqa: E402
 from sasa.store.synthetic import SyntheticSpec, generate  # noqa: E402
 from sasa.trainer import MemberConfig, TrainConfig, train  # noqa: E402
-from sasa.trainer.sae import SAE, SAEConfig  # noqa: E402
+from sasa.trainer import SAE, SAEConfig  # noqa: E402
 
 D, BATCH, N_COORDS, K = 384, 1024, 1536, 32
 ARCHS = [("TopK k=32", dict(arch="topk", groups=N_COORDS, top_s=K)),

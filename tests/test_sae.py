@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sasa.errors import SasaError
-from sasa.trainer.sae import SAE, SAEConfig, load_sae, save_sae, train_in_memory
+from sasa.trainer import SAE, SAEConfig, load_sae, save_sae, train_in_memory
 from sasa.trainer.sparse import auxk_groups
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sasa.trainer.sae import SAE, SAEConfig
+from sasa.trainer import SAE, SAEConfig
 
 
 KWS = [dict(arch="sasa", groups=8, rank=4, top_s=2, nuc_lambda=1e-3),

@@ -8,7 +8,8 @@ from importlib import import_module
 _HOMES = {
     "MemberConfig": "config", "TrainConfig": "config", "load_sweep": "config",
     "TrainResult": "loop", "train": "loop",
-    "SAE": "sae", "SAEConfig": "sae", "load_sae": "sae", "save_sae": "sae",
+    "SAE": "sae", "SAEConfig": "sae_config", "load_sae": "persist", "save_sae": "persist",
+    "train_in_memory": "in_memory",
 }
 __all__ = list(_HOMES)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sasa.errors import SasaError
-from sasa.trainer.sae import SAEConfig
+from sasa.trainer.sae_config import SAEConfig
 
 SAE_FIELDS = {f.name for f in dataclasses.fields(SAEConfig)}
 
@@ -28,7 +28,7 @@ class MemberConfig:
     """SAEConfig fields: arch, groups, rank, top_s, ... d_in may be left out (it is the cache's
     width); when given it must match the cache."""
     lr: float | None = None
-    """Adam learning rate. Default 2e-4 / sqrt(n / 2^14), n = groups * rank (SASA.md)."""
+    """Adam learning rate. Default 2e-4 / sqrt(n / 2^14), n = groups * rank (docs/sasa.md)."""
     name: str | None = None
     """Output folder name; default built from the settings, e.g. sasa-resid_post.3-G512-r4-s8."""
 

@@ -26,7 +26,9 @@ from sasa.devices import resolve_device
 from sasa.errors import SasaError
 from sasa.store import open_cache
 from sasa.trainer.config import MemberConfig, TrainConfig
-from sasa.trainer.sae import SAE, save_sae
+from sasa.trainer.persist import save_sae
+from sasa.trainer.sae import SAE
+from sasa.trainer.schedule import lr_factor
 
 CHECKPOINT_VERSION = 1
 
@@ -52,17 +54,9 @@ class Member:
         self.sae = SAE(self.sae_cfg, device=device, seed=run.seed * 1000 + index)
         self.lr = cfg.resolved_lr(self.sae_cfg)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr)
-        steps = run.steps
-        warmup = min(run.warmup_steps, max(1, steps // 10))
-        decay_start = int(steps * (1 - run.decay_frac))
-
-        def factor(step: int) -> float:  # step counts optimiser steps already taken
-            f = min(1.0, (step + 1) / warmup)
-            if run.decay_frac > 0 and step >= decay_start:
-                f *= max(0.0, (steps - step) / (steps - decay_start))
-            return f
-
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
+        warmup = min(run.warmup_steps, max(1, run.steps // 10))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_factor(run.steps, warmup, run.decay_frac))
         self.reset_sums()
 
     def reset_sums(self):
@@ -97,7 +91,7 @@ class Member:
 
 
 def _normaliser(cache, hookpoint: str, device):
-    """(mean_D, scale) such that (x - mean) / scale has E||.||^2 = d (SASA.md)."""
+    """(mean_D, scale) such that (x - mean) / scale has E||.||^2 = d (docs/sasa.md)."""
     st = cache.stats(hookpoint)
     if st.count == 0:
         raise SasaError(f"{hookpoint} has no rows to compute statistics from in {cache.url}")

@@ -28,11 +28,11 @@ What was traded off:
   evaluation and ``gradcheck`` see a fixed dead set.
 - The nuclear norm of the group map P_g = D_g E_g is computed exactly as ||R_g E_g||_* with
   D_g = Q_g R_g (batched QR of a d x r matrix, then svdvals of an r x d matrix). With orthonormal
-  D_g (what ``post_step`` maintains) R_g = I and this is ||E_g||_* as SASA.md says, but the QR
+  D_g (what ``post_step`` maintains) R_g = I and this is ||E_g||_* as docs/sasa.md says, but the QR
   form stays correct between an optimiser step and ``post_step`` and for the baselines, whose
   decoders are not orthonormal, at the cost of one small batched QR per step.
 - ``svdvals`` rather than ``eigvalsh`` of the Gram matrix: the latter's backward is unstable
-  when eigenvalues repeat (SASA.md, pitfalls).
+  when eigenvalues repeat (docs/sasa.md, pitfalls).
 - AuxK is skipped outright when nothing is dead, and ranks only the dead units, but only on
   CPU, where reading the dead mask costs nothing; on GPU it stays sync-free (always computed,
   scaled by n_dead / auxk_k = 0).
@@ -40,11 +40,7 @@ What was traded off:
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -52,135 +48,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sasa.errors import SasaError
+from sasa.trainer.linalg import EffectiveRanks, batch_fvu, effective_ranks, signfix_qr, svdvals_GR
+from sasa.trainer.sae_config import SAEConfig
 from sasa.trainer.sparse import GatherCodes, Kept, auxk_groups, kept_pairs
 
-ARCHS = ("sasa", "topk", "relu")
-CODES = ("signed", "relu")
-GATES = ("token", "batch")
-NUC_ON = ("map", "decoder", "encoder")
-INIT_ENCODER = ("transpose", "random")
-DECODES = ("auto", "dense", "sparse")
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "sae.safetensors"
-FORMAT_NAME = "sasa-sae"
-FORMAT_VERSION = 1
-
-
-@dataclass
-class SAEConfig:
-    """One sparse autoencoder. ``None`` fields resolve to the architecture's default."""
-
-    d_in: int
-    """Width of the input activations (d)."""
-
-    groups: int
-    """Number of groups G. For topk/relu this is the number of latents (width)."""
-
-    arch: str = "sasa"
-    """"sasa" (grouped subspaces, Top-s gate), "topk" (Gao et al. 2024) or "relu" (ReLU + L1)."""
-
-    rank: int | None = None
-    """Block size r of each group's subspace. Default: 4 for sasa, 1 (required) for topk/relu."""
-
-    top_s: int = 8
-    """Groups kept per token: s for sasa, k for topk. Unused by relu."""
-
-    codes: str | None = None
-    """"signed" (no nonlinearity: a point on a circle needs negative coordinates) or "relu".
-    Default: "signed" for sasa, "relu" for topk/relu. sasa with rank=1 and codes="relu" is
-    exactly a TopK SAE."""
-
-    gate: str = "token"
-    """"token": Top-s groups per token. "batch": Top s*B groups over the whole batch of B tokens
-    (a token may get more or fewer than s; the average is s)."""
-
-    nuc_lambda: float = 0.0
-    """Weight of the nuclear-norm penalty sum_g ||.||_* (0 disables it and skips the SVDs)."""
-
-    nuc_on: str = "map"
-    """What the nuclear norm acts on: "map" = P_g = D_g E_g (= ||E_g||_* when D_g is
-    orthonormal), "encoder" = E_g, "decoder" = D_g (an ablation: constant r per group while
-    D_g is orthonormal, so it only acts on non-orthonormal decoders)."""
-
-    auxk_alpha: float = 1 / 32
-    """Weight of the AuxK loss (Gao et al.: dead units reconstruct the residual). 0 disables."""
-
-    auxk_k: int | None = None
-    """Dead units used per token by AuxK. Default: enough groups for d/2 coordinates
-    (max(1, d_in // (2 * rank))), capped at ``groups``; d/2 follows EleutherAI/sparsify."""
-
-    dead_tokens: int = 10_000_000
-    """A unit that has not been active for this many tokens counts as dead (for AuxK)."""
-
-    l1_coeff: float = 1e-3
-    """relu only: weight of the L1 penalty sum_i |z_i| * ||d_i|| (per token, batch mean)."""
-
-    init_encoder: str = "transpose"
-    """"transpose": E_g = D_g^T at init (Gao et al.; measured in bench/SPLITTING.md to leave
-    fewer dead units and converge faster). "random": an independent uniform init."""
-
-    decode: str = "auto"
-    """How the codes are decoded (and the encoder's backward run); the results are the same up
-    to float rounding, only the cost differs. "dense": one [B, G*r] @ [G*r, d] matmul per
-    decode, gradients by dense matmuls (the reference). "sparse": only the kept (token,
-    coordinate) pairs are touched (embedding_bag over W_dec rows, a gathered encoder backward);
-    cost ~ s*r/(G*r) of the dense decode. A token's number of kept groups may vary (batch
-    gate). ReLU SAEs have no fixed number of active codes and always decode densely.
-    "auto": sparse on CPU when s*r <= G*r / 8 (measured crossover ~G*r/8), dense elsewhere."""
-
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise SasaError(f"unknown SAE arch {self.arch!r}; use one of {', '.join(ARCHS)}")
-        if self.d_in < 1 or self.groups < 1:
-            raise SasaError(f"d_in and groups must be positive (got d_in={self.d_in}, "
-                            f"groups={self.groups})")
-        if self.rank is None:
-            self.rank = 4 if self.arch == "sasa" else 1
-        if self.rank < 1:
-            raise SasaError(f"rank must be >= 1 (got {self.rank})")
-        if self.arch != "sasa" and self.rank != 1:
-            raise SasaError(f"arch {self.arch} has one direction per latent; set rank=1 "
-                            f"(got {self.rank}) or use arch='sasa'")
-        if self.rank > self.d_in:
-            raise SasaError(f"rank {self.rank} exceeds d_in {self.d_in}; a group's subspace "
-                            "cannot be wider than the input")
-        if self.codes is None:
-            self.codes = "signed" if self.arch == "sasa" else "relu"
-        if self.codes not in CODES:
-            raise SasaError(f"unknown codes {self.codes!r}; use 'signed' or 'relu'")
-        if self.arch == "relu" and self.codes != "relu":
-            raise SasaError("arch relu needs codes='relu' (or leave codes unset)")
-        if self.arch != "relu" and not 1 <= self.top_s <= self.groups:
-            raise SasaError(f"top_s must be in 1..groups (got s={self.top_s} > G={self.groups})"
-                            if self.top_s > self.groups else
-                            f"top_s must be >= 1 (got {self.top_s})")
-        if self.gate not in GATES:
-            raise SasaError(f"unknown gate {self.gate!r}; use 'token' or 'batch'")
-        if self.nuc_lambda < 0:
-            raise SasaError(f"nuc_lambda must be >= 0 (got {self.nuc_lambda})")
-        if self.nuc_on not in NUC_ON:
-            raise SasaError(f"unknown nuc_on {self.nuc_on!r}; use one of {', '.join(NUC_ON)}")
-        if self.auxk_alpha < 0:
-            raise SasaError(f"auxk_alpha must be >= 0 (got {self.auxk_alpha})")
-        if self.auxk_k is None:
-            self.auxk_k = min(self.groups, max(1, self.d_in // (2 * self.rank)))
-        if not 1 <= self.auxk_k <= self.groups:
-            raise SasaError(f"auxk_k must be in 1..groups (got {self.auxk_k}, G={self.groups})")
-        if self.dead_tokens < 1:
-            raise SasaError(f"dead_tokens must be >= 1 (got {self.dead_tokens})")
-        if self.l1_coeff < 0:
-            raise SasaError(f"l1_coeff must be >= 0 (got {self.l1_coeff})")
-        if self.decode not in DECODES:
-            raise SasaError(f"unknown decode {self.decode!r}; use one of {', '.join(DECODES)}")
-        if self.init_encoder not in INIT_ENCODER:
-            raise SasaError(f"unknown init_encoder {self.init_encoder!r}; use 'transpose' "
-                            "or 'random'")
-
-    @property
-    def n_coords(self) -> int:
-        """Total code coordinates n = G * r."""
-        return self.groups * self.rank
+__all__ = ["SAE", "SAEConfig", "ForwardOutput", "EffectiveRanks"]
 
 
 class ForwardOutput(NamedTuple):
@@ -206,26 +78,6 @@ class ForwardOutput(NamedTuple):
     """Mean active groups (units) per token."""
     l0_coords: torch.Tensor
     """Mean nonzero code coordinates per token."""
-
-
-class EffectiveRanks(NamedTuple):
-    """Per-group effective rank of the reconstruction map P_g = D_g E_g."""
-
-    threshold_G: torch.Tensor
-    """Number of singular values above 0.1 x the group's largest (int64)."""
-    entropy_G: torch.Tensor
-    """exp(entropy of sigma / sum sigma) (Roy & Vetterli 2007); between 1 and r."""
-
-
-def _signfix_qr(a_GDR: torch.Tensor) -> torch.Tensor:
-    """Orthonormal Q with the sign convention diag(R) >= 0, so Q stays close to A.
-
-    ``torch.linalg.qr`` may flip column signs; without the fix the decoder drifts away from
-    its encoder and training stalls (SASA.md, pitfalls)."""
-    q_GDR, r_GRR = torch.linalg.qr(a_GDR)
-    sign_GR = torch.sign(torch.diagonal(r_GRR, dim1=-2, dim2=-1))
-    sign_GR = torch.where(sign_GR == 0, torch.ones_like(sign_GR), sign_GR)
-    return q_GDR * sign_GR.unsqueeze(-2)
 
 
 class SAE(nn.Module):
@@ -286,7 +138,7 @@ class SAE(nn.Module):
         """Constrain [G, d, r] directions (orthonormal blocks for sasa, unit columns otherwise),
         store them as the decoder, and as the encoder too when ``init_encoder == "transpose"``."""
         if self.cfg.arch == "sasa":
-            w_GDR = _signfix_qr(w_GDR)
+            w_GDR = signfix_qr(w_GDR)
         else:
             w_GDR = w_GDR / w_GDR.norm(dim=1, keepdim=True)
         self.W_dec_GRD.copy_(w_GDR.transpose(1, 2))
@@ -420,7 +272,7 @@ class SAE(nn.Module):
     def _finish(self, x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords, nuc_scale=1.0) -> ForwardOutput:
         """The loss terms and bookkeeping shared by both paths."""
         cfg = self.cfg
-        fvu = _fvu(x_BD, x_hat_BD)
+        fvu = batch_fvu(x_BD, x_hat_BD)
         zero = x_BD.new_zeros(())
         nuc_term = zero
         if cfg.nuc_lambda > 0 and nuc_scale > 0:
@@ -478,7 +330,7 @@ class SAE(nn.Module):
                 vals_P = vals_P * valid_BK.reshape(-1).repeat_interleave(R)
             e_hat_BD = self._decode_pairs(kept, vals_P)
         scale = (dead_G.sum().to(resid_BD.dtype) / cfg.auxk_k).clamp(max=1.0)
-        return scale * _fvu(resid_BD, e_hat_BD)
+        return scale * batch_fvu(resid_BD, e_hat_BD)
 
     # ----------------------------------------------------------------------------- constraints
     @torch.no_grad()
@@ -488,7 +340,7 @@ class SAE(nn.Module):
             d_GDR = self.decoder_GDR
             if d_GDR.dtype in (torch.float16, torch.bfloat16):  # no half-precision QR kernels
                 d_GDR = d_GDR.float()
-            q_GDR = _signfix_qr(d_GDR)
+            q_GDR = signfix_qr(d_GDR)
             self.W_dec_GRD.copy_(q_GDR.transpose(1, 2))
         elif self.cfg.arch == "topk":
             self.W_dec_GRD.div_(self.W_dec_GRD.norm(dim=-1, keepdim=True).clamp_min(1e-12))
@@ -496,9 +348,9 @@ class SAE(nn.Module):
     def _nuc_singular_values(self) -> torch.Tensor:
         """Singular values [G, r] of the matrices the nuclear norm acts on (differentiable)."""
         if self.cfg.nuc_on == "encoder":
-            return _svdvals_GR(self.W_enc_GRD)
+            return svdvals_GR(self.W_enc_GRD)
         if self.cfg.nuc_on == "decoder":
-            return _svdvals_GR(self.W_dec_GRD)
+            return svdvals_GR(self.W_dec_GRD)
         return self.map_singular_values()
 
     def map_singular_values(self) -> torch.Tensor:
@@ -508,7 +360,7 @@ class SAE(nn.Module):
         if self.cfg.rank == 1:
             return self.W_dec_GRD.norm(dim=-1) * self.W_enc_GRD.norm(dim=-1)
         _, r_GRR = torch.linalg.qr(self.decoder_GDR)
-        return _svdvals_GR(r_GRR @ self.W_enc_GRD)
+        return svdvals_GR(r_GRR @ self.W_enc_GRD)
 
     def nuclear_norm(self) -> torch.Tensor:
         """sum_g ||.||_* of what ``nuc_on`` names (differentiable, 0-d)."""
@@ -517,11 +369,7 @@ class SAE(nn.Module):
     @torch.no_grad()
     def effective_ranks(self) -> EffectiveRanks:
         """Effective rank of each group's map P_g: threshold count and entropy-based."""
-        sv_GR = self.map_singular_values()
-        threshold_G = (sv_GR > 0.1 * sv_GR.amax(-1, keepdim=True)).sum(-1)
-        p_GR = sv_GR / sv_GR.sum(-1, keepdim=True).clamp_min(torch.finfo(sv_GR.dtype).tiny)
-        ent_G = -(p_GR * torch.log(p_GR.clamp_min(torch.finfo(sv_GR.dtype).tiny))).sum(-1)
-        return EffectiveRanks(threshold_G=threshold_G, entropy_G=ent_G.exp())
+        return effective_ranks(self.map_singular_values())
 
     # ----------------------------------------------------------------------------- folding
     @torch.no_grad()
@@ -543,107 +391,3 @@ class SAE(nn.Module):
         if self.cfg.arch == "relu":
             # Codes grew by `scale`; keep the L1 term's value for the same raw reconstruction.
             self.cfg.l1_coeff = self.cfg.l1_coeff / float(scale_t)
-
-
-def _svdvals_GR(m_GRD: torch.Tensor) -> torch.Tensor:
-    """Singular values [G, r] of r x d matrices (r <= d), differentiable.
-
-    Taken of the tall d x r transpose (same values): LAPACK is 1.5-3x faster on it than on the
-    wide r x d form here (d = 384, r = 4-8, forward and backward), and for r = 1 it is a norm."""
-    if m_GRD.shape[1] == 1:
-        return m_GRD.norm(dim=-1)
-    return torch.linalg.svdvals(m_GRD.transpose(1, 2))
-
-
-def _fvu(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:
-    total = (x_BD - x_BD.mean(0)).square().sum()
-    return (x_BD - x_hat_BD).square().sum() / total.clamp_min(torch.finfo(x_BD.dtype).tiny)
-
-
-# --------------------------------------------------------------------------------- persistence
-def save_sae(sae: SAE, directory: str | Path) -> Path:
-    """Write ``config.json`` (format name, version, resolved config) and ``sae.safetensors``."""
-    from safetensors.torch import save_file
-
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
-            "config": dataclasses.asdict(sae.cfg)}
-    (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
-    save_file(tensors, str(out / WEIGHTS_NAME))
-    return out
-
-
-def load_sae(path: str | Path, *, device=None) -> SAE:
-    """Load an SAE written by ``save_sae`` from its directory (or its config.json)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    directory = path.parent if path.name in (CONFIG_NAME, WEIGHTS_NAME) else path
-    cfg_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    if not cfg_file.is_file() or not weights_file.is_file():
-        raise SasaError(f"{directory} is not a saved SAE: it needs {CONFIG_NAME} and "
-                        f"{WEIGHTS_NAME} (write one with save_sae)")
-    meta = json.loads(cfg_file.read_text())
-    if meta.get("format") != FORMAT_NAME or meta.get("version", 0) > FORMAT_VERSION:
-        raise SasaError(f"{cfg_file} is not a {FORMAT_NAME} v<={FORMAT_VERSION} config; "
-                        "upgrade sasa to read it")
-    fields = {f.name for f in dataclasses.fields(SAEConfig)}
-    unknown = set(meta["config"]) - fields
-    if unknown:
-        raise SasaError(f"{cfg_file} has unknown config fields {sorted(unknown)}; "
-                        "upgrade sasa to read it")
-    cfg = SAEConfig(**meta["config"])
-    tensors = load_file(str(weights_file))
-    dtype = tensors["W_enc_GRD"].dtype
-    sae = SAE(cfg, dtype=dtype)
-    sae.load_state_dict(tensors)
-    return sae.to(device) if device is not None else sae
-
-
-# --------------------------------------------------------------------------------- small loop
-class TrainLog(NamedTuple):
-    """What ``train_in_memory`` reports."""
-
-    fvu: list[float]
-    """FVU of each step's batch."""
-    dead_fraction: float
-    """Fraction of dead units at the end."""
-
-
-def train_in_memory(sae: SAE, x_ND: torch.Tensor, *, steps: int, batch_size: int = 512,
-                    lr: float = 1e-3, seed: int = 0, warmup: int = 0,
-                    decay_frac: float = 0.0, log_every: int = 0) -> TrainLog:
-    """Adam on random minibatches of an in-memory tensor (tests and toy experiments).
-
-    The streaming trainer (reading the Zarr cache) lives elsewhere; this loop exists so the
-    model can be exercised and measured without a cache. ``warmup`` steps of linear lr warm-up
-    and a linear decay to 0 over the last ``decay_frac`` of the steps, as in SASA.md."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    decay_start = int(steps * (1 - decay_frac))
-
-    def lr_at(step: int) -> float:
-        f = min(1.0, (step + 1) / warmup) if warmup else 1.0
-        if step >= decay_start and decay_frac > 0:
-            f *= (steps - step) / (steps - decay_start)
-        return f
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    sae.train()
-    fvus: list[torch.Tensor] = []
-    for step in range(steps):
-        idx = torch.randint(0, x_ND.shape[0], (batch_size,), generator=gen)
-        out = sae(x_ND[idx])
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        sched.step()
-        sae.post_step()
-        fvus.append(out.fvu.detach())
-        if log_every and (step + 1) % log_every == 0:
-            print(f"step {step + 1}: fvu {float(out.fvu):.4f} l0 {float(out.l0_groups):.2f}")
-    sae.eval()
-    return TrainLog(fvu=torch.stack(fvus).tolist() if fvus else [],
-                    dead_fraction=float(sae.dead_mask().float().mean()))

@@ -1,0 +1,135 @@
+"""The configuration of one sparse autoencoder: SASA, TopK or ReLU + L1 (docs/sasa.md).
+
+Every choice the SASA paper leaves open is a field here, defaulting to what docs/sasa.md
+describes; ``__post_init__`` resolves the architecture's defaults and rejects impossible
+combinations with one-line errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sasa.errors import SasaError
+
+ARCHS = ("sasa", "topk", "relu")
+CODES = ("signed", "relu")
+GATES = ("token", "batch")
+NUC_ON = ("map", "decoder", "encoder")
+INIT_ENCODER = ("transpose", "random")
+DECODES = ("auto", "dense", "sparse")
+
+
+@dataclass
+class SAEConfig:
+    """One sparse autoencoder. ``None`` fields resolve to the architecture's default."""
+
+    d_in: int
+    """Width of the input activations (d)."""
+
+    groups: int
+    """Number of groups G. For topk/relu this is the number of latents (width)."""
+
+    arch: str = "sasa"
+    """"sasa" (grouped subspaces, Top-s gate), "topk" (Gao et al. 2024) or "relu" (ReLU + L1)."""
+
+    rank: int | None = None
+    """Block size r of each group's subspace. Default: 4 for sasa, 1 (required) for topk/relu."""
+
+    top_s: int = 8
+    """Groups kept per token: s for sasa, k for topk. Unused by relu."""
+
+    codes: str | None = None
+    """"signed" (no nonlinearity: a point on a circle needs negative coordinates) or "relu".
+    Default: "signed" for sasa, "relu" for topk/relu. sasa with rank=1 and codes="relu" is
+    exactly a TopK SAE."""
+
+    gate: str = "token"
+    """"token": Top-s groups per token. "batch": Top s*B groups over the whole batch of B tokens
+    (a token may get more or fewer than s; the average is s)."""
+
+    nuc_lambda: float = 0.0
+    """Weight of the nuclear-norm penalty sum_g ||.||_* (0 disables it and skips the SVDs)."""
+
+    nuc_on: str = "map"
+    """What the nuclear norm acts on: "map" = P_g = D_g E_g (= ||E_g||_* when D_g is
+    orthonormal), "encoder" = E_g, "decoder" = D_g (an ablation: constant r per group while
+    D_g is orthonormal, so it only acts on non-orthonormal decoders)."""
+
+    auxk_alpha: float = 1 / 32
+    """Weight of the AuxK loss (Gao et al.: dead units reconstruct the residual). 0 disables."""
+
+    auxk_k: int | None = None
+    """Dead units used per token by AuxK. Default: enough groups for d/2 coordinates
+    (max(1, d_in // (2 * rank))), capped at ``groups``; d/2 follows EleutherAI/sparsify."""
+
+    dead_tokens: int = 10_000_000
+    """A unit that has not been active for this many tokens counts as dead (for AuxK)."""
+
+    l1_coeff: float = 1e-3
+    """relu only: weight of the L1 penalty sum_i |z_i| * ||d_i|| (per token, batch mean)."""
+
+    init_encoder: str = "transpose"
+    """"transpose": E_g = D_g^T at init (Gao et al.; measured in bench/SPLITTING.md to leave
+    fewer dead units and converge faster). "random": an independent uniform init."""
+
+    decode: str = "auto"
+    """How the codes are decoded (and the encoder's backward run); the results are the same up
+    to float rounding, only the cost differs. "dense": one [B, G*r] @ [G*r, d] matmul per
+    decode, gradients by dense matmuls (the reference). "sparse": only the kept (token,
+    coordinate) pairs are touched (embedding_bag over W_dec rows, a gathered encoder backward);
+    cost ~ s*r/(G*r) of the dense decode. A token's number of kept groups may vary (batch
+    gate). ReLU SAEs have no fixed number of active codes and always decode densely.
+    "auto": sparse on CPU when s*r <= G*r / 8 (measured crossover ~G*r/8), dense elsewhere."""
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise SasaError(f"unknown SAE arch {self.arch!r}; use one of {', '.join(ARCHS)}")
+        if self.d_in < 1 or self.groups < 1:
+            raise SasaError(f"d_in and groups must be positive (got d_in={self.d_in}, "
+                            f"groups={self.groups})")
+        if self.rank is None:
+            self.rank = 4 if self.arch == "sasa" else 1
+        if self.rank < 1:
+            raise SasaError(f"rank must be >= 1 (got {self.rank})")
+        if self.arch != "sasa" and self.rank != 1:
+            raise SasaError(f"arch {self.arch} has one direction per latent; set rank=1 "
+                            f"(got {self.rank}) or use arch='sasa'")
+        if self.rank > self.d_in:
+            raise SasaError(f"rank {self.rank} exceeds d_in {self.d_in}; a group's subspace "
+                            "cannot be wider than the input")
+        if self.codes is None:
+            self.codes = "signed" if self.arch == "sasa" else "relu"
+        if self.codes not in CODES:
+            raise SasaError(f"unknown codes {self.codes!r}; use 'signed' or 'relu'")
+        if self.arch == "relu" and self.codes != "relu":
+            raise SasaError("arch relu needs codes='relu' (or leave codes unset)")
+        if self.arch != "relu" and not 1 <= self.top_s <= self.groups:
+            raise SasaError(f"top_s must be in 1..groups (got s={self.top_s} > G={self.groups})"
+                            if self.top_s > self.groups else
+                            f"top_s must be >= 1 (got {self.top_s})")
+        if self.gate not in GATES:
+            raise SasaError(f"unknown gate {self.gate!r}; use 'token' or 'batch'")
+        if self.nuc_lambda < 0:
+            raise SasaError(f"nuc_lambda must be >= 0 (got {self.nuc_lambda})")
+        if self.nuc_on not in NUC_ON:
+            raise SasaError(f"unknown nuc_on {self.nuc_on!r}; use one of {', '.join(NUC_ON)}")
+        if self.auxk_alpha < 0:
+            raise SasaError(f"auxk_alpha must be >= 0 (got {self.auxk_alpha})")
+        if self.auxk_k is None:
+            self.auxk_k = min(self.groups, max(1, self.d_in // (2 * self.rank)))
+        if not 1 <= self.auxk_k <= self.groups:
+            raise SasaError(f"auxk_k must be in 1..groups (got {self.auxk_k}, G={self.groups})")
+        if self.dead_tokens < 1:
+            raise SasaError(f"dead_tokens must be >= 1 (got {self.dead_tokens})")
+        if self.l1_coeff < 0:
+            raise SasaError(f"l1_coeff must be >= 0 (got {self.l1_coeff})")
+        if self.decode not in DECODES:
+            raise SasaError(f"unknown decode {self.decode!r}; use one of {', '.join(DECODES)}")
+        if self.init_encoder not in INIT_ENCODER:
+            raise SasaError(f"unknown init_encoder {self.init_encoder!r}; use 'transpose' "
+                            "or 'random'")
+
+    @property
+    def n_coords(self) -> int:
+        """Total code coordinates n = G * r."""
+        return self.groups * self.rank
