@@ -108,7 +108,7 @@ def _features(text: str) -> dict[int, int]:
 
 def run_synth(args) -> int:
     from sasa.analysis.synth import write_synthetic_cache
-    from sasa.store.synthetic import SyntheticSpec
+    from sasa.analysis.synthetic import SyntheticSpec
 
     spec = SyntheticSpec(d=args.d, features_per_dim=_features(args.features), mean_active=args.mean_active,
                          noise=args.noise, zipf_exponent=args.zipf, seed=args.feature_seed)

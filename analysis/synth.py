@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from sasa.errors import SasaError
 from sasa.store import Cache, create_cache, open_cache
-from sasa.store.synthetic import SyntheticSpec, generate, planted
+from sasa.analysis.synthetic import SyntheticSpec, generate, planted
 
 HOOKPOINT = "synthetic"
 
@@ -37,7 +37,7 @@ class Truth(NamedTuple):
         return cache.group["truth/active"][start:stop].astype(bool)
 
     def coords(self, cache: Cache, start: int, stop: int) -> np.ndarray:
-        """[stop - start, K] float32 per-feature coordinates (see sasa.store.synthetic)."""
+        """[stop - start, K] float32 per-feature coordinates (see sasa.analysis.synthetic)."""
         return cache.group["truth/coords"][start:stop]
 
 

@@ -1,6 +1,6 @@
 """Does SASA hold each planted multi-dimensional feature in one group? Cheap ablations.
 
-Trains TopK and SASA variants in memory on the toy data of docs/sasa.md (store/synthetic.py
+Trains TopK and SASA variants in memory on the toy data of docs/sasa.md (analysis/synthetic.py
 defaults: d = 64, 8 features each of d_i = 1..4, ~3 active per sample) and prints, per model,
 the FVU on held-out raw samples (after folding the normalisation) and the units per feature
 (analysis/splitting.py, oblique projection) for d_i = 1 / 2 / 3 / 4. Results: bench/SPLITTING.md.
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from sasa.analysis.splitting import splitting
-from sasa.store.synthetic import SyntheticSpec, generate
+from sasa.analysis.synthetic import SyntheticSpec, generate
 from sasa.trainer import SAE, SAEConfig, train_in_memory
 
 D = 64

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sasa.store import create_cache  # noqa: E402
-from sasa.store.synthetic import SyntheticSpec, generate  # noqa: E402
+from sasa.analysis.synthetic import SyntheticSpec, generate  # noqa: E402
 from sasa.trainer import MemberConfig, TrainConfig, train  # noqa: E402
 from sasa.trainer import SAE, SAEConfig  # noqa: E402
 

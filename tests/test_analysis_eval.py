@@ -22,8 +22,8 @@ from sasa.analysis.oracle import oracle_sae, split_sae
 from sasa.analysis.synth import load_truth, write_synthetic_cache
 from sasa.errors import SasaError
 from sasa.store import create_cache, open_cache
-from sasa.store.synthetic import SyntheticSpec
-from sasa.trainer import SAE, MemberConfig, SAEConfig, TrainConfig, save_sae, train
+from sasa.analysis.synthetic import SyntheticSpec
+from sasa.trainer import SAE, MemberConfig, SAEConfig, TrainConfig, load_sae, save_sae, train
 
 SPEC = SyntheticSpec(d=16, features_per_dim={1: 4, 2: 4}, mean_active=2.0)
 
@@ -102,7 +102,7 @@ def test_trained_run_eval_contexts_and_report(cache_url, run_dir, tmp_path):
     toks = open_cache(cache_url).tokens[row["seq"]]
     assert row["token"] == str(toks[row["pos"]]) and row["pos"] == row["row"] % 16
     # the SAE's own top activation matches a recomputation at that row
-    sae = __import__("trainer").load_sae(run_dir / "sasa-synthetic-G8-r2-s2")
+    sae = load_sae(run_dir / "sasa-synthetic-G8-r2-s2")
     x = torch.from_numpy(open_cache(cache_url).read_rows("synthetic", row["row"], row["row"] + 1))
     with torch.no_grad():
         assert float(sae(x).codes_BGR[0, row["group"]].norm()) == pytest.approx(row["activation"], rel=1e-5)

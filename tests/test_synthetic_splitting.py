@@ -8,7 +8,7 @@ import torch
 
 from sasa.analysis.splitting import splitting, unit_energies
 from sasa.errors import SasaError
-from sasa.store.synthetic import SyntheticSpec, generate, planted
+from sasa.analysis.synthetic import SyntheticSpec, generate, planted
 from sasa.trainer import SAE, SAEConfig, train_in_memory
 
 SPEC = SyntheticSpec()

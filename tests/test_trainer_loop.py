@@ -15,7 +15,7 @@ import zarr
 
 from sasa.analysis.synth import write_synthetic_cache
 from sasa.errors import SasaError
-from sasa.store.synthetic import SyntheticSpec
+from sasa.analysis.synthetic import SyntheticSpec
 from sasa.trainer import MemberConfig, TrainConfig, load_sae, train
 
 SPEC = SyntheticSpec(d=16, features_per_dim={1: 4, 2: 4}, mean_active=2.0)
