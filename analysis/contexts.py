@@ -47,7 +47,7 @@ def load_tokenizer_for(cache, override: str | None = None):
 
     ``override`` (a model folder or name) wins; else the harvester's ``attrs["tokenizer"]["id"]``
     or the harvested model; a cache without one (synthetic) decodes as ids."""
-    from sasa.harvester.models import load_tokenizer, resolve_model_source
+    from sasa.models import load_tokenizer, resolve_model_source
     name = override
     if name is None:
         tok = cache.attrs.get("tokenizer")

@@ -11,7 +11,7 @@ Special tokens (BOS, padding) keep their clean activations: the SAEs are trained
 (the trainer excludes them), and their huge norms would otherwise dominate both losses. The
 CE loss skips targets that are padding.
 
-The hooks go on the block stack that ``sasa.harvester.models`` finds, so a hookpoint means the
+The hooks go on the block stack that ``sasa.models`` finds, so a hookpoint means the
 same tensor here as in the harvest (a Tensor in transformers 5; tuples are handled too).
 """
 
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sasa.harvester.hookpoints import parse_hookpoint
-from sasa.harvester.models import find_blocks, find_sublayer, resolve_model_source
+from sasa.hookpoints import parse_hookpoint
+from sasa.models import find_blocks, find_sublayer, resolve_model_source
 from sasa.errors import SasaError
 
 Reconstruct = Callable[[torch.Tensor], torch.Tensor]

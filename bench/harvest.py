@@ -34,7 +34,8 @@ import torch  # noqa: E402
 
 from sasa.harvester.config import HarvestConfig  # noqa: E402
 from sasa.harvester.harvest import plan, run_local  # noqa: E402
-from sasa.harvester.models import ActivationCapture, load_model  # noqa: E402
+from sasa.capture import ActivationCapture  # noqa: E402
+from sasa.models import load_model  # noqa: E402
 from sasa.harvester.runner import ShardRunner, WorkerSpec  # noqa: E402
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from sasa.harvester.config import BOS_POLICIES, BUILTIN_MODEL, HarvestConfig
+from sasa.harvester.config import BOS_POLICIES, HarvestConfig
+from sasa.models import BUILTIN_MODEL
 
 
 def register(subparsers) -> None:

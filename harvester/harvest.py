@@ -16,10 +16,12 @@ from typing import NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from sasa.harvester import corpus, models, packing
-from sasa.harvester.config import HarvestConfig
-from sasa.harvester.runner import ShardDone, ShardRunner, WorkerSpec, resolve_device
+from sasa import models
+from sasa.devices import resolve_device
 from sasa.errors import SasaError
+from sasa.harvester import corpus, packing
+from sasa.harvester.config import HarvestConfig
+from sasa.harvester.runner import ShardDone, ShardRunner, WorkerSpec
 
 #: Format of the harvester's own attrs; bump when packing or attrs change meaning.
 HARVESTER_VERSION = 1
@@ -92,7 +94,7 @@ def plan(config: HarvestConfig, *, gpus: bool | None = None) -> Plan:
                                  policy=config.bos, progress=config.progress)
 
     if gpus is None:
-        gpus = resolve_device(config.device).startswith("cuda")
+        gpus = resolve_device(config.device).type == "cuda"
     model_dtype = config.model_dtype
     if model_dtype == "auto":
         model_dtype = "bfloat16" if gpus else "float32"
@@ -126,7 +128,7 @@ def plan(config: HarvestConfig, *, gpus: bool | None = None) -> Plan:
 
 def _cluster_has_gpus(config: HarvestConfig) -> bool:
     if config.workers == 0:
-        return resolve_device(config.device).startswith("cuda")
+        return resolve_device(config.device).type == "cuda"
     if config.device == "cpu":
         return False
     import ray

@@ -25,8 +25,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from sasa.harvester.hookpoints import parse_hookpoint
-from sasa.harvester.models import TORCH_DTYPES, ActivationCapture, load_model
+from sasa.capture import ActivationCapture
+from sasa.devices import resolve_device
+from sasa.dtypes import torch_dtype
+from sasa.hookpoints import parse_hookpoint
+from sasa.models import load_model
 
 
 @dataclass(frozen=True)
@@ -55,16 +58,10 @@ class ShardDone(NamedTuple):
     write_s: float
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def resolve_model_dtype(model_dtype: str, device: str) -> torch.dtype:
     if model_dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return TORCH_DTYPES[model_dtype]
+    return torch_dtype(model_dtype)
 
 
 class ShardRunner:
@@ -75,7 +72,7 @@ class ShardRunner:
         if threads:
             torch.set_num_threads(threads)
         self.spec = spec
-        self.device = resolve_device(spec.device)
+        self.device = str(resolve_device(spec.device))  # on the worker, where its GPUs are
         self.cuda = self.device.startswith("cuda")
         hps = [parse_hookpoint(h) for h in spec.hookpoints]
         deepest = max(hp.layer for hp in hps)
@@ -89,7 +86,7 @@ class ShardRunner:
         self.writer = create_cache(spec.url, storage_options=spec.storage_options or None,
                                    **spec.cache)
         self.layout = self.writer.layout
-        self.store_dtype = TORCH_DTYPES[self.layout.dtype]
+        self.store_dtype = torch_dtype(self.layout.dtype)
         self.compute_lock = threading.Lock()
         self._buffers: queue.SimpleQueue = queue.SimpleQueue()  # reusable pinned host buffers
 

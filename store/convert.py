@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from sasa.dtypes import torch_dtype
 from sasa.errors import SasaError
 
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def to_storage(x, dtype: str, what: str) -> np.ndarray:
@@ -27,7 +27,7 @@ def to_storage(x, dtype: str, what: str) -> np.ndarray:
         raise SasaError(f"{what} is a {type(x).__name__}; pass a numpy array or a torch tensor")
     if not t.is_floating_point():
         raise SasaError(f"{what} has dtype {t.dtype}; activations must be floating point")
-    t = t.to(TORCH_DTYPES[dtype]).contiguous()
+    t = t.to(torch_dtype(dtype)).contiguous()
     if dtype == "bfloat16":
         return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()

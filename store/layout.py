@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from sasa.dtypes import canonical_dtype
 from sasa.errors import SasaError
 
 FORMAT_VERSION = 1
@@ -25,8 +26,6 @@ FORMAT_VERSION = 1
 #: Storage dtypes. bfloat16 has no numpy dtype: its bits are stored as uint16 and the attrs
 #: name the real dtype, so plain zarr readers still get every bit.
 STORAGE_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
-                 "half": "float16", "float": "float32"}
 
 #: Default chunk size: ~16 MiB of activations per chunk object. Whole chunks read in random
 #: order run near the disk's sequential rate, while much smaller objects pay per-request cost
@@ -49,13 +48,6 @@ def norms_path(hookpoint: str) -> str:
 
 def stats_path(hookpoint: str, name: str) -> str:
     return f"stats/{hookpoint}/{name}"
-
-
-def canonical_dtype(dtype: str) -> str:
-    name = DTYPE_ALIASES.get(str(dtype).removeprefix("torch."), str(dtype).removeprefix("torch."))
-    if name not in STORAGE_DTYPES:
-        raise SasaError(f"unknown storage dtype {dtype!r}; use one of bfloat16, float16, float32")
-    return name
 
 
 def fingerprint(obj) -> str:
@@ -102,12 +94,12 @@ class Layout:
                 f"zarr stores partial edge chunks at full size, so round n_seq to whole shards")
         if self.shard_seqs % self.chunk_seqs:
             raise SasaError(f"chunk_seqs={self.chunk_seqs} must divide shard_seqs={self.shard_seqs}")
-        canonical_dtype(self.dtype)
+        canonical_dtype(self.dtype, "storage dtype")
 
     @classmethod
     def build(cls, hookpoints, ctx_len, n_seq, shard_seqs, dtype="bfloat16", chunk_seqs=None,
               shard_objects=False) -> "Layout":
-        dtype = canonical_dtype(dtype)
+        dtype = canonical_dtype(dtype, "storage dtype")
         hookpoints = {str(k): int(v) for k, v in hookpoints.items()}
         if chunk_seqs is None:
             chunk_seqs = auto_chunk_seqs(hookpoints, ctx_len, shard_seqs, dtype)

