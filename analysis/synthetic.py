@@ -6,12 +6,13 @@ whose features, subspaces and per-sample coordinates are known; this module plan
 
 Model of a sample: x = sum_{f active} m_f * B_f u_f + noise, where B_f is a random d x d_i
 orthonormal basis (drawn once from ``spec.seed``), u_f is uniform on the unit sphere of R^{d_i}
-(a circle for d_i = 2), m_f is a magnitude near 1, and noise is isotropic Gaussian. Features are
+(a circle for d_i = 2; ``coords="gaussian"``: N(0, I / d_i)), m_f is a magnitude near 1, and
+noise is isotropic Gaussian. Features are
 on independently with Zipf-like probabilities scaled so that ~``mean_active`` are on per sample.
 
 Trade-offs:
 - The bases are independent, not mutually orthogonal: sum d_i may exceed d (80 > 64 by default),
-  as in real superposition. A feature's subspace therefore catches a little energy from other
+  as in real superposition (``subspaces="disjoint"`` plants orthogonal ones instead). A feature's subspace therefore catches a little energy from other
   features; the splitting metric sees that leak (see analysis/splitting.py).
 - 1-D features are intensities (u = +1) by default rather than the two-point sphere {-1, +1}:
   that is the usual toy-model convention and keeps a ReLU latent able to hold one feature.
@@ -59,6 +60,15 @@ class SyntheticSpec:
     seed: int = 0
     """Seed of the planted structure (bases, frequencies), independent of the sample seed."""
 
+    coords: str = "sphere"
+    """In-subspace coordinates u_f: "sphere" (uniform on the unit sphere of R^{d_i}) or
+    "gaussian" (N(0, I / d_i): E||u||^2 = 1 but the norm varies, so a feature is sometimes
+    faint)."""
+
+    subspaces: str = "random"
+    """"random": independent random bases (they overlap when sum d_i > d). "disjoint":
+    mutually orthogonal bases (needs sum d_i <= d)."""
+
     def __post_init__(self) -> None:
         if self.d < 1:
             raise SasaError(f"synthetic d must be positive (got {self.d})")
@@ -73,6 +83,13 @@ class SyntheticSpec:
                             f"(got {self.mean_active})")
         if not 0 <= self.magnitude_spread < 1 or self.noise < 0:
             raise SasaError("magnitude_spread must be in [0, 1) and noise >= 0")
+        if self.coords not in ("sphere", "gaussian"):
+            raise SasaError(f"unknown coords {self.coords!r}; use 'sphere' or 'gaussian'")
+        if self.subspaces not in ("random", "disjoint"):
+            raise SasaError(f"unknown subspaces {self.subspaces!r}; use 'random' or 'disjoint'")
+        if self.subspaces == "disjoint" and int(self.dims.sum()) > self.d:
+            raise SasaError(f"disjoint subspaces need sum d_i = {int(self.dims.sum())} <= d = "
+                            f"{self.d}; plant fewer features or use subspaces='random'")
 
     @property
     def dims(self) -> np.ndarray:
@@ -126,9 +143,14 @@ def planted(spec: SyntheticSpec) -> Planted:
     """Draw the bases and frequencies of ``spec`` (deterministic in ``spec.seed``)."""
     rng = np.random.default_rng([spec.seed, 0x5A5A])
     bases = []
-    for dim in spec.dims:
-        q, r = np.linalg.qr(rng.standard_normal((spec.d, int(dim))))
-        bases.append(q * np.sign(np.diag(r)))
+    if spec.subspaces == "disjoint":  # one orthonormal frame, cut into the features' blocks
+        q, r = np.linalg.qr(rng.standard_normal((spec.d, int(spec.dims.sum()))))
+        q = q * np.sign(np.diag(r))
+        bases = [q[:, lo:hi] for lo, hi in zip(spec.offsets[:-1], spec.offsets[1:])]
+    else:
+        for dim in spec.dims:
+            q, r = np.linalg.qr(rng.standard_normal((spec.d, int(dim))))
+            bases.append(q * np.sign(np.diag(r)))
     ranks = rng.permutation(spec.n_features) + 1
     weights = 1.0 / ranks.astype(np.float64) ** spec.zipf_exponent
     # Scale so the expected count is mean_active; re-scale after capping at 1 until it holds.
@@ -158,7 +180,10 @@ def generate(spec: SyntheticSpec, n: int, seed: int = 0) -> SyntheticBatch:
         u_NK = rng.standard_normal((n, int(dim)))
         if dim == 1 and not spec.signed_1d:
             u_NK = np.abs(u_NK)
-        u_NK /= np.linalg.norm(u_NK, axis=1, keepdims=True)
+        if spec.coords == "sphere":
+            u_NK /= np.linalg.norm(u_NK, axis=1, keepdims=True)
+        else:
+            u_NK /= np.sqrt(dim)
         mag_N = rng.uniform(1 - spread, 1 + spread, n) * active_NF[:, f]
         c_NK = u_NK * mag_N[:, None]
         coords_NK[:, offsets[f]:offsets[f + 1]] = c_NK

@@ -31,6 +31,9 @@ class MemberConfig:
     """Adam learning rate. Default 2e-4 / sqrt(n / 2^14), n = groups * rank (docs/sasa.md)."""
     name: str | None = None
     """Output folder name; default built from the settings, e.g. sasa-resid_post.3-G512-r4-s8."""
+    seed: int | None = None
+    """Seed of this SAE's initialisation. Default: the run's ``seed``. Never depends on the
+    member's place in the sweep, so an SAE trains to the same weights alone or in any sweep."""
 
     def __post_init__(self):
         unknown = set(self.sae) - SAE_FIELDS
@@ -54,6 +57,10 @@ class MemberConfig:
             self.name = "-".join(str(p) for p in parts)
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise SasaError(f"SAE name {self.name!r} cannot be a folder name")
+
+    def init_seed(self, run_seed: int) -> int:
+        """The seed of this SAE's initialisation (its own ``seed``, else the run's)."""
+        return run_seed if self.seed is None else self.seed
 
     def sae_config(self, d_in: int) -> SAEConfig:
         if self.sae.get("d_in", d_in) != d_in:
@@ -174,7 +181,8 @@ def load_sweep(path: str | Path, **overrides) -> TrainConfig:
         except KeyError:
             raise SasaError(f"{path}: SAE entry {i} has no 'hookpoint'") from None
         members.append(MemberConfig(hookpoint=hookpoint, lr=entry.pop("lr", None),
-                                    name=entry.pop("name", None), sae=entry))
+                                    name=entry.pop("name", None), seed=entry.pop("seed", None),
+                                    sae=entry))
     run = {**doc, **{k: v for k, v in overrides.items() if v is not None}}
     if "cache" not in run:
         raise SasaError(f"{path} names no cache; add 'cache: URL' or pass --cache")

@@ -51,7 +51,9 @@ class Member:
     def __init__(self, cfg: MemberConfig, index: int, run: TrainConfig, d_in: int, device):
         self.cfg = cfg
         self.sae_cfg = cfg.sae_config(d_in)
-        self.sae = SAE(self.sae_cfg, device=device, seed=run.seed * 1000 + index)
+        # The init seed depends on this member's settings alone, never on its index in the sweep,
+        # so a member trains to the same weights alone or beside any other SAEs.
+        self.sae = SAE(self.sae_cfg, device=device, seed=cfg.init_seed(run.seed))
         self.lr = cfg.resolved_lr(self.sae_cfg)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr)
         warmup = min(run.warmup_steps, max(1, run.steps // 10))
