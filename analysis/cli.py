@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sasa.errors import SasaError
+from sasa.errors import SasaError, check_writable
 
 
 def register(subparsers) -> None:
@@ -110,6 +110,7 @@ def run_synth(args) -> int:
     from sasa.analysis.synth import write_synthetic_cache
     from sasa.analysis.synthetic import SyntheticSpec
 
+    check_writable(args.out)
     spec = SyntheticSpec(d=args.d, features_per_dim=_features(args.features), mean_active=args.mean_active,
                          noise=args.noise, zipf_exponent=args.zipf, seed=args.feature_seed)
     cache = write_synthetic_cache(args.out, spec=spec, n_tokens=args.tokens, ctx_len=args.ctx_len,
@@ -120,8 +121,12 @@ def run_synth(args) -> int:
 
 
 def run_report(args) -> int:
-    from sasa.analysis.report import build_report
+    from sasa.analysis.report import build_report, load_members, unfinished_note
 
+    check_writable(args.out, "--out", folder=False)
     out = build_report(args.sweep, args.out, title=args.title)
     print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB)")
+    note = unfinished_note(load_members([Path(s) for s in args.sweep]))
+    if note:
+        print(note)
     return 0

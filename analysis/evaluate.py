@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from sasa.analysis import metrics as M
 from sasa.analysis.contexts import CodeViews, TopRows, context_table, load_tokenizer_for
 from sasa.devices import resolve_device
-from sasa.errors import SasaError
+from sasa.errors import SasaError, check_writable
 
 EVAL_VERSION = 1
 
@@ -147,6 +147,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     from sasa.store import open_cache
     from sasa.trainer import load_sae
 
+    check_writable(cfg.out_path, "eval output", folder=False)  # before any work: no stray files
     sae_dir = Path(cfg.sae)
     sae = load_sae(sae_dir).float().eval()
     device = resolve_device(cfg.device)

@@ -5,6 +5,10 @@ Everything the page shows comes from files the trainer and ``sasa eval`` wrote b
 ``codes.parquet``. Figures are drawn with matplotlib's Agg backend and embedded as base64 PNG
 data URIs, so the page is one file that opens anywhere, offline; the cost is size (about
 30-80 kB per figure), fine for the tens of SAEs a sweep holds.
+
+An SAE whose run stopped before the end (no saved weights) stays in the page, so its curves
+show how far it got, but is marked "unfinished (step X of Y)" in every label and table row,
+and a note at the top names each one; ``sasa report`` prints the same note.
 """
 
 from __future__ import annotations
@@ -32,10 +36,43 @@ class Member(NamedTuple):
     """Training metric lines."""
     eval: dict | None
     """eval.json, when the SAE was evaluated."""
+    unfinished: str | None = None
+    """None for a saved SAE; else how far its run got, e.g. "step 750 of 2930"."""
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SasaError(f"{path} is damaged (not valid JSON: {err}); restore it or remove its SAE "
+                        "folder from the sweep") from None
+
+
+def _metric_lines(path: Path) -> list[dict]:
+    """Metric lines; the last one may be torn by a run killed mid-write and is then dropped."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    out = []
+    for i, ln in enumerate(lines):
+        try:
+            out.append(json.loads(ln))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise SasaError(f"{path} line {i + 1} is not JSON; restore the file") from None
+    return out
+
+
+def _planned_steps(root: Path) -> int | None:
+    run = root / "run.json"
+    try:
+        cfg = json.loads(run.read_text())
+        return -(-int(cfg["tokens"]) // int(cfg["batch_size"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_members(sweeps) -> list[Member]:
-    """Every SAE folder (with a config.json or metrics.jsonl) of the given sweep folders."""
+    """Every SAE folder (with a config.json or metrics.jsonl) of the given sweep folders; a
+    folder without saved weights (config.json and sae.safetensors) is marked unfinished."""
     members = []
     for sweep in sweeps:
         root = Path(sweep)
@@ -45,12 +82,17 @@ def load_members(sweeps) -> list[Member]:
             cfg_file, metrics_file = folder / "config.json", folder / "metrics.jsonl"
             if not cfg_file.is_file() and not metrics_file.is_file():
                 continue
-            config = json.loads(cfg_file.read_text()).get("config", {}) if cfg_file.is_file() else {}
-            lines = [json.loads(ln) for ln in metrics_file.read_text().splitlines() if ln.strip()] \
-                if metrics_file.is_file() else []
+            config = (_json(cfg_file).get("config") or {}) if cfg_file.is_file() else {}
+            lines = _metric_lines(metrics_file) if metrics_file.is_file() else []
             ev = folder / "eval.json"
             name = folder.name if len(sweeps) == 1 else f"{root.name}/{folder.name}"
-            members.append(Member(name, folder, config, lines, json.loads(ev.read_text()) if ev.is_file() else None))
+            unfinished = None
+            if not cfg_file.is_file() or not (folder / "sae.safetensors").is_file():
+                planned = _planned_steps(root)
+                reached = lines[-1].get("step", 0) if lines else 0
+                unfinished = f"step {reached} of {planned if planned else '?'}"
+            members.append(Member(name, folder, config, lines, _json(ev) if ev.is_file() else None,
+                                  unfinished))
     if not members:
         raise SasaError(f"no trained SAEs found in {', '.join(map(str, sweeps))}; pass the --out folder "
                         "of `sasa train` / `sasa sweep`")
@@ -72,9 +114,17 @@ def _img(uri: str, alt: str) -> str:
 def _label(m: Member) -> str:
     c = m.config
     arch = c.get("arch", "?")
-    if arch == "sasa":
-        return f"{m.name} (sasa r={c.get('rank')} s={c.get('top_s')})"
-    return f"{m.name} ({arch})"
+    label = f"{m.name} (sasa r={c.get('rank')} s={c.get('top_s')})" if arch == "sasa" else f"{m.name} ({arch})"
+    return f"{label} [unfinished, {m.unfinished}]" if m.unfinished else label
+
+
+def unfinished_note(members: list[Member]) -> str | None:
+    """One line naming the SAEs whose run did not finish, or None when every SAE was saved."""
+    todo = [m for m in members if m.unfinished]
+    if not todo:
+        return None
+    return (f"{len(todo)} of {len(members)} SAE(s) did not finish (no saved weights; shown up to the "
+            f"step reached and marked unfinished): " + ", ".join(f"{m.name} ({m.unfinished})" for m in todo))
 
 
 def fig_curves(members: list[Member], key: str, ylabel: str, log: bool) -> str | None:
@@ -210,7 +260,8 @@ def metrics_table(members: list[Member]) -> str:
     body = []
     for m, r in rows:
         cells = "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols)
-        body.append(f"<tr><th>{html.escape(m.name)}</th>{cells}</tr>")
+        name = f"{m.name} (unfinished, {m.unfinished})" if m.unfinished else m.name
+        body.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
     return f"<div class=wide><table><tr><th>SAE</th>{head}</tr>{''.join(body)}</table></div>"
 
 
@@ -237,6 +288,9 @@ def build_report(sweeps, out: str | Path, *, title: str | None = None) -> Path:
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              f"<p>{len(members)} SAE(s). Metrics from metrics.jsonl (training) and eval.json "
              "(<code>sasa eval</code>).</p>"]
+    note = unfinished_note(members)
+    if note:
+        parts.append(f"<p><b>{html.escape(note)}</b></p>")
     sections = [("FVU against training tokens", fig_curves(members, "fvu", "FVU", True)),
                 ("L0 (active coordinates) against training tokens", fig_curves(members, "l0_coords", "L0 coordinates", False)),
                 ("Effective ranks of groups", fig_rank_hists(members)),

@@ -56,6 +56,9 @@ def write_synthetic_cache(url: str, *, spec: SyntheticSpec = SyntheticSpec(), n_
                           storage_options: dict | None = None, overwrite: bool = False,
                           progress: bool = True) -> Cache:
     """Write a float32 cache of ``n_tokens`` synthetic rows (rounded up to whole shards)."""
+    for key, value in (("n_tokens", n_tokens), ("ctx_len", ctx_len), ("shard_seqs", shard_seqs)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise SasaError(f"{key} must be a whole number >= 1, got {value!r}")
     shard_rows = shard_seqs * ctx_len
     n_shards = max(1, -(-n_tokens // shard_rows))
     attrs = {"model": "synthetic", "dataset": "synthetic planted features",

@@ -54,7 +54,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sasa.errors import check_writable
     from sasa.harvester.harvest import harvest
+    check_writable(args.out)  # before the model loads and the data packs
     config = HarvestConfig(
         out=args.out, model=args.model, dataset=args.dataset, hookpoints=args.hookpoints,
         tokens=args.tokens, ctx_len=args.ctx_len, batch_size=args.batch_size, dtype=args.dtype,

@@ -83,27 +83,52 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _not_text(path: Path, err: UnicodeDecodeError, line: int | None = None) -> SasaError:
+    where = f"line {line}" if line is not None else f"byte {err.start}"
+    return SasaError(f"dataset {str(path)!r} is not UTF-8 text ({where}: {err.reason}); pass a text "
+                     "file, or convert it (e.g. iconv -t utf-8)")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number from 1, line) of a UTF-8 text file; a binary file is a one-line error."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if b"\0" in raw:
+                raise SasaError(f"dataset {str(path)!r} holds binary data (a NUL byte on line {n}); "
+                                "pass a UTF-8 text file")
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_text(path, err, n) from None
+
+
 def _txt_documents(path: Path) -> Iterator[str]:
     """One document per blank-line-separated paragraph."""
     para: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                para.append(line)
-            elif para:
-                yield "".join(para).strip()
-                para = []
+    for _, line in _lines(path):
+        if line.strip():
+            para.append(line)
+        elif para:
+            yield "".join(para).strip()
+            para = []
     if para:
         yield "".join(para).strip()
 
 
+def _json_line(path: Path, n: int, line: str):
+    try:
+        return json.loads(line)
+    except ValueError as err:
+        raise SasaError(f"dataset {str(path)!r} line {n} is not JSON ({err.msg}); each line must be "
+                        "one JSON object") from None
+
+
 def _jsonl(path: Path, text_column: str) -> DocumentSource:
     first = None
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                first = json.loads(line)
-                break
+    for n, line in _lines(path):
+        if line.strip():
+            first = _json_line(path, n, line)
+            break
     if first is None:
         raise SasaError(f"dataset {str(path)!r} is empty; it holds no records")
     if not isinstance(first, dict):
@@ -112,14 +137,14 @@ def _jsonl(path: Path, text_column: str) -> DocumentSource:
     column, kind = _pick_column(str(path), list(first), text_column)
 
     def documents():
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                value = json.loads(line).get(column)
-                if value is None:
-                    raise SasaError(f"dataset {str(path)!r} line {n} has no {column!r} field")
-                yield value
+        for n, line in _lines(path):
+            if not line.strip():
+                continue
+            record = _json_line(path, n, line)
+            value = record.get(column) if isinstance(record, dict) else None
+            if value is None:
+                raise SasaError(f"dataset {str(path)!r} line {n} has no {column!r} field")
+            yield value
     return DocumentSource(str(path), _file_hash(path), kind, documents)
 
 

@@ -58,10 +58,16 @@ def resolve_model_source(model: str) -> str:
 
 
 def _load_errors(model: str, err: Exception) -> SasaError:
-    if not os.path.exists(model) and (os.sep in model or model.startswith(".")):
-        return SasaError(f"model {model!r} not found: no such folder; pass a local folder "
-                         "saved with save_pretrained or a hub name")
     text = str(err).strip()
+    if not os.path.exists(model):
+        # A hub name is "name" or "org/name"; anything else is meant as a folder on disk.
+        if model.startswith((".", "/", "~")) or model.count("/") > 1 or (os.sep != "/" and os.sep in model):
+            return SasaError(f"model {model!r} not found: no such folder; pass a local folder "
+                             "saved with save_pretrained or a hub name")
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or "connect" in text or "offline" in text.lower():
+            return SasaError(f"model {model!r} is not a folder on disk nor in the local hub cache, and the "
+                             "hub is unreachable (offline); pass a local folder saved with save_pretrained, "
+                             "or download the model where the hub is reachable")
     if "custom code" in text or "trust_remote_code" in text:
         return SasaError(f"cannot load model {model!r}: it ships its own Python code; pass "
                          "--trust-remote-code only if you trust its source")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sasa.errors import SasaError
+
 
 def _run_args(p) -> None:
     p.add_argument("--out", required=True, help="output folder: one subfolder per SAE, checkpoints/, run.json")
@@ -9,13 +11,16 @@ def _run_args(p) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="tokens per step (default 4096)")
     p.add_argument("--seed", type=int, default=None, help="seed of initialisation and shuffling (default 0)")
     p.add_argument("--log-every", type=int, default=None, help="steps between metric lines (default 50)")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 500)")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="steps between checkpoints (default 500; 0: only at the end)")
     p.add_argument("--nuc-every", type=int, default=None,
                    help="apply the nuclear-norm penalty every k steps with weight k*lambda (default 4)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--workers", type=int, default=None, help="Ray actors to spread the SAEs over (default 0: this process)")
     p.add_argument("--address", default=None, help="Ray cluster address for --workers (default: start a local Ray)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run with a different config in --out (its SAEs, checkpoints, run.json)")
     p.add_argument("--storage-options", default=None, metavar="JSON", help="fsspec options for the cache (never saved)")
 
 
@@ -57,10 +62,13 @@ def _execute(cfg, args) -> int:
     from sasa.trainer.distributed import train_distributed
     from sasa.trainer.loop import train
 
+    if args.resume and args.overwrite:
+        raise SasaError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
     if cfg.workers:
-        result = train_distributed(cfg, args.out, resume=args.resume, address=args.address)
+        result = train_distributed(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
+                                   address=args.address)
     else:
-        result = train(cfg, args.out, resume=args.resume)
+        result = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     print(f"trained {len(result.saes)} SAE(s) on {result.tokens:,} tokens each "
           f"({result.steps} steps, {result.chunks_read} chunk reads)")
     print(f"{'sae':<40} {'fvu':>7} {'L0 coords':>10} {'dead':>6}")

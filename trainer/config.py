@@ -128,6 +128,10 @@ class TrainConfig:
             raise SasaError(f"decay_frac must be in [0, 1), got {self.decay_frac}")
         if self.nuc_every < 1:
             raise SasaError(f"nuc_every must be >= 1, got {self.nuc_every}")
+        if self.log_every < 1:
+            raise SasaError(f"log_every must be >= 1 (steps between metric lines), got {self.log_every}")
+        if self.checkpoint_every < 0:
+            raise SasaError(f"checkpoint_every must be >= 0 (0 = only at the end), got {self.checkpoint_every}")
         if self.workers < 0:
             raise SasaError(f"workers must be >= 0, got {self.workers}")
         self.exclude = tuple(self.exclude)
@@ -160,6 +164,8 @@ def load_sweep(path: str | Path, **overrides) -> TrainConfig:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise SasaError(f"sweep file {path} is a folder; pass the sweep YAML file itself")
     if not path.is_file():
         raise SasaError(f"sweep file {path} does not exist")
     try:

@@ -3,7 +3,8 @@
 Members are dealt round-robin to ``workers`` actors; each actor streams the cache itself (one
 read pass per actor, shared by its members) and writes its SAEs, metrics and checkpoint
 (``checkpoints/worker-<k>.pt``) under the same output folder, which must therefore be shared
-storage on a multi-node cluster. Resume works per actor, exactly as in one process.
+storage on a multi-node cluster. Resume works per actor, exactly as in one process. The driver
+holds the folder's lock (``sasa.trainer.outdir``) for the whole run; the actors write under it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 
 from sasa.trainer.config import TrainConfig
 from sasa.trainer.loop import TrainResult, train
+from sasa.trainer.outdir import claim
 
 
 class TrainWorker:
@@ -24,8 +26,13 @@ class TrainWorker:
 
 
 def train_distributed(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
-                      address: str | None = None) -> TrainResult:
+                      overwrite: bool = False, address: str | None = None) -> TrainResult:
     """Train with ``cfg.workers`` Ray actors; returns the merged result."""
+    with claim(out, cfg.to_json(), resume=resume, overwrite=overwrite):
+        return _run_actors(cfg, out, resume, address)
+
+
+def _run_actors(cfg: TrainConfig, out: str | Path, resume: bool, address: str | None) -> TrainResult:
     import ray
 
     if not ray.is_initialized():

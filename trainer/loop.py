@@ -26,6 +26,7 @@ from sasa.devices import resolve_device
 from sasa.errors import SasaError
 from sasa.store import open_cache
 from sasa.trainer.config import MemberConfig, TrainConfig
+from sasa.trainer.outdir import claim
 from sasa.trainer.persist import save_sae
 from sasa.trainer.sae import SAE
 from sasa.trainer.schedule import lr_factor
@@ -108,21 +109,83 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)  # a crash mid-write never leaves a torn checkpoint
 
 
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines written after the checkpoint a run resumes from."""
+def _metric_lines(path: Path) -> list[dict]:
+    """The metric lines of ``path``; a line torn by a crash mid-write is dropped."""
+    lines = []
+    for text in path.read_text().splitlines() if path.exists() else []:
+        try:
+            line = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(line, dict) and isinstance(line.get("step"), int):
+            lines.append(line)
+    return lines
+
+
+def _trim_metrics(path: Path, last_step: int) -> dict | None:
+    """Drop metric lines written after the checkpoint a run resumes from; returns the last kept."""
     if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= last_step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+        lines = [ln for ln in _metric_lines(path) if ln["step"] <= last_step]
+        path.write_text("".join(json.dumps(ln) + "\n" for ln in lines))
+        return lines[-1] if lines else None
+    return None
 
 
-def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, member_ids: list[int] | None = None,
-          worker: int = 0, until_step: int | None = None, progress: bool = True) -> TrainResult:
+def _load_checkpoint(path: Path, device) -> dict:
+    """A checkpoint written by this loop, or a one-line error for a damaged or foreign file."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # torch raises many types for a torn or foreign file
+        raise SasaError(f"checkpoint {path} is damaged or not a sasa checkpoint ({type(err).__name__}); "
+                        "restore it, or rerun without --resume (add --overwrite) to start over") from None
+    if not isinstance(ckpt, dict) or not {"version", "step", "reader", "config", "members"} <= set(ckpt):
+        raise SasaError(f"checkpoint {path} is not a sasa training checkpoint; "
+                        "rerun without --resume (add --overwrite) to start over")
+    if ckpt["version"] > CHECKPOINT_VERSION:
+        raise SasaError(f"checkpoint {path} has version {ckpt['version']}, newer than this sasa "
+                        f"reads ({CHECKPOINT_VERSION}); upgrade sasa")
+    return ckpt
+
+
+def _finished(out: Path, members: list[Member], step: int, cfg: TrainConfig) -> TrainResult | None:
+    """The result of a run that had already finished (every SAE saved), else None."""
+    if step < cfg.steps:
+        return None
+    saved, final = {}, {}
+    for m in members:
+        folder = out / m.cfg.name
+        meta = folder / "train.json"
+        if not (folder / "sae.safetensors").is_file() or not meta.is_file():
+            return None
+        try:
+            final[m.cfg.name] = json.loads(meta.read_text()).get("final")
+        except ValueError:
+            return None
+        saved[m.cfg.name] = folder
+    return TrainResult(saved, step, step * cfg.batch_size, 0, final)
+
+
+def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+          member_ids: list[int] | None = None, worker: int = 0, until_step: int | None = None,
+          progress: bool = True) -> TrainResult:
     """Train the run's members (or the ``member_ids`` subset) from one read pass of the cache.
 
-    ``resume`` continues from ``out/checkpoints/worker-<worker>.pt``. ``until_step`` stops after
-    that step with a checkpoint and no final SAEs, as a preemption would (for tests).
+    ``resume`` continues from ``out/checkpoints/worker-<worker>.pt`` (a finished run is left as
+    it is). ``out`` is locked for the run and a changed rerun into it is refused unless
+    ``overwrite`` (``sasa.trainer.outdir``); a worker of a Ray run (``member_ids`` given) runs
+    under its driver's lock. ``until_step`` stops after that step with a checkpoint and no
+    final SAEs, as a preemption would (for tests).
     """
-    out = Path(out)
+    kwargs = dict(resume=resume, member_ids=member_ids, worker=worker, until_step=until_step,
+                  progress=progress)
+    if member_ids is not None:
+        return _train(cfg, Path(out), **kwargs)
+    with claim(out, cfg.to_json(), resume=resume, overwrite=overwrite):
+        return _train(cfg, Path(out), **kwargs)
+
+
+def _train(cfg: TrainConfig, out: Path, *, resume: bool, member_ids: list[int] | None, worker: int,
+           until_step: int | None, progress: bool) -> TrainResult:
     device = resolve_device(cfg.device)
     if device.type == "cpu":
         torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
@@ -134,15 +197,12 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, member_ids
     hookpoints = sorted({m.cfg.hookpoint for m in members})
     norm = {hp: _normaliser(cache, hp, device) for hp in hookpoints}
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "checkpoints").mkdir(exist_ok=True)
-    (out / "run.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
     ckpt_path = out / "checkpoints" / f"worker-{worker}.pt"
     step, reader_state = 0, None
     if resume:
         if not ckpt_path.exists():
             raise SasaError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        ckpt = _load_checkpoint(ckpt_path, device)
         names = [m.cfg.name for m in members]
         if ckpt["members"].keys() != set(names) or ckpt["config"] != cfg.to_json():
             raise SasaError(f"--resume: {ckpt_path} was written by a different run config; "
@@ -150,9 +210,19 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, member_ids
         for m in members:
             m.load_state(ckpt["members"][m.cfg.name])
         step, reader_state = ckpt["step"], ckpt["reader"]
+        done = _finished(out, members, step, cfg)
+        if done is not None:  # resuming a finished run changes nothing
+            return done
+    # Written only now, after every check passed: a refused run changes nothing in ``out``.
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    (out / "run.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+    last = {}
     for m in members:
         (out / m.cfg.name).mkdir(exist_ok=True)
-        _trim_metrics(out / m.cfg.name / "metrics.jsonl", step if resume else -1)
+        kept = _trim_metrics(out / m.cfg.name / "metrics.jsonl", step if resume else -1)
+        if kept is not None:
+            last[m.cfg.name] = kept
 
     on_cuda = device.type == "cuda"
     read_dtype = torch.bfloat16 if on_cuda and cache.dtype == "bfloat16" else torch.float32
@@ -168,7 +238,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, member_ids
     def last_good() -> str:
         if not ckpt_path.exists():
             return "no checkpoint was written yet"
-        return f"the last good checkpoint is {ckpt_path} (step {torch.load(ckpt_path, weights_only=True)['step']})"
+        return f"the last good checkpoint is {ckpt_path} (step {_load_checkpoint(ckpt_path, 'cpu')['step']})"
 
     def save_checkpoint():
         _atomic_save({"version": CHECKPOINT_VERSION, "step": step, "reader": stream.state_dict(),
@@ -177,7 +247,6 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, member_ids
 
     for m in members:
         m.sae.train()
-    last = {}
     batches = iter(stream) if step < total else iter(())
     for batch in batches:
         xs = {}

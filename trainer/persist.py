@@ -1,13 +1,21 @@
 """Saving and loading SAEs: a folder with ``config.json`` and ``sae.safetensors``.
 
 ``config.json`` holds the format name, its version and the resolved ``SAEConfig``; loading
-refuses a newer version or unknown fields with a one-line error instead of guessing.
+refuses a newer version or unknown fields with a one-line error instead of guessing, and a
+damaged file (torn, truncated, not JSON / not safetensors) with one naming the file.
+
+Saving is crash-safe: both files are written under temporary names, the old ``config.json`` is
+removed, the weights are renamed into place and ``config.json`` last. ``config.json`` is the
+commit: a crash at any point leaves either the previous SAE, or a folder without
+``config.json`` that ``load_sae`` refuses, never new weights beside an old config that loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import uuid
 from pathlib import Path
 
 from sasa.errors import SasaError
@@ -28,9 +36,21 @@ def save_sae(sae: SAE, directory: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
             "config": dataclasses.asdict(sae.cfg)}
-    (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
-    save_file(tensors, str(out / WEIGHTS_NAME))
+    tag = f".tmp-{uuid.uuid4().hex[:8]}"
+    tmp_cfg, tmp_weights = out / (CONFIG_NAME + tag), out / (WEIGHTS_NAME + tag)
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
+        save_file(tensors, str(tmp_weights))
+        with open(tmp_cfg, "w") as f:
+            f.write(json.dumps(meta, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        (out / CONFIG_NAME).unlink(missing_ok=True)
+        os.replace(tmp_weights, out / WEIGHTS_NAME)
+        os.replace(tmp_cfg, out / CONFIG_NAME)  # the commit
+    finally:
+        tmp_cfg.unlink(missing_ok=True)
+        tmp_weights.unlink(missing_ok=True)
     return out
 
 
@@ -44,7 +64,13 @@ def load_sae(path: str | Path, *, device=None) -> SAE:
     if not cfg_file.is_file() or not weights_file.is_file():
         raise SasaError(f"{directory} is not a saved SAE: it needs {CONFIG_NAME} and "
                         f"{WEIGHTS_NAME} (write one with save_sae)")
-    meta = json.loads(cfg_file.read_text())
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SasaError(f"{cfg_file} is damaged (not valid JSON: {err}); retrain the SAE or "
+                        "restore the file") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        meta = {}
     if meta.get("format") != FORMAT_NAME or meta.get("version", 0) > FORMAT_VERSION:
         raise SasaError(f"{cfg_file} is not a {FORMAT_NAME} v<={FORMAT_VERSION} config; "
                         "upgrade sasa to read it")
@@ -54,8 +80,17 @@ def load_sae(path: str | Path, *, device=None) -> SAE:
         raise SasaError(f"{cfg_file} has unknown config fields {sorted(unknown)}; "
                         "upgrade sasa to read it")
     cfg = SAEConfig(**meta["config"])
-    tensors = load_file(str(weights_file))
-    dtype = tensors["W_enc_GRD"].dtype
-    sae = SAE(cfg, dtype=dtype)
-    sae.load_state_dict(tensors)
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as err:  # safetensors raises its own error type for a torn file
+        raise SasaError(f"{weights_file} is damaged ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                        "retrain the SAE or restore the file") from None
+    if "W_enc_GRD" not in tensors:
+        raise SasaError(f"{weights_file} holds no SAE weights (no W_enc_GRD); retrain the SAE or restore the file")
+    sae = SAE(cfg, dtype=tensors["W_enc_GRD"].dtype)
+    try:
+        sae.load_state_dict(tensors)
+    except RuntimeError as err:
+        raise SasaError(f"{weights_file} does not match {cfg_file} ({str(err).splitlines()[0]}); "
+                        "the folder mixes two SAEs, retrain it") from None
     return sae.to(device) if device is not None else sae
