@@ -57,6 +57,7 @@ def _check_out(config: HarvestConfig) -> None:
     """Refuse a location that holds something else, or a cache made with another config,
     before any work (the store refuses again at creation, after packing)."""
     from sasa.store import open_cache
+    from sasa.store.layout import config_diff
     from sasa.store.location import Kind, probe
     kind = probe(config.out, config.storage_options or None)
     if kind is Kind.OTHER:
@@ -65,8 +66,7 @@ def _check_out(config: HarvestConfig) -> None:
     if kind is Kind.SASA and not config.overwrite:
         old = open_cache(config.out, config.storage_options or None).attrs.get("harvest", {})
         old_cfg, new_cfg = old.get("config", {}), config.content()
-        diffs = [f"{k}: {old_cfg.get(k, '<absent>')!r} -> {new_cfg.get(k, '<absent>')!r}"
-                 for k in sorted(set(old_cfg) | set(new_cfg)) if old_cfg.get(k) != new_cfg.get(k)]
+        diffs = config_diff(old_cfg, new_cfg)
         if diffs:
             raise SasaError(f"{config.out!r} holds a cache made with a different config "
                             f"({'; '.join(diffs)}); rerun with the same settings to resume, or "

@@ -18,7 +18,7 @@ from sasa.store.convert import storage_to_float32
 from sasa.store.location import open_group, url_fs
 from sasa.store.reader import BatchStream
 from sasa.store.stats import HookpointStats, Moments, merge, summarize
-from sasa.store.writer import DEFAULT_EXCLUDE, special_mask
+from sasa.store.masks import DEFAULT_EXCLUDE, high_norm_mask, parse_exclude, special_mask
 
 
 #: Shards whose norms are read for norm quantiles (all of them up to this many).
@@ -103,18 +103,33 @@ class Cache:
         return hookpoint
 
     def exclude_ids(self, exclude) -> dict[str, list[int]]:
-        """Special-token ids per excluded kind; unknown kinds are an error."""
+        """Special-token ids per excluded kind (``sasa.store.masks``); unknown kinds are an error."""
         special = self.attrs.get("special_token_ids", {})
-        unknown = [k for k in exclude if k not in special and k not in DEFAULT_EXCLUDE]
+        kinds = parse_exclude(exclude).special
+        unknown = [k for k in kinds if k not in special and k not in DEFAULT_EXCLUDE]
         if unknown:
             raise SasaError(f"cannot exclude {unknown}: this cache records special tokens "
-                            f"{sorted(special) or 'none'}")
-        return {k: list(special.get(k, [])) for k in exclude}
+                            f"{sorted(special) or 'none'} (and high_norm[:K] excludes outlier norms)")
+        return {k: list(special.get(k, [])) for k in kinds}
 
-    def row_mask(self, tokens_flat: np.ndarray, exclude=DEFAULT_EXCLUDE) -> np.ndarray:
-        """True for rows that are kept under the exclusion policy."""
+    def row_mask(self, tokens_flat: np.ndarray, exclude=DEFAULT_EXCLUDE, *, hookpoints=(),
+                 rows: np.ndarray | None = None) -> np.ndarray:
+        """True for rows that are kept under the exclusion policy.
+
+        A ``high_norm`` exclusion needs ``rows`` (the cache row of each entry of
+        ``tokens_flat``) and the ``hookpoints`` being read: it reads their ``norms`` rows."""
         ids = self.exclude_ids(exclude)
-        return ~special_mask(tokens_flat, ids, list(ids))
+        keep = ~special_mask(tokens_flat, ids, list(ids))
+        factor = parse_exclude(exclude).norm_factor
+        if factor is not None:
+            if rows is None or not hookpoints:
+                raise SasaError("a high_norm exclusion needs the rows and hookpoints being read")
+            rows = np.asarray(rows)
+            norms_HN = np.stack([self.group[L.norms_path(hp)].get_orthogonal_selection(rows)
+                                 for hp in hookpoints])
+            medians = [self.stats(hp).norm_quantiles[0.5] for hp in hookpoints]
+            keep &= ~high_norm_mask(norms_HN, medians, factor)
+        return keep
 
     # -- reading -----------------------------------------------------------------------
     def read_rows(self, hookpoint: str, start: int, stop: int) -> np.ndarray:

@@ -56,6 +56,18 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every key that differs (nested dicts as ``a.b``), sorted."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {json.dumps(a, default=str)} -> {json.dumps(b, default=str)}")
+    return diffs
+
+
 @dataclass(frozen=True)
 class Layout:
     """The shape of one cache; stored under the group attribute ``sasa``."""

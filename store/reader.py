@@ -189,7 +189,9 @@ class BatchStream:
             job.result()
         with self._lock:
             self.chunks_read += n
-        take = np.flatnonzero(self.cache.row_mask(tokens.reshape(-1), self.exclude))
+        window_rows = (chunks[:, None] * lay.chunk_rows + np.arange(lay.chunk_rows)).reshape(-1)
+        take = np.flatnonzero(self.cache.row_mask(tokens.reshape(-1), self.exclude,
+                                                  hookpoints=self.hookpoints, rows=window_rows))
         rows = chunks[take // lay.chunk_rows] * lay.chunk_rows + take % lay.chunk_rows
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch, window, self.rank, self.world_size]).permutation(len(take))

@@ -3,8 +3,9 @@
 Each shard stores (count, mean, M2) in float64 over its unmasked rows; merging the shards with
 Chan et al.'s pairwise update gives the same mean and variance as one float64 pass over all
 the data, up to float64 rounding, whatever the order shards were written in. Norms are kept
-per row (float32, 4 bytes a token), so norm quantiles are exact too and any row mask can be
-applied to them at read time.
+per row (float32, 4 bytes a token), so any row mask can be applied to them at read time; the
+norm quantiles are exact over caches of up to 64 shards and estimated from 64 evenly spaced
+shards beyond (``Cache.stats``), so opening a terabyte cache reads megabytes.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ class HookpointStats(NamedTuple):
     var: np.ndarray
     """[d] float64 population variance per dimension."""
     mean_norm: float
-    """Mean L2 norm of a row."""
+    """Mean L2 norm of a row (over the same shards as ``norm_quantiles``)."""
     norm_quantiles: dict[float, float]
-    """Quantile -> L2 norm, exact."""
+    """Quantile -> L2 norm: exact up to 64 committed shards, from 64 evenly spaced shards beyond."""
 
     @property
     def mean_sq_norm(self) -> float:

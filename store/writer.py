@@ -22,10 +22,8 @@ from sasa.errors import SasaError
 from sasa.store import layout as L
 from sasa.store.convert import to_storage
 from sasa.store.location import Kind, open_group, probe, url_fs
+from sasa.store.masks import DEFAULT_EXCLUDE, special_mask
 from sasa.store.stats import summarize_shard
-
-#: Kinds of special tokens excluded from statistics and, by default, from training batches.
-DEFAULT_EXCLUDE = ("bos", "pad")
 
 
 class ShardResult(NamedTuple):
@@ -38,30 +36,11 @@ class ShardResult(NamedTuple):
     """True when the shard was already committed with the same content."""
 
 
-def special_mask(tokens_flat: np.ndarray, special_ids: dict, kinds) -> np.ndarray:
-    """True for rows whose token is one of the special ids of the given kinds."""
-    ids = [i for kind in kinds for i in special_ids.get(kind, [])]
-    if not ids:
-        return np.zeros(tokens_flat.shape, dtype=bool)
-    return np.isin(tokens_flat, np.asarray(ids, dtype=tokens_flat.dtype))
-
-
 def non_finite(stored: np.ndarray, dtype: str) -> int:
     """Count of NaN/Inf values in stored data (bf16 bits: exponent all ones)."""
     if dtype == "bfloat16":
         return int(np.count_nonzero((stored & 0x7F80) == 0x7F80))
     return int(stored.size - np.count_nonzero(np.isfinite(stored)))
-
-
-def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _config_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: {json.dumps(a, default=str)} -> {json.dumps(b, default=str)}")
-    return diffs
 
 
 def _json_roundtrip(attrs: dict) -> dict:
@@ -236,7 +215,7 @@ def create_cache(url: str, *, hookpoints: dict[str, int], ctx_len: int, n_seq: i
         if not overwrite:
             old_cfg = {**{k: v for k, v in old.items() if k != "sasa"}, **old["sasa"]}
             new_cfg = {**attrs, **sasa_attrs}
-            diffs = [d for d in _config_diff(old_cfg, new_cfg) if not d.startswith("fingerprint")]
+            diffs = [d for d in L.config_diff(old_cfg, new_cfg) if not d.startswith("fingerprint")]
             raise SasaError(f"{url!r} holds a cache with a different config ({'; '.join(diffs) or 'fingerprint'}); "
                             f"rerun with the same settings to resume, or pass --overwrite to replace it")
         fs, path = url_fs(url, storage_options)

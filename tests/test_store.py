@@ -12,7 +12,7 @@ import torch
 
 from sasa.errors import SasaError
 from sasa.store import create_cache, open_cache, shuffle_quality
-from sasa.store.writer import special_mask
+from sasa.store.masks import special_mask
 from store_helpers import BOS, PAD, SPECIAL, build, shard_content, snapshot
 
 W = {"resid_post.1": 16, "resid_post.2": 8}
@@ -205,14 +205,13 @@ def test_resume_continues_with_exactly_the_rows_that_would_have_come(tmp_path, s
 def test_shuffle_quality_near_ideal(tmp_path):
     build(tmp_path / "c", n_seq=256, shard_seqs=32, ctx=16, widths={"h": 4})
     cache = open_cache(tmp_path / "c")
-    n = len(kept_rows(cache))
     rows, _ = collect(cache.batches("h", 256, seed=0, with_rows=True, exclude=()))
+    np.testing.assert_array_equal(np.sort(np.concatenate(rows)), np.arange(cache.n_tokens))  # exclude=(): every row
     shuffled = shuffle_quality(rows, 16, cache.n_tokens)
     rows, _ = collect(cache.batches("h", 256, shuffle=False, with_rows=True, exclude=()))
     sequential = shuffle_quality(rows, 16, cache.n_tokens)
     assert 0.8 < shuffled < 1.25, shuffled
     assert sequential > 10 * shuffled  # the measure can tell a bad shuffle apart
-    assert n < cache.n_tokens
 
 
 def test_sweep_style_multi_epoch_and_chunk_count(tmp_path):
@@ -273,6 +272,27 @@ def test_config_validation():
         create_cache("memory://x/bad", hookpoints={"h": 4}, ctx_len=8, n_seq=10, shard_seqs=4)
     with pytest.raises(SasaError, match="unknown storage dtype"):
         create_cache("memory://x/bad", hookpoints={"h": 4}, ctx_len=8, n_seq=8, shard_seqs=4, dtype="int8")
+
+
+def test_high_norm_rows_are_excluded_at_read_time(tmp_path):
+    """Reference from the raw rows in float64: a row goes when its norm is above K x the median
+    norm (over rows without BOS/padding) of any hookpoint read."""
+    build(tmp_path / "c")  # column 0 holds the row index, so norms spread over 0..512
+    cache = open_cache(tmp_path / "c")
+    keep = kept_rows(cache)
+    over = np.zeros(cache.n_tokens, bool)
+    for hp in W:
+        norms = np.linalg.norm(cache.read_rows(hp, 0, cache.n_tokens).astype(np.float64), axis=1)
+        over |= norms > 1.5 * np.median(norms[keep])
+    expected = keep[~over[keep]]
+    assert 0 < len(expected) < len(keep)
+    rows, _ = collect(cache.batches(list(W), 50, with_rows=True, exclude=("bos", "pad", "high_norm:1.5")))
+    np.testing.assert_array_equal(np.sort(np.concatenate(rows)), expected)
+    rows, _ = collect(cache.batches(list(W), 50, with_rows=True, exclude=("bos", "pad", "high_norm")))
+    np.testing.assert_array_equal(np.sort(np.concatenate(rows)), keep)  # 10x the median: none here
+    for bad in ("high_norm:0.5", "high_norm:x"):
+        with pytest.raises(SasaError, match="write high_norm or high_norm:K with K > 1"):
+            cache.batches("resid_post.1", 50, exclude=("bos", bad))
 
 
 def test_special_mask():
