@@ -300,7 +300,7 @@ def synthetic_scores(cache, sae, codes_NGR: torch.Tensor, rows_N: torch.Tensor) 
 def splice_for_cache(cache, sae, hookpoint: str, model: str, n_seqs: int, exclude, *, progress=False):
     """Splice-in scores on the cache's first committed sequences."""
     from sasa.analysis.splice import load_causal_lm, sae_reconstruct, splice_scores
-    from sasa.store.writer import special_mask
+    from sasa.store.masks import special_mask
 
     seqs = []
     for s in cache.committed_shards():
