@@ -15,11 +15,12 @@ from sasa import demo
 from sasa.analysis import cli as analysis_cli
 from sasa.errors import SasaError
 from sasa.harvester import cli as harvester_cli
+from sasa.interop import cli as interop_cli
 from sasa.store import cli as store_cli
 from sasa.trainer import cli as trainer_cli
 
 # Modules that register subcommands, in the order `sasa --help` lists them.
-COMMAND_MODULES = (store_cli, harvester_cli, trainer_cli, analysis_cli, demo)
+COMMAND_MODULES = (store_cli, harvester_cli, trainer_cli, analysis_cli, interop_cli, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
