@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from sasa.errors import SasaError, check_writable
@@ -17,7 +18,11 @@ def register(subparsers) -> None:
     p.add_argument("--sae", required=True, nargs="+",
                    help="SAE folder(s), or a run folder of `sasa train`/`sasa sweep` (all its SAEs)")
     p.add_argument("--hookpoint", default=None, help="default: the SAE's training hookpoint")
-    p.add_argument("--tokens", type=int, default=1 << 20, help="tokens to evaluate (default 1048576)")
+    p.add_argument("--tokens", type=_tokens, default=1 << 20,
+                   help="tokens to evaluate, or 'all' for every committed row (default 1048576)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="Ray actors sharing one pass over the whole cache (needs --tokens all; default 0: this process)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (e.g. ray://head:10001; default: a local one)")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--contexts", type=int, default=8, help="top contexts per group (0: none)")
     p.add_argument("--window", type=int, default=8, help="context tokens on each side")
@@ -60,32 +65,45 @@ def register(subparsers) -> None:
 
 
 def _sae_folders(paths) -> list[Path]:
+    """SAE folders (ours, SAELens, sparsify), or every one inside a run folder."""
+    from sasa.interop.detect import is_sae_folder
+
     out = []
     for p in map(Path, paths):
-        if (p / "config.json").is_file():
+        if is_sae_folder(p):
             out.append(p)
-        elif p.is_dir() and any((c / "config.json").is_file() for c in p.iterdir() if c.is_dir()):
-            out += sorted(c for c in p.iterdir() if (c / "config.json").is_file())
+        elif p.is_dir() and any(is_sae_folder(c) for c in p.iterdir() if c.is_dir()):
+            out += sorted(c for c in p.iterdir() if is_sae_folder(c))
         else:
             raise SasaError(f"{p} is neither a saved SAE nor a run folder holding SAEs")
     return out
 
 
+def _tokens(text: str) -> int | None:
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count; pass a number or 'all'") from None
+
+
 def run_eval(args) -> int:
-    from sasa.analysis.evaluate import EvalConfig, evaluate
+    from sasa.analysis.evaluate import EvalConfig, evaluate_many
     from sasa.store.options import parse_storage_options
 
     folders = _sae_folders(args.sae)
     if args.out and len(folders) > 1:
         raise SasaError("--out names one file; with several SAEs each writes <sae>/eval.json (drop --out)")
     opts = parse_storage_options(args.storage_options)
-    for folder in folders:
-        cfg = EvalConfig(cache=args.cache, sae=str(folder), hookpoint=args.hookpoint, tokens=args.tokens,
-                         batch_size=args.batch_size, contexts=args.contexts, window=args.window,
-                         tokenizer=args.tokenizer, splice_seqs=args.splice_seqs, model=args.model,
-                         absorption=args.absorption, device=args.device, out=args.out,
-                         storage_options=opts, progress=not args.no_progress)
-        result = evaluate(cfg)
+    if args.workers < 0:
+        raise SasaError(f"--workers must be >= 0, got {args.workers}")
+    cfgs = [EvalConfig(cache=args.cache, sae=str(folder), hookpoint=args.hookpoint, tokens=args.tokens,
+                       batch_size=args.batch_size, contexts=args.contexts, window=args.window,
+                       tokenizer=args.tokenizer, splice_seqs=args.splice_seqs, model=args.model,
+                       absorption=args.absorption, device=args.device, out=args.out,
+                       storage_options=opts, progress=not args.no_progress) for folder in folders]
+    for result in evaluate_many(cfgs, workers=args.workers, address=args.address):
         r = result.report
         line = (f"{r['name']}: fvu {r['fvu']:.4f} ev {r['explained_variance']:.4f} "
                 f"L0 {r['l0_groups']:.2f} groups / {r['l0_coords']:.2f} coords dead {r['dead_fraction']:.3f}")

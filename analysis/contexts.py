@@ -23,23 +23,58 @@ from sasa.errors import SasaError
 
 
 class TopRows:
-    """Running top-k rows per group by activation."""
+    """Running top-k rows per group by activation, exact and mergeable.
+
+    Order: activation descending, ties broken by the smaller cache row, and only active tokens
+    (activation > 0) count, so the result depends only on the set of rows seen: batches in any
+    order, or partial results of disjoint row sets merged with ``merge``, give the same table.
+    Per batch only the candidates that can still enter are sorted (those >= both the batch's
+    k-th value and the current k-th value of their group; ties at the threshold survive), so the
+    cost is one partition of [B, G] plus a sort of about G * k entries."""
 
     def __init__(self, groups: int, k: int):
         if k < 1:
             raise SasaError(f"contexts per group must be >= 1 (got {k})")
         self.k = k
-        self.vals_GK = torch.full((groups, k), -1.0)
-        self.rows_GK = torch.full((groups, k), -1, dtype=torch.long)
+        self.vals_GK = np.full((groups, k), -1.0, dtype=np.float32)
+        self.rows_GK = np.full((groups, k), -1, dtype=np.int64)
 
-    def update(self, score_BG: torch.Tensor, rows_B: torch.Tensor) -> None:
-        score_GB = score_BG.detach().float().cpu().T
-        rows_GB = rows_B.cpu().unsqueeze(0).expand_as(score_GB)
-        vals = torch.cat([self.vals_GK, score_GB], 1)
-        rows = torch.cat([self.rows_GK, rows_GB], 1)
-        top = vals.topk(self.k, dim=1)
-        self.vals_GK = top.values
-        self.rows_GK = rows.gather(1, top.indices)
+    def update(self, score_BG, rows_B) -> None:
+        s_BG = _numpy(score_BG).astype(np.float32, copy=False)
+        rows = _numpy(rows_B).astype(np.int64, copy=False)
+        B, G = s_BG.shape
+        thr_G = self.vals_GK[:, -1].copy()  # -1 while a group has fewer than k entries
+        if B >= self.k:
+            thr_G = np.maximum(thr_G, np.partition(s_BG, B - self.k, axis=0)[B - self.k])
+        b, g = np.nonzero((s_BG >= thr_G) & (s_BG > 0))
+        self._select(g, s_BG[b, g], rows[b])
+
+    def merge(self, other: "TopRows") -> "TopRows":
+        """Fold in the top rows of a disjoint set of rows (another worker's partial result)."""
+        if other.vals_GK.shape != self.vals_GK.shape:
+            raise SasaError(f"cannot merge top rows of shape {other.vals_GK.shape} into {self.vals_GK.shape}")
+        g, j = np.nonzero(other.rows_GK >= 0)
+        self._select(g, other.vals_GK[g, j], other.rows_GK[g, j])
+        return self
+
+    def _select(self, g_new, v_new, r_new) -> None:
+        g0, j0 = np.nonzero(self.rows_GK >= 0)
+        g = np.concatenate([g0, g_new]).astype(np.int64)
+        v = np.concatenate([self.vals_GK[g0, j0], v_new]).astype(np.float32)
+        r = np.concatenate([self.rows_GK[g0, j0], r_new]).astype(np.int64)
+        order = np.lexsort((r, -v, g))  # by group, then activation descending, then row
+        g, v, r = g[order], v[order], r[order]
+        first = np.searchsorted(g, g)  # index of each entry's group's first entry
+        rank = np.arange(len(g)) - first
+        keep = rank < self.k
+        self.vals_GK = np.full_like(self.vals_GK, -1.0)  # new arrays: a partial from Ray is read-only
+        self.rows_GK = np.full_like(self.rows_GK, -1)
+        self.vals_GK[g[keep], rank[keep]] = v[keep]
+        self.rows_GK[g[keep], rank[keep]] = r[keep]
+
+
+def _numpy(a) -> np.ndarray:
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
 def load_tokenizer_for(cache, override: str | None = None):
@@ -81,7 +116,7 @@ def context_table(cache, top: TopRows, *, tokenizer=None, window: int = 8, group
     import pyarrow as pa
 
     ctx = cache.ctx_len
-    vals, rows = top.vals_GK.numpy(), top.rows_GK.numpy()
+    vals, rows = np.asarray(top.vals_GK), np.asarray(top.rows_GK)
     sel = np.arange(len(vals)) if groups is None else np.asarray(groups)
     valid = [(g, j) for g in sel for j in range(top.k) if rows[g, j] >= 0 and vals[g, j] > 0]
     seqs = np.unique([rows[g, j] // ctx for g, j in valid]).astype(np.int64)
@@ -104,22 +139,43 @@ def context_table(cache, top: TopRows, *, tokenizer=None, window: int = 8, group
 
 
 class CodeViews:
-    """Collects the codes of the first ``max_tokens`` evaluated tokens, sparsely."""
+    """Collects the codes of the first ``max_tokens`` evaluated tokens (smallest cache rows when
+    batches come in row order), sparsely; ``merge`` keeps that meaning across workers."""
 
     def __init__(self, max_tokens: int):
         self.max_tokens = max_tokens
         self.seen = 0
         self.rows, self.groups, self.codes = [], [], []
+        self.token_rows = []
 
     def update(self, codes_BGR: torch.Tensor, active_BG: torch.Tensor, rows_B: torch.Tensor) -> None:
         take = min(self.max_tokens - self.seen, codes_BGR.shape[0])
         if take <= 0:
             return
         b_idx, g_idx = torch.nonzero(active_BG[:take], as_tuple=True)
-        self.rows.append(rows_B[:take][b_idx].cpu().numpy())
+        self.rows.append(rows_B[:take][b_idx.cpu()].cpu().numpy())
         self.groups.append(g_idx.cpu().numpy())
         self.codes.append(codes_BGR[:take][b_idx, g_idx].detach().float().cpu().numpy())
+        self.token_rows.append(rows_B[:take].cpu().numpy())
         self.seen += take
+
+    def merge(self, other: "CodeViews") -> "CodeViews":
+        """Keep the codes of the ``max_tokens`` smallest rows of both (disjoint) row sets,
+        ordered by (row, group) as one in-order pass would have collected them."""
+        tokens = np.sort(np.concatenate(self.token_rows + other.token_rows or [np.zeros(0, np.int64)]))
+        tokens = tokens[:self.max_tokens]
+        if not len(tokens):
+            return self
+        last = tokens[-1]
+        rows = np.concatenate(self.rows + other.rows)
+        groups = np.concatenate(self.groups + other.groups)
+        codes = np.concatenate(self.codes + other.codes)
+        keep = rows <= last
+        rows, groups, codes = rows[keep], groups[keep], codes[keep]
+        order = np.lexsort((groups, rows))
+        self.rows, self.groups, self.codes = [rows[order]], [groups[order]], [codes[order]]
+        self.token_rows, self.seen = [tokens], len(tokens)
+        return self
 
     def table(self, *, n_groups: int = 6, max_points: int = 1000, min_points: int = 20, seed: int = 0):
         """pyarrow Table of the busiest groups' codes on their top-2 principal plane:

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sasa.analysis import metrics as M
-from sasa.analysis.contexts import CodeViews, TopRows, context_table, load_tokenizer_for
+from sasa.analysis.contexts import context_table, load_tokenizer_for
 from sasa.devices import resolve_device
 from sasa.errors import SasaError, check_writable
 
@@ -45,11 +45,12 @@ class EvalConfig:
     cache: str
     """Cache URL (opened read-only)."""
     sae: str
-    """Folder of a trained SAE (config.json + sae.safetensors)."""
+    """Folder of a trained SAE: ours, or a SAELens or sparsify one (``sasa.interop.foreign``)."""
     hookpoint: str | None = None
     """Hookpoint to evaluate on; default: the one in the SAE's train.json, or the cache's only one."""
-    tokens: int = 1 << 20
-    """Tokens to evaluate (the cache's first rows, BOS/padding excluded); capped at the cache."""
+    tokens: int | None = 1 << 20
+    """Tokens to evaluate (the cache's first rows, BOS/padding excluded); capped at the cache.
+    None: every committed row (the only setting for a pass over Ray workers)."""
     batch_size: int = 4096
     """Tokens per forward."""
     exclude: tuple[str, ...] = ("bos", "pad")
@@ -83,7 +84,7 @@ class EvalConfig:
 
     def __post_init__(self):
         for key in ("tokens", "batch_size"):
-            if getattr(self, key) <= 0:
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise SasaError(f"{key} must be positive, got {getattr(self, key)}")
         for key in ("contexts", "window", "view_tokens", "synth_samples", "splice_seqs"):
             if getattr(self, key) < 0:
@@ -142,64 +143,77 @@ def _json_safe(obj):
     return obj
 
 
+def load_eval_sae(sae_dir):
+    """The SAE in ``sae_dir`` (ours, SAELens or sparsify) as evaluation runs it: float32, eval
+    mode, on the CPU."""
+    from sasa.interop.foreign import load_any_sae
+
+    return load_any_sae(Path(sae_dir)).sae.float().eval()
+
+
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Evaluate ``cfg.sae`` on ``cfg.cache`` and write eval.json (and Parquet files) beside it."""
-    from sasa.store import open_cache
-    from sasa.trainer import load_sae
+    return evaluate_many([cfg])[0]
 
-    check_writable(cfg.out_path, "eval output", folder=False)  # before any work: no stray files
+
+#: EvalConfig fields that every SAE of one pass must share.
+PASS_FIELDS = ("cache", "tokens", "batch_size", "exclude", "contexts", "view_tokens", "synth_samples", "device")
+
+
+def evaluate_many(cfgs: list[EvalConfig], *, workers: int = 0, address: str | None = None,
+                  on_unit=None) -> list[EvalResult]:
+    """Evaluate several SAEs on one cache in one read pass (``sasa.analysis.scan``).
+
+    ``workers`` > 0 spreads the pass over that many Ray actors (``sasa.analysis.distributed``;
+    whole cache only, ``tokens=None``), on the cluster at ``address`` or a local one; the result
+    is the single-process one. ``on_unit(done, total)`` reports finished work units."""
+    from sasa.analysis.distributed import ScanJob, scan_on_ray, unit_chunks
+    from sasa.analysis.scan import ScanSettings, scan_chunks
+    from sasa.store import open_cache
+
+    first = cfgs[0]
+    for cfg in cfgs:  # before any work: an unwritable output must not cost a pass, nor leave files
+        check_writable(cfg.out_path, "eval output", folder=False)
+    for cfg in cfgs[1:]:
+        diffs = [k for k in PASS_FIELDS if getattr(cfg, k) != getattr(first, k)]
+        if diffs:
+            raise SasaError(f"SAEs evaluated in one pass must share {', '.join(diffs)}; evaluate them separately")
+    if workers and first.tokens is not None:
+        raise SasaError("--workers evaluates the whole cache; pass --tokens all (or drop --workers)")
+    cache = open_cache(first.cache, first.storage_options)
+    members = []
+    for cfg in cfgs:
+        sae_dir = Path(cfg.sae)
+        sae = load_eval_sae(sae_dir)
+        info = _train_info(sae_dir)
+        hp = _resolve_hookpoint(cfg, cache, info)
+        if cache.hookpoints[hp] != sae.cfg.d_in:
+            raise SasaError(f"the SAE reads width {sae.cfg.d_in} but {hp} in {cache.url} has width "
+                            f"{cache.hookpoints[hp]}; pick the matching hookpoint or cache")
+        members.append((sae, hp, info))
+    synthetic = "synthetic" in cache.attrs
+    settings = ScanSettings(batch_size=first.batch_size, exclude=tuple(first.exclude), contexts=first.contexts,
+                            view_tokens=first.view_tokens, synth_samples=first.synth_samples if synthetic else 0)
+    if workers:
+        job = ScanJob(cache=first.cache, saes=[c.sae for c in cfgs], hookpoints=[hp for _, hp, _ in members],
+                      settings=settings, storage_options=first.storage_options, device=first.device)
+        parts = scan_on_ray(job, workers=workers, address=address, on_unit=on_unit).partials
+    else:
+        device = resolve_device(first.device)
+        budget = cache.n_tokens if first.tokens is None else min(first.tokens, cache.n_tokens)
+        with tqdm(total=budget, unit="tok", unit_scale=True, desc="eval", disable=not first.progress) as bar:
+            parts = scan_chunks(cache, [(sae.to(device), hp) for sae, hp, _ in members], unit_chunks(cache, 0, 1),
+                                settings, device=device, budget=first.tokens, on_rows=bar.update)
+    return [_report(cfg, cache, sae.cpu(), hp, info, part) for cfg, (sae, hp, info), part in zip(cfgs, members, parts)]
+
+
+def _report(cfg: EvalConfig, cache, sae, hp: str, info: dict, part) -> EvalResult:
+    """Everything after the pass for one SAE: weight metrics, ground truth, splice-in, files."""
     sae_dir = Path(cfg.sae)
-    sae = load_sae(sae_dir).float().eval()
-    device = resolve_device(cfg.device)
-    sae.to(device)
-    cache = open_cache(cfg.cache, cfg.storage_options)
-    info = _train_info(sae_dir)
-    hp = _resolve_hookpoint(cfg, cache, info)
-    if cache.hookpoints[hp] != sae.cfg.d_in:
-        raise SasaError(f"the SAE reads width {sae.cfg.d_in} but {hp} in {cache.url} has width "
-                        f"{cache.hookpoints[hp]}; pick the matching hookpoint or cache")
     G, R = sae.cfg.groups, sae.cfg.rank
     synthetic = "synthetic" in cache.attrs
-    recon = M.ReconAccumulator(sae.cfg.d_in)
-    sparse = M.SparsityAccumulator(G)
-    top = TopRows(G, cfg.contexts) if cfg.contexts else None
-    views = CodeViews(cfg.view_tokens) if R >= 2 and cfg.view_tokens else None
-    synth_codes, synth_rows, n_synth = [], [], 0
-
-    budget = min(cfg.tokens, cache.n_tokens)
-    stream = cache.batches(hp, cfg.batch_size, shuffle=False, epochs=1, exclude=cfg.exclude,
-                           with_rows=True)
-    done = 0
-    bar = tqdm(total=budget, unit="tok", unit_scale=True, desc="eval", disable=not cfg.progress)
-    it = iter(stream)
-    try:
-        with torch.no_grad():
-            for batch in it:
-                x = batch.acts[: budget - done].to(device)
-                rows = batch.rows[: budget - done]
-                out = sae(x)
-                recon.update(x, out.x_hat_BD)
-                sparse.update(out.codes_BGR, out.active_BG)
-                if top is not None:
-                    top.update(out.codes_BGR.norm(dim=-1), rows)
-                if views is not None:
-                    views.update(out.codes_BGR, out.active_BG, rows)
-                if synthetic and n_synth < cfg.synth_samples:
-                    take = min(cfg.synth_samples - n_synth, len(x))
-                    synth_codes.append(out.codes_BGR[:take].cpu())
-                    synth_rows.append(rows[:take])
-                    n_synth += take
-                done += len(x)
-                bar.update(len(x))
-                if done >= budget:
-                    break
-    finally:
-        bar.close()
-        if hasattr(it, "close"):
-            it.close()  # stop the reader's prefetch threads now
-
-    sae.cpu()
-    rm, sp = recon.result(), sparse.result()
+    top, views = part.top, part.views
+    rm, sp = part.recon.result(), part.sparse.result()
     with torch.no_grad():
         ranks = sae.effective_ranks()
         overlap = M.max_subspace_overlap(sae.decoder_GDR) if G > 1 else None
@@ -207,6 +221,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     report = {
         "version": EVAL_VERSION,
         "sae": str(sae_dir), "name": info.get("member", {}).get("name", sae_dir.name),
+        "source": info.get("source", "sasa"),
         "sae_config": asdict(sae.cfg), "cache": str(cfg.cache), "cache_fingerprint": cache.fingerprint,
         "hookpoint": hp, "train_tokens": info.get("tokens"),
         "eval_config": {k: v for k, v in asdict(cfg).items() if k != "storage_options"},
@@ -223,8 +238,9 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         "max_overlap_max": float(overlap.max_overlap_G.max()) if overlap else None,
         "overlap_above_0.9": float((overlap.max_overlap_G > 0.9).mean()) if overlap else None,
     }
-    if synthetic and synth_codes:
-        report["synthetic"] = synthetic_scores(cache, sae, torch.cat(synth_codes), torch.cat(synth_rows))
+    if synthetic and part.first is not None and part.first.codes is not None:
+        report["synthetic"] = synthetic_scores(cache, sae, torch.from_numpy(part.first.codes),
+                                               torch.from_numpy(part.first.rows))
 
     model = cache_model(cache, cfg.model)
     if cfg.splice_seqs and model:
@@ -255,9 +271,23 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         table = views.table(n_groups=cfg.view_groups)
         pq.write_table(table, codes_path)
         report["codes"] = {"path": codes_path.name, "groups": sorted(set(table.column("group").to_pylist()))}
+    groups_path = out.with_name("groups.npz" if out.stem == "eval" else f"{out.stem}.groups.npz")
+    with torch.no_grad():
+        sv_GR = sae.map_singular_values().reshape(G, -1).double().numpy()
+    _write_groups(groups_path, part, sp.frequency_G, ranks.threshold_G.numpy(), sv_GR)
+    report["groups"] = {"path": groups_path.name}
     report = _json_safe(report)
     out.write_text(json.dumps(report, indent=2) + "\n")
     return EvalResult(report, out, ctx_path, codes_path)
+
+
+def _write_groups(path: Path, part, frequency_G, eff_rank_G, sv_GR) -> None:
+    """Per-group arrays for the browser: firing frequency, max activation, log2-binned
+    activation histogram, effective rank and the singular values of each group's map."""
+    from sasa.analysis.scan import hist_edges
+
+    np.savez_compressed(path, frequency_G=frequency_G, max_G=part.max_G, hist_GH=part.hist_GH,
+                        edges_H1=hist_edges(), eff_rank_G=eff_rank_G, singular_values_GR=sv_GR)
 
 
 def _beside(out: Path, kind: str) -> Path:

@@ -88,6 +88,13 @@ class ReconAccumulator:
         self.cos_sum += float(((x * xh).sum(1) / (nx_B * nxh_B).clamp_min(tiny)).sum())
         self.ratio_sum += float((nxh_B / nx_B.clamp_min(tiny)).sum())
 
+    def merge(self, other: "ReconAccumulator") -> "ReconAccumulator":
+        """Add the sums of another accumulator (a disjoint set of batches); exact up to the
+        order of float64 additions."""
+        for key in ("err", "sq", "sum_D", "n", "ev_legacy_sum", "cos_sum", "ratio_sum"):
+            setattr(self, key, getattr(self, key) + getattr(other, key))
+        return self
+
     def result(self) -> ReconMetrics:
         if self.n == 0:
             raise SasaError("no tokens were evaluated; check the cache and --tokens")
@@ -128,6 +135,12 @@ class SparsityAccumulator:
         self.groups_sum += int(active_BG.sum())
         self.coords_sum += int((codes_BGR != 0).sum())
         self.n += codes_BGR.shape[0]
+
+    def merge(self, other: "SparsityAccumulator") -> "SparsityAccumulator":
+        """Add the counts of another accumulator (integers: exact)."""
+        for key in ("count_G", "groups_sum", "coords_sum", "n"):
+            setattr(self, key, getattr(self, key) + getattr(other, key))
+        return self
 
     def result(self) -> SparsityMetrics:
         n = max(self.n, 1)
