@@ -13,9 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sasa.errors import SasaError
+from sasa.fields import check_fields, coerce_mapping
 from sasa.trainer.sae_config import SAEConfig
 
 SAE_FIELDS = {f.name for f in dataclasses.fields(SAEConfig)}
+#: d_in used to check an SAE's settings before the cache (and so its width) is known.
+UNKNOWN_WIDTH = 1 << 30
 
 
 @dataclass
@@ -36,24 +39,27 @@ class MemberConfig:
     member's place in the sweep, so an SAE trains to the same weights alone or in any sweep."""
 
     def __post_init__(self):
+        check_fields(self)
         unknown = set(self.sae) - SAE_FIELDS
         if unknown:
             raise SasaError(f"unknown SAE setting(s) {sorted(unknown)}; known: {', '.join(sorted(SAE_FIELDS))}")
         if "groups" not in self.sae:
             raise SasaError(f"SAE on {self.hookpoint} needs 'groups' (the number of groups or latents)")
+        self.sae = coerce_mapping(SAEConfig, self.sae)
         if self.lr is not None and not self.lr > 0:
             raise SasaError(f"lr must be positive, got {self.lr}")
+        # Every setting is checked now, before any cache is opened; the real d_in comes later.
+        cfg = SAEConfig(**{"d_in": UNKNOWN_WIDTH, **self.sae})
         if self.name is None:
-            s = self.sae
-            parts = [s.get("arch", "sasa"), self.hookpoint, f"G{s['groups']}"]
-            if s.get("arch", "sasa") == "sasa":
-                parts.append(f"r{s.get('rank') or 4}")
-            if s.get("arch", "sasa") != "relu":
-                parts.append(f"s{s.get('top_s', 8)}")
-            if s.get("nuc_lambda"):
-                parts.append(f"nuc{s['nuc_lambda']:g}")
-            if s.get("arch") == "relu":
-                parts.append(f"l1{s.get('l1_coeff', 1e-3):g}")
+            parts = [cfg.arch, self.hookpoint, f"G{cfg.groups}"]
+            if cfg.arch == "sasa":
+                parts.append(f"r{cfg.rank}")
+            if cfg.arch != "relu":
+                parts.append(f"s{cfg.top_s}")
+            if cfg.nuc_lambda:
+                parts.append(f"nuc{cfg.nuc_lambda:g}")
+            if cfg.arch == "relu":
+                parts.append(f"l1{cfg.l1_coeff:g}")
             self.name = "-".join(str(p) for p in parts)
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise SasaError(f"SAE name {self.name!r} cannot be a folder name")
@@ -115,6 +121,7 @@ class TrainConfig:
     """fsspec options for the cache (may hold credentials: never saved)."""
 
     def __post_init__(self):
+        check_fields(self)
         if not self.members:
             raise SasaError("a run needs at least one SAE")
         names = [m.name for m in self.members]
@@ -186,10 +193,16 @@ def load_sweep(path: str | Path, **overrides) -> TrainConfig:
             hookpoint = entry.pop("hookpoint")
         except KeyError:
             raise SasaError(f"{path}: SAE entry {i} has no 'hookpoint'") from None
-        members.append(MemberConfig(hookpoint=hookpoint, lr=entry.pop("lr", None),
-                                    name=entry.pop("name", None), seed=entry.pop("seed", None),
-                                    sae=entry))
+        try:
+            members.append(MemberConfig(hookpoint=hookpoint, lr=entry.pop("lr", None),
+                                        name=entry.pop("name", None), seed=entry.pop("seed", None),
+                                        sae=entry))
+        except SasaError as err:
+            raise SasaError(f"{path}: SAE entry {i}: {err}") from None
     run = {**doc, **{k: v for k, v in overrides.items() if v is not None}}
     if "cache" not in run:
         raise SasaError(f"{path} names no cache; add 'cache: URL' or pass --cache")
-    return TrainConfig(members=members, **run)
+    try:
+        return TrainConfig(members=members, **run)
+    except SasaError as err:
+        raise SasaError(f"{path}: {err}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sasa.errors import SasaError
+from sasa.fields import check_fields
 
 ARCHS = ("sasa", "topk", "relu")
 CODES = ("signed", "relu")
@@ -82,6 +83,7 @@ class SAEConfig:
     "auto": sparse on CPU when s*r <= G*r / 8 (measured crossover ~G*r/8), dense elsewhere."""
 
     def __post_init__(self) -> None:
+        check_fields(self)  # YAML / CLI values: one-line errors naming the field and its type
         if self.arch not in ARCHS:
             raise SasaError(f"unknown SAE arch {self.arch!r}; use one of {', '.join(ARCHS)}")
         if self.d_in < 1 or self.groups < 1:
