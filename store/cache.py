@@ -17,6 +17,7 @@ from sasa.store import layout as L
 from sasa.store.convert import storage_to_float32
 from sasa.store.location import open_group, url_fs
 from sasa.store.reader import BatchStream
+from sasa.store.remote import CacheStore, fs_call
 from sasa.store.stats import HookpointStats, Moments, merge, summarize
 from sasa.store.masks import DEFAULT_EXCLUDE, high_norm_mask, parse_exclude, special_mask
 
@@ -41,6 +42,8 @@ class Cache:
         self.layout = L.Layout.from_attrs(sasa)
         self.attrs = {k: v for k, v in group.attrs.items() if k != "sasa"}
         self.refresh()
+        if isinstance(group.store, CacheStore):  # every absent chunk object is checked here
+            group.store.on_missing = self._missing_object
 
     def refresh(self) -> None:
         """Take a new snapshot of which shards are committed."""
@@ -133,8 +136,53 @@ class Cache:
 
     # -- reading -----------------------------------------------------------------------
     def read_rows(self, hookpoint: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of a hookpoint as float32 (sequential reads, for analysis)."""
+        """Rows [start, stop) of a hookpoint as float32 (sequential reads, for analysis); every
+        row must lie in a committed shard."""
+        self.check_rows(start, stop)
         return storage_to_float32(self.acts(hookpoint)[start:stop], self.dtype)
+
+    def check_rows(self, start: int, stop: int) -> None:
+        """Refuse rows past the end, or rows of shards that are not committed (zarr would
+        return zeros for both)."""
+        lay = self.layout
+        if not 0 <= start <= stop <= lay.n_rows:
+            raise SasaError(f"rows [{start}, {stop}) are outside {self.url}, which has rows "
+                            f"[0, {lay.n_rows}); ask for rows inside that range")
+        shards = range(start // lay.shard_rows, -(-stop // lay.shard_rows))
+        pending = [s for s in shards if not self._committed[s]]
+        if pending:
+            raise SasaError(f"rows [{start}, {stop}) include shard(s) {pending[:8]} of {self.url}, "
+                            f"which are not committed yet; read rows of committed shards only "
+                            f"(Cache.committed_shards(), or refresh() once the harvest committed them)")
+
+    def _missing_object(self, key: str) -> None:
+        """Called by the store for every absent object: one of a data array is an error."""
+        shard = self.layout.shard_of_key(key)
+        if shard is None or not 0 <= shard < self.layout.n_shards:
+            return
+        if self._committed[shard]:
+            raise SasaError(
+                f"shard {shard} of {self.url} is committed but its chunk object {key} is missing "
+                f"(deleted, or not yet visible on the object store); sasa never reads zeros in its "
+                f"place: run `sasa info --verify {self.url}` and re-harvest the shard")
+        raise SasaError(f"shard {shard} of {self.url} is not committed yet ({key} is not written); "
+                        f"read rows of committed shards only (Cache.committed_shards())")
+
+    def missing_chunks(self) -> list[str]:
+        """Chunk objects of committed shards that are absent, from one listing of the cache
+        (the listing ``size_bytes`` makes anyway): cheap next to reading the chunks."""
+        present = set(self._listing)
+        return [f"shard {s}: {key}" for s in self.committed_shards()
+                for key in self.layout.chunk_keys(s) if key not in present]
+
+    @cached_property
+    def _listing(self) -> dict[str, int]:
+        """Every object under the cache's root (key relative to the root) -> its size."""
+        fs, path = url_fs(self.url, self.storage_options)
+        found = fs_call(self.url, "read", fs.find, path, detail=True)
+        root = fs._strip_protocol(path).rstrip("/") + "/"
+        return {k[len(root):] if k.startswith(root) else k: int(v.get("size") or 0)
+                for k, v in found.items()}
 
     def stats(self, hookpoint: str) -> HookpointStats:
         """Statistics over the committed rows, BOS and padding excluded.
@@ -180,8 +228,7 @@ class Cache:
     @cached_property
     def size_bytes(self) -> int:
         """Bytes on disk (or in the bucket) under the cache's root."""
-        fs, path = url_fs(self.url, self.storage_options)
-        return int(fs.du(path, total=True))
+        return sum(self._listing.values())
 
     def __repr__(self) -> str:
         return (f"Cache({self.url!r}, hookpoints={self.hookpoints}, tokens={self.n_tokens:,}, "

@@ -63,11 +63,18 @@ def format_text(info: dict) -> str:
 
 
 def run(args) -> int:
+    from sasa.errors import SasaError
     from sasa.store.cache import open_cache
     from sasa.store.options import parse_storage_options
     from sasa.store.verify import verify
 
     cache = open_cache(args.url, parse_storage_options(args.storage_options))
+    missing = [] if args.verify else cache.missing_chunks()  # one listing catches a lost object
+    if missing:
+        raise SasaError(f"{len(missing)} chunk object(s) of committed shards are missing from "
+                        f"{args.url} ({'; '.join(missing[:3])}{'; ...' if len(missing) > 3 else ''}): "
+                        f"the cache is damaged; run `sasa info --verify {args.url}` and re-harvest "
+                        f"those shards")
     info = describe(cache)
     problems = verify(cache, progress=not args.json) if args.verify else None
     if args.json:

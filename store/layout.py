@@ -156,6 +156,32 @@ class Layout:
         if not 0 <= index < self.n_shards:
             raise SasaError(f"shard {index} is out of range; this cache has shards 0..{self.n_shards - 1}")
 
+    # -- chunk objects (zarr's default chunk keys: ``<array>/c/<i>/<j>``) ---------------
+    def data_arrays(self) -> list[str]:
+        """Arrays whose rows belong to shards: tokens, and acts and norms of every hookpoint."""
+        return [TOKENS, *(f(hp) for hp in self.hookpoints for f in (acts_path, norms_path))]
+
+    def chunk_keys(self, shard: int) -> list[str]:
+        """Every chunk object of one shard, over all data arrays."""
+        keys = [f"{TOKENS}/c/{c}/0" for c in self.shard_chunks(shard)]
+        for hp in self.hookpoints:
+            acts = [shard] if self.shard_objects else self.shard_chunks(shard)
+            keys += [f"{acts_path(hp)}/c/{c}/0" for c in acts]
+            keys += [f"{norms_path(hp)}/c/{c}" for c in self.shard_chunks(shard)]
+        return keys
+
+    def shard_of_key(self, key: str) -> int | None:
+        """The shard a data array's chunk object belongs to; None for any other key."""
+        array, sep, rest = key.rpartition("/c/")
+        if not sep or array not in self.data_arrays():
+            return None
+        first = rest.split("/", 1)[0]
+        if not first.isdigit():
+            return None
+        if self.shard_objects and array.startswith("acts/"):
+            return int(first)
+        return int(first) // self.chunks_per_shard
+
 
 def auto_chunk_seqs(hookpoints: dict[str, int], ctx_len: int, shard_seqs: int, dtype: str) -> int:
     """The largest divisor of ``shard_seqs`` whose chunk of the widest hookpoint fits

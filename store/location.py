@@ -1,7 +1,9 @@
 """Opening a zarr group at any fsspec URL, with errors a user can act on.
 
-zarr resolves a plain path to a LocalStore and a URL (``s3://``, ``memory://``, ``gs://``...)
-to an FsspecStore. Credentials travel only in ``storage_options`` (or the environment) and are
+A plain path is a folder (zarr's LocalStore) and a URL (``s3://``, ``memory://``, ``gs://``...)
+goes through fsspec (FsspecStore); either way the store is wrapped in
+``sasa.store.remote.CacheStore``, which retries transient faults and turns storage failures
+into one line. Credentials travel only in ``storage_options`` (or the environment) and are
 never written anywhere by sasa.
 """
 
@@ -13,6 +15,7 @@ import fsspec
 import zarr
 
 from sasa.errors import SasaError
+from sasa.store.remote import fs_call, open_store
 
 
 class Kind(enum.Enum):
@@ -24,28 +27,35 @@ class Kind(enum.Enum):
 
 def probe(url: str, storage_options: dict | None = None) -> Kind:
     """What lives at ``url``: nothing, an empty folder, a sasa cache, or something else."""
-    try:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    except (ImportError, ValueError) as err:
-        raise SasaError(f"cannot use {url!r}: {err}; install the filesystem's package (e.g. s3fs) "
-                        f"or check the URL") from None
-    try:
-        if not fs.exists(path):
-            return Kind.MISSING
-        if not fs.isdir(path):
-            return Kind.OTHER
-        entries = fs.ls(path, detail=False)
-    except PermissionError as err:
-        raise SasaError(f"no permission to read {url!r} ({err}); check the credentials") from None
-    except OSError as err:
-        raise SasaError(f"cannot reach {url!r}: {err}") from None
-    if not entries:
+    fs, path = url_fs(url, storage_options)
+    if not fs_call(url, "read", fs.exists, path):
+        return Kind.MISSING
+    if not fs_call(url, "read", fs.isdir, path):
+        return Kind.OTHER
+    if not fs_call(url, "read", fs.ls, path, detail=False):
         return Kind.EMPTY
     try:
-        group = zarr.open_group(url, mode="r", storage_options=storage_options)
-    except Exception:
+        group = zarr.open_group(store=open_store(url, True, storage_options), mode="r")
+    except SasaError:
+        raise
+    except Exception as err:
+        _refuse_damaged_root(url, fs, path, err)
         return Kind.OTHER
     return Kind.SASA if "sasa" in group.attrs else Kind.OTHER
+
+
+def _refuse_damaged_root(url: str, fs, path: str, err: Exception) -> None:
+    """A root zarr.json that exists but does not parse is damage, not a foreign folder."""
+    import json
+    meta = path.rstrip("/") + "/zarr.json"
+    if not fs_call(url, "read", fs.exists, meta):
+        return
+    try:
+        json.loads(fs_call(url, "read", fs.cat_file, meta))
+    except ValueError:
+        raise SasaError(f"{url!r} looks like a cache whose root metadata {meta} is damaged "
+                        f"({type(err).__name__}); restore that file from a copy, or re-harvest "
+                        f"into a new location") from None
 
 
 def open_group(url: str, mode: str, storage_options: dict | None = None) -> zarr.Group:
@@ -57,9 +67,19 @@ def open_group(url: str, mode: str, storage_options: dict | None = None) -> zarr
     if kind is Kind.OTHER:
         raise SasaError(f"{url!r} is not a sasa cache (no zarr group with 'sasa' attributes there); "
                         f"point at the cache's root folder")
-    return zarr.open_group(url, mode=mode, storage_options=storage_options)
+    return zarr.open_group(store=open_store(url, mode == "r", storage_options), mode=mode)
+
+
+def create_group(url: str, attributes: dict, storage_options: dict | None = None) -> zarr.Group:
+    """A new, empty group at ``url`` holding ``attributes``."""
+    return zarr.open_group(store=open_store(url, False, storage_options), mode="w",
+                           attributes=attributes)
 
 
 def url_fs(url: str, storage_options: dict | None = None):
     """(filesystem, path) for ``url``: used for sizes on disk and removal."""
-    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    try:
+        return fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    except (ImportError, ValueError, TypeError) as err:
+        raise SasaError(f"cannot use {url!r}: {err}; install the filesystem's package (e.g. s3fs) "
+                        f"or check the URL and --storage-options") from None

@@ -21,7 +21,8 @@ import zarr
 from sasa.errors import SasaError
 from sasa.store import layout as L
 from sasa.store.convert import to_storage
-from sasa.store.location import Kind, open_group, probe, url_fs
+from sasa.store.location import Kind, create_group, open_group, probe, url_fs
+from sasa.store.remote import fs_call
 from sasa.store.masks import DEFAULT_EXCLUDE, special_mask
 from sasa.store.stats import summarize_shard
 
@@ -60,11 +61,14 @@ class CacheWriter:
         self.attrs = {k: v for k, v in group.attrs.items() if k != "sasa"}
         self.storage_options = storage_options
         self.special_ids = self.attrs.get("special_token_ids", {})
-        self._tokens = group[L.TOKENS]
+        # Every chunk is stored, even one that equals the fill value (zarr skips those by
+        # default): readers treat an absent chunk of a committed shard as damage.
+        every = lambda path: group[path].with_config({"write_empty_chunks": True})  # noqa: E731
+        self._tokens = every(L.TOKENS)
         self._committed = group[L.COMMITTED]
         self._crc = group[L.CHECKSUMS]
-        self._acts = {hp: group[L.acts_path(hp)] for hp in layout.hookpoints}
-        self._norms = {hp: group[L.norms_path(hp)] for hp in layout.hookpoints}
+        self._acts = {hp: every(L.acts_path(hp)) for hp in layout.hookpoints}
+        self._norms = {hp: every(L.norms_path(hp)) for hp in layout.hookpoints}
         self._stats = {hp: {name: group[L.stats_path(hp, name)] for name in ("count", "mean", "m2")}
                        for hp in layout.hookpoints}
 
@@ -87,9 +91,9 @@ class CacheWriter:
         fs, root = url_fs(self.url, self.storage_options)
         if "file" not in fs.protocol:
             return 0
-        stray = [p for p in fs.find(root) if p.endswith(".partial")]
+        stray = [p for p in fs_call(self.url, "read", fs.find, root) if p.endswith(".partial")]
         for p in stray:
-            fs.rm_file(p)
+            fs_call(self.url, "write", fs.rm_file, p)
         return len(stray)
 
     def write_shard(self, index: int, tokens, acts: dict) -> ShardResult:
@@ -219,8 +223,7 @@ def create_cache(url: str, *, hookpoints: dict[str, int], ctx_len: int, n_seq: i
             raise SasaError(f"{url!r} holds a cache with a different config ({'; '.join(diffs) or 'fingerprint'}); "
                             f"rerun with the same settings to resume, or pass --overwrite to replace it")
         fs, path = url_fs(url, storage_options)
-        fs.rm(path, recursive=True)
-    group = zarr.open_group(url, mode="w", storage_options=storage_options,
-                            attributes={**attrs, "sasa": sasa_attrs})
+        fs_call(url, "write", fs.rm, path, recursive=True)
+    group = create_group(url, {**attrs, "sasa": sasa_attrs}, storage_options)
     _ensure_arrays(group, lay)
     return CacheWriter(url, group, lay, storage_options)
