@@ -106,8 +106,10 @@ class EvalResult(NamedTuple):
 
 
 def _train_info(sae_dir: Path) -> dict:
-    p = sae_dir / "train.json"
-    return json.loads(p.read_text()) if p.is_file() else {}
+    """train.json beside our SAEs; for SAELens / sparsify folders, their hookpoint in its keys."""
+    from sasa.interop.foreign import sae_info
+
+    return sae_info(sae_dir)
 
 
 def _resolve_hookpoint(cfg: EvalConfig, cache, info: dict) -> str:

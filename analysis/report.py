@@ -71,8 +71,9 @@ def _planned_steps(root: Path) -> int | None:
 
 
 def load_members(sweeps) -> list[Member]:
-    """Every SAE folder (with a config.json or metrics.jsonl) of the given sweep folders; a
-    folder without saved weights (config.json and sae.safetensors) is marked unfinished."""
+    """Every SAE folder (with a config.json or metrics.jsonl, or an evaluated SAELens / sparsify
+    SAE) of the given sweep folders; a folder of ours without saved weights (config.json and
+    sae.safetensors) is marked unfinished."""
     members = []
     for sweep in sweeps:
         root = Path(sweep)
@@ -81,6 +82,10 @@ def load_members(sweeps) -> list[Member]:
         for folder in sorted(p for p in root.iterdir() if p.is_dir()):
             cfg_file, metrics_file = folder / "config.json", folder / "metrics.jsonl"
             if not cfg_file.is_file() and not metrics_file.is_file():
+                if (folder / "cfg.json").is_file() and (folder / "eval.json").is_file():  # SAELens/sparsify
+                    ev = _json(folder / "eval.json")
+                    name = folder.name if len(sweeps) == 1 else f"{root.name}/{folder.name}"
+                    members.append(Member(name, folder, ev.get("sae_config") or {}, [], ev))
                 continue
             config = (_json(cfg_file).get("config") or {}) if cfg_file.is_file() else {}
             lines = _metric_lines(metrics_file) if metrics_file.is_file() else []
@@ -113,6 +118,9 @@ def _img(uri: str, alt: str) -> str:
 
 def _label(m: Member) -> str:
     c = m.config
+    source = (m.eval or {}).get("source", "sasa")
+    if source != "sasa":  # an evaluated SAELens / sparsify SAE
+        return f"{m.name} ({source})"
     arch = c.get("arch", "?")
     label = f"{m.name} (sasa r={c.get('rank')} s={c.get('top_s')})" if arch == "sasa" else f"{m.name} ({arch})"
     return f"{label} [unfinished, {m.unfinished}]" if m.unfinished else label

@@ -10,7 +10,7 @@ Neither SAELens nor sparsify is needed for any of this except the registration; 
 
 from importlib import import_module
 
-_HOMES = {"export_sae": "export", "load_any_sae": "foreign", "LoadedSAE": "foreign",
+_HOMES = {"export_sae": "export", "load_any_sae": "foreign", "LoadedSAE": "foreign", "sae_info": "foreign",
           "sae_format": "detect", "is_sae_folder": "detect"}
 __all__ = list(_HOMES)
 

@@ -3,51 +3,80 @@
 Every analysis (``sasa eval``, absorption, splitting, splice-in, the report) works on our
 ``SAE``'s interface: ``forward`` -> codes [B, G, r] and reconstruction, ``decoder_GDR``,
 ``effective_ranks``. Rather than a second interface, foreign SAEs are converted into that class
-on load (SAELens ``jumprelu``/``batchtopk`` into a subclass that thresholds the codes), so they
-are scored by the same code with r = 1, where the geometry metrics reduce to their per-latent
-forms. Conversion reads config JSON and safetensors directly: neither SAELens nor sparsify is
+on load (SAELens ``jumprelu``/``batchtopk`` into a subclass that thresholds the codes), so the
+same code scores them, with r = 1, where the geometry metrics reduce to their per-latent forms.
+Conversion reads config JSON and safetensors directly: neither SAELens nor sparsify is
 imported, and loading costs what ``load_sae`` costs.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import NamedTuple
 
 from sasa.errors import SasaError
-from sasa.interop.detect import sae_format
+from sasa.interop.detect import SAELENS_CONFIG, sae_format
 
 
 class LoadedSAE(NamedTuple):
-    """An SAE of any known format, as our module."""
+    """An SAE of any known format, as our module, with what its folder says about it."""
 
     sae: object
-    """``sasa.trainer.SAE`` (float dtype as saved)."""
-    hookpoint: str | None
-    """Our hookpoint it reads, when the folder says (train.json, SAELens metadata, a name)."""
-    source: str
-    """"sasa", "saelens:<architecture>" or "sparsify:topk"."""
+    """``sasa.trainer.SAE`` (dtype as saved)."""
+    info: dict
+    """``sae_info``: train.json's keys (member.hookpoint, member.name) and ``source``."""
 
 
-def load_any_sae(folder: str | Path) -> LoadedSAE:
-    """Load ``folder`` whichever library wrote it; one-line ``SasaError`` when none did."""
-    import json
-
-    folder = Path(folder)
+def _format(folder: Path) -> str:
     fmt = sae_format(folder) if folder.is_dir() else None
     if fmt is None:
         raise SasaError(f"{folder} is not an SAE folder: expected sasa's config.json + sae.safetensors, "
                         "SAELens's cfg.json + sae_weights.safetensors or sparsify's cfg.json + sae.safetensors")
+    return fmt
+
+
+def sae_info(folder: str | Path) -> dict:
+    """What a folder says about its SAE, without loading weights: our ``train.json`` (plus
+    ``source: "sasa"``), or for a foreign folder ``{"member": {"name", "hookpoint"}, "source"}``
+    with the hookpoint from its config (None when it names none)."""
+    folder = Path(folder)
+    fmt = _format(folder)
+    if fmt == "sasa":
+        p = folder / "train.json"
+        return {**(json.loads(p.read_text()) if p.is_file() else {}), "source": "sasa"}
+    cfg = _read_json(folder / SAELENS_CONFIG)
+    if fmt == "saelens":
+        from sasa.interop.saelens import saelens_hookpoint
+        hookpoint, source = saelens_hookpoint(cfg, folder), f"saelens:{cfg.get('architecture', 'standard')}"
+    else:
+        from sasa.interop.sparsify import sparsify_hookpoint
+        hookpoint, source = sparsify_hookpoint(cfg, folder), "sparsify:topk"
+    return {"member": {"name": folder.name, "hookpoint": hookpoint}, "source": source}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SasaError(f"{path} is not valid JSON ({err})") from None
+
+
+def load_any_sae(folder: str | Path) -> LoadedSAE:
+    """Load ``folder`` whichever library wrote it; one-line ``SasaError`` when none did."""
+    folder = Path(folder)
+    info = sae_info(folder)
+    fmt = _format(folder)
     if fmt == "sasa":
         from sasa.trainer import load_sae
-        info_file = folder / "train.json"
-        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-        return LoadedSAE(load_sae(folder), info.get("member", {}).get("hookpoint"), "sasa")
+        return LoadedSAE(load_sae(folder), info)
     try:
         if fmt == "saelens":
             from sasa.interop.saelens import import_saelens
-            return LoadedSAE(*import_saelens(folder))
-        from sasa.interop.sparsify import import_sparsify
-        return LoadedSAE(*import_sparsify(folder))
-    except (KeyError, ValueError, json.JSONDecodeError) as err:  # malformed config or weights
+            sae, _ = import_saelens(folder)
+        else:
+            from sasa.interop.sparsify import import_sparsify
+            sae, _ = import_sparsify(folder)
+    except (KeyError, ValueError, TypeError) as err:  # a config field or tensor missing or malformed
         raise SasaError(f"{folder} is not a readable {fmt} SAE ({type(err).__name__}: {err})") from None
+    return LoadedSAE(sae, info)

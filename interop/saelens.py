@@ -95,7 +95,7 @@ def _dtype_str(dtype) -> str:
 
 
 def import_saelens(folder: str | Path):
-    """Our SAE for a SAELens folder: (sae, hookpoint or None, source)."""
+    """Our SAE for a SAELens folder: (sae, source)."""
     import torch
     from safetensors.torch import load_file
 
@@ -167,9 +167,15 @@ def import_saelens(folder: str | Path):
         sae.b_dec_D.copy_(b_dec)
         if threshold is not None:
             sae.threshold_GR.copy_(threshold.reshape(G, 1))
-    hookpoint = meta.get("sasa_hookpoint") or hookpoint_from_name(meta.get("hook_name")) \
-        or hookpoint_from_name(folder.name)
-    return sae, hookpoint, f"saelens:{arch}"
+    return sae, f"saelens:{arch}"
+
+
+def saelens_hookpoint(cfg: dict, folder: Path) -> str | None:
+    """Our hookpoint for a SAELens config: the one we exported, its TransformerLens hook name,
+    or one in the folder's name."""
+    meta = cfg.get("metadata") or {}
+    return (meta.get("sasa_hookpoint") or hookpoint_from_name(meta.get("hook_name"))
+            or hookpoint_from_name(folder.name))
 
 
 #: The fields that decide what an SAE computes; the others only steer training.

@@ -63,7 +63,7 @@ def export_sparsify(sae, out: str | Path, prov: Provenance) -> Path:
 
 
 def import_sparsify(folder: str | Path):
-    """Our TopK SAE for a sparsify folder: (sae, hookpoint or None, source)."""
+    """Our TopK SAE for a sparsify folder: (sae, source)."""
     import torch
     from safetensors.torch import load_file
 
@@ -99,5 +99,10 @@ def import_sparsify(folder: str | Path):
         sae.b_enc_GR.copy_(b_enc.reshape(G, 1))
         sae.W_dec_GRD.copy_(W_dec.reshape(G, 1, D))
         sae.b_dec_D.copy_(b_dec)
-    hookpoint = extra.get("hookpoint") or hookpoint_from_name(folder.name)
-    return sae, hookpoint, "sparsify:topk"
+    return sae, "sparsify:topk"
+
+
+def sparsify_hookpoint(cfg: dict, folder: Path) -> str | None:
+    """Our hookpoint for a sparsify config: the one we exported, else from the folder's name
+    (sparsify names it by module path: layers.3 is block 3's output, resid_post.3)."""
+    return (cfg.get("sasa") or {}).get("hookpoint") or hookpoint_from_name(folder.name)
