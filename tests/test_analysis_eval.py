@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from recon_reference import recon_reference
 
 from sasa.analysis.contexts import ring_shape
 from sasa.analysis.evaluate import EvalConfig, evaluate
@@ -93,7 +94,10 @@ def test_trained_run_eval_contexts_and_report(cache_url, run_dir, tmp_path):
     assert "sasa-synthetic-G8-r2-s2: fvu" in out.stdout and "units/feature by dim" in out.stdout
     ev = json.loads((run_dir / "sasa-synthetic-G8-r2-s2" / "eval.json").read_text())
     assert ev["n_tokens"] == 2048 and ev["l0_groups"] == pytest.approx(2.0) and ev["l0_coords"] == pytest.approx(4.0)
-    assert ev["fvu"] == pytest.approx(1 - ev["explained_variance"]) and 0 < ev["fvu"] < 1
+    ref = recon_reference(open_cache(cache_url), run_dir / "sasa-synthetic-G8-r2-s2", "synthetic", 2048)
+    assert 0 < ref["fvu"] < 1
+    for key in ("fvu", "explained_variance", "mse"):
+        assert ev[key] == pytest.approx(ref[key], rel=1e-4), key
     assert sum(ev["eff_rank_hist"]) == 8 and 0 <= ev["max_overlap_mean"] <= 1
     assert ev["synthetic"]["n_samples"] == 2048 and "splice" not in ev  # no model behind a synthetic cache
     ctx = pq.read_table(run_dir / "sasa-synthetic-G8-r2-s2" / "contexts.parquet").to_pandas()
