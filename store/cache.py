@@ -225,6 +225,18 @@ class Cache:
                            with_rows=with_rows, shuffle_rows=shuffle_rows,
                            prefetch_threads=prefetch_threads)
 
+    def float_view(self, hookpoint: str):
+        """A lazy [n_rows, d] float32 dask array of a hookpoint, decoded chunk by chunk
+        (``sasa.store.lazy``; blocks of uncommitted shards raise when computed)."""
+        from sasa.store.lazy import float_view
+        return float_view(self, self.check_hookpoint(hookpoint))
+
+    def to_xarray(self, *, committed_only: bool = True):
+        """A lazy ``xarray.Dataset`` of the cache on one ``row`` dimension (``sasa.store.lazy``);
+        rows of committed shards only unless ``committed_only=False``."""
+        from sasa.store.lazy import to_xarray
+        return to_xarray(self, committed_only=committed_only)
+
     @cached_property
     def size_bytes(self) -> int:
         """Bytes on disk (or in the bucket) under the cache's root."""

@@ -1,4 +1,4 @@
-"""The cache format (v1): names, shapes and the arithmetic that maps shards to rows and chunks.
+"""The cache format: names, shapes and the arithmetic that maps shards to rows and chunks.
 
 Everything a writer and a reader must agree on lives here, so the two cannot drift apart.
 docs/FORMAT.md describes the same layout for people; keep the two in step.
@@ -21,7 +21,9 @@ import numpy as np
 from sasa.dtypes import canonical_dtype
 from sasa.errors import SasaError
 
-FORMAT_VERSION = 1
+#: 2: every array names its dimensions (zarr v3 ``dimension_names``; see ``dims``), so
+#: ``xarray.open_zarr`` opens a cache. Version 1 caches (no names) read the same.
+FORMAT_VERSION = 2
 
 #: Storage dtypes. bfloat16 has no numpy dtype: its bits are stored as uint16 and the attrs
 #: name the real dtype, so plain zarr readers still get every bit.
@@ -48,6 +50,27 @@ def norms_path(hookpoint: str) -> str:
 
 def stats_path(hookpoint: str, name: str) -> str:
     return f"stats/{hookpoint}/{name}"
+
+
+def dims(path: str) -> tuple[str, ...]:
+    """The dimension names of the array at ``path``: one token axis ``row`` shared by acts and
+    norms, ``seq`` x ``pos`` for tokens, ``shard`` for per-shard arrays, and a width axis
+    ``d_<hookpoint>`` per hookpoint (hookpoints may differ in width)."""
+    if path == TOKENS:
+        return ("seq", "pos")
+    if path == COMMITTED:
+        return ("shard",)
+    if path == CHECKSUMS:
+        return ("shard", "crc")
+    kind, _, rest = path.partition("/")
+    if kind == "stats":
+        hp, _, name = rest.rpartition("/")
+        return ("shard",) if name == "count" else ("shard", f"d_{hp}")
+    if kind == "acts":
+        return ("row", f"d_{rest}")
+    if kind == "norms":
+        return ("row",)
+    raise SasaError(f"{path!r} is not an array of the cache layout")
 
 
 def fingerprint(obj) -> str:

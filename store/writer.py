@@ -172,7 +172,8 @@ def _ensure_arrays(group: zarr.Group, lay: L.Layout) -> None:
         if path in group:
             return
         group.create_array(path, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
-                           compressors=compressors, fill_value=0)
+                           compressors=compressors, fill_value=0,
+                           dimension_names=L.dims(path))
 
     n_hp = len(lay.hookpoints)
     require(L.TOKENS, (lay.n_seq, lay.ctx_len), (lay.chunk_seqs, lay.ctx_len), "int32",
