@@ -102,8 +102,9 @@ class TrainConfig:
     """Steps between checkpoints (model, optimiser and reader state); 0 = only at the end."""
     nuc_every: int = 4
     """Apply the nuclear-norm penalty every k-th step with weight k * nuc_lambda: the same
-    average pull on the singular values, while the batched SVDs (15-40% of a SASA step when
-    run every step, bench/RESULTS.md) are paid once per k steps. 1 = every step."""
+    average pull on the singular values, while the batched SVDs (17-32% of a SASA step with
+    r >= 2 when run every step, 5-11% at k = 4: bench/RESULTS_train.md, section 1) are paid
+    once per k steps. 1 = every step."""
     exclude: tuple[str, ...] = ("bos", "pad")
     """Special tokens left out of training batches."""
     shuffle_rows: int | None = None

@@ -15,8 +15,9 @@ and two matmuls in each of their backwards. The sparse path keeps only the one m
 must see every group (the encoder forward, which the gate ranks) and does everything else on
 the kept (token, coordinate) pairs: the decode is an ``F.embedding_bag`` over the rows of
 W_dec with the codes as per-sample weights, and the encoder's backward (``GatherCodes``)
-touches only the kept rows of W_enc. On this project's CPUs that is 3-5x less time per step
-(bench/RESULTS_train.md); the dense path stays as the reference the sparse one is tested
+touches only the kept rows of W_enc. On this project's CPUs that is 1.9-2.6x less time per
+step at d = 384, n = 1536, s*r = 32 (bench/RESULTS_train.md, section 1, `python bench/train.py`);
+the dense path stays as the reference the sparse one is tested
 against, and is what ``auto`` picks on GPUs (unmeasured there) and for dense ReLU codes.
 
 What was traded off:
