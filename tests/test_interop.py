@@ -6,12 +6,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 
 from sasa.analysis.synth import write_synthetic_cache
 from sasa.analysis.synthetic import SyntheticSpec
+from sasa.cli import main
 from sasa.errors import SasaError
 from sasa.interop import export_sae, load_any_sae
 from sasa.store import open_cache
@@ -33,8 +35,19 @@ OURS = {
 SAELENS_ARCH = {"sasa": "sasa", "sasa-batch": "sasa", "topk": "topk", "topk-batch": "sasa", "relu": "standard"}
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "sasa", *args], capture_output=True, text=True, timeout=300)
+class Ran(NamedTuple):
+    returncode: int
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the sasa command in this process (the libraries are imported once per session)."""
+    def run(*args) -> Ran:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        return Ran(code, capsys.readouterr().err)
+    return run
 
 
 def make_ours(name: str, folder: Path, seed: int = 0) -> Path:
@@ -117,7 +130,7 @@ def test_export_then_import_round_trip_is_exact(to, names, tmp_path):
             assert torch.equal(theirs[key], mine[key]), (name, key)
 
 
-def test_sparsify_refuses_what_it_cannot_express_in_one_line(tmp_path):
+def test_sparsify_refuses_what_it_cannot_express_in_one_line(tmp_path, cli):
     for name, word in (("sasa", "SASA"), ("relu", "TopK only"), ("topk-batch", "gate=batch")):
         folder = make_ours(name, tmp_path / name)
         with pytest.raises(SasaError, match=word):
@@ -168,7 +181,7 @@ def saelens_made(arch: str, folder: Path) -> Path:
     return folder
 
 
-def test_saelens_and_sparsify_made_saes_evaluate_to_their_own_fvu(cache_url, tmp_path):
+def test_saelens_and_sparsify_made_saes_evaluate_to_their_own_fvu(cache_url, tmp_path, cli):
     import sae_lens as sl
     from sparsify import SparseCoder, SparseCoderConfig
 
@@ -217,7 +230,7 @@ def test_batchtopk_checkpoint_imports_as_the_jumprelu_saelens_saves_for_inferenc
         assert 0 < (mine.codes_BGR != 0).sum() < mine.codes_BGR.numel()
 
 
-def test_unknown_or_mismatched_folders_fail_in_one_line(cache_url, tmp_path):
+def test_unknown_or_mismatched_folders_fail_in_one_line(cache_url, tmp_path, cli):
     import sae_lens as sl
 
     wide = sl.TopKSAE(sl.TopKSAEConfig(d_in=D + 1, d_sae=8, k=2))
@@ -236,8 +249,10 @@ def test_unknown_or_mismatched_folders_fail_in_one_line(cache_url, tmp_path):
         assert message in r.stderr, (name, r.stderr)
 
 
-def test_analysis_does_not_import_the_foreign_libraries():
-    code = ("import sys; import sasa.analysis.evaluate, sasa.interop.foreign, sasa.cli; "
-            "print(any(m.split('.')[0] in ('sae_lens', 'sparsify') for m in sys.modules))")
+def test_loading_foreign_folders_imports_neither_library(tmp_path):
+    saelens_made("jumprelu", tmp_path / "jumprelu")
+    code = ("import sys; import sasa.cli, sasa.analysis.evaluate; from sasa.interop import load_any_sae; "
+            f"load_any_sae({str(tmp_path / 'jumprelu')!r}); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'sae_lens', 'sparsify', 'transformer_lens'}))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.stdout.strip() == "False", r.stderr
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
