@@ -66,7 +66,7 @@ def run(args) -> int:
     from sasa.errors import SasaError
     from sasa.store.cache import open_cache
     from sasa.store.options import parse_storage_options
-    from sasa.store.verify import verify
+    from sasa.store.verify import check_arrays, verify
 
     cache = open_cache(args.url, parse_storage_options(args.storage_options))
     missing = [] if args.verify else cache.missing_chunks()  # one listing catches a lost object
@@ -75,14 +75,27 @@ def run(args) -> int:
                         f"{args.url} ({'; '.join(missing[:3])}{'; ...' if len(missing) > 3 else ''}): "
                         f"the cache is damaged; run `sasa info --verify {args.url}` and re-harvest "
                         f"those shards")
-    info = describe(cache)
     problems = verify(cache, progress=not args.json) if args.verify else None
+    damaged = check_arrays(cache.group, cache.layout) if not args.verify else []
+    if damaged:
+        raise SasaError(f"{damaged[0]} (run `sasa info --verify {args.url}` for every problem)")
+    try:
+        info = describe(cache)
+    except SasaError:
+        raise
+    except Exception as err:  # damaged metadata or chunks: --verify reports them, else say so
+        if not problems:
+            raise SasaError(f"cannot describe {args.url}: {type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}; the cache looks damaged, "
+                            f"run `sasa info --verify {args.url}`") from None
+        info = {"url": cache.url, "damaged": True}
     if args.json:
         if problems is not None:
             info["problems"] = problems
         print(json.dumps(info, indent=2))
     else:
-        print(format_text(info))
+        print(format_text(info) if not info.get("damaged") else
+              f"cache       {cache.url}  (damaged: statistics cannot be read)")
         if problems is not None:
             print(f"verify      {'OK: every committed shard is sound' if not problems else f'{len(problems)} problem(s):'}")
             for p in problems:

@@ -135,6 +135,15 @@ class Layout:
     def build(cls, hookpoints, ctx_len, n_seq, shard_seqs, dtype="bfloat16", chunk_seqs=None,
               shard_objects=False) -> "Layout":
         dtype = canonical_dtype(dtype, "storage dtype")
+        # Checked before the chunk arithmetic below: a zero or fractional size is one line here,
+        # not a ZeroDivisionError there nor a silent int() truncation.
+        sizes = {"ctx_len": ctx_len, "n_seq": n_seq, "shard_seqs": shard_seqs,
+                 **({"chunk_seqs": chunk_seqs} if chunk_seqs is not None else {}),
+                 **{f"width of hookpoint {k!r}": v for k, v in dict(hookpoints).items()}}
+        for key, value in sizes.items():
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer, float)) \
+                    or not 1 <= value < 2**62 or value != int(value):
+                raise SasaError(f"{key} must be a whole number >= 1, got {value!r}")
         hookpoints = {str(k): int(v) for k, v in hookpoints.items()}
         if chunk_seqs is None:
             chunk_seqs = auto_chunk_seqs(hookpoints, ctx_len, shard_seqs, dtype)

@@ -1,7 +1,9 @@
 """Checking every committed shard of a cache: checksums, shapes, finite values.
 
 A problem is reported as one line naming the shard, the array and what to do; ``verify``
-never modifies the cache.
+never modifies the cache. Damage anywhere (an array's metadata that no longer parses, a chunk
+that no longer decodes, a chunk object that is gone) is reported, never raised: this is the
+tool a user runs to find damage.
 """
 
 from __future__ import annotations
@@ -16,23 +18,49 @@ from sasa.store.cache import Cache
 from sasa.store.writer import non_finite
 
 
-def verify(cache: Cache, progress: bool = True) -> list[str]:
-    """Problems found in the committed shards (empty when the cache is sound)."""
-    lay = cache.layout
-    problems = []
-    expected = {L.TOKENS: (lay.n_seq, lay.ctx_len)}
+def _short(err: Exception) -> str:
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text}"[:160]
+
+
+def check_arrays(group, lay: L.Layout) -> list[str]:
+    """Problems with the cache's arrays themselves: missing, metadata that does not parse,
+    or a shape that does not match the layout."""
+    expected = {L.TOKENS: (lay.n_seq, lay.ctx_len), L.COMMITTED: (lay.n_shards,),
+                L.CHECKSUMS: (lay.n_shards, 1 + len(lay.hookpoints))}
     for hp, d in lay.hookpoints.items():
         expected[L.acts_path(hp)] = (lay.n_rows, d)
         expected[L.norms_path(hp)] = (lay.n_rows,)
+        for name in ("count", "mean", "m2"):
+            expected[L.stats_path(hp, name)] = (lay.n_shards, d) if name != "count" else (lay.n_shards,)
+    problems = []
     for path, shape in expected.items():
-        if path not in cache.group:
+        try:
+            array = group[path]
+        except KeyError:
             problems.append(f"array {path} is missing; the cache is damaged, re-harvest it")
-        elif cache.group[path].shape != shape:
-            problems.append(f"array {path} has shape {cache.group[path].shape}, expected {shape}")
+            continue
+        except Exception as err:  # a torn or edited zarr.json
+            problems.append(f"array {path}: its metadata ({path}/zarr.json) is damaged ({_short(err)}); "
+                            "restore the file from a copy, or re-harvest the cache")
+            continue
+        if array.shape != shape:
+            problems.append(f"array {path} has shape {array.shape}, expected {shape}; the cache is "
+                            "damaged, re-harvest it")
+    return problems
+
+
+def verify(cache: Cache, progress: bool = True) -> list[str]:
+    """Problems found in the arrays and the committed shards (empty when the cache is sound)."""
+    lay = cache.layout
+    problems = check_arrays(cache.group, lay)
     if problems:
         return problems
 
-    crc_table = cache.group[L.CHECKSUMS][:]
+    try:
+        crc_table = cache.group[L.CHECKSUMS][:]
+    except Exception as err:
+        return [f"array {L.CHECKSUMS} cannot be read ({_short(err)}); the cache is damaged, re-harvest it"]
     names = [L.TOKENS] + [L.acts_path(hp) for hp in lay.hookpoints]
     fix = "re-harvest it: delete the object shards/committed/c/{s} and rerun the harvest command"
     for s in tqdm(cache.committed_shards(), desc="verify", unit="shard", disable=not progress):
@@ -42,8 +70,8 @@ def verify(cache: Cache, progress: bool = True) -> list[str]:
             for hp in lay.hookpoints:
                 blocks[L.acts_path(hp)] = cache.acts(hp)[s * lay.shard_rows:(s + 1) * lay.shard_rows]
         except Exception as err:  # a chunk that no longer decodes; report, keep checking
-            problems.append(f"shard {s}: cannot decode {names[len(blocks)]} ({type(err).__name__}: "
-                            f"{err}); {fix.format(s=s)}")
+            problems.append(f"shard {s}: cannot read {names[len(blocks)]} ({_short(err)}); "
+                            f"{fix.format(s=s)}")
             continue
         for j, name in enumerate(names):
             got = zlib.crc32(np.ascontiguousarray(blocks[name]))

@@ -19,9 +19,11 @@ import numpy as np
 import zarr
 
 from sasa.errors import SasaError
+from sasa.store import extras
 from sasa.store import layout as L
 from sasa.store.convert import to_storage
 from sasa.store.location import Kind, create_group, open_group, probe, url_fs
+from sasa.store.remote import open_store
 from sasa.store.remote import fs_call
 from sasa.store.masks import DEFAULT_EXCLUDE, special_mask
 from sasa.store.stats import summarize_shard
@@ -96,16 +98,26 @@ class CacheWriter:
             fs_call(self.url, "write", fs.rm_file, p)
         return len(stray)
 
-    def write_shard(self, index: int, tokens, acts: dict) -> ShardResult:
+    def add_row_array(self, name: str, width: int, dtype) -> None:
+        """Declare ``extra/<name>``, [n_rows, width], filled per shard by ``write_shard``."""
+        extras.require_row_array(self.group, self.layout, name, width, dtype)
+
+    def put_array(self, name: str, data) -> None:
+        """Write the whole array ``extra/<name>`` once (before the shards that depend on it)."""
+        extras.put_array(self.group, name, data)
+
+    def write_shard(self, index: int, tokens, acts: dict, extra: dict | None = None) -> ShardResult:
         """Write shard ``index`` and commit it.
 
         tokens: [shard_seqs, ctx_len] integers; acts: {hookpoint: [shard_seqs*ctx_len, d]}
-        float numpy arrays or torch tensors (bf16 allowed).
+        float numpy arrays or torch tensors (bf16 allowed); extra: {name: [shard_seqs*ctx_len,
+        width]} rows of declared extra arrays (``sasa.store.extras``), written before the commit.
         """
         lay = self.layout
         lay.check_shard(index)
         tokens = self._check_tokens(tokens)
         stored = self._check_acts(acts)
+        extra_rows = extras.check_rows(self.group, lay, extra)
         crc = np.array([zlib.crc32(tokens)] + [zlib.crc32(stored[hp]) for hp in lay.hookpoints],
                        dtype=np.uint32)
         nbytes = sum(a.nbytes for a in stored.values())
@@ -132,6 +144,7 @@ class CacheWriter:
             self._stats[hp]["count"][index] = m.count
             self._stats[hp]["mean"][index] = m.mean
             self._stats[hp]["m2"][index] = m.m2
+        extras.write_rows(self.group, lay, index, extra_rows)
         self._crc[index] = crc
         self._committed[index] = 1  # the commit: readers see the shard from here on
         return ShardResult(index, lay.shard_rows, nbytes, skipped=False)
@@ -171,9 +184,12 @@ def _ensure_arrays(group: zarr.Group, lay: L.Layout) -> None:
     def require(path, shape, chunks, dtype, shards=None, compressors=None):
         if path in group:
             return
-        group.create_array(path, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
-                           compressors=compressors, fill_value=0,
-                           dimension_names=L.dims(path))
+        try:
+            group.create_array(path, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
+                               compressors=compressors, fill_value=0,
+                               dimension_names=L.dims(path))
+        except zarr.errors.ContainsArrayError:
+            pass  # a creator of the same cache made it a moment ago: the same metadata
 
     n_hp = len(lay.hookpoints)
     require(L.TOKENS, (lay.n_seq, lay.ctx_len), (lay.chunk_seqs, lay.ctx_len), "int32",
@@ -208,6 +224,10 @@ def create_cache(url: str, *, hookpoints: dict[str, int], ctx_len: int, n_seq: i
     sasa_attrs = {**lay.to_attrs(), "fingerprint": L.fingerprint([lay.to_attrs(), attrs])}
 
     kind = probe(url, storage_options)
+    while kind in (Kind.MISSING, Kind.EMPTY) or (kind is Kind.OTHER and _claim_of(url, storage_options)):
+        kind = _create(url, lay, attrs, sasa_attrs, storage_options)
+        if kind is None:
+            return CacheWriter(url, open_group(url, "r+", storage_options), lay, storage_options)
     if kind is Kind.OTHER:
         raise SasaError(f"{url!r} holds files that are not a sasa cache; choose a new or empty "
                         f"location (sasa never deletes what it did not write)")
@@ -228,3 +248,87 @@ def create_cache(url: str, *, hookpoints: dict[str, int], ctx_len: int, n_seq: i
     group = create_group(url, {**attrs, "sasa": sasa_attrs}, storage_options)
     _ensure_arrays(group, lay)
     return CacheWriter(url, group, lay, storage_options)
+
+
+#: The creation claim: an object written with exclusive create (O_EXCL on a disk, If-None-Match
+#: on S3, mode "xb" on fsspec's memory store) before anything else; removed once the cache exists.
+CLAIM = ".sasa-creating"
+#: Seconds a creator of a *different* cache waits for the claim's owner to finish.
+CREATE_WAIT_S = 20.0
+
+
+def _claim_key(url: str, storage_options: dict | None):
+    fs, path = url_fs(url, storage_options)
+    return fs, f"{path.rstrip('/')}/{CLAIM}"
+
+
+def _claim_of(url: str, storage_options: dict | None) -> str | None:
+    """The fingerprint in the creation claim at ``url``, or None when there is none."""
+    fs, key = _claim_key(url, storage_options)
+    fs.invalidate_cache()
+    try:
+        return json.loads(fs.cat_file(key)).get("fingerprint", "?")
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return "?"
+
+
+def _try_claim(url: str, fingerprint: str, storage_options: dict | None) -> bool:
+    """Write the claim if nobody has: True for the one creator that did."""
+    import os
+    fs, key = _claim_key(url, storage_options)
+    data = json.dumps({"fingerprint": fingerprint}).encode()
+    if "file" in fs.protocol:
+        os.makedirs(os.path.dirname(key), exist_ok=True)
+        try:
+            fd = os.open(key, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    try:
+        with fs.open(key, "xb") as f:
+            f.write(data)
+    except FileExistsError:
+        return False
+    return True
+
+
+def _create(url: str, lay: L.Layout, attrs: dict, sasa_attrs: dict,
+            storage_options: dict | None) -> Kind | None:
+    """Create the cache at an empty ``url`` so that racing creators cannot mix two caches.
+
+    The claim decides: its winner, and any creator of the *same* cache (same fingerprint, so
+    identical metadata), create the group and arrays; a creator of a different cache waits for
+    the winner to finish and then gets the usual config-difference error. Returns None once the
+    cache exists, or the Kind the caller continues with."""
+    import time
+    fingerprint = sasa_attrs["fingerprint"]
+    if not _try_claim(url, fingerprint, storage_options):
+        other = _claim_of(url, storage_options)
+        if other not in (fingerprint, None):
+            deadline = time.monotonic() + CREATE_WAIT_S
+            while time.monotonic() < deadline:
+                if _claim_of(url, storage_options) is None:
+                    return probe(url, storage_options)  # the other cache exists now
+                time.sleep(0.1)
+            fs, key = _claim_key(url, storage_options)
+            raise SasaError(f"{url!r} is being created by another process with a different config "
+                            f"(claim {key}, fingerprint {other}); if no other process is creating "
+                            f"it, an earlier creation was interrupted: delete {key} and rerun")
+    try:
+        group = zarr.create_group(store=open_store(url, False, storage_options),
+                                  attributes={**attrs, "sasa": sasa_attrs}, overwrite=False)
+    except zarr.errors.ContainsGroupError:
+        group = zarr.open_group(store=open_store(url, False, storage_options), mode="r+")
+        if group.attrs.get("sasa", {}).get("fingerprint") != fingerprint:
+            return Kind.SASA  # another cache won: the caller reports the difference
+    _ensure_arrays(group, lay)
+    fs, key = _claim_key(url, storage_options)
+    try:
+        fs.rm_file(key)
+    except FileNotFoundError:
+        pass  # a creator of the same cache removed it first
+    return None
