@@ -55,6 +55,18 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_synth)
 
+    p = subparsers.add_parser("browse", help="a static feature browser site for evaluated SAEs",
+                              description="Write a static site (open index.html from disk, or serve the folder "
+                              "with `python -m http.server`): every SAE and group, searchable and sortable, and "
+                              "a page per group with its top contexts, activation density, singular values "
+                              "and 2-D code view. Needs `sasa eval` results; reads the cache for context windows.")
+    p.add_argument("runs", nargs="+", help="run folder(s) or SAE folder(s) evaluated by `sasa eval`")
+    p.add_argument("--out", required=True, help="folder to write the site into")
+    p.add_argument("--view-tokens", type=int, default=16384, help="tokens whose codes make the 2-D views")
+    p.add_argument("--title", default="sasa feature browser")
+    p.add_argument("--storage-options", default=None, metavar="JSON", help="fsspec options for the cache")
+    p.set_defaults(func=run_browse)
+
     p = subparsers.add_parser("report", help="one self-contained HTML page for trained sweeps",
                               description="Plots (FVU and L0 against tokens, effective ranks, splitting, "
                               "group code views), top contexts and a table of every metric, in one HTML file.")
@@ -147,4 +159,17 @@ def run_report(args) -> int:
     note = unfinished_note(load_members([Path(s) for s in args.sweep]))
     if note:
         print(note)
+    return 0
+
+
+def run_browse(args) -> int:
+    from sasa.analysis.browse import BrowseConfig, build_site
+    from sasa.store.options import parse_storage_options
+
+    if args.view_tokens < 0:
+        raise SasaError(f"--view-tokens must be >= 0, got {args.view_tokens}")
+    check_writable(args.out)
+    index = build_site(BrowseConfig(runs=args.runs, out=args.out, view_tokens=args.view_tokens, title=args.title,
+                                    storage_options=parse_storage_options(args.storage_options)))
+    print(f"wrote {index} (open it, or serve {index.parent} with `python -m http.server`)")
     return 0

@@ -15,6 +15,7 @@ import zarr
 from sasa.errors import SasaError
 from sasa.store import layout as L
 from sasa.store.convert import storage_to_float32
+from sasa.store.extras import open_extra
 from sasa.store.location import open_group, url_fs
 from sasa.store.reader import BatchStream
 from sasa.store.remote import CacheStore, fs_call
@@ -133,6 +134,11 @@ class Cache:
             medians = [self.stats(hp).norm_quantiles[0.5] for hp in hookpoints]
             keep &= ~high_norm_mask(norms_HN, medians, factor)
         return keep
+
+    def extra(self, name: str) -> zarr.Array:
+        """The producer array ``extra/<name>`` (``sasa.store.extras``); rows of uncommitted
+        shards are undefined."""
+        return open_extra(self.group, name, self.url)
 
     # -- reading -----------------------------------------------------------------------
     def read_rows(self, hookpoint: str, start: int, stop: int) -> np.ndarray:

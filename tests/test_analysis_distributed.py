@@ -24,7 +24,7 @@ from sasa.errors import SasaError
 from sasa.store import open_cache
 from sasa.trainer import SAE, SAEConfig, save_sae
 
-ray = pytest.importorskip("ray")
+import ray  # noqa: E402  (a hard dependency: fails, never skips)
 
 SPEC = SyntheticSpec(d=16, features_per_dim={1: 4, 2: 4}, mean_active=2.0)
 KW = dict(spec=SPEC, n_tokens=8192, ctx_len=16, shard_seqs=64, progress=False)  # 8 chunks of 1024 rows
