@@ -286,8 +286,24 @@ table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{border:1px sol
 .wide{overflow-x:auto}.ctx{font-family:monospace;white-space:pre-wrap}img{max-width:100%}"""
 
 
-def build_report(sweeps, out: str | Path, *, title: str | None = None) -> Path:
-    """Write the HTML page for the sweeps' SAEs to ``out``; returns its path."""
+def browser_link(out: Path, browser: str | Path | None) -> str:
+    """A link to the ``sasa browse`` site: ``browser`` (its folder), else a ``browser/`` folder
+    beside the report when one holds a site; relative, so the pair can move together."""
+    import os
+
+    site = Path(browser) if browser else out.parent / "browser"
+    if not (site / "index.html").is_file():
+        if browser:
+            raise SasaError(f"{site} holds no sasa browse site; run `sasa browse RUN --out {site}` first")
+        return ""
+    href = os.path.relpath(site / "index.html", out.parent).replace(os.sep, "/")
+    return (f'<p>Every group, with its contexts, density and geometry: the <a href="{html.escape(href)}">'
+            "feature browser</a> (<code>sasa browse</code>).</p>")
+
+
+def build_report(sweeps, out: str | Path, *, title: str | None = None, browser: str | Path | None = None) -> Path:
+    """Write the HTML page for the sweeps' SAEs to ``out``; returns its path. ``browser``: the
+    folder of a ``sasa browse`` site to link (default: ``browser/`` beside ``out`` if present)."""
     import matplotlib
     matplotlib.use("Agg")
     members = load_members([Path(s) for s in sweeps])
@@ -299,6 +315,7 @@ def build_report(sweeps, out: str | Path, *, title: str | None = None) -> Path:
     note = unfinished_note(members)
     if note:
         parts.append(f"<p><b>{html.escape(note)}</b></p>")
+    parts.append(browser_link(Path(out), browser))
     sections = [("FVU against training tokens", fig_curves(members, "fvu", "FVU", True)),
                 ("L0 (active coordinates) against training tokens", fig_curves(members, "l0_coords", "L0 coordinates", False)),
                 ("Effective ranks of groups", fig_rank_hists(members)),

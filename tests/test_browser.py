@@ -123,3 +123,14 @@ def test_console_errors_are_seen(browser, site):
     browser.goto(site.as_uri() + "/group.html?s=9&g=0")
     browser.wait_for("document.getElementById('title').textContent.indexOf('no data') >= 0")
     assert browser.errors and "9/0.js" in " ".join(browser.errors)
+
+
+def test_report_links_the_browser(site):
+    page = site.parent / "report.html"
+    out = subprocess.run([sys.executable, "-m", "sasa", "report", "--sweep", str(site.parent / "run"), "--out", str(page),
+                          "--browser", str(site)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert '<a href="site/index.html">feature browser</a>' in page.read_text()
+    out = subprocess.run([sys.executable, "-m", "sasa", "report", "--sweep", str(site.parent / "run"), "--out", str(page),
+                          "--browser", str(site.parent / "nothing")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "holds no sasa browse site" in out.stderr and "Traceback" not in out.stderr
