@@ -73,6 +73,8 @@ def register(subparsers) -> None:
     p.add_argument("--sweep", required=True, nargs="+", help="run folder(s) of `sasa train` / `sasa sweep`")
     p.add_argument("--out", required=True, help="HTML file to write")
     p.add_argument("--title", default=None)
+    p.add_argument("--browser", default=None,
+                   help="folder of a `sasa browse` site to link (default: browser/ beside --out, if there)")
     p.set_defaults(func=run_report)
 
 
@@ -154,7 +156,7 @@ def run_report(args) -> int:
     from sasa.analysis.report import build_report, load_members, unfinished_note
 
     check_writable(args.out, "--out", folder=False)
-    out = build_report(args.sweep, args.out, title=args.title)
+    out = build_report(args.sweep, args.out, title=args.title, browser=args.browser)
     print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB)")
     note = unfinished_note(load_members([Path(s) for s in args.sweep]))
     if note:
