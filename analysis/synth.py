@@ -1,9 +1,11 @@
 """``sasa synth``: a cache of synthetic activations with planted multi-dimensional features.
 
 The normal trainer and ``sasa eval`` run on it unchanged; the ground truth lives in the same
-Zarr group (``truth/*`` arrays and the ``synthetic`` attribute), so eval can score splitting
-and subspace recovery against the true features. Shard i holds samples generated from
-(spec, seed, i) alone, so the cache follows the same deterministic-shard rules as a harvest.
+Zarr group, written through the store's extra arrays (``extra/truth/*``, docs/FORMAT.md) and
+the ``synthetic`` attribute, so eval can score splitting and subspace recovery against the true
+features. The per-row truth is written with each shard before its commit, so a committed shard
+always has its truth. Shard i holds samples generated from (spec, seed, i) alone, so the cache
+follows the same deterministic-shard rules as a harvest.
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ import dataclasses
 from typing import NamedTuple
 
 import numpy as np
-import zarr
 from tqdm.auto import tqdm
 
 from sasa.errors import SasaError
 from sasa.store import Cache, create_cache, open_cache
+from sasa.store.extras import extra_path
 from sasa.analysis.synthetic import SyntheticSpec, generate, planted
 
 HOOKPOINT = "synthetic"
+#: Extra arrays of the ground truth: per row, which features are on and their coordinates;
+#: once, the stacked orthonormal bases [d, sum_i d_i].
+ACTIVE, COORDS, BASES = "truth/active", "truth/coords", "truth/bases"
 
 
 class Truth(NamedTuple):
@@ -34,11 +39,11 @@ class Truth(NamedTuple):
 
     def active(self, cache: Cache, start: int, stop: int) -> np.ndarray:
         """[stop - start, F] bool: which features are on in those rows."""
-        return cache.group["truth/active"][start:stop].astype(bool)
+        return cache.extra(ACTIVE)[start:stop].astype(bool)
 
     def coords(self, cache: Cache, start: int, stop: int) -> np.ndarray:
         """[stop - start, K] float32 per-feature coordinates (see sasa.analysis.synthetic)."""
-        return cache.group["truth/coords"][start:stop]
+        return cache.extra(COORDS)[start:stop]
 
 
 def spec_to_attrs(spec: SyntheticSpec) -> dict:
@@ -66,34 +71,26 @@ def write_synthetic_cache(url: str, *, spec: SyntheticSpec = SyntheticSpec(), n_
     writer = create_cache(url, hookpoints={HOOKPOINT: spec.d}, ctx_len=ctx_len, n_seq=n_shards * shard_seqs,
                           shard_seqs=shard_seqs, dtype="float32", storage_options=storage_options,
                           attrs=attrs, overwrite=overwrite)
-    group = zarr.open_group(url, mode="r+", storage_options=storage_options)
-    n_rows, n_feat, n_coords = n_shards * shard_rows, spec.n_features, int(spec.offsets[-1])
-    chunk = writer.layout.chunk_rows
-    if "truth/active" not in group:
-        group.create_array("truth/active", shape=(n_rows, n_feat), chunks=(chunk, n_feat), dtype="bool",
-                           fill_value=False)
-        group.create_array("truth/coords", shape=(n_rows, n_coords), chunks=(chunk, n_coords),
-                           dtype="float32", fill_value=0.0)
-        group.create_array("truth/bases", data=np.concatenate(planted(spec).bases, axis=1).astype(np.float64))
+    writer.add_row_array(ACTIVE, spec.n_features, "bool")
+    writer.add_row_array(COORDS, int(spec.offsets[-1]), "float32")
+    writer.put_array(BASES, np.concatenate(planted(spec).bases, axis=1).astype(np.float64))
     for shard in tqdm(writer.pending_shards(), desc="synth", unit="shard", disable=not progress):
         batch = generate(spec, shard_rows, seed=seed * 1_000_003 + shard)
-        rows = slice(shard * shard_rows, (shard + 1) * shard_rows)
-        group["truth/active"][rows] = batch.active_NF
-        group["truth/coords"][rows] = batch.coords_NK
         # A readable stand-in for tokens: the id of the strongest active feature (+1; 0 = none).
         energy = np.stack([np.square(batch.coords_NK[:, a:b]).sum(1) for a, b in
                            zip(batch.offsets[:-1], batch.offsets[1:])], axis=1)
         tokens = np.where(batch.active_NF.any(1), energy.argmax(1) + 1, 0).reshape(shard_seqs, ctx_len)
-        writer.write_shard(shard, tokens, {HOOKPOINT: batch.x_ND})  # the commit comes last
+        writer.write_shard(shard, tokens, {HOOKPOINT: batch.x_ND},  # the commit comes last
+                           extra={ACTIVE: batch.active_NF, COORDS: batch.coords_NK})
     return open_cache(url, storage_options)
 
 
 def load_truth(cache: Cache) -> Truth:
     """The ground truth of a synthetic cache, or a clear error for any other cache."""
     meta = cache.attrs.get("synthetic")
-    if meta is None or "truth/bases" not in cache.group:
+    if meta is None or extra_path(BASES) not in cache.group:
         raise SasaError(f"{cache.url} is not a synthetic cache (no ground truth); make one with `sasa synth`")
     spec = spec_from_attrs(meta["spec"])
-    stacked = cache.group["truth/bases"][:]
+    stacked = cache.extra(BASES)[:]
     bases = [stacked[:, a:b] for a, b in zip(spec.offsets[:-1], spec.offsets[1:])]
     return Truth(spec, bases, spec.dims, spec.offsets)

@@ -298,6 +298,40 @@ def test_high_norm_rows_are_excluded_at_read_time(tmp_path):
             cache.batches("resid_post.1", 50, exclude=("bos", bad))
 
 
+def test_extra_arrays_are_written_with_each_shard_before_its_commit(tmp_path):
+    w = build(tmp_path / "c", shards=[])  # 4 shards of 16 x 8 = 128 rows
+    w.add_row_array("truth/id", 2, "int64")
+    w.add_row_array("truth/id", 2, "int64")  # declaring again is a no-op
+    table = np.arange(6.0).reshape(2, 3)
+    w.put_array("truth/table", table)
+    w.put_array("truth/table", table.copy())  # equal content again: a no-op
+    with pytest.raises(SasaError, match="already holds different content"):
+        w.put_array("truth/table", np.zeros((2, 3)))
+    with pytest.raises(SasaError, match=r"exists as \[512, 2\] int64"):
+        w.add_row_array("truth/id", 3, "int64")
+
+    def rows(i):
+        return np.stack([np.arange(i * 128, (i + 1) * 128), np.full(128, i)], axis=1)
+
+    tokens, acts = shard_content(0, 16, 8, W)
+    with pytest.raises(SasaError, match=r"extra\['truth/id'\] has shape \[5, 2\]"):
+        w.write_shard(0, tokens, acts, extra={"truth/id": rows(0)[:5]})
+    with pytest.raises(SasaError, match="'nope' was not declared"):
+        w.write_shard(0, tokens, acts, extra={"nope": rows(0)})
+    assert w.pending_shards() == [0, 1, 2, 3]  # the refused writes committed nothing
+    for i in (0, 2):
+        w.write_shard(i, *shard_content(i, 16, 8, W), extra={"truth/id": rows(i)})
+    cache = open_cache(tmp_path / "c")
+    assert cache.committed_shards() == [0, 2]
+    np.testing.assert_array_equal(cache.extra("truth/id")[0:128], rows(0))
+    np.testing.assert_array_equal(cache.extra("truth/id")[256:384], rows(2))
+    np.testing.assert_array_equal(cache.extra("truth/table")[...], table)
+    with pytest.raises(SasaError, match="has no extra array 'other'"):
+        cache.extra("other")
+    with pytest.raises(SasaError, match="not a valid zarr path"):
+        w.add_row_array("../escape", 1, "int8")
+
+
 def test_special_mask():
     tok = np.array([1, 5, 0, 7, 1])
     assert special_mask(tok, {"bos": [1], "pad": [0]}, ["bos"]).tolist() == [True, False, False, False, True]
