@@ -9,8 +9,9 @@ TopK SAE with ReLU codes and the per-token gate (rank 1: our [G, 1, d] tensors s
 + L1 (no k) and the batch gate have no sparsify form: export refuses them in one line (export to
 SAELens instead). Import refuses transcoders, skip connections and ``groupmax``.
 
-``cfg.json`` gets one key sparsify does not write, ``sasa`` (our full config and hookpoint), so
-a round trip restores the training fields; ``SparseCoder.load_from_disk`` drops unknown keys.
+``cfg.json`` holds exactly the keys sparsify writes. Our full config, hookpoint, model and
+cache go in the safetensors header's metadata (key ``sasa``), which sparsify never reads, so a
+round trip restores the training fields and the hookpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from pathlib import Path
 from sasa.errors import SasaError
 from sasa.interop.detect import SPARSIFY_CONFIG, SPARSIFY_WEIGHTS
 from sasa.interop.provenance import Provenance, hookpoint_from_name
+
+#: The key of our record in the safetensors header (sparsify reads only the tensors).
+SASA_KEY = "sasa"
 
 
 def sparsify_refusal(cfg) -> str | None:
@@ -52,12 +56,13 @@ def export_sparsify(sae, out: str | Path, prov: Provenance) -> Path:
                "b_dec": sae.b_dec_D.detach()}
     config = {"activation": "topk", "expansion_factor": max(1, G // D), "normalize_decoder": True,
               "num_latents": G, "k": cfg.top_s, "multi_topk": False, "skip_connection": False,
-              "transcode": False, "d_in": D,
-              "sasa": {"config": dataclasses.asdict(cfg), "hookpoint": prov.hookpoint,
-                       "model": prov.model, "cache": prov.cache}}
+              "transcode": False, "d_in": D}
+    ours = {"config": dataclasses.asdict(cfg), "hookpoint": prov.hookpoint, "model": prov.model,
+            "cache": prov.cache}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(out / SPARSIFY_WEIGHTS))
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(out / SPARSIFY_WEIGHTS),
+              metadata={SASA_KEY: json.dumps(ours)})
     (out / SPARSIFY_CONFIG).write_text(json.dumps(config))
     return out
 
@@ -91,8 +96,7 @@ def import_sparsify(folder: str | Path):
         raise SasaError(f"{folder}: weight shapes encoder.weight {tuple(W_enc.shape)}, W_dec "
                         f"{tuple(W_dec.shape)} disagree with each other or with d_in in {SPARSIFY_CONFIG}")
     ours = SAEConfig(d_in=D, groups=G, arch="topk", top_s=int(cfg.get("k", 32)))
-    extra = cfg.get("sasa") or {}
-    ours = restore_config(extra.get("config"), ours)
+    ours = restore_config(sasa_metadata(folder).get("config"), ours)
     sae = SAE(ours, dtype=W_enc.dtype, seed=0)
     with torch.no_grad():
         sae.W_enc_GRD.copy_(W_enc.reshape(G, 1, D))
@@ -105,4 +109,14 @@ def import_sparsify(folder: str | Path):
 def sparsify_hookpoint(cfg: dict, folder: Path) -> str | None:
     """Our hookpoint for a sparsify config: the one we exported, else from the folder's name
     (sparsify names it by module path: layers.3 is block 3's output, resid_post.3)."""
-    return (cfg.get("sasa") or {}).get("hookpoint") or hookpoint_from_name(folder.name)
+    return sasa_metadata(folder).get("hookpoint") or hookpoint_from_name(folder.name)
+
+
+def sasa_metadata(folder: Path) -> dict:
+    """What ``export_sparsify`` recorded in the weights file's header (our config, hookpoint,
+    model, cache), or {} for a folder sparsify wrote."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / SPARSIFY_WEIGHTS), framework="pt") as f:
+        text = (f.metadata() or {}).get(SASA_KEY)
+    return json.loads(text) if text else {}

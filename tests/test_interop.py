@@ -86,9 +86,9 @@ def test_saelens_loads_our_export_and_computes_what_we_compute(name, tmp_path):
     theirs = sae_lens.SAE.load_from_disk(out)
     assert theirs.cfg.architecture() == SAELENS_ARCH[name]
     assert theirs.cfg.metadata.model_name == "gpt2" and theirs.cfg.metadata.hook_name == "blocks.2.hook_resid_post"
-    # the config fields SAELens itself writes for this architecture, no fewer
+    # the config fields SAELens itself writes for this architecture, no more, no fewer
     written = json.loads((out / "cfg.json").read_text())
-    assert set(theirs.cfg.to_dict()) <= set(written)
+    assert set(theirs.cfg.to_dict()) == set(written)
     x = x_random()
     with torch.no_grad():
         mine = ours(x)
@@ -106,7 +106,7 @@ def test_sparsify_loads_our_topk_export_and_computes_what_we_compute(tmp_path):
     out = export_sae(tmp_path / "topk", "sparsify", tmp_path / "exp")
     theirs = SparseCoder.load_from_disk(out)
     written = json.loads((out / "cfg.json").read_text())
-    assert set(theirs.cfg.to_dict()) | {"d_in"} <= set(written)
+    assert set(theirs.cfg.to_dict()) | {"d_in"} == set(written)
     x = x_random()
     with torch.no_grad():
         mine = ours(x)
