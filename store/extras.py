@@ -45,7 +45,7 @@ def require_row_array(group: zarr.Group, layout, name: str, width: int, dtype) -
         return arr
     try:
         return group.create_array(path, shape=(layout.n_rows, width), chunks=(layout.chunk_rows, width),
-                                  dtype=dtype, fill_value=0)
+                                  dtype=dtype, fill_value=0, dimension_names=("row", f"d_{name}"))
     except zarr.errors.ContainsArrayError:  # a concurrent writer of the same cache made it
         return group[path]
 
@@ -59,7 +59,7 @@ def put_array(group: zarr.Group, name: str, data) -> None:
             return
         raise SasaError(f"extra array {name!r} already holds different content; the producer's "
                         "config changed (rerun with --overwrite to rebuild)")
-    group.create_array(path, data=data)
+    group.create_array(path, data=data, dimension_names=tuple(f"{name}_{i}" for i in range(data.ndim)))
 
 
 def check_rows(group: zarr.Group, layout, extra: dict | None) -> dict[str, np.ndarray]:

@@ -85,3 +85,15 @@ def test_version_1_cache_without_dimension_names_still_reads(tmp_path):
     b = [b.numpy() for b in new.batches("resid_post.1", 64, shuffle=True, seed=1)]
     assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
     np.testing.assert_array_equal(old.to_xarray()["resid_post.1"].values, new.to_xarray()["resid_post.1"].values)
+
+
+def test_extra_arrays_name_their_dimensions(tmp_path):
+    from sasa.analysis.synth import write_synthetic_cache
+    from sasa.analysis.synthetic import SyntheticSpec
+
+    url = str(tmp_path / "s")
+    write_synthetic_cache(url, spec=SyntheticSpec(d=8, features_per_dim={1: 2, 2: 1}), n_tokens=1024, ctx_len=16,
+                          shard_seqs=64, progress=False)
+    truth = xr.open_zarr(url, group="extra/truth", consolidated=False)
+    assert truth["active"].dims == ("row", "d_truth/active") and truth["active"].shape == (1024, 3)
+    assert truth["bases"].dims == ("truth/bases_0", "truth/bases_1")
