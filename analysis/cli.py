@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sasa.analysis.eval_config import EvalConfig
 from sasa.errors import SasaError, check_writable
+
+#: ``sasa eval`` defaults are EvalConfig's (one home per default).
+EVAL = {f: v.default for f, v in EvalConfig.__dataclass_fields__.items()}
 
 
 def register(subparsers) -> None:
@@ -18,19 +22,20 @@ def register(subparsers) -> None:
     p.add_argument("--sae", required=True, nargs="+",
                    help="SAE folder(s), or a run folder of `sasa train`/`sasa sweep` (all its SAEs)")
     p.add_argument("--hookpoint", default=None, help="default: the SAE's training hookpoint")
-    p.add_argument("--tokens", type=_tokens, default=1 << 20,
-                   help="tokens to evaluate, or 'all' for every committed row (default 1048576)")
+    p.add_argument("--tokens", type=_tokens, default=EVAL["tokens"],
+                   help="tokens to evaluate, or 'all' for every committed row (default %(default)s)")
     p.add_argument("--workers", type=int, default=0,
                    help="Ray actors sharing one pass over the whole cache (needs --tokens all; default 0: this process)")
     p.add_argument("--address", default=None, help="Ray cluster to join (e.g. ray://head:10001; default: a local one)")
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--contexts", type=int, default=8, help="top contexts per group (0: none)")
-    p.add_argument("--window", type=int, default=8, help="context tokens on each side")
+    p.add_argument("--batch-size", type=int, default=EVAL["batch_size"], help="tokens per forward (default %(default)s)")
+    p.add_argument("--contexts", type=int, default=EVAL["contexts"], help="top contexts per group (0: none; default %(default)s)")
+    p.add_argument("--window", type=int, default=EVAL["window"], help="context tokens on each side (default %(default)s)")
     p.add_argument("--tokenizer", default=None, help="tokenizer for contexts (default: the cache's)")
-    p.add_argument("--splice-seqs", type=int, default=32, help="sequences for splice-in scores (causal LMs; 0: skip)")
+    p.add_argument("--splice-seqs", type=int, default=EVAL["splice_seqs"],
+                   help="sequences for splice-in scores (causal LMs; 0: skip; default %(default)s)")
     p.add_argument("--model", default=None, help="model for splice-in / absorption (default: the cache's)")
     p.add_argument("--absorption", action="store_true", help="also run the first-letter absorption eval")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
+    p.add_argument("--device", default=EVAL["device"], help="cpu, cuda, auto (default %(default)s)")
     p.add_argument("--out", default=None, help="eval.json path (one SAE only; default <sae>/eval.json)")
     p.add_argument("--storage-options", default=None, metavar="JSON", help="fsspec options for the cache")
     p.add_argument("--no-progress", action="store_true")
@@ -103,7 +108,7 @@ def _tokens(text: str) -> int | None:
 
 
 def run_eval(args) -> int:
-    from sasa.analysis.evaluate import EvalConfig, evaluate_many
+    from sasa.analysis.evaluate import evaluate_many
     from sasa.store.options import parse_storage_options
 
     folders = _sae_folders(args.sae)
