@@ -111,7 +111,11 @@ def run_eval(args) -> int:
     from sasa.analysis.evaluate import evaluate_many
     from sasa.store.options import parse_storage_options
 
+    from sasa.store import open_cache
+    from sasa.store.verify import refuse_damaged
+
     folders = _sae_folders(args.sae)
+    refuse_damaged(open_cache(args.cache, parse_storage_options(args.storage_options)))
     if args.out and len(folders) > 1:
         raise SasaError("--out names one file; with several SAEs each writes <sae>/eval.json (drop --out)")
     opts = parse_storage_options(args.storage_options)

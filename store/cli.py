@@ -66,7 +66,7 @@ def run(args) -> int:
     from sasa.errors import SasaError
     from sasa.store.cache import open_cache
     from sasa.store.options import parse_storage_options
-    from sasa.store.verify import check_arrays, verify
+    from sasa.store.verify import refuse_damaged, verify
 
     cache = open_cache(args.url, parse_storage_options(args.storage_options))
     missing = [] if args.verify else cache.missing_chunks()  # one listing catches a lost object
@@ -76,9 +76,8 @@ def run(args) -> int:
                         f"the cache is damaged; run `sasa info --verify {args.url}` and re-harvest "
                         f"those shards")
     problems = verify(cache, progress=not args.json) if args.verify else None
-    damaged = check_arrays(cache.group, cache.layout) if not args.verify else []
-    if damaged:
-        raise SasaError(f"{damaged[0]} (run `sasa info --verify {args.url}` for every problem)")
+    if not args.verify:
+        refuse_damaged(cache)
     try:
         info = describe(cache)
     except SasaError:

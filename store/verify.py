@@ -13,6 +13,7 @@ import zlib
 import numpy as np
 from tqdm.auto import tqdm
 
+from sasa.errors import SasaError
 from sasa.store import layout as L
 from sasa.store.cache import Cache
 from sasa.store.writer import non_finite
@@ -48,6 +49,14 @@ def check_arrays(group, lay: L.Layout) -> list[str]:
             problems.append(f"array {path} has shape {array.shape}, expected {shape}; the cache is "
                             "damaged, re-harvest it")
     return problems
+
+
+def refuse_damaged(cache: Cache) -> None:
+    """Raise the first problem ``check_arrays`` finds, as one line (commands that read a cache
+    call it after opening one; ``sasa info --verify`` lists every problem instead)."""
+    damaged = check_arrays(cache.group, cache.layout)
+    if damaged:
+        raise SasaError(f"{damaged[0]} (run `sasa info --verify {cache.url}` for every problem)")
 
 
 def verify(cache: Cache, progress: bool = True) -> list[str]:

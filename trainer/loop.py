@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from sasa.devices import resolve_device
 from sasa.errors import SasaError
 from sasa.store import open_cache
-from sasa.store.verify import check_arrays
+from sasa.store.verify import refuse_damaged
 from sasa.trainer.config import MemberConfig, TrainConfig
 from sasa.trainer.outdir import claim
 from sasa.trainer.persist import save_sae
@@ -193,9 +193,7 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, member_ids: list[int] |
     cache = open_cache(cfg.cache, cfg.storage_options)
     for hp in cfg.hookpoints:
         cache.check_hookpoint(hp)
-    damaged = check_arrays(cache.group, cache.layout)
-    if damaged:
-        raise SasaError(f"{damaged[0]} (run `sasa info --verify {cache.url}` for every problem)")
+    refuse_damaged(cache)
     ids = list(range(len(cfg.members))) if member_ids is None else list(member_ids)
     members = [Member(cfg.members[i], i, cfg, cache.hookpoints[cfg.members[i].hookpoint], device) for i in ids]
     hookpoints = sorted({m.cfg.hookpoint for m in members})
