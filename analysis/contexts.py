@@ -2,7 +2,8 @@
 
 A unit's activation on a token is ||z_g|| (the norm of its gated codes; for r = 1 that is the
 latent's value). ``TopRows`` keeps, for every group, the ``k`` cache rows with the largest
-activation while the cache streams past (one [G, k + B] top-k per batch, no per-group loop);
+activation while the cache streams past (ties to the smaller row, so partial results of a split
+pass merge into exactly the one-pass table; no per-group loop);
 ``context_table`` then reads the tokens around each row from the cache and decodes them with
 the cache's tokenizer (ids for caches without one, such as synthetic ones).
 
