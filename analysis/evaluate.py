@@ -1,20 +1,25 @@
-"""``sasa eval``: evaluate one trained SAE on a cache, in one sequential read pass.
+"""``sasa eval``: evaluate trained SAEs on a cache, all of them in one read pass.
 
 The cache is opened read-only (``open_cache``), so an evaluation can run while a harvest is
 still writing: it sees the shards committed when it starts. Nothing is ever written under the
-cache; outputs go beside the SAE (``eval.json``, ``contexts.parquet``, ``codes.parquet``) or
-to ``--out``.
+cache; outputs go beside the SAE (``eval.json``, ``contexts.parquet``, ``codes.parquet``,
+``groups.npz``) or to ``--out``.
+
+The pass is ``sasa.analysis.scan`` (whole chunks in row order, exact mergeable partial results),
+in this process or, for ``tokens=None`` (the whole cache), over Ray actors
+(``sasa.analysis.distributed``) with the same result.
 
 What one pass accumulates (see ``sasa.analysis.metrics`` for the definitions): FVU and SAEBench's
-explained variance, L0 in groups and coordinates, per-unit firing (dead fraction), top
-contexts per group and the first codes of each group for 2-D views; then from the weights:
+explained variance, L0 in groups and coordinates, per-unit firing (dead fraction), a
+histogram of log2 activation and the max activation per group, top contexts per group and the
+first codes of each group for 2-D views; then from the weights:
 effective ranks and the largest decoder overlap between groups. On a synthetic cache, the
 first ``synth_samples`` evaluated tokens are also scored against the planted features
 (splitting, subspace recovery, effective rank against the true dimension). For causal LMs the
 splice-in scores run the model with the reconstruction in place (``sasa.analysis.splice``).
 
 Trade-off: there is no held-out split in a cache, so the evaluated tokens are the cache's first
-rows in order (``shuffle=False``); a trained SAE may have seen them. Harvest a separate cache
+rows in order; a trained SAE may have seen them. Harvest a separate cache
 for a strict held-out number.
 """
 
