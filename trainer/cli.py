@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 from sasa.errors import SasaError
+from sasa.trainer.config import TrainConfig
+from sasa.trainer.sae_config import ARCHS, CODES, GATES, NUC_ON, SAEConfig
+
+# Defaults shown in --help come from the dataclasses (one home per default). Options left at
+# None are not passed on, so a sweep file's values win over them.
+RUN = {f: v.default for f, v in TrainConfig.__dataclass_fields__.items()}
+SAE = {f: v.default for f, v in SAEConfig.__dataclass_fields__.items()}
 
 
 def _run_args(p) -> None:
     p.add_argument("--out", required=True, help="output folder: one subfolder per SAE, checkpoints/, run.json")
-    p.add_argument("--tokens", type=int, default=None, help="training tokens per SAE (default 10M)")
-    p.add_argument("--batch-size", type=int, default=None, help="tokens per step (default 4096)")
-    p.add_argument("--seed", type=int, default=None, help="seed of initialisation and shuffling (default 0)")
-    p.add_argument("--log-every", type=int, default=None, help="steps between metric lines (default 50)")
+    p.add_argument("--tokens", type=int, default=None, help=f"training tokens per SAE (default {RUN['tokens']:,})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"tokens per step (default {RUN['batch_size']})")
+    p.add_argument("--seed", type=int, default=None, help=f"seed of initialisation and shuffling (default {RUN['seed']})")
+    p.add_argument("--log-every", type=int, default=None, help=f"steps between metric lines (default {RUN['log_every']})")
     p.add_argument("--checkpoint-every", type=int, default=None,
-                   help="steps between checkpoints (default 500; 0: only at the end)")
+                   help=f"steps between checkpoints (default {RUN['checkpoint_every']}; 0: only at the end)")
     p.add_argument("--nuc-every", type=int, default=None,
-                   help="apply the nuclear-norm penalty every k steps with weight k*lambda (default 4)")
-    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
-    p.add_argument("--workers", type=int, default=None, help="Ray actors to spread the SAEs over (default 0: this process)")
+                   help=f"apply the nuclear-norm penalty every k steps with weight k*lambda (default {RUN['nuc_every']})")
+    p.add_argument("--device", default=None, help=f"auto, cpu, cuda, cuda:1 ... (default {RUN['device']})")
+    p.add_argument("--workers", type=int, default=None, help=f"Ray actors to spread the SAEs over (default {RUN['workers']}: this process)")
     p.add_argument("--address", default=None, help="Ray cluster address for --workers (default: start a local Ray)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--overwrite", action="store_true",
@@ -29,17 +36,19 @@ def register(subparsers) -> None:
                               description="Train one SASA, TopK or ReLU SAE from a cache.")
     p.add_argument("--cache", required=True, help="cache URL")
     p.add_argument("--hookpoint", required=True, help="hookpoint in the cache, e.g. resid_post.3")
-    p.add_argument("--arch", default="sasa", choices=["sasa", "topk", "relu"])
+    p.add_argument("--arch", default=SAE["arch"], choices=ARCHS, help="(default %(default)s)")
     p.add_argument("--groups", type=int, required=True, help="groups G (sasa) or latents (topk/relu)")
-    p.add_argument("--rank", type=int, default=None, help="block size r of each group (sasa; default 4)")
-    p.add_argument("--top-s", type=int, default=8, help="groups kept per token: s (sasa) or k (topk)")
-    p.add_argument("--nuc-lambda", type=float, default=0.0, help="nuclear-norm penalty weight")
-    p.add_argument("--nuc-on", default="map", choices=["map", "encoder", "decoder"])
-    p.add_argument("--codes", default=None, choices=["signed", "relu"])
-    p.add_argument("--gate", default="token", choices=["token", "batch"])
-    p.add_argument("--l1-coeff", type=float, default=None, help="L1 weight (relu)")
-    p.add_argument("--auxk-alpha", type=float, default=None, help="AuxK weight (default 1/32)")
-    p.add_argument("--dead-tokens", type=int, default=None, help="tokens without activation before a unit counts dead")
+    p.add_argument("--rank", type=int, default=None, help="block size r of each group (default: 4 for sasa, 1 otherwise)")
+    p.add_argument("--top-s", type=int, default=SAE["top_s"],
+                   help="groups kept per token: s (sasa) or k (topk) (default %(default)s)")
+    p.add_argument("--nuc-lambda", type=float, default=SAE["nuc_lambda"],
+                   help="nuclear-norm penalty weight (default %(default)s)")
+    p.add_argument("--nuc-on", default=SAE["nuc_on"], choices=NUC_ON, help="(default %(default)s)")
+    p.add_argument("--codes", default=None, choices=CODES, help="(default: signed for sasa, relu otherwise)")
+    p.add_argument("--gate", default=SAE["gate"], choices=GATES, help="(default %(default)s)")
+    p.add_argument("--l1-coeff", type=float, default=None, help=f"L1 weight (relu; default {SAE['l1_coeff']:g})")
+    p.add_argument("--auxk-alpha", type=float, default=None, help=f"AuxK weight (default {SAE['auxk_alpha']:g})")
+    p.add_argument("--dead-tokens", type=int, default=None, help=f"tokens without activation before a unit counts dead (default {SAE['dead_tokens']:,})")
     p.add_argument("--lr", type=float, default=None, help="Adam lr (default 2e-4 / sqrt(G*r / 2^14))")
     p.add_argument("--name", default=None, help="output subfolder name")
     _run_args(p)
