@@ -29,6 +29,9 @@ def probe(url: str, storage_options: dict | None = None) -> Kind:
     """What lives at ``url``: nothing, an empty folder, a sasa cache, or something else."""
     fs, path = url_fs(url, storage_options)
     if not fs_call(url, "read", fs.exists, path):
+        bucket = path.strip("/").split("/", 1)[0]
+        if _has_buckets(fs) and bucket != path.strip("/") and not fs_call(url, "read", fs.exists, bucket):
+            raise SasaError(f"bucket {bucket!r} of {url} does not exist: create it, or fix the URL")
         return Kind.MISSING
     if not fs_call(url, "read", fs.isdir, path):
         return Kind.OTHER
@@ -56,6 +59,12 @@ def _refuse_damaged_root(url: str, fs, path: str, err: Exception) -> None:
         raise SasaError(f"{url!r} looks like a cache whose root metadata {meta} is damaged "
                         f"({type(err).__name__}); restore that file from a copy, or re-harvest "
                         f"into a new location") from None
+
+
+def _has_buckets(fs) -> bool:
+    """Object stores whose first path component is a bucket that must exist beforehand."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "r2", "oss"})
 
 
 def open_group(url: str, mode: str, storage_options: dict | None = None) -> zarr.Group:
