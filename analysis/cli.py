@@ -20,7 +20,7 @@ def register(subparsers) -> None:
                               "Writes eval.json, contexts.parquet and codes.parquet beside each SAE.")
     p.add_argument("--cache", required=True, help="cache URL")
     p.add_argument("--sae", required=True, nargs="+",
-                   help="SAE folder(s), or a run folder of `sasa train`/`sasa sweep` (all its SAEs)")
+                   help="SAE folder(s) (sasa, SAELens or sparsify; docs/interop.md), or a run folder holding several")
     p.add_argument("--hookpoint", default=None, help="default: the SAE's training hookpoint")
     p.add_argument("--tokens", type=_tokens, default=EVAL["tokens"],
                    help="tokens to evaluate, or 'all' for every committed row (default %(default)s)")

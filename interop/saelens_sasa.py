@@ -89,6 +89,10 @@ class SASASAE(SAE[SASASAEConfig]):
             keep_BG = torch.zeros(B * G, dtype=torch.bool, device=h.device).scatter_(0, idx, True).view(B, G)
         return keep_BG.repeat_interleave(R, dim=1).reshape(h.shape).to(h.dtype)
 
+    def fold_W_dec_norm(self) -> None:
+        raise NotImplementedError("folding decoder norms rescales latents one by one, which changes "
+                                  "the group norms the gate ranks; SASA decoders are orthonormal already")
+
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
         sae_out_pre = self.hook_sae_recons(feature_acts @ self.W_dec + self.b_dec)
         sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)

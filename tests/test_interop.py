@@ -97,6 +97,8 @@ def test_saelens_loads_our_export_and_computes_what_we_compute(name, tmp_path):
         torch.testing.assert_close(theirs.decode(z), mine.x_hat_BD, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(theirs(x), mine.x_hat_BD, rtol=1e-5, atol=1e-5)
         assert (z != 0).sum() > 0
+        # [batch, pos, d], as HookedSAETransformer hands activations over
+        torch.testing.assert_close(theirs.encode(x.reshape(4, 16, D)), z.reshape(4, 16, -1), rtol=1e-5, atol=1e-5)
 
 
 def test_sparsify_loads_our_topk_export_and_computes_what_we_compute(tmp_path):
