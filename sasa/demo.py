@@ -3,9 +3,11 @@
 It runs the whole pipeline as a user would, one ``sasa`` command per stage (each printed before
 it runs, so it can be pasted and varied): harvest the bundled MiniLM over the built-in English
 corpus into a cache (two hookpoints), train a sweep from that one cache (SASA at several block
-sizes, TopK, ReLU, all at the same number of active coordinates), evaluate every SAE, and write
-an HTML report. Rerunning it resumes: the harvest skips committed shards, and finished stages
-are not redone.
+sizes and TopK, all at the same number of active coordinates s*r = k, and a ReLU SAE whose L1
+weight only steers its L0 towards that: 23.8 against 32 in bench/RESULTS.md), evaluate every
+SAE, and write an HTML report. Rerunning it resumes: the harvest skips committed shards, the
+sweep continues from its checkpoints, and evaluation and report are skipped when their outputs
+are newer than their inputs (and were made with the same ``--eval-tokens``).
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ def register(subparsers) -> None:
 
 
 def sweep_yaml(cache: str, tokens: int, batch_size: int, width: int, active: int) -> str:
-    """SASA at r = 1, 2, 4, 8 and TopK, ReLU at equal active coordinates, on the deeper
-    hookpoint; one TopK on the shallower one shows a sweep can span hookpoints."""
+    """SASA at r = 1, 2, 4, 8 and TopK at equal active coordinates, and ReLU + L1 (its L0 is
+    whatever the L1 weight gives), on the deeper hookpoint; one TopK on the shallower one shows a
+    sweep can span hookpoints."""
     lines = [f"cache: {cache}", f"tokens: {tokens}", f"batch_size: {batch_size}", "log_every: 20",
              "checkpoint_every: 200", "defaults: {lr: 0.001, dead_tokens: 200000}", "saes:"]
     deep, shallow = HOOKPOINTS[1], HOOKPOINTS[0]
@@ -60,6 +63,13 @@ def sasa(*args: str) -> None:
                         f"then rerun `sasa demo` to resume")
 
 
+def fresh(outputs: list[Path], inputs: list[Path]) -> bool:
+    """Every output exists and none is older than any input (a finished stage)."""
+    if not outputs or not all(p.exists() for p in outputs):
+        return False
+    return min(p.stat().st_mtime for p in outputs) >= max((p.stat().st_mtime for p in inputs), default=0)
+
+
 def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,9 +84,17 @@ def run(args) -> int:
     sasa("sweep", str(spec), "--out", str(runs), *resume)
 
     names = sorted(p.name for p in runs.iterdir() if (p / "sae.safetensors").exists())
-    sasa("eval", "--cache", str(cache), "--sae", *(str(runs / n) for n in names),
-         "--tokens", str(args.eval_tokens))
-    sasa("report", "--sweep", str(runs), "--out", str(report))
+    evals = [runs / n / "eval.json" for n in names]
+    if fresh(evals, [runs / n / "sae.safetensors" for n in names]) and \
+            all(json.loads(e.read_text()).get("eval_config", {}).get("tokens") == args.eval_tokens for e in evals):
+        print("\n(eval: every eval.json is newer than its SAE; skipped)")
+    else:
+        sasa("eval", "--cache", str(cache), "--sae", *(str(runs / n) for n in names),
+             "--tokens", str(args.eval_tokens))
+    if fresh([report], evals):
+        print("\n(report: newer than every eval.json; skipped)")
+    else:
+        sasa("report", "--sweep", str(runs), "--out", str(report))
 
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
     print(f"  cache   {cache}   (inspect: sasa info {cache})")
