@@ -290,7 +290,8 @@ def test_docs_list_every_case():
 OTHER_CASES = ["verify-reports-damaged-array-metadata", "verify-reports-undecodable-chunk",
                "resume-of-finished-run-changes-nothing", "same-command-rerun-reproduces",
                "dead-owner-lock-taken-over", "overwrite-replaces-only-its-run", "report-marks-unfinished-saes",
-               "create-cache-race", "create-cache-bad-sizes", "save-sae-is-atomic"]
+               "create-cache-race", "create-cache-claim-exclusive-on-s3", "create-cache-bad-sizes",
+               "save-sae-is-atomic"]
 
 
 @pytest.mark.parametrize("key,expect", [("acts/synthetic/zarr.json", "its metadata (acts/synthetic/zarr.json) is damaged"),
@@ -378,6 +379,7 @@ def test_create_cache_race(where, tmp_path):
     get a writer, the others the config difference; none crashes."""
     from sasa.store import create_cache, open_cache
 
+    opts = None
     url = str(tmp_path / "c") if where == "local" else f"memory://sasa-race/{uuid.uuid4().hex[:8]}"
     for n_seqs in ((8, 8, 8, 8), (8, 16, 8, 16)):
         url_i = f"{url}-{len(set(n_seqs))}"
@@ -387,7 +389,8 @@ def test_create_cache_race(where, tmp_path):
         def create(i):
             barrier.wait()
             try:
-                w = create_cache(url_i, hookpoints={"a": 8}, ctx_len=4, n_seq=n_seqs[i], shard_seqs=4, dtype="float32")
+                w = create_cache(url_i, hookpoints={"a": 8}, ctx_len=4, n_seq=n_seqs[i], shard_seqs=4,
+                                 dtype="float32", storage_options=opts)
                 results[i] = ("ok", w.layout.n_seq)
             except SasaError as err:
                 results[i] = ("refused", str(err))
@@ -397,12 +400,23 @@ def test_create_cache_race(where, tmp_path):
             t.start()
         for t in threads:
             t.join()
-        won = open_cache(url_i).layout.n_seq
+        won = open_cache(url_i, opts).layout.n_seq
         for n, (kind, detail) in zip(n_seqs, results):
             if n == won:
                 assert (kind, detail) == ("ok", won)
             else:
                 assert kind == "refused" and f"n_seq: {won} -> {n}" in detail and "\n" not in detail
+
+
+def test_create_cache_claim_is_exclusive_on_s3(s3):
+    """The creation claim on S3 is a conditional put (If-None-Match): only the first one lands
+    (the full race runs on disk and memory:// above; on moto it takes ~30 s)."""
+    from sasa.store.writer import _claim_of, _try_claim
+
+    url = f"s3://{s3.bucket}/claim-{uuid.uuid4().hex[:8]}"
+    assert _try_claim(url, "first", s3.storage_options)
+    assert not _try_claim(url, "second", s3.storage_options)
+    assert _claim_of(url, s3.storage_options) == "first"
 
 
 @pytest.mark.parametrize("kw,expect", [({"ctx_len": 0}, "ctx_len must be a whole number >= 1, got 0"),
