@@ -143,8 +143,8 @@ def read_chunk(cache, chunk: int, hookpoints, exclude) -> Chunk:
     """One chunk's kept rows of each hookpoint, as float32."""
     lay = cache.layout
     tokens = cache.tokens[chunk * lay.chunk_seqs:(chunk + 1) * lay.chunk_seqs].reshape(-1)
-    keep = np.flatnonzero(cache.row_mask(tokens, exclude))
     lo, hi = chunk * lay.chunk_rows, (chunk + 1) * lay.chunk_rows
+    keep = np.flatnonzero(cache.row_mask(tokens, exclude, hookpoints=hookpoints, rows=np.arange(lo, hi)))
     acts = {hp: storage_to_float32(cache.acts(hp)[lo:hi], lay.dtype)[keep] for hp in hookpoints}
     return Chunk(lo + keep, acts)
 

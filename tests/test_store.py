@@ -1,7 +1,8 @@
 """The store contract, run against a local folder, memory:// and s3:// on a loopback S3 server.
 
 Each test takes ``location`` (url, storage_options), so one suite checks every backend the way
-zarr-python's store tests do.
+zarr-python's store tests do; the commit protocol and the reader also run over both object
+layouts (``shard_objects``: one object per chunk, or one per shard).
 """
 
 from __future__ import annotations
@@ -13,18 +14,10 @@ import torch
 from sasa.errors import SasaError
 from sasa.store import create_cache, open_cache, shuffle_quality
 from sasa.store.masks import special_mask
-from store_helpers import BOS, PAD, SPECIAL, build, shard_content, snapshot
+from store_helpers import (BOS, PAD, SPECIAL, build, location, shard_content,  # noqa: F401
+                           shard_objects, snapshot)
 
 W = {"resid_post.1": 16, "resid_post.2": 8}
-
-
-@pytest.fixture(params=["local", "memory", "s3"])
-def location(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "cache"), None
-    if request.param == "memory":
-        return request.getfixturevalue("memory_url"), None
-    return request.getfixturevalue("s3_url"), request.getfixturevalue("s3").storage_options
 
 
 def kept_rows(cache):
@@ -65,9 +58,9 @@ def test_bf16_is_stored_as_raw_bits_readable_by_plain_zarr(tmp_path):
     assert torch.equal(next(iter(stream)), x)
 
 
-def test_uncommitted_shard_is_invisible_and_rewrite_gives_same_bytes(location):
+def test_uncommitted_shard_is_invisible_and_rewrite_gives_same_bytes(location, shard_objects):
     url, so = location
-    w = build(url, shards=[0, 1], storage_options=so)
+    w = build(url, shards=[0, 1], storage_options=so, shard_objects=shard_objects)
 
     class Crash(Exception):
         pass
@@ -89,13 +82,13 @@ def test_uncommitted_shard_is_invisible_and_rewrite_gives_same_bytes(location):
     rows = np.concatenate([b.rows.numpy() for b in cache.batches(list(W), 7, with_rows=True)])
     assert rows.max() < 2 * 16 * 8  # nothing of shard 2 reaches a reader
     assert create_cache(url, hookpoints=W, ctx_len=8, n_seq=64, shard_seqs=16, chunk_seqs=4,
-                        dtype="float32", storage_options=so,
+                        dtype="float32", storage_options=so, shard_objects=shard_objects,
                         attrs={**SPECIAL, "model": "test-model"}).pending_shards() == [2, 3]
 
     w.write_shard(2, *shard_content(2, 16, 8, W))  # the retry
     w.write_shard(3, *shard_content(3, 16, 8, W))
     reference = f"memory://sasa-test/reference-{abs(hash(url))}"
-    build(reference)
+    build(reference, shard_objects=shard_objects)
     assert snapshot(url, so) == snapshot(reference)
 
 
@@ -153,9 +146,9 @@ def collect(stream):
     return rows, acts
 
 
-def test_reader_every_kept_row_once_deterministic_and_aligned(location):
+def test_reader_every_kept_row_once_deterministic_and_aligned(location, shard_objects):
     url, so = location
-    build(url, storage_options=so)
+    build(url, storage_options=so, shard_objects=shard_objects)
     cache = open_cache(url, so)
     rows, acts = collect(cache.batches(list(W), 50, seed=3, with_rows=True))
     flat = np.concatenate(rows)
@@ -356,3 +349,13 @@ def test_norm_quantiles_are_estimated_from_evenly_spaced_shards_beyond_the_limit
     np.testing.assert_array_equal(sampled.mean, exact.mean)  # moments stay exact
     assert sampled.count == exact.count
     assert sampled.mean_norm == pytest.approx(exact.mean_norm, rel=0.1) and sampled.mean_norm != exact.mean_norm
+
+
+def test_eval_scan_applies_the_high_norm_exclusion(tmp_path):
+    from sasa.analysis.scan import read_chunk
+    build(tmp_path / "c")
+    cache = open_cache(tmp_path / "c")
+    policy = ("bos", "pad", "high_norm:1.5")
+    expected = np.sort(np.concatenate(collect(cache.batches(list(W), 50, with_rows=True, exclude=policy))[0]))
+    got = np.concatenate([read_chunk(cache, c, list(W), policy).rows for c in range(cache.n_tokens // 32)])
+    np.testing.assert_array_equal(got, expected)  # the same rows as training reads
