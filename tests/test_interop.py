@@ -207,10 +207,41 @@ def test_saelens_and_sparsify_made_saes_evaluate_to_their_own_fvu(cache_url, tmp
         assert report["n_tokens"] == tokens
         assert report["fvu"] == pytest.approx(library_fvu(cache_url, hp, forwards[arch], tokens), rel=1e-5)
         assert report["source"] == ("sparsify:topk" if arch == "sparsify" else f"saelens:{arch}")
+        assert report["synthetic"]["n_samples"] > 0  # splitting / recovery against the planted truth
     r = cli("report", "--sweep", str(runs), "--out", str(tmp_path / "report.html"))
     assert r.returncode == 0, r.stderr
     page = (tmp_path / "report.html").read_text()
     assert all(f.name in page for f in folders.values())
+
+
+def test_a_saelens_sae_splices_into_a_causal_lm_as_saelens_runs_it(tmp_path):
+    import numpy as np
+    import sae_lens as sl
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sasa.analysis.evaluate import EvalConfig, evaluate
+    from sasa.analysis.splice import load_causal_lm, splice_scores
+    from sasa.store import create_cache
+
+    torch.manual_seed(0)
+    lm_dir = tmp_path / "lm"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=D, n_head=2, vocab_size=64, n_positions=16)).save_pretrained(lm_dir)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 64, (64, 16)).astype(np.int32)
+    ids[:, 0] = 0  # BOS
+    url = str(tmp_path / "cache")
+    w = create_cache(url, hookpoints={"resid_post.0": D}, ctx_len=16, n_seq=64, shard_seqs=64, dtype="float32",
+                     attrs={"harvest": {"config": {"model": str(lm_dir)}}, "special_token_ids": {"bos": [0], "pad": []}})
+    w.write_shard(0, ids, {"resid_post.0": rng.standard_normal((1024, D)).astype(np.float32)})
+    folder = saelens_made("jumprelu", tmp_path / "jumprelu")  # hook_name blocks.0.hook_resid_post
+    ev = evaluate(EvalConfig(cache=url, sae=str(folder), progress=False, splice_seqs=4, contexts=0)).report
+    assert ev["hookpoint"] == "resid_post.0"
+    theirs = sl.SAE.load_from_disk(folder)
+    ref = splice_scores(load_causal_lm(str(lm_dir)), "resid_post.0", lambda x: theirs(x.float()), ids[:4],
+                        keep_NT=ids[:4] != 0)
+    assert ev["splice"]["ce_score"] == pytest.approx(ref.ce_score, rel=1e-5)
+    assert ev["splice"]["kl_score"] == pytest.approx(ref.kl_score, rel=1e-5)
+    assert ev["splice"]["ce_sae"] != ev["splice"]["ce_clean"]
 
 
 def test_batchtopk_checkpoint_imports_as_the_jumprelu_saelens_saves_for_inference(tmp_path):
