@@ -9,6 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from recon_reference import recon_reference
+
+from sasa.store import open_cache
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,9 +48,13 @@ def test_demo_pipeline_end_to_end(tmp_path):
 
     saes = sorted(p for p in (out / "sweep").iterdir() if (p / "sae.safetensors").exists())
     assert len(saes) == 7  # SASA r = 1, 2, 4, 8, TopK and ReLU on one hookpoint, TopK on the other
+    cache = open_cache(out / "cache")
     for folder in saes:
         ev = json.loads((folder / "eval.json").read_text())
-        assert 0 < ev["fvu"] < 1 and abs(ev["explained_variance"] - (1 - ev["fvu"])) < 0.2
+        ref = recon_reference(cache, folder, ev["hookpoint"], ev["n_tokens"])
+        assert 0 < ref["fvu"] < 1
+        for key in ("fvu", "explained_variance", "mse"):
+            assert ev[key] == pytest.approx(ref[key], rel=1e-4), (folder.name, key)
         if not folder.name.startswith("relu"):
             assert abs(ev["l0_coords"] - 8) < 0.5  # s * r = k = 8 active coordinates
     html = (out / "report.html").read_text()
