@@ -26,7 +26,7 @@ class EvalConfig:
     batch_size: int = 4096
     """Tokens per forward."""
     exclude: tuple[str, ...] = ("bos", "pad")
-    """Special tokens left out, as in training."""
+    """Rows left out, as in training (special-token kinds, ``high_norm[:K]``; ``sasa.store.masks``)."""
     contexts: int = 8
     """Top contexts kept per group (0: none)."""
     window: int = 8

@@ -106,7 +106,8 @@ class TrainConfig:
     r >= 2 when run every step, 5-11% at k = 4: bench/RESULTS_train.md, section 1) are paid
     once per k steps. 1 = every step."""
     exclude: tuple[str, ...] = ("bos", "pad")
-    """Special tokens left out of training batches."""
+    """Rows left out of training batches: special-token kinds, and ``"high_norm"`` /
+    ``"high_norm:K"`` for rows above K (10) x the median norm (``sasa.store.masks``)."""
     shuffle_rows: int | None = None
     """Rows per shuffle window (default: about 1 GiB of activations)."""
     device: str = "auto"
