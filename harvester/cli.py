@@ -38,6 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("--text-column", default="text", help="text column (default: text)")
     p.add_argument("--shard-seqs", type=int, default=0,
                    help="sequences per shard (default: about 64k tokens)")
+    p.add_argument("--shard-objects", action="store_true",
+                   help="one object per shard of each array instead of one per chunk (fewer "
+                        "requests; recommended for object stores such as S3)")
     p.add_argument("--revision", default=None, help="model revision on the hub")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code shipped with the checkpoint (off by default)")
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out, model=args.model, dataset=args.dataset, hookpoints=args.hookpoints,
         tokens=args.tokens, ctx_len=args.ctx_len, batch_size=args.batch_size, dtype=args.dtype,
         model_dtype=args.model_dtype, bos=args.bos, text_column=args.text_column,
-        shard_seqs=args.shard_seqs, revision=args.revision,
+        shard_seqs=args.shard_seqs, shard_objects=args.shard_objects, revision=args.revision,
         trust_remote_code=args.trust_remote_code, workers=args.workers, address=args.address,
         device=args.device, storage_options=args.storage_options or {},
         overwrite=args.overwrite, progress=not args.no_progress)

@@ -62,6 +62,11 @@ class HarvestConfig:
     shard_seqs: int = 0
     """Sequences per shard (the unit of work, retry and commit); 0 picks ~64k tokens."""
 
+    shard_objects: bool = False
+    """Store each shard of an activation array as one object (zarr's sharding codec) instead of
+    one object per chunk: fewer, larger requests, recommended for object stores such as S3.
+    Part of the cache's layout (recorded and checked there, not in the harvest config)."""
+
     revision: str | None = None
     """Model revision (branch, tag or commit) for hub models."""
 
@@ -130,10 +135,13 @@ class HarvestConfig:
     RUNTIME = ("out", "batch_size", "workers", "address", "device", "storage_options",
                "overwrite", "progress", "ray_temp_dir")
 
+    # Layout fields: recorded in the cache's layout, where create_cache checks them on resume.
+    LAYOUT = ("shard_objects",)
+
     def content(self) -> dict:
         """The fields that decide the cache's bytes, as saved in its attributes."""
         d = dataclasses.asdict(self)
-        for name in self.RUNTIME:
+        for name in self.RUNTIME + self.LAYOUT:
             d.pop(name)
         d["hookpoints"] = list(self.hookpoints)
         return d

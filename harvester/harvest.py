@@ -117,7 +117,7 @@ def plan(config: HarvestConfig, *, gpus: bool | None = None) -> Plan:
     }
     cache_kwargs = {"hookpoints": {hp.name: info.d_model for hp in hps}, "ctx_len": config.ctx_len,
                     "n_seq": len(packed.tokens_NC), "shard_seqs": packed.shard_seqs,
-                    "dtype": config.dtype, "attrs": attrs}
+                    "dtype": config.dtype, "shard_objects": config.shard_objects, "attrs": attrs}
     spec = WorkerSpec(url=config.out, cache=cache_kwargs, model_source=info.source,
                       hookpoints=tuple(config.hookpoints), model_dtype=model_dtype,
                       batch_size=config.batch_size, device=config.device,

@@ -209,10 +209,11 @@ def test_harvest_survives_the_endpoint_going_away(s3, s3_url, gpt2, tmp_path, fa
     so = {**s3.storage_options, "endpoint_url": relay.endpoint, **FEW_RETRIES}
     data = write_jsonl(tmp_path / "d.jsonl", SAMPLE_DOCS[:40])
 
-    def config(url, storage_options=so):
+    def config(url, storage_options=so):  # one object per shard: the layout meant for S3
         return HarvestConfig(out=url, model=gpt2, dataset=str(data), hookpoints=("resid_post.1",),
                              tokens=8 * 16 * 16, ctx_len=16, shard_seqs=16, dtype="fp32",
-                             workers=0, progress=False, storage_options=storage_options)
+                             shard_objects=True, workers=0, progress=False,
+                             storage_options=storage_options)
 
     reference = str(tmp_path / "reference")  # the same objects, byte for byte, on any backend
     harvest(config(reference, {}))
@@ -237,6 +238,7 @@ def test_harvest_survives_the_endpoint_going_away(s3, s3_url, gpt2, tmp_path, fa
     assert f"cannot reach the storage of {url}" in str(err) and "rerun the same command" in str(err)
     harvest(config(url))
     assert snapshot(url, so) == snapshot(reference)
+    assert open_cache(url, so).layout.shard_objects
     relay.stop()
 
 
@@ -246,3 +248,20 @@ def _raises(fn, *args):
     except Exception as err:  # noqa: BLE001 - returned to the test thread
         return err
     return None
+
+
+def test_harvest_command_sets_shard_objects(s3, s3_url, gpt2, tmp_path):
+    from harvest_fixtures import SAMPLE_DOCS, write_jsonl
+    import s3fs
+    data = write_jsonl(tmp_path / "d.jsonl", SAMPLE_DOCS[:20])
+    assert main(["harvest", "--out", s3_url, "--storage-options", json.dumps(s3.storage_options),
+                 "--model", gpt2, "--dataset", str(data), "--hookpoints", "resid_post.1",
+                 "--tokens", "1024", "--ctx-len", "16", "--shard-seqs", "16", "--shard-objects",
+                 "--workers", "0", "--no-progress"]) == 0
+    cache = open_cache(s3_url, s3.storage_options)
+    assert cache.layout.shard_objects
+    assert cache.acts("resid_post.1").shards == (cache.layout.shard_rows, 32)  # zarr sharding
+    fs = s3fs.S3FileSystem(**s3.storage_options, skip_instance_cache=True)
+    objects = fs.ls(f"{s3_url.removeprefix('s3://')}/acts/resid_post.1/c")
+    assert len(objects) == cache.n_shards == 4  # one object per shard
+    assert "shard_objects" not in cache.attrs["harvest"]["config"]  # the layout records it
