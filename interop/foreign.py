@@ -44,11 +44,11 @@ def sae_info(folder: str | Path) -> dict:
     fmt = _format(folder)
     if fmt == "sasa":
         p = folder / "train.json"
-        return {**(json.loads(p.read_text()) if p.is_file() else {}), "source": "sasa"}
+        return {**(_read_json(p) if p.is_file() else {}), "source": "sasa"}
     cfg = _read_json(folder / SAELENS_CONFIG)
     if fmt == "saelens":
-        from sasa.interop.saelens import saelens_hookpoint
-        hookpoint, source = saelens_hookpoint(cfg, folder), f"saelens:{cfg.get('architecture', 'standard')}"
+        from sasa.interop.saelens import saelens_hookpoint, upgrade_pre6
+        hookpoint, source = saelens_hookpoint(cfg, folder), f"saelens:{upgrade_pre6(cfg)['architecture']}"
     else:
         from sasa.interop.sparsify import sparsify_hookpoint
         hookpoint, source = sparsify_hookpoint(cfg, folder), "sparsify:topk"

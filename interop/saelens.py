@@ -103,9 +103,9 @@ def import_saelens(folder: str | Path):
     from sasa.trainer.sae_config import SAEConfig
 
     folder = Path(folder)
-    cfg = json.loads((folder / SAELENS_CONFIG).read_text())
+    cfg = upgrade_pre6(json.loads((folder / SAELENS_CONFIG).read_text()))
     meta = cfg.get("metadata") or {}
-    arch = cfg.get("architecture", "standard")
+    arch = cfg["architecture"]
     where = f"{folder / SAELENS_CONFIG}"
     if arch not in IMPORTABLE:
         raise SasaError(f"{where}: SAELens architecture {arch!r} has no sasa equivalent; "
@@ -170,10 +170,29 @@ def import_saelens(folder: str | Path):
     return sae, f"saelens:{arch}"
 
 
+def upgrade_pre6(cfg: dict) -> dict:
+    """A SAELens < 6 config (flat, no ``architecture``) in the 6.x shape, as SAELens's own
+    ``handle_pre_6_0_config`` reads it: ``hook_point`` -> ``metadata.hook_name``, ReLU ->
+    ``standard``, ``activation_fn: topk`` -> ``topk`` with its ``k``."""
+    if "architecture" in cfg and "metadata" in cfg:
+        return cfg
+    cfg = dict(cfg)
+    meta = dict(cfg.get("metadata") or {})
+    meta.setdefault("hook_name", cfg.get("hook_name", cfg.get("hook_point")))
+    meta.setdefault("hook_head_index", cfg.get("hook_head_index", cfg.get("hook_point_head_index")))
+    cfg["metadata"] = meta
+    if "architecture" not in cfg:
+        act = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
+        cfg["architecture"] = "topk" if act == "topk" else "standard" if act == "relu" else f"activation {act}"
+        if act == "topk":
+            cfg.setdefault("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+    return cfg
+
+
 def saelens_hookpoint(cfg: dict, folder: Path) -> str | None:
     """Our hookpoint for a SAELens config: the one we exported, its TransformerLens hook name,
     or one in the folder's name."""
-    meta = cfg.get("metadata") or {}
+    meta = upgrade_pre6(cfg)["metadata"]
     return (meta.get("sasa_hookpoint") or hookpoint_from_name(meta.get("hook_name"))
             or hookpoint_from_name(folder.name))
 

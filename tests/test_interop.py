@@ -263,6 +263,23 @@ def test_batchtopk_checkpoint_imports_as_the_jumprelu_saelens_saves_for_inferenc
         assert 0 < (mine.codes_BGR != 0).sum() < mine.codes_BGR.numel()
 
 
+def test_a_pre_6_saelens_topk_config_reads_as_saelens_reads_it(tmp_path):
+    import sae_lens as sl
+
+    folder = saelens_made("topk", tmp_path / "old")
+    (folder / "cfg.json").write_text(json.dumps({  # SAELens 5.x: flat, activation_fn_str, hook_point
+        "d_in": D, "d_sae": 32, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+        "normalize_activations": "none", "hook_point": "blocks.0.hook_resid_post", "hook_point_head_index": None,
+        "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 3}, "model_name": "gpt2"}))
+    theirs = sl.SAE.load_from_disk(folder)
+    ours = load_any_sae(folder)
+    assert theirs.cfg.architecture() == "topk" and ours.sae.cfg.top_s == 3
+    assert ours.info == {"member": {"name": "old", "hookpoint": "resid_post.0"}, "source": "saelens:topk"}
+    x = x_random()
+    with torch.no_grad():
+        torch.testing.assert_close(ours.sae(x).x_hat_BD, theirs(x), rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_or_mismatched_folders_fail_in_one_line(cache_url, tmp_path, cli):
     import sae_lens as sl
 
