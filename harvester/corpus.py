@@ -149,8 +149,13 @@ def _jsonl(path: Path, text_column: str) -> DocumentSource:
 
 
 def _parquet(path: Path, text_column: str) -> DocumentSource:
+    import pyarrow as pa
     import pyarrow.parquet as pq
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise SasaError(f"dataset {str(path)!r} is not a readable Parquet file ({str(err).splitlines()[0]}); "
+                        "restore it or pass another file") from None
     column, kind = _pick_column(str(path), pf.schema_arrow.names, text_column)
     if pf.metadata.num_rows == 0:
         raise SasaError(f"dataset {str(path)!r} is empty; it holds no rows")

@@ -114,6 +114,12 @@ CASES = [
     Case("sae-weights-without-config", lambda ws: ["eval", "--cache", str(ws.cache), "--sae",
                                                    str(_damage_sae(ws, "config.json", delete=True)), *EVAL],
          r"is neither a saved SAE nor a run folder"),
+    Case("sae-train-json-truncated", lambda ws: ["eval", "--cache", str(ws.cache), "--sae",
+                                                 str(_damage_sae(ws, "train.json")), *EVAL],
+         r"train.json is not valid JSON"),
+    Case("run-json-truncated-on-rerun", lambda ws: ["train", "--cache", str(ws.cache), *TRAIN, *TOKENS,
+                                                    "--out", str(_damage_run(ws, "run.json"))],
+         r"holds an earlier run with a different config \(.*run.json is damaged\)"),
     Case("checkpoint-truncated-on-resume", lambda ws: [
         "train", "--cache", str(ws.cache), *TRAIN, *TOKENS, "--resume",
         "--out", str(_damage_run(ws, "checkpoints/worker-0.pt"))], r"checkpoint .*worker-0.pt is damaged"),
@@ -126,6 +132,9 @@ CASES = [
     Case("dataset-latin1-txt", lambda ws: ["harvest", "--out", str(ws.root / "cases" / "new"), *HARVEST,
                                            "--dataset", str(ws.file("latin.txt", "caf\xe9 au lait\n".encode("latin-1")))],
          r"is not UTF-8 text \(line 1"),
+    Case("dataset-parquet-garbage", lambda ws: ["harvest", "--out", str(ws.root / "cases" / "new"), *HARVEST,
+                                                "--dataset", str(ws.file("bad.parquet", b"PAR1 not parquet"))],
+         r"bad.parquet' is not a readable Parquet file"),
     Case("dataset-jsonl-line-not-json", lambda ws: [
         "harvest", "--out", str(ws.root / "cases" / "new"), *HARVEST, "--dataset",
         str(ws.file("bad.jsonl", '{"text": "one"}\n{"text": "two"}\nnot json\n'))],
@@ -289,7 +298,7 @@ def test_docs_list_every_case():
 # -- faults whose right answer is not an error: each says so and keeps everything ---------------
 OTHER_CASES = ["verify-reports-damaged-array-metadata", "verify-reports-undecodable-chunk",
                "resume-of-finished-run-changes-nothing", "same-command-rerun-reproduces",
-               "dead-owner-lock-taken-over", "overwrite-replaces-only-its-run", "report-marks-unfinished-saes",
+               "dead-owner-lock-taken-over", "torn-lock-taken-over", "overwrite-replaces-only-its-run", "report-marks-unfinished-saes",
                "create-cache-race", "create-cache-claim-exclusive-on-s3", "create-cache-bad-sizes",
                "save-sae-is-atomic"]
 
@@ -330,6 +339,16 @@ def test_a_dead_owners_lock_is_taken_over_and_released(ws: Workspace, capsys):
         assert rc == 0, err
         assert f"taking over {run} from a dead run ({owner['host']} pid {owner['pid']}" in err
         assert not lock.exists()  # released on exit
+
+
+def test_a_torn_lock_is_taken_over(ws: Workspace, capsys):
+    run = ws.copy(ws.run, "torn-lock")
+    lock = run / ".sasa-lock"
+    lock.write_text('{"host": "h')  # a writer killed between creating the lock and filling it
+    os.utime(lock, (time.time() - 60, time.time() - 60))
+    rc, _, err = run_cli(["train", "--cache", str(ws.cache), *TRAIN, *TOKENS, "--out", str(run)], capsys)
+    assert rc == 0, err
+    assert "taking over" in err and "lock file is unreadable" in err and not lock.exists()
 
 
 def _dead_pid() -> int:

@@ -8,8 +8,9 @@ before anything is written. It
    on local disks and on NFS v3+/Lustre/GPFS, the shared file systems clusters use) holding the
    owner's host, pid, start time and a random token. A thread refreshes its mtime every
    ``HEARTBEAT_S`` seconds. A second run finds the file and refuses with one line naming the
-   owner. A lock whose owner is gone (same host and its pid no longer exists, or a heartbeat
-   older than ``STALE_S`` from any host) is taken over with a one-line notice on stderr. The lock
+   owner. A lock whose owner is gone (same host and its pid no longer exists, a heartbeat
+   older than ``STALE_S`` from any host, or content left unreadable for ``TORN_S`` by a writer
+   that died creating it) is taken over with a one-line notice on stderr. The lock
    is removed when the run ends, by success, error or Ctrl-C; a SIGKILL leaves it behind to be
    taken over as above;
 3. refuses a run whose config differs from the ``run.json`` already in ``out`` unless the
@@ -43,6 +44,8 @@ RUN_FILE = "run.json"
 HEARTBEAT_S = 30.0
 #: A lock not refreshed for this long belongs to a dead run (any host): 4 missed heartbeats.
 STALE_S = 120.0
+#: A lock without readable content this old was torn at creation (its owner writes it at once).
+TORN_S = 10.0
 
 
 def _pid_alive(pid: int) -> bool:
@@ -71,6 +74,8 @@ def _read_lock(path: Path) -> dict | None:
 
 def _dead_reason(info: dict) -> str | None:
     """Why the lock's owner is dead, or None when it may be alive."""
+    if not info.get("token") and info["age_s"] > TORN_S:
+        return f"its lock file is unreadable and {info['age_s']:.0f} s old (torn when it was written)"
     if info["age_s"] > STALE_S:
         return f"its heartbeat is {info['age_s']:.0f} s old (stale after {STALE_S:.0f} s)"
     if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) \
