@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 
+from sasa.trainer.consolidate import group_lasso_scale, merge_and_reseed, merge_due, top_s_at
 from sasa.trainer.sae import SAE
 from sasa.trainer.schedule import lr_factor
 
@@ -29,7 +30,8 @@ def train_in_memory(sae: SAE, x_ND: torch.Tensor, *, steps: int, batch_size: int
     """Adam on random minibatches of an in-memory tensor (tests and toy experiments).
 
     ``warmup`` steps of linear lr warm-up and a linear decay to 0 over the last ``decay_frac``
-    of the steps (``sasa.trainer.schedule``)."""
+    of the steps (``sasa.trainer.schedule``); the consolidation penalty follows its schedule
+    over ``steps`` (``sasa.trainer.consolidate``)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(steps, warmup, decay_frac))
@@ -37,12 +39,15 @@ def train_in_memory(sae: SAE, x_ND: torch.Tensor, *, steps: int, batch_size: int
     fvus: list[torch.Tensor] = []
     for step in range(steps):
         idx = torch.randint(0, x_ND.shape[0], (batch_size,), generator=gen)
-        out = sae(x_ND[idx])
+        top_s = top_s_at(sae.cfg, step, steps)
+        out = sae(x_ND[idx], gl_scale=group_lasso_scale(sae.cfg, step, steps), top_s=top_s)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
         sched.step()
         sae.post_step()
+        if merge_due(sae.cfg, step, steps):
+            merge_and_reseed(sae, x_ND[idx], opt, top_s=top_s)
         fvus.append(out.fvu.detach())
         if log_every and (step + 1) % log_every == 0:
             print(f"step {step + 1}: fvu {float(out.fvu):.4f} l0 {float(out.l0_groups):.2f}")

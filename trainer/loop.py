@@ -28,6 +28,7 @@ from sasa.store import open_cache
 from sasa.store.verify import refuse_damaged
 from sasa.trainer.config import MemberConfig, TrainConfig
 from sasa.trainer.outdir import claim
+from sasa.trainer.consolidate import group_lasso_scale, merge_and_reseed, merge_due, top_s_at
 from sasa.trainer.persist import save_sae
 from sasa.trainer.sae import SAE
 from sasa.trainer.schedule import lr_factor
@@ -265,13 +266,17 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, member_ids: list[int] |
             xs[hp] = (raw.float() - norm[hp][0]) / norm[hp][1]
         nuc_scale = float(cfg.nuc_every) if step % cfg.nuc_every == 0 else 0.0
         for m in members:
+            top_s = top_s_at(m.sae_cfg, step, cfg.steps)  # the consolidation schedule
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda and cfg.autocast):
-                o = m.sae(xs[m.cfg.hookpoint], nuc_scale=nuc_scale)
+                o = m.sae(xs[m.cfg.hookpoint], nuc_scale=nuc_scale, top_s=top_s,
+                          gl_scale=group_lasso_scale(m.sae_cfg, step, cfg.steps))
             m.opt.zero_grad(set_to_none=True)
             o.loss.backward()
             m.opt.step()
             m.sched.step()
             m.sae.post_step()
+            if merge_due(m.sae_cfg, step, cfg.steps):
+                merge_and_reseed(m.sae, xs[m.cfg.hookpoint], m.opt, top_s=top_s)
             m.accumulate(o)
         step += 1
         bar.update(cfg.batch_size)

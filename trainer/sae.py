@@ -73,8 +73,11 @@ class ForwardOutput(NamedTuple):
     """nuc_lambda * sum_g ||.||_* (0 when nuc_lambda = 0)."""
     l1_term: torch.Tensor
     """relu only: l1_coeff * mean_b sum_i |z_i| ||d_i||."""
+    group_lasso_term: torch.Tensor
+    """group_lasso * gl_scale * mean_b sum_g (||z_bg|| / rms)^p over kept groups (see
+    ``SAEConfig.group_lasso``; 0 when consolidate="none")."""
     loss: torch.Tensor
-    """fvu + auxk_alpha * auxk_loss + nuc_term + l1_term."""
+    """fvu + auxk_alpha * auxk_loss + nuc_term + l1_term + group_lasso_term."""
     l0_groups: torch.Tensor
     """Mean active groups (units) per token."""
     l0_coords: torch.Tensor
@@ -161,13 +164,13 @@ class SAE(nn.Module):
             h_BGR = F.relu(h_BGR)
         return h_BGR
 
-    def gate(self, h_BGR: torch.Tensor) -> torch.Tensor:
-        """bool [B, G]: the groups kept (all of them for relu)."""
+    def gate(self, h_BGR: torch.Tensor, top_s: int | None = None) -> torch.Tensor:
+        """bool [B, G]: the groups kept (all of them for relu). ``top_s`` overrides s."""
         B, G, _ = h_BGR.shape
         if self.cfg.arch == "relu":
             return torch.ones(B, G, dtype=torch.bool, device=h_BGR.device)
         score_BG = h_BGR.detach().square().sum(-1)
-        s = self.cfg.top_s
+        s = self.cfg.top_s if top_s is None else top_s
         if self.cfg.gate == "token":
             idx_BS = score_BG.topk(s, dim=1, sorted=False).indices
             return torch.zeros_like(score_BG, dtype=torch.bool).scatter_(1, idx_BS, True)
@@ -199,19 +202,27 @@ class SAE(nn.Module):
             return True
         return x_BD.device.type == "cpu" and 8 * cfg.top_s * cfg.rank <= cfg.n_coords
 
-    def forward(self, x_BD: torch.Tensor, *, nuc_scale: float = 1.0) -> ForwardOutput:
+    def forward(self, x_BD: torch.Tensor, *, nuc_scale: float = 1.0,
+                gl_scale: float = 1.0, top_s: int | None = None) -> ForwardOutput:
         """``nuc_scale`` multiplies the nuclear-norm term; 0 skips its SVDs. A trainer that
         applies the penalty every k-th step with scale k keeps its average weight (see
-        ``TrainConfig.nuc_every``)."""
+        ``TrainConfig.nuc_every``). ``gl_scale`` multiplies the group-lasso term (the
+        consolidation schedule, ``sasa.trainer.consolidate.group_lasso_scale``). ``top_s``
+        overrides s for this step (the consolidation's s ramp, ``consolidate.top_s_at``)."""
         if self.uses_sparse_decode(x_BD):
-            return self._forward_sparse(x_BD, nuc_scale)
-        return self._forward_dense(x_BD, nuc_scale)
+            return self._forward_sparse(x_BD, nuc_scale, gl_scale, top_s)
+        return self._forward_dense(x_BD, nuc_scale, gl_scale, top_s)
 
-    def _forward_dense(self, x_BD: torch.Tensor, nuc_scale: float = 1.0) -> ForwardOutput:
+    def _gl_weight(self, gl_scale: float) -> float:
+        cfg = self.cfg
+        return cfg.group_lasso * gl_scale if cfg.consolidate != "none" else 0.0
+
+    def _forward_dense(self, x_BD: torch.Tensor, nuc_scale: float = 1.0,
+                       gl_scale: float = 1.0, top_s: int | None = None) -> ForwardOutput:
         """The reference: every code of every token goes through dense matmuls."""
         cfg = self.cfg
         h_BGR = self.pre_codes(x_BD)
-        keep_BG = self.gate(h_BGR)
+        keep_BG = self.gate(h_BGR, top_s)
         codes_BGR = h_BGR * keep_BG.unsqueeze(-1)
         x_hat_BD = self.decode(codes_BGR)
 
@@ -220,9 +231,14 @@ class SAE(nn.Module):
         if cfg.auxk_alpha > 0 and cfg.arch != "relu":
             auxk = self._auxk_loss(x_BD - x_hat_BD.detach(), h_BGR)
         l0_coords = (codes_BGR != 0).sum((1, 2)).to(x_BD.dtype).mean()
-        return self._finish(x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords, nuc_scale)
+        norm_sum = None
+        if self._gl_weight(gl_scale) > 0:
+            norm_sum = torch.linalg.vector_norm(codes_BGR, dim=-1)[keep_BG]
+        return self._finish(x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords, nuc_scale,
+                            gl_scale, norm_sum)
 
-    def _forward_sparse(self, x_BD: torch.Tensor, nuc_scale: float = 1.0) -> ForwardOutput:
+    def _forward_sparse(self, x_BD: torch.Tensor, nuc_scale: float = 1.0,
+                        gl_scale: float = 1.0, top_s: int | None = None) -> ForwardOutput:
         """Same results as ``_forward_dense``; one dense matmul (the encoder forward) per step."""
         cfg = self.cfg
         G, R, D = self.W_enc_GRD.shape
@@ -237,12 +253,13 @@ class SAE(nn.Module):
                 h_BGR = F.relu(h_BGR)
             score_BG = h_BGR.square().sum(-1)
             if cfg.gate == "token":
-                s = cfg.top_s
+                s = cfg.top_s if top_s is None else top_s
                 group_K = score_BG.topk(s, dim=1, sorted=False).indices.reshape(-1)
                 token_K = torch.arange(B, device=x_BD.device).repeat_interleave(s)
                 offsets_B = torch.arange(0, B * s * R, s * R, device=x_BD.device)
             else:
-                flat_K = score_BG.flatten().topk(cfg.top_s * B, sorted=False).indices.sort().values
+                s = cfg.top_s if top_s is None else top_s
+                flat_K = score_BG.flatten().topk(s * B, sorted=False).indices.sort().values
                 token_K, group_K, offsets_B = flat_K // G, flat_K % G, None
             kept = kept_pairs(token_K, group_K, R, B, offsets_B)
 
@@ -262,7 +279,11 @@ class SAE(nn.Module):
         auxk = x_BD.new_zeros(())
         if cfg.auxk_alpha > 0:
             auxk = self._auxk_loss(x_BD - x_hat_BD.detach(), h_BGR, take=take)
-        return self._finish(x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords, nuc_scale)
+        norm_sum = None
+        if self._gl_weight(gl_scale) > 0:  # a kept group's R coordinates are contiguous pairs
+            norm_sum = torch.linalg.vector_norm(vals_P.view(-1, R), dim=-1)
+        return self._finish(x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords, nuc_scale,
+                            gl_scale, norm_sum)
 
     def _decode_pairs(self, kept: Kept, vals_P: torch.Tensor) -> torch.Tensor:
         """sum over a token's pairs of vals_p * W_dec[coord_p], without the bias: [B, d]."""
@@ -270,8 +291,10 @@ class SAE(nn.Module):
         return F.embedding_bag(kept.coord_P, self.W_dec_GRD.reshape(G * R, D), kept.offsets_B,
                                mode="sum", per_sample_weights=vals_P.to(self.W_dec_GRD.dtype))
 
-    def _finish(self, x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords, nuc_scale=1.0) -> ForwardOutput:
-        """The loss terms and bookkeeping shared by both paths."""
+    def _finish(self, x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords, nuc_scale=1.0,
+                gl_scale=1.0, norm_sum=None) -> ForwardOutput:
+        """The loss terms and bookkeeping shared by both paths. ``norm_sum``: sum over the
+        batch's kept groups of ||z_bg|| (for the group-lasso term)."""
         cfg = self.cfg
         fvu = batch_fvu(x_BD, x_hat_BD)
         zero = x_BD.new_zeros(())
@@ -282,7 +305,17 @@ class SAE(nn.Module):
         if cfg.arch == "relu" and cfg.l1_coeff > 0:
             norms_GR = self.W_dec_GRD.norm(dim=-1)
             l1_term = cfg.l1_coeff * (codes_BGR.abs() * norms_GR).sum((1, 2)).mean()
-        loss = fvu + cfg.auxk_alpha * auxk + nuc_term + l1_term
+        gl_term = zero
+        if norm_sum is not None:
+            # Relative to the batch's rms norm (a constant): the weight is dimensionless.
+            B = x_BD.shape[0]
+            rms = ((x_BD - x_BD.mean(0)).square().sum() / B).sqrt().detach()
+            rel_K = norm_sum / rms.clamp_min(1e-12)
+            p = cfg.group_lasso_power
+            if p != 1:
+                rel_K = (rel_K.square() + 1e-4).pow(p / 2)
+            gl_term = (self._gl_weight(gl_scale) / B) * rel_K.sum()
+        loss = fvu + cfg.auxk_alpha * auxk + nuc_term + l1_term + gl_term
 
         if self.training:
             with torch.no_grad():
@@ -291,7 +324,7 @@ class SAE(nn.Module):
 
         return ForwardOutput(
             x_hat_BD=x_hat_BD, codes_BGR=codes_BGR, active_BG=active_BG, fvu=fvu,
-            auxk_loss=auxk, nuc_term=nuc_term, l1_term=l1_term, loss=loss,
+            auxk_loss=auxk, nuc_term=nuc_term, l1_term=l1_term, group_lasso_term=gl_term, loss=loss,
             l0_groups=active_BG.sum(1).to(x_BD.dtype).mean(), l0_coords=l0_coords,
         )
 

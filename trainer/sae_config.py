@@ -18,6 +18,7 @@ GATES = ("token", "batch")
 NUC_ON = ("map", "decoder", "encoder")
 INIT_ENCODER = ("transpose", "random")
 DECODES = ("auto", "dense", "sparse")
+CONSOLIDATE = ("anneal", "none")
 
 
 @dataclass
@@ -82,6 +83,65 @@ class SAEConfig:
     gate). ReLU SAEs have no fixed number of active codes and always decode densely.
     "auto": sparse on CPU when s*r <= G*r / 8 (measured crossover ~G*r/8), dense elsewhere."""
 
+    consolidate: str | None = None
+    """How SASA training reaches the consolidated optimum (one group per multi-dimensional
+    feature when r >= d_i; measured in bench/RESULTS_consolidation.md). "anneal": two
+    schedules over the run, both back to the plain objective before the lr decay: (1) the s
+    ramp (``s_start``...): the gate keeps fewer groups than features early on, so a group that
+    holds part of a feature leaves the rest in the error and turns its spare dimensions to it,
+    instead of a spare slot letting a second group take it; (2) a group-sparsity penalty on the
+    kept codes (``group_lasso``...), which makes a split or duplicated feature cost more than a
+    consolidated one. "none": the plain objective (Top-s, FVU + AuxK + rank penalty).
+    Default: "anneal" for sasa, "none" for topk/relu (one-dimensional latents)."""
+
+    group_lasso: float = 0.1
+    """Weight of the group-sparsity penalty ``mean_b sum_g (||z_bg|| / rms)^p`` over the kept
+    groups, rms = sqrt(mean_b ||x_b - mean||^2) of the batch (so the weight is dimensionless);
+    0 disables it."""
+
+    group_lasso_power: float = 0.5
+    """p of the penalty. p = 1 (group lasso) charges a feature split into orthogonal parts
+    (||v1|| + ||v2|| > ||v1 + v2||) but not two aligned copies; p < 1 charges both
+    (sqrt(1/2) + sqrt(1/2) > 1). Computed as (||z||^2 / rms^2 + 1e-4)^(p/2), finite at 0."""
+
+    group_lasso_hold: float = 0.5
+    """Fraction of the run's steps with the full group-sparsity weight."""
+
+    group_lasso_end: float = 0.8
+    """Fraction of the run's steps by which that weight has been annealed linearly to 0."""
+
+    s_start: int | None = 1
+    """s ramp: the gate keeps ``s_start`` groups per token until ``s_ramp_from`` of the run,
+    then s grows linearly (rounded) to ``top_s`` at ``s_ramp_to``. None: no ramp."""
+
+    s_ramp_from: float = 0.3
+    """Fraction of the run's steps at s_start."""
+
+    s_ramp_to: float = 0.6
+    """Fraction of the run's steps at which s reaches top_s."""
+
+    merge_every: int = 0
+    """Steps between merge steps (``sasa.trainer.consolidate.merge_and_reseed``: two co-firing
+    groups whose joint contribution fits in r dimensions become one, the other is re-seeded at
+    the residual); 0 disables (the default: it did not help, bench/SPLITTING.md)."""
+
+    merge_from: float = 0.05
+    """Fraction of the run's steps before the first merge step."""
+
+    merge_until: float = 0.6
+    """Fraction of the run's steps after which no merge step runs."""
+
+    merge_jaccard: float = 0.5
+    """Two groups are merge candidates when kept together on at least this fraction of the
+    tokens where either is kept."""
+
+    merge_min: int = 16
+    """... and on at least this many tokens of the batch."""
+
+    merge_tail: float = 0.05
+    """... and their joint contribution on shared tokens leaves at most this fraction of its
+    energy outside its top-r principal subspace."""
+
     def __post_init__(self) -> None:
         check_fields(self)  # YAML / CLI values: one-line errors naming the field and its type
         if self.arch not in ARCHS:
@@ -130,6 +190,32 @@ class SAEConfig:
         if self.init_encoder not in INIT_ENCODER:
             raise SasaError(f"unknown init_encoder {self.init_encoder!r}; use 'transpose' "
                             "or 'random'")
+
+        if self.consolidate is None:
+            self.consolidate = "anneal" if self.arch == "sasa" else "none"
+        if self.consolidate not in CONSOLIDATE:
+            raise SasaError(f"unknown consolidate {self.consolidate!r}; use one of "
+                            f"{', '.join(CONSOLIDATE)}")
+        if self.consolidate != "none" and self.arch != "sasa":
+            raise SasaError(f"consolidate={self.consolidate!r} is for arch sasa; set "
+                            "consolidate='none' for topk/relu")
+        if self.group_lasso < 0:
+            raise SasaError(f"group_lasso must be >= 0 (got {self.group_lasso})")
+        if self.s_start is not None and not 1 <= self.s_start:
+            raise SasaError(f"s_start must be >= 1 (got {self.s_start})")
+        if not 0 <= self.s_ramp_from <= self.s_ramp_to <= 1:
+            raise SasaError("need 0 <= s_ramp_from <= s_ramp_to <= 1 (got "
+                            f"{self.s_ramp_from}, {self.s_ramp_to})")
+        if self.merge_every < 0 or self.merge_min < 1:
+            raise SasaError(f"merge_every must be >= 0 and merge_min >= 1 (got "
+                            f"{self.merge_every}, {self.merge_min})")
+        if not (0 <= self.merge_from <= self.merge_until <= 1 and 0 < self.merge_jaccard <= 1
+                and 0 <= self.merge_tail < 1):
+            raise SasaError("need 0 <= merge_from <= merge_until <= 1, 0 < merge_jaccard <= 1 "
+                            "and 0 <= merge_tail < 1")
+        if not 0 <= self.group_lasso_hold <= self.group_lasso_end <= 1:
+            raise SasaError("need 0 <= group_lasso_hold <= group_lasso_end <= 1 (got "
+                            f"{self.group_lasso_hold}, {self.group_lasso_end})")
 
     @property
     def n_coords(self) -> int:

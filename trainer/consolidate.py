@@ -1,0 +1,192 @@
+"""Consolidation: steering SASA training to one group per multi-dimensional feature.
+
+Why the plain objective is slow to get there (bench/SPLITTING.md): a feature split over two
+groups, or held twice, costs nothing under FVU when the Top-s gate has spare slots (s above
+the features on in a token), and the nuclear norm is additive over a split. Gradient descent
+leaves such a split only through a slow saddle escape: a group's spare dimensions turn toward
+the missing part of its feature only if that part shows up in the error, and a second group
+already removes it from the error.
+
+``SAEConfig.consolidate = "anneal"`` (the default for sasa) adds two schedules, both pure
+functions of (step, steps), so a resumed run repeats them exactly and every sweep member
+follows its own config:
+- ``top_s_at``: the s ramp. s = ``s_start`` (1) for the first 30% of the run, then linearly to
+  the configured s at 60%. With fewer slots than features, what a kept group misses of its
+  feature stays in the error, which pulls the group's spare dimensions onto it.
+- ``group_lasso_scale``: a group-sparsity penalty sum_g (||z_g|| / rms)^p, p = 1/2, at full
+  weight for the first half and annealed to 0 at 80%, so the lr decay runs on the plain
+  objective. It charges splits and copies and so keeps spare slots from being free.
+Measured (bench/RESULTS_consolidation.md): ... on planted shapes A/B/C.
+
+``merge_and_reseed`` (off by default, ``merge_every``) is the explicit alternative: merge two
+co-firing groups whose joint contribution fits in r dimensions, re-seed the freed one at the
+residual of the worst tokens. On planted data after a few hundred steps the groups that hold
+halves of one feature are also kept on other tokens (Jaccard 0.1-0.4), so the co-firing test
+finds few true pairs; it is kept as an option and tested, not used by default.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from sasa.trainer.linalg import signfix_qr
+from sasa.trainer.sae_config import SAEConfig
+
+
+def top_s_at(cfg: SAEConfig, step: int, steps: int) -> int | None:
+    """s at optimiser step ``step`` of ``steps`` under the s ramp (None: the configured s).
+
+    ``s_start`` until ``s_ramp_from`` of the run, then linearly (rounded) to ``top_s`` at
+    ``s_ramp_to``."""
+    if cfg.consolidate == "none" or cfg.s_start is None or cfg.s_start >= cfg.top_s or steps <= 0:
+        return None
+    frac = step / steps
+    if frac >= cfg.s_ramp_to:
+        return None
+    if frac < cfg.s_ramp_from:
+        return cfg.s_start
+    t = (frac - cfg.s_ramp_from) / (cfg.s_ramp_to - cfg.s_ramp_from)
+    return int(round(cfg.s_start + t * (cfg.top_s - cfg.s_start)))
+
+
+def group_lasso_scale(cfg: SAEConfig, step: int, steps: int) -> float:
+    """Multiplier (0..1) of ``cfg.group_lasso`` at optimiser step ``step`` (0-based) of ``steps``."""
+    if cfg.consolidate == "none" or steps <= 0:
+        return 0.0
+    frac = step / steps
+    hold, end = cfg.group_lasso_hold, cfg.group_lasso_end
+    if frac < hold:
+        return 1.0
+    if frac >= end:
+        return 0.0
+    return (end - frac) / (end - hold)
+
+
+class MergeReport(NamedTuple):
+    """What one ``merge_and_reseed`` call changed."""
+
+    merged: list[tuple[int, int]]
+    """(kept, freed) group pairs: ``kept`` now spans their joint contribution, ``freed`` was
+    re-seeded at the residual."""
+    candidates: int
+    """Co-firing pairs whose joint contribution was tested."""
+
+
+def merge_due(cfg: SAEConfig, step: int, steps: int) -> bool:
+    """Whether the merge step runs after optimiser step ``step`` (0-based) of ``steps``."""
+    if cfg.consolidate == "none" or cfg.merge_every <= 0:
+        return False
+    done = step + 1
+    return done % cfg.merge_every == 0 and cfg.merge_from * steps <= done <= cfg.merge_until * steps
+
+
+@torch.no_grad()
+def merge_and_reseed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = None,
+                     top_s: int | None = None) -> MergeReport:
+    """Merge groups that hold one feature between them; re-seed the freed ones at the residual.
+
+    On the batch ``x_BD`` (the trainer's normalised inputs): groups g, h that are kept together
+    on at least ``merge_jaccard`` of the tokens where either is kept (and on >= ``merge_min``
+    tokens) are tested: on their shared tokens, the joint contribution D_g z_g + D_h z_h must
+    leave at most ``merge_tail`` of its energy outside its top-r principal subspace (two halves
+    of one feature, or two copies of one). Greedily (highest Jaccard first, each group once,
+    at most max(1, G // 16) merges), the more frequent group is set to that subspace
+    (E = D^T, b_enc = 0) and the other is re-seeded: its subspace is the next r principal
+    directions of the residual x - x_hat of the batch's worst-reconstructed tokens. The Adam
+    moments of both groups are zeroed (``opt``), and their dead-unit counters reset.
+
+    Cost: one encoder pass over the batch, co-fire counts from the s kept groups of each token
+    (B s^2 pairs, never a G x G table), and [2r x 2r] eigenproblems for the candidate pairs.
+    Deterministic given the batch and the weights, so resumed runs repeat it exactly."""
+    cfg = sae.cfg
+    G, R, D = sae.W_dec_GRD.shape
+    x_BD = x_BD.to(sae.W_dec_GRD.dtype)
+    B = x_BD.shape[0]
+    h_BGR = sae.pre_codes(x_BD)
+    keep_BG = sae.gate(h_BGR, top_s)
+    z_BGR = h_BGR * keep_BG.unsqueeze(-1)
+    resid_BD = x_BD - sae.decode(z_BGR)
+
+    # Co-fire counts over the kept pairs of each token.
+    s = int(keep_BG.sum(1).max())
+    kept_BS = keep_BG.float().topk(s, dim=1).indices  # kept groups first (ties: not kept)
+    valid_BS = keep_BG.gather(1, kept_BS)
+    a_BSS, b_BSS = kept_BS.unsqueeze(2).expand(B, s, s), kept_BS.unsqueeze(1).expand(B, s, s)
+    ok_BSS = valid_BS.unsqueeze(2) & valid_BS.unsqueeze(1) & (a_BSS < b_BSS)
+    pair_P = (a_BSS * G + b_BSS)[ok_BSS]
+    if pair_P.numel() == 0:
+        return MergeReport([], 0)
+    pairs, co = torch.unique(pair_P, return_counts=True)
+    n_G = keep_BG.sum(0)
+    g_P, h_P = pairs // G, pairs % G
+    jacc_P = co / (n_G[g_P] + n_G[h_P] - co)
+    cand = (jacc_P >= cfg.merge_jaccard) & (co >= cfg.merge_min)
+    g_P, h_P, jacc_P = g_P[cand], h_P[cand], jacc_P[cand]
+    order = jacc_P.argsort(descending=True)[:4 * G]
+    g_P, h_P = g_P[order], h_P[order]
+    if g_P.numel() == 0:
+        return MergeReport([], 0)
+
+    # Joint contribution on shared tokens, through [2r x 2r] Gram matrices: with
+    # J = Z_p Q^T (Q = [D_g D_h], Z_p the pair's codes), J^T J = Q M Q^T, M = Z_p^T Z_p, whose
+    # nonzero eigenpairs are those of S = M^1/2 (Q^T Q) M^1/2: S u = l u gives Q M^1/2 u / sqrt(l).
+    both_PB = (keep_BG[:, g_P] & keep_BG[:, h_P]).T.to(z_BGR.dtype)
+    zp_PB2R = torch.cat([z_BGR[:, g_P].transpose(0, 1), z_BGR[:, h_P].transpose(0, 1)], -1)
+    zp_PB2R = zp_PB2R * both_PB.unsqueeze(-1)
+    m_P = zp_PB2R.transpose(1, 2) @ zp_PB2R
+    q_PD2R = torch.cat([sae.decoder_GDR[g_P], sae.decoder_GDR[h_P]], -1).to(m_P.dtype)
+    k_P = q_PD2R.transpose(1, 2) @ q_PD2R
+    ev_P, evec_P = torch.linalg.eigh(m_P.double())
+    m_half = (evec_P * ev_P.clamp_min(0).sqrt().unsqueeze(1)) @ evec_P.transpose(1, 2)
+    s_P = m_half @ k_P.double() @ m_half
+    lam_P, u_P = torch.linalg.eigh(s_P)  # ascending
+    total_P = lam_P.clamp_min(0).sum(-1)
+    top_P = lam_P[:, -R:].clamp_min(0).sum(-1)
+    tail_ok = (total_P > 0) & (top_P >= (1 - cfg.merge_tail) * total_P)
+
+    merged: list[tuple[int, int]] = []
+    used: set[int] = set()
+    cap = max(1, G // 16)
+    for p in torch.nonzero(tail_ok).flatten().tolist():
+        g, h = int(g_P[p]), int(h_P[p])
+        if g in used or h in used:
+            continue
+        used.update((g, h))
+        keep_g, free_g = (g, h) if n_G[g] >= n_G[h] else (h, g)
+        w_D2R = q_PD2R[p].double() @ m_half[p] @ u_P[p][:, -R:]
+        _set_group(sae, keep_g, w_D2R)
+        merged.append((keep_g, free_g))
+        if len(merged) == cap:
+            break
+    if merged:
+        # Re-seed the freed groups at the principal directions of the worst tokens' residual.
+        err_B = resid_BD.square().sum(1)
+        worst = err_B.topk(min(B, max(4 * R * len(merged), B // 16))).indices
+        _, _, vt = torch.linalg.svd(resid_BD[worst].double(), full_matrices=False)
+        for i, (_, free_g) in enumerate(merged):
+            lo = (i * R) % max(1, vt.shape[0] - R + 1)
+            _set_group(sae, free_g, vt[lo:lo + R].T)
+        if opt is not None:
+            _reset_moments(sae, opt, [g for pair in merged for g in pair])
+    return MergeReport(merged, int(g_P.numel()))
+
+
+def _set_group(sae, g: int, w_DR: torch.Tensor) -> None:
+    """Group g spans the columns of w_DR: orthonormal decoder, encoder = its transpose."""
+    q_DR = signfix_qr(w_DR.unsqueeze(0).double())[0].to(sae.W_dec_GRD.dtype)
+    sae.W_dec_GRD[g] = q_DR.T
+    sae.W_enc_GRD[g] = q_DR.T
+    sae.b_enc_GR[g] = 0
+    sae.tokens_since_fired_G[g] = 0
+
+
+def _reset_moments(sae, opt: torch.optim.Optimizer, groups: list[int]) -> None:
+    """Zero the Adam moments of the given groups' rows (a fresh start for new subspaces)."""
+    idx = torch.tensor(groups, device=sae.W_dec_GRD.device)
+    for param in (sae.W_enc_GRD, sae.W_dec_GRD, sae.b_enc_GR):
+        state = opt.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key][idx] = 0
