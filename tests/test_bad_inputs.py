@@ -298,7 +298,7 @@ def test_docs_list_every_case():
 # -- faults whose right answer is not an error: each says so and keeps everything ---------------
 OTHER_CASES = ["verify-reports-damaged-array-metadata", "verify-reports-undecodable-chunk",
                "resume-of-finished-run-changes-nothing", "same-command-rerun-reproduces",
-               "dead-owner-lock-taken-over", "torn-lock-taken-over", "overwrite-replaces-only-its-run", "report-marks-unfinished-saes",
+               "two-live-processes-then-sigkill", "dead-owner-lock-taken-over", "torn-lock-taken-over", "overwrite-replaces-only-its-run", "report-marks-unfinished-saes",
                "create-cache-race", "create-cache-claim-exclusive-on-s3", "create-cache-bad-sizes",
                "save-sae-is-atomic"]
 
@@ -339,6 +339,38 @@ def test_a_dead_owners_lock_is_taken_over_and_released(ws: Workspace, capsys):
         assert rc == 0, err
         assert f"taking over {run} from a dead run ({owner['host']} pid {owner['pid']}" in err
         assert not lock.exists()  # released on exit
+
+
+def test_a_live_run_refuses_a_second_and_its_killed_lock_is_taken_over(ws: Workspace, tmp_path, capsys):
+    """Real processes: a second run into a folder a live run holds is refused and changes
+    nothing; once the first is SIGKILLed, the next run takes its lock over."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "live"
+    argv = ["train", "--cache", str(ws.cache), *TRAIN, "--tokens", str(256 * 4000), "--out", str(out)]
+    first = subprocess.Popen([sys.executable, "-m", "sasa", *argv], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "checkpoints" / "worker-0.pt").exists():  # it holds the lock and trains
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        before = snapshot(out)
+        rc, _, err = run_cli(argv, capsys)
+        assert rc == 2 and err.count("\n") == 1
+        assert f"{out} is in use by a live run ({socket.gethostname()} pid {first.pid}" in err
+        assert set(snapshot(out)) >= set(before) and (out / ".sasa-lock").exists()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert (out / ".sasa-lock").exists()  # SIGKILL leaves it
+    rc, _, err = run_cli([*argv[:-4], "--tokens", "2048", "--overwrite", "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert f"taking over {out} from a dead run ({socket.gethostname()} pid {first.pid}: process {first.pid} " \
+           "no longer exists" in err
+    assert not (out / ".sasa-lock").exists()
 
 
 def test_a_torn_lock_is_taken_over(ws: Workspace, capsys):
