@@ -48,7 +48,7 @@ def svdvals_GR(m_GRD: torch.Tensor) -> torch.Tensor:
     """Singular values [G, r] of r x d matrices (r <= d), differentiable.
 
     Taken of the tall d x r transpose (same values): LAPACK is faster on it than on the wide
-    r x d form, x2.8-x4.6 for d = 384, G = 384, r = 4 and 8, forward and backward, one thread
+    r x d form, x2.3-x2.9 for d = 384, G = 384, r = 4 and 8, forward and backward, one thread
     (``python bench/svd_layout.py``, bench/RESULTS.md); for r = 1 it is a norm."""
     if m_GRD.shape[1] == 1:
         return m_GRD.norm(dim=-1)
