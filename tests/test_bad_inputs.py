@@ -350,16 +350,19 @@ def test_a_live_run_refuses_a_second_and_its_killed_lock_is_taken_over(ws: Works
 
     out = tmp_path / "live"
     argv = ["train", "--cache", str(ws.cache), *TRAIN, "--tokens", str(256 * 4000), "--out", str(out)]
-    first = subprocess.Popen([sys.executable, "-m", "sasa", *argv], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = tmp_path / "first.log"
+    with open(log, "w") as f:
+        first = subprocess.Popen([sys.executable, "-m", "sasa", *argv], stdout=f, stderr=subprocess.STDOUT,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while not (out / "checkpoints" / "worker-0.pt").exists():  # it holds the lock and trains
-            assert first.poll() is None and time.monotonic() < deadline
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
             time.sleep(0.1)
         before = snapshot(out)
         rc, _, err = run_cli(argv, capsys)
-        assert rc == 2 and err.count("\n") == 1
+        assert first.poll() is None, log.read_text()[-2000:]
+        assert rc == 2 and err.count("\n") == 1, err
         assert f"{out} is in use by a live run ({socket.gethostname()} pid {first.pid}" in err
         assert set(snapshot(out)) >= set(before) and (out / ".sasa-lock").exists()
     finally:
