@@ -31,7 +31,7 @@ class LoadedSAE(NamedTuple):
 def _format(folder: Path) -> str:
     fmt = sae_format(folder) if folder.is_dir() else None
     if fmt is None:
-        raise SasaError(f"{folder} is not an SAE folder: expected sasa's config.json + sae.safetensors, "
+        raise SasaError(f"{folder} is not a saved SAE: it needs sasa's config.json + sae.safetensors, "
                         "SAELens's cfg.json + sae_weights.safetensors or sparsify's cfg.json + sae.safetensors")
     return fmt
 
