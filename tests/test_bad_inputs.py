@@ -143,6 +143,8 @@ CASES = [
     Case("train-out-under-a-file", lambda ws: ["train", "--cache", str(ws.cache), *TRAIN, *TOKENS,
                                                "--out", str(ws.file("plain", "x") / "run")],
          r"cannot be created: .*plain is a file"),
+    Case("train-out-is-a-url", lambda ws: ["train", "--cache", str(ws.cache), *TRAIN, *TOKENS,
+                                           "--out", "s3://bucket/run"], r"--out s3://bucket/run is a URL"),
     Case("train-out-is-a-file", lambda ws: ["train", "--cache", str(ws.cache), *TRAIN, *TOKENS,
                                             "--out", str(ws.file("plain2", "x"))], r"is a file, not a folder"),
     Case("sweep-out-unwritable", lambda ws: ["sweep", str(_sweep_file(ws)), "--out", "/proc/sasa-run"],

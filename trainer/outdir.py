@@ -185,6 +185,9 @@ def check_rerun(out: Path, run_json: dict, *, resume: bool, overwrite: bool) -> 
 @contextlib.contextmanager
 def claim(out: str | Path, run_json: dict, *, resume: bool = False, overwrite: bool = False):
     """Check, lock and (with ``overwrite``) clear ``out`` for one run; release on exit."""
+    if "://" in str(out):
+        raise SasaError(f"--out {out} is a URL; a run writes to a folder (on a cluster, a shared "
+                        "file system mounted on every node)")
     out = Path(out)
     check_writable(out)
     created = not out.exists()
