@@ -295,6 +295,10 @@ def test_docs_list_every_case():
     text = (ROOT / "docs" / "reliability.md").read_text()
     listed = set(re.findall(r"^\| `([a-z0-9-]+)` \|", text, flags=re.M))
     assert listed == {c.id for c in CASES} | set(OTHER_CASES)
+    elsewhere = re.findall(r"^\| `(tests/[a-z_]+\.py)::(test_[a-z_]+)` \|", text, flags=re.M)
+    assert len(elsewhere) >= 10
+    for path, name in elsewhere:  # each names a test that exists
+        assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), flags=re.M), (path, name)
 
 
 # -- faults whose right answer is not an error: each says so and keeps everything ---------------
