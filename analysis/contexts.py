@@ -41,14 +41,14 @@ class TopRows:
         self.rows_GK = np.full((groups, k), -1, dtype=np.int64)
 
     def update(self, score_BG, rows_B) -> None:
-        s_BG = _numpy(score_BG).astype(np.float32, copy=False)
-        rows = _numpy(rows_B).astype(np.int64, copy=False)
+        s_BG = torch.as_tensor(score_BG).detach().float().cpu()  # torch: its topk and nonzero are
+        rows = _numpy(rows_B).astype(np.int64, copy=False)       # 4-5x faster than numpy's here
         B, G = s_BG.shape
-        thr_G = self.vals_GK[:, -1].copy()  # -1 while a group has fewer than k entries
+        thr_G = torch.from_numpy(self.vals_GK[:, -1].copy())  # -1 while a group has < k entries
         if B >= self.k:
-            thr_G = np.maximum(thr_G, np.partition(s_BG, B - self.k, axis=0)[B - self.k])
-        b, g = np.nonzero((s_BG >= thr_G) & (s_BG > 0))
-        self._select(g, s_BG[b, g], rows[b])
+            thr_G = torch.maximum(thr_G, s_BG.topk(self.k, dim=0).values[-1])
+        b, g = torch.nonzero((s_BG >= thr_G) & (s_BG > 0), as_tuple=True)
+        self._select(g.numpy(), s_BG[b, g].numpy(), rows[b.numpy()])
 
     def merge(self, other: "TopRows") -> "TopRows":
         """Fold in the top rows of a disjoint set of rows (another worker's partial result)."""

@@ -105,14 +105,14 @@ class Partial:
     def update(self, x_BD: torch.Tensor, out, rows_B: torch.Tensor) -> None:
         self.recon.update(x_BD, out.x_hat_BD)
         self.sparse.update(out.codes_BGR, out.active_BG)
-        act_BG = out.codes_BGR.norm(dim=-1).float().cpu().numpy()  # ||z_g||: a group's activation
+        act_BG = out.codes_BGR.norm(dim=-1).float().cpu()  # ||z_g||: a group's activation
         if len(act_BG):
-            np.maximum(self.max_G, act_BG.max(0), out=self.max_G)
-        b, g = np.nonzero(act_BG > 0)
+            self.max_G = np.maximum(self.max_G, act_BG.amax(0).numpy())
+        b, g = torch.nonzero(act_BG > 0, as_tuple=True)
         if len(b):
-            v = np.log2(act_BG[b, g].astype(np.float64))
+            v = np.log2(act_BG[b, g].numpy().astype(np.float64))
             h = np.clip(np.floor((v - HIST_LOG2_MIN) * HIST_PER_OCTAVE), 0, N_HIST - 1).astype(np.int64)
-            self.hist_GH += np.bincount(g * N_HIST + h, minlength=self.hist_GH.size).reshape(self.hist_GH.shape)
+            self.hist_GH += np.bincount(g.numpy() * N_HIST + h, minlength=self.hist_GH.size).reshape(self.hist_GH.shape)
         if self.top is not None:
             self.top.update(act_BG, rows_B)
         if self.views is not None:
