@@ -113,7 +113,9 @@ class OutputLock:
             reason = _dead_reason(info)
             owner = f"{info.get('host', '?')} pid {info.get('pid', '?')}"
             if reason is None:
-                started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("started", 0)))
+                when = info.get("started")
+                started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) \
+                    if isinstance(when, (int, float)) else "at an unknown time"
                 raise SasaError(f"{self.path.parent} is in use by a live run ({owner}, started "
                                 f"{started}); wait for it to end or pass another --out")
             aside = self.path.with_name(f"{LOCK_NAME}.dead-{self.token}")
