@@ -64,6 +64,9 @@ def write_synthetic_cache(url: str, *, spec: SyntheticSpec = SyntheticSpec(), n_
     for key, value in (("n_tokens", n_tokens), ("ctx_len", ctx_len), ("shard_seqs", shard_seqs)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise SasaError(f"{key} must be a whole number >= 1, got {value!r}")
+    for key, value in (("seed", seed), ("feature seed", spec.seed)):
+        if value < 0:  # numpy's generators take non-negative seeds only
+            raise SasaError(f"{key} must be >= 0, got {value}")
     shard_rows = shard_seqs * ctx_len
     n_shards = max(1, -(-n_tokens // shard_rows))
     attrs = {"model": "synthetic", "dataset": "synthetic planted features",

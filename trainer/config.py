@@ -137,6 +137,8 @@ class TrainConfig:
             raise SasaError(f"decay_frac must be in [0, 1), got {self.decay_frac}")
         if self.nuc_every < 1:
             raise SasaError(f"nuc_every must be >= 1, got {self.nuc_every}")
+        if self.seed < 0:
+            raise SasaError(f"seed must be >= 0 (numpy's generators take no negative seed), got {self.seed}")
         if self.log_every < 1:
             raise SasaError(f"log_every must be >= 1 (steps between metric lines), got {self.log_every}")
         if self.checkpoint_every < 0:
