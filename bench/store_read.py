@@ -17,6 +17,10 @@ over rounds is reported. Usage::
 
     python bench/store_read.py            # full run (~1.6 GB bf16, 2^21 tokens)
     python bench/store_read.py --quick    # smoke run of the whole script in < 1 minute
+    python bench/store_read.py --object-store --n-seq 4096 --real-seqs 256 --sweep
+        # cold epoch in fresh processes, the absent-chunk check's cost, the same cache on a
+        # loopback S3 server with and without 50 ms per request, read_concurrency sweeps,
+        # peak RSS per reader (bench/_object_store.py)
 """
 
 from __future__ import annotations
@@ -270,11 +274,19 @@ def main(argv=None) -> None:
     p.add_argument("--max-seconds", type=float, default=None, help="cap per reader run (slow readers)")
     p.add_argument("--only", default=None, help="comma list of reader names to run")
     p.add_argument("--json", default=None, help="write results as JSON here")
+    p.add_argument("--object-store", action="store_true",
+                   help="only the fresh-process rows: cold epoch, check cost, S3 with/without latency")
+    p.add_argument("--n-seq", type=int, default=None, help="sequences of the tiled cache (--object-store)")
+    p.add_argument("--real-seqs", type=int, default=256, help="real sequences generated (--object-store)")
+    p.add_argument("--latency-ms", type=float, default=50.0, help="latency added per S3 request")
+    p.add_argument("--sweep", action="store_true", help="also sweep read_concurrency (--object-store)")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads (1: on a shared 2-core box, 2 threads make each "
                         "bf16->fp32 cast ~10x slower while they wait for each other)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
+    if args.object_store:
+        return object_store_main(args)
     quick = args.quick
     data = ROOT / "data" / ("quick" if quick else "full")
     real_dir = ROOT / "data" / ("quick" if quick else "")
@@ -358,6 +370,30 @@ def main(argv=None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "meta": meta, "cold": cold, "rounds": rounds,
                                                "table": table, "markdown": "\n".join(lines)}, indent=1))
+
+
+def object_store_main(args) -> None:
+    from bench._object_store import markdown, object_store_rows
+    n_seq = args.n_seq or 4096
+    real_dir = ROOT / "data" / "os"
+    data = real_dir / f"n{n_seq}"
+    data.mkdir(parents=True, exist_ok=True)
+    meta = generate(real_dir, args.real_seqs)
+    acts, tokens = tiled_acts(data, real_dir, meta, n_seq)
+    raw = data / f"raw_bf16_{n_seq}.npy"
+    build_sasa(data / "sasa_default", acts, tokens, meta)
+    cold = drop_caches()
+    table, facts = object_store_rows(data, raw, data / "sasa_default", args.rounds or 2, drop_caches,
+                                     args.latency_ms, args.sweep)
+    md = markdown(table)
+    print(f"\n{n_seq * meta['ctx_len']:,} tokens x d={meta['d']} = {du(raw) / 1e9:.2f} GB bf16 "
+          f"({meta['n_seq']} real sequences tiled to {n_seq}); every run a fresh process; page cache "
+          f"{'dropped before each run' if cold else 'WARM (could not drop)'}; median of "
+          f"{facts['rounds']} interleaved rounds; upload to moto {facts['upload_s']:.0f} s")
+    print(md)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "meta": meta, "cold": cold,
+                                               "table": table, "facts": facts, "markdown": md}, indent=1))
 
 
 if __name__ == "__main__":

@@ -220,8 +220,11 @@ class Cache:
                 exclude=DEFAULT_EXCLUDE, rank: int = 0, world_size: int = 1,
                 dtype: torch.dtype = torch.float32, epochs: int | None = 1, resume: dict | None = None,
                 with_rows: bool = False, shuffle_rows: int | None = None,
-                prefetch_threads: int = 4) -> BatchStream:
-        """Stream batches of rows; see ``sasa.store.reader.BatchStream`` for the order and state."""
+                read_concurrency: int | None = None) -> BatchStream:
+        """Stream batches of rows; see ``sasa.store.reader.BatchStream`` for the order and state.
+
+        ``read_concurrency``: chunk requests kept in flight (default: 4 for a local folder, 16
+        for an object store URL, from bench/store_read.py; raise it for high-latency stores)."""
         hookpoints = [hookpoint] if isinstance(hookpoint, str) else list(hookpoint)
         for hp in hookpoints:
             self.check_hookpoint(hp)
@@ -229,7 +232,7 @@ class Cache:
                            shuffle=shuffle, seed=seed, exclude=tuple(exclude), rank=rank,
                            world_size=world_size, dtype=dtype, epochs=epochs, resume=resume,
                            with_rows=with_rows, shuffle_rows=shuffle_rows,
-                           prefetch_threads=prefetch_threads)
+                           read_concurrency=read_concurrency)
 
     def float_view(self, hookpoint: str):
         """A lazy [n_rows, d] float32 dask array of a hookpoint, decoded chunk by chunk

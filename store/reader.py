@@ -13,8 +13,16 @@ The order is a pure function of (seed, epoch, window, rank, world_size), so the 
 continues with exactly the rows that would have come. Windows are built on a background
 thread while the previous one is consumed, into one of two preallocated buffer sets (fresh
 GiB-sized allocations cost more than the reads: page faults); chunk reads go straight into the
-buffer on a small thread pool (zarr's I/O and numpy copies release the GIL), and batches are
-gathered as whole-row memcpys.
+buffer from a pool of ``read_concurrency`` threads, each keeping one chunk request in flight
+(zarr's I/O and numpy copies release the GIL: 4 saturate a local disk, an object store needs
+more to hide its per-request latency), and batches are gathered as whole-row memcpys.
+
+Start-up: a fresh stream would wait for a whole window (1 GiB) before its first batch, and the
+last window of a finite stream is shuffled and consumed after every read is done. So the first
+window of a stream is cut into windows that double in size and the last one into windows that
+halve (``window_bounds``, none under RAMP_MIN_BYTES): reads then overlap consumption from the
+first batch to the last. The price is shuffle quality at the two ends (more, smaller windows;
+bench/RESULTS_store.md has both).
 
 The cost of this design: two rows of a batch share a sequence more often than under a global
 shuffle whenever a window is smaller than the cache. ``shuffle_quality`` measures that.
@@ -34,7 +42,55 @@ from sasa.errors import SasaError
 from sasa.store.convert import storage_to_torch
 
 DEFAULT_SHUFFLE_BYTES = 1 << 30
-STATE_VERSION = 1
+#: 2: windows ramp up at the start of a stream and down at its end (``window_bounds``).
+STATE_VERSION = 2
+#: Halvings of the first and last window of a stream (see ``window_bounds``), down to windows
+#: of RAMP_MIN_BYTES: smaller ones would cost shuffle quality for no start-up time worth having.
+RAMP_STEPS = 4
+RAMP_MIN_BYTES = 48 << 20
+#: Chunk requests in flight per reader when ``read_concurrency`` is not given: a local disk
+#: saturates with a few; an object store needs many to hide each request's latency
+#: (bench/RESULTS_store.md, "Concurrency").
+LOCAL_READ_CONCURRENCY = 4
+REMOTE_READ_CONCURRENCY = 16
+
+
+def default_read_concurrency(url: str) -> int:
+    """Chunk requests kept in flight for a cache at ``url``: more for object stores."""
+    remote = "://" in str(url) and not str(url).startswith(("file://", "local://"))
+    return REMOTE_READ_CONCURRENCY if remote else LOCAL_READ_CONCURRENCY
+
+
+def _ramp(size: int, smallest: int) -> list[int]:
+    """``size`` chunks cut into windows that double, none under ``smallest`` chunks:
+    [5, 5, 11, 21, 43] for 85 (smallest <= 5)."""
+    parts, rest = [], size
+    while rest // 2 >= max(1, smallest) and len(parts) < RAMP_STEPS:
+        half = rest // 2
+        parts.append(rest - half)
+        rest = half
+    return ([rest] if rest else []) + parts[::-1]
+
+
+def window_bounds(n_chunks: int, window: int, ramp_up: bool, ramp_down: bool,
+                  smallest: int = 1) -> np.ndarray:
+    """Offsets into an epoch's chunk order where windows start, plus ``n_chunks`` at the end.
+
+    Windows hold ``window`` chunks, except at the start of a stream (``ramp_up``: the first
+    window is cut into windows that double in size, so the first batch waits for 1/16 of a
+    window, not all of it) and at its end (``ramp_down``: the mirror image, so little is left
+    to shuffle after the last read). In between, reading the next window overlaps consuming
+    this one. A stream of one window is split in two halves, one ramping up, one down. No
+    window of a ramp is smaller than ``smallest`` chunks, so small caches are not cut at all."""
+    sizes = [window] * (n_chunks // window) + ([n_chunks % window] if n_chunks % window else [])
+    if len(sizes) == 1 and ramp_up and ramp_down and sizes[0] >= 4 * max(1, smallest):
+        half = -(-sizes[0] // 2)
+        sizes = [half, sizes[0] - half]
+    if ramp_up:
+        sizes = _ramp(sizes[0], smallest) + sizes[1:]
+    if ramp_down:
+        sizes = sizes[:-1] + _ramp(sizes[-1], smallest)[::-1]
+    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
 
 class Batch(NamedTuple):
@@ -81,7 +137,7 @@ class BatchStream:
     def __init__(self, cache, hookpoints: list[str], batch_size: int, *, single: bool,
                  shuffle: bool, seed: int, exclude: tuple, rank: int, world_size: int,
                  dtype: torch.dtype, epochs: int | None, resume: dict | None, with_rows: bool,
-                 shuffle_rows: int | None, prefetch_threads: int):
+                 shuffle_rows: int | None, read_concurrency: int | None):
         if batch_size <= 0:
             raise SasaError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -101,7 +157,11 @@ class BatchStream:
         self.dtype = dtype
         self.epochs = epochs
         self.with_rows = with_rows
-        self.prefetch_threads = prefetch_threads
+        if read_concurrency is None:
+            read_concurrency = default_read_concurrency(cache.url)
+        if int(read_concurrency) <= 0:
+            raise SasaError(f"read_concurrency must be positive, got {read_concurrency}")
+        self.read_concurrency = int(read_concurrency)
         self.chunks_read = 0
         self._lock = threading.Lock()
 
@@ -120,9 +180,10 @@ class BatchStream:
             self.window_chunks = max(1, -(-shuffle_rows // self.layout.chunk_rows))
         if not shuffle:
             self.window_chunks = 1
-        rank_chunks = len(range(rank, len(self.chunks), world_size))
-        self.window_chunks = min(self.window_chunks, rank_chunks)
-        self.n_windows = -(-rank_chunks // self.window_chunks)
+        self.ramp_chunks = -(-RAMP_MIN_BYTES // chunk_bytes)
+        self.rank_chunks = len(range(rank, len(self.chunks), world_size))
+        self.window_chunks = min(self.window_chunks, self.rank_chunks)
+        self._bounds = {}
         self.position = (0, 0, 0)  # (epoch, window, offset of the next row in that window)
         if resume:
             self._check_resume(resume)
@@ -133,7 +194,8 @@ class BatchStream:
         return {"hookpoints": self.hookpoints, "batch_size": self.batch_size,
                 "shuffle": self.shuffle, "seed": self.seed, "exclude": list(self.exclude),
                 "rank": self.rank, "world_size": self.world_size,
-                "window_chunks": self.window_chunks, "cache": self.cache.fingerprint}
+                "window_chunks": self.window_chunks, "epochs": self.epochs,
+                "cache": self.cache.fingerprint}
 
     def state_dict(self) -> dict:
         """JSON-able state: pass as ``resume=`` to continue after the last batch yielded."""
@@ -158,8 +220,16 @@ class BatchStream:
             order = np.random.default_rng([self.seed, epoch]).permutation(order)
         return order[self.rank::self.world_size]
 
+    def window_bounds(self, epoch: int) -> np.ndarray:
+        """Where this rank's windows of ``epoch`` start in its chunk order (and where they end)."""
+        key = (self.shuffle and epoch == 0, self.shuffle and self.epochs is not None and epoch == self.epochs - 1)
+        if key not in self._bounds:
+            self._bounds[key] = window_bounds(self.rank_chunks, self.window_chunks, *key, self.ramp_chunks)
+        return self._bounds[key]
+
     def _next(self, epoch: int, window: int) -> tuple[int, int]:
-        return (epoch, window + 1) if window + 1 < self.n_windows else (epoch + 1, 0)
+        n_windows = len(self.window_bounds(epoch)) - 1
+        return (epoch, window + 1) if window + 1 < n_windows else (epoch + 1, 0)
 
     def _done(self, epoch: int) -> bool:
         return self.epochs is not None and epoch >= self.epochs
@@ -174,7 +244,8 @@ class BatchStream:
 
     def _build_window(self, io: ThreadPoolExecutor, buffer_set: tuple, epoch: int, window: int) -> Window:
         lay = self.layout
-        chunks = self.epoch_chunks(epoch)[window * self.window_chunks:(window + 1) * self.window_chunks]
+        bounds = self.window_bounds(epoch)
+        chunks = self.epoch_chunks(epoch)[bounds[window]:bounds[window + 1]]
         arrays, tokens = buffer_set
         n = len(chunks)
         arrays = {hp: a[:n * lay.chunk_rows] for hp, a in arrays.items() if hp in self.hookpoints}
@@ -231,7 +302,7 @@ class BatchStream:
             return
         widths = {hp: self.cache.hookpoints[hp] for hp in self.hookpoints}
         buffers = _WindowBuffers(self.layout, widths, self.window_chunks)
-        io = ThreadPoolExecutor(self.prefetch_threads, thread_name_prefix="sasa-read")
+        io = ThreadPoolExecutor(self.read_concurrency, thread_name_prefix="sasa-read")
         builder = ThreadPoolExecutor(1, thread_name_prefix="sasa-window")
         try:
             submit = lambda e, w, slot: builder.submit(self._build_window, io, buffers.sets[slot], e, w)  # noqa: E731

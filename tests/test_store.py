@@ -210,6 +210,34 @@ def test_shuffle_quality_near_ideal(tmp_path):
     assert sequential > 10 * shuffled  # the measure can tell a bad shuffle apart
 
 
+def test_windows_ramp_up_at_the_start_and_down_at_the_end():
+    from sasa.store.reader import window_bounds
+    b = window_bounds(1000, 85, ramp_up=True, ramp_down=True)
+    sizes = np.diff(b)
+    assert b[0] == 0 and b[-1] == 1000 and (sizes > 0).all()
+    assert list(sizes[:5]) == [5, 5, 11, 21, 43] and sizes.max() == 85  # first batch waits for 5 chunks
+    assert list(sizes[-5:]) == [33, 16, 8, 4, 4]  # the last 65 chunks, mirrored
+    assert list(np.diff(window_bounds(1000, 85, False, False))) == [85] * 11 + [65]
+    assert list(np.diff(window_bounds(85, 85, True, True))) == [2, 3, 5, 11, 22, 21, 11, 5, 3, 2]
+    assert list(np.diff(window_bounds(1, 1, True, True))) == [1]
+    # no ramp window under `smallest` chunks (the reader's: 48 MiB), so small caches stay whole
+    assert list(np.diff(window_bounds(85, 85, True, True, smallest=10))) == [10, 11, 22, 21, 11, 10]
+    assert list(np.diff(window_bounds(30, 30, True, True, smallest=10))) == [15, 15]
+    assert list(np.diff(window_bounds(19, 19, True, True, smallest=10))) == [19]
+
+
+def test_read_concurrency_default_and_validation(tmp_path, memory_url):
+    from sasa.store.reader import LOCAL_READ_CONCURRENCY, REMOTE_READ_CONCURRENCY
+    build(tmp_path / "c")
+    build(memory_url)
+    assert open_cache(tmp_path / "c").batches("resid_post.1", 8).read_concurrency == LOCAL_READ_CONCURRENCY
+    assert open_cache(memory_url).batches("resid_post.1", 8).read_concurrency == REMOTE_READ_CONCURRENCY
+    stream = open_cache(tmp_path / "c").batches("resid_post.1", 8, read_concurrency=32, with_rows=True)
+    assert stream.read_concurrency == 32 and len(collect(stream)[0]) > 0
+    with pytest.raises(SasaError, match="read_concurrency must be positive"):
+        open_cache(tmp_path / "c").batches("resid_post.1", 8, read_concurrency=0)
+
+
 def test_sweep_style_multi_epoch_and_chunk_count(tmp_path):
     build(tmp_path / "c")
     cache = open_cache(tmp_path / "c")
