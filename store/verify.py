@@ -20,6 +20,8 @@ from sasa.store.writer import non_finite
 
 
 def _short(err: Exception) -> str:
+    if isinstance(err, SasaError):  # the store's own account (e.g. an absent chunk object)
+        return str(err).split(";")[0]
     text = str(err).splitlines()[0] if str(err) else ""
     return f"{type(err).__name__}: {text}"[:160]
 

@@ -308,17 +308,22 @@ def test_docs_list_every_case():
 
 # -- faults whose right answer is not an error: each says so and keeps everything ---------------
 OTHER_CASES = ["verify-reports-damaged-array-metadata", "verify-reports-undecodable-chunk",
+               "verify-reports-missing-chunk-object",
                "resume-of-finished-run-changes-nothing", "same-command-rerun-reproduces",
                "two-live-processes-then-sigkill", "dead-owner-lock-taken-over", "torn-lock-taken-over", "overwrite-replaces-only-its-run", "report-marks-unfinished-saes",
                "create-cache-race", "create-cache-claim-exclusive-on-s3", "create-cache-bad-sizes",
                "save-sae-is-atomic"]
 
 
-@pytest.mark.parametrize("key,expect", [("acts/synthetic/zarr.json", "its metadata (acts/synthetic/zarr.json) is damaged"),
-                                        ("tokens/c/3/0", "shard 3: cannot read tokens")],
-                         ids=OTHER_CASES[:2])
+@pytest.mark.parametrize("key,expect", [
+    ("acts/synthetic/zarr.json", "its metadata (acts/synthetic/zarr.json) is damaged"),
+    ("tokens/c/3/0", "shard 3: cannot read tokens"),
+    ("acts/synthetic/c/1/0", "shard 1: cannot read acts/synthetic (shard 1 of {cache} is committed but its chunk "
+                             "object acts/synthetic/c/1/0 is missing (deleted, or not yet visible on the object store))")],
+    ids=OTHER_CASES[:3])
 def test_verify_reports_damage_instead_of_crashing(key, expect, ws: Workspace, capsys):
-    cache = _damage(ws, key, garbage=key.startswith("tokens"))
+    cache = _damage(ws, key, garbage=key.startswith("tokens"), delete="/c/1/" in key)
+    expect = expect.format(cache=cache)
     before = snapshot(ws.root)
     rc, out, err = run_cli(["info", str(cache), "--verify"], capsys)
     assert rc == 1 and "Traceback" not in err
