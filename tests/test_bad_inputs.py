@@ -310,7 +310,7 @@ def test_docs_list_every_case():
 OTHER_CASES = ["verify-reports-damaged-array-metadata", "verify-reports-undecodable-chunk",
                "verify-reports-missing-chunk-object",
                "resume-of-finished-run-changes-nothing", "same-command-rerun-reproduces",
-               "two-live-processes-then-sigkill", "dead-owner-lock-taken-over", "torn-lock-taken-over", "overwrite-replaces-only-its-run", "report-marks-unfinished-saes",
+               "two-live-processes-then-sigkill", "ray-run-holds-its-folder", "dead-owner-lock-taken-over", "torn-lock-taken-over", "overwrite-replaces-only-its-run", "report-marks-unfinished-saes",
                "create-cache-race", "create-cache-claim-exclusive-on-s3", "create-cache-bad-sizes",
                "save-sae-is-atomic"]
 
