@@ -61,6 +61,13 @@ class ShardSummary(NamedTuple):
 BLOCK_ROWS = 1024
 
 
+def non_finite(stored: np.ndarray, dtype: str) -> int:
+    """Count of NaN/Inf values in stored data (bf16 bits: exponent all ones)."""
+    if dtype == "bfloat16":
+        return int(np.count_nonzero((stored & 0x7F80) == 0x7F80))
+    return int(stored.size - np.count_nonzero(np.isfinite(stored)))
+
+
 def summarize_shard(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> ShardSummary:
     """Norms, exact float64 moments of the kept rows, and a NaN/Inf count, in one blocked pass
     over the stored values (bf16 bits are widened to float32 exactly by a 16-bit shift).

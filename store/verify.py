@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from sasa.errors import SasaError
 from sasa.store import layout as L
 from sasa.store.cache import Cache
-from sasa.store.writer import non_finite
+from sasa.store.stats import non_finite
 
 
 def _short(err: Exception) -> str:

@@ -39,13 +39,6 @@ class ShardResult(NamedTuple):
     """True when the shard was already committed with the same content."""
 
 
-def non_finite(stored: np.ndarray, dtype: str) -> int:
-    """Count of NaN/Inf values in stored data (bf16 bits: exponent all ones)."""
-    if dtype == "bfloat16":
-        return int(np.count_nonzero((stored & 0x7F80) == 0x7F80))
-    return int(stored.size - np.count_nonzero(np.isfinite(stored)))
-
-
 def _json_roundtrip(attrs: dict) -> dict:
     try:
         return json.loads(json.dumps(attrs))

@@ -203,11 +203,12 @@ class SAE(nn.Module):
         return x_BD.device.type == "cpu" and 8 * cfg.top_s * cfg.rank <= cfg.n_coords
 
     def forward(self, x_BD: torch.Tensor, *, nuc_scale: float = 1.0,
-                gl_scale: float = 1.0, top_s: int | None = None) -> ForwardOutput:
+                gl_scale: float = 0.0, top_s: int | None = None) -> ForwardOutput:
         """``nuc_scale`` multiplies the nuclear-norm term; 0 skips its SVDs. A trainer that
         applies the penalty every k-th step with scale k keeps its average weight (see
-        ``TrainConfig.nuc_every``). ``gl_scale`` multiplies the group-lasso term (the
-        consolidation schedule, ``sasa.trainer.consolidate.group_lasso_scale``). ``top_s``
+        ``TrainConfig.nuc_every``). ``gl_scale`` multiplies the group-sparsity term: 0 (the
+        default: the plain objective, as evaluation wants) unless a trainer passes the
+        consolidation schedule, ``sasa.trainer.consolidate.group_lasso_scale``. ``top_s``
         overrides s for this step (the consolidation's s ramp, ``consolidate.top_s_at``)."""
         if self.uses_sparse_decode(x_BD):
             return self._forward_sparse(x_BD, nuc_scale, gl_scale, top_s)
@@ -218,7 +219,7 @@ class SAE(nn.Module):
         return cfg.group_lasso * gl_scale if cfg.consolidate != "none" else 0.0
 
     def _forward_dense(self, x_BD: torch.Tensor, nuc_scale: float = 1.0,
-                       gl_scale: float = 1.0, top_s: int | None = None) -> ForwardOutput:
+                       gl_scale: float = 0.0, top_s: int | None = None) -> ForwardOutput:
         """The reference: every code of every token goes through dense matmuls."""
         cfg = self.cfg
         h_BGR = self.pre_codes(x_BD)
@@ -238,7 +239,7 @@ class SAE(nn.Module):
                             gl_scale, norm_sum)
 
     def _forward_sparse(self, x_BD: torch.Tensor, nuc_scale: float = 1.0,
-                        gl_scale: float = 1.0, top_s: int | None = None) -> ForwardOutput:
+                        gl_scale: float = 0.0, top_s: int | None = None) -> ForwardOutput:
         """Same results as ``_forward_dense``; one dense matmul (the encoder forward) per step."""
         cfg = self.cfg
         G, R, D = self.W_enc_GRD.shape

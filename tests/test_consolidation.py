@@ -1,0 +1,188 @@
+"""Consolidation (SAEConfig.consolidate): one group per planted multi-dimensional feature.
+
+Everything runs through the streaming trainer on a small planted cache (d = 32, 1-4-D
+features); the oracle is the same SAE initialised at the planted subspaces.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sasa.analysis.splitting import splitting
+from sasa.analysis.synth import write_synthetic_cache
+from sasa.analysis.synthetic import SyntheticSpec, generate
+from sasa.trainer import SAE, SAEConfig, MemberConfig, TrainConfig, load_sae, train
+from sasa.trainer.consolidate import group_lasso_scale, merge_and_reseed, top_s_at
+from sasa.trainer.linalg import signfix_qr
+
+SPEC = SyntheticSpec(d=32, features_per_dim={1: 2, 2: 2, 3: 2, 4: 2}, mean_active=3.0,
+                     subspaces="disjoint", coords="gaussian", seed=3)
+SASA = {"arch": "sasa", "groups": 20, "rank": 4, "top_s": 5}
+
+
+@pytest.fixture(scope="module")
+def cache_url(tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("planted") / "cache")
+    write_synthetic_cache(url, spec=SPEC, n_tokens=1 << 15, ctx_len=64, shard_seqs=128,
+                          progress=False)
+    return url
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    return generate(SPEC, 2000, seed=10**9)
+
+
+def config(url, members: dict[str, dict], **kw) -> TrainConfig:
+    return TrainConfig(cache=url, members=[MemberConfig("synthetic", sae, lr=3e-3, name=name)
+                                           for name, sae in members.items()],
+                       **{"tokens": 512 * 600, "batch_size": 512, "log_every": 50,
+                          "checkpoint_every": 0, "shuffle_rows": 1 << 14, "cpu_threads": 1,
+                          "device": "cpu", **kw})
+
+
+def plant(state: dict, rank: int) -> None:
+    """Group f spans planted feature f (padded with random directions to r); E = D^T."""
+    gen = torch.Generator().manual_seed(0)
+    for f, b in enumerate(generate(SPEC, 0).bases):
+        w = torch.randn(1, SPEC.d, rank, generator=gen, dtype=torch.float64)
+        w[0, :, :b.shape[1]] = torch.from_numpy(b)
+        state["W_dec_GRD"][f] = signfix_qr(w)[0].T.float()
+    state["W_enc_GRD"].copy_(state["W_dec_GRD"])
+
+
+def train_with_oracle(cfg: TrainConfig, out, *oracles: str):
+    """Train ``cfg``, with the ``oracles`` members initialised at the planted subspaces."""
+    train(cfg, out, until_step=0, progress=False)
+    path = out / "checkpoints" / "worker-0.pt"
+    ckpt = torch.load(path, weights_only=True)
+    for name in oracles:
+        plant(ckpt["members"][name]["sae"], SASA["rank"])
+    torch.save(ckpt, path)
+    return train(cfg, out, resume=True, progress=False)
+
+
+def score(folder, test):
+    sae = load_sae(folder)
+    with torch.no_grad():
+        out = sae(torch.from_numpy(test.x_ND))
+    units = splitting(out.codes_BGR, sae.decoder_GDR, test.active_NF, test.bases).units_by_dim
+    return float(out.fvu), units
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+    return load_file(str(folder / "sae.safetensors"))
+
+
+def test_consolidation_moves_training_to_the_planted_optimum(cache_url, held_out, tmp_path):
+    members = {"plain": {**SASA, "consolidate": "none"}, "new": SASA,
+               "oracle": {**SASA, "consolidate": "none"}, "oracle-new": SASA}
+    result = train_with_oracle(config(cache_url, members), tmp_path / "run", "oracle",
+                               "oracle-new")
+    scores = {name: score(folder, held_out) for name, folder in result.saes.items()}
+    print(json.dumps(scores))
+    (fvu_plain, units_plain), (fvu_new, units_new) = scores["plain"], scores["new"]
+    fvu_oracle, units_oracle = scores["oracle"]
+    # The planted optimum is stable: initialised there, training keeps one group per
+    # multi-dimensional feature (1-D features score ~1.2 even here: spare groups pick up a
+    # share of their energy).
+    assert max(units_oracle[k] for k in (2, 3, 4)) <= 1.2
+    # Under the default procedure the planted init keeps its FVU and 3-4-D features, but the
+    # s = 1 phase lets groups with spare dimensions take slices of co-active features: 2-D
+    # features measured 1.41 groups here (bench/SPLITTING.md, open problem).
+    fvu_on, units_on = scores["oracle-new"]
+    assert fvu_on <= 1.1 * fvu_oracle and max(units_on[k] for k in (3, 4)) <= 1.2
+    # From a random init at this small budget, the default procedure is well on the way there
+    # and the plain objective is not (it does not reach the targets here; see
+    # bench/RESULTS_consolidation.md for where it does).
+    assert fvu_new < 0.7 * fvu_plain
+    assert fvu_new < 3 * fvu_oracle
+    assert sum(units_new[k] for k in (2, 3, 4)) < sum(units_plain[k] for k in (2, 3, 4)) - 0.5
+
+
+def test_schedules():
+    cfg = SAEConfig(d_in=8, groups=8, rank=2, top_s=5)
+    assert cfg.consolidate == "anneal"
+    assert SAEConfig(d_in=8, groups=8, arch="topk").consolidate == "none"
+    steps = 100
+    s = [top_s_at(cfg, t, steps) for t in range(steps)]
+    gl = [group_lasso_scale(cfg, t, steps) for t in range(steps)]
+    assert s[0] == 1 and s[29] == 1 and s[-1] is None and s[59] == 5
+    assert all(a <= b for a, b in zip(s[:60], s[1:60]))  # s only grows
+    assert gl[0] == 1.0 and gl[49] == 1.0 and gl[80] == 0.0 and 0 < gl[65] < 1
+    plain = SAEConfig(d_in=8, groups=8, rank=2, top_s=5, consolidate="none")
+    assert top_s_at(plain, 0, steps) is None and group_lasso_scale(plain, 0, steps) == 0.0
+
+
+def test_dense_and_sparse_paths_agree_with_the_new_terms():
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    cfgs = [SAEConfig(d_in=16, groups=32, rank=2, top_s=3, decode=d) for d in ("dense", "sparse")]
+    saes = [SAE(c, seed=1) for c in cfgs]
+    outs = [sae(x, gl_scale=0.7, top_s=2) for sae in saes]
+    assert float(outs[0].group_lasso_term.detach()) > 0
+    assert torch.allclose(outs[0].group_lasso_term, outs[1].group_lasso_term, rtol=1e-5)
+    assert torch.allclose(outs[0].loss, outs[1].loss, rtol=1e-5)
+    assert float(outs[0].l0_groups) == 2.0 and float(outs[1].l0_groups) == 2.0
+    for o, sae in zip(outs, saes):
+        o.loss.backward()
+    for a, b in zip(*(list(s.parameters()) for s in saes)):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5)
+
+
+def test_merge_step_keeps_blocks_orthonormal_and_finite():
+    """Two groups that hold halves of one 4-D feature are merged; the freed one re-seeded."""
+    torch.manual_seed(0)
+    cfg = SAEConfig(d_in=32, groups=6, rank=4, top_s=2, merge_every=1)
+    sae = SAE(cfg, seed=0)
+    frame = torch.linalg.qr(torch.randn(32, 24))[0]
+    basis = frame[:, :8]
+    with torch.no_grad():  # groups 0 and 1 each hold two dims of the feature basis[:, :4]
+        sae.W_dec_GRD[0] = torch.cat([basis[:, :2], basis[:, 4:6]], 1).T
+        sae.W_dec_GRD[1] = torch.cat([basis[:, 2:4], basis[:, 6:8]], 1).T
+        sae.W_dec_GRD[2:] = frame[:, 8:].T.reshape(4, 4, 32)  # the others elsewhere
+        sae.W_enc_GRD.copy_(sae.W_dec_GRD)
+    x = torch.randn(512, 4) @ basis[:, :4].T * 3 + 0.01 * torch.randn(512, 32)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    sae(x).loss.backward()
+    opt.step()
+    sae.post_step()
+    report = merge_and_reseed(sae, x, opt)
+    assert len(report.merged) == 1 and set(report.merged[0]) == {0, 1}
+    kept, freed = report.merged[0]
+    d_GDR = sae.decoder_GDR.detach()
+    eye = torch.eye(4).expand(6, 4, 4)
+    assert torch.allclose(d_GDR.transpose(1, 2) @ d_GDR, eye, atol=1e-5)
+    # the kept group now spans the whole feature
+    overlap = (basis[:, :4].T @ d_GDR[kept]).square().sum()
+    assert float(overlap) == pytest.approx(4.0, abs=1e-3)
+    for p in sae.parameters():
+        assert torch.isfinite(p).all()
+    assert float(opt.state[sae.W_dec_GRD]["exp_avg"][freed].abs().sum()) == 0.0
+
+
+def test_resumed_run_is_exact_through_the_schedules(cache_url, tmp_path):
+    """Stopped inside the s ramp (30-60% of 80 steps) and resumed: the same weights, finite,
+    orthonormal blocks; with and without merge steps (loose thresholds so merges happen)."""
+    merge = {**SASA, "merge_every": 10, "merge_from": 0.0, "merge_jaccard": 0.2,
+             "merge_tail": 0.5}
+    cfg = config(cache_url, {"new": SASA, "merge": merge}, tokens=512 * 80, checkpoint_every=10)
+    full = train(cfg, tmp_path / "full", progress=False)
+    part = train(cfg, tmp_path / "part", until_step=33, progress=False)
+    assert part.saes == {}
+    resumed = train(cfg, tmp_path / "part", resume=True, progress=False)
+    eye = torch.eye(SASA["rank"], dtype=torch.float64).expand(SASA["groups"], -1, -1)
+    for name in ("new", "merge"):
+        a, b = weights(full.saes[name]), weights(resumed.saes[name])
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert all(torch.isfinite(v).all() for v in a.values())
+        d_GDR = load_sae(full.saes[name]).decoder_GDR.detach().double()
+        assert torch.allclose(d_GDR.transpose(1, 2) @ d_GDR, eye, atol=1e-5)
+    # same seed and schedule: only the merge steps tell the two members apart
+    assert not torch.equal(weights(full.saes["new"])["W_dec_GRD"],
+                           weights(full.saes["merge"])["W_dec_GRD"])
