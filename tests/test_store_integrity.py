@@ -79,16 +79,23 @@ def test_uncommitted_rows_and_rows_past_the_end_raise(location):
         cache.read_rows(HP, -5, 10)
 
 
-def test_cli_info_and_train_fail_with_one_line_on_a_missing_chunk(tmp_path, capsys):
+def test_cli_info_train_and_eval_fail_with_one_line_on_a_missing_chunk(tmp_path, capsys):
     url = str(tmp_path / "c")
     build(url, dtype="bfloat16")
+    train = ["train", "--cache", url, "--hookpoint", HP, "--arch", "topk", "--groups", "8",
+             "--top-s", "2", "--tokens", "2048", "--batch-size", "64", "--device", "cpu"]
+    assert main([*train, "--out", str(tmp_path / "ok")]) == 0  # an SAE to evaluate
+    capsys.readouterr()
     remove_object(url, f"acts/{HP}/c/5/0")
     assert main(["info", url]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "shard 1: acts/resid_post.1/c/5/0" in err
     assert "sasa info --verify" in err
-    assert main(["train", "--cache", url, "--hookpoint", HP, "--arch", "topk", "--groups", "8",
-                 "--top-s", "2", "--out", str(tmp_path / "run"), "--tokens", "2048",
-                 "--batch-size", "64", "--device", "cpu"]) == 2
+    assert main([*train, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "shard 1 of" in err[0] and "sasa info --verify" in err[0], err
+    for tokens in ("512", "all"):  # the streaming pass and the whole-cache scan
+        assert main(["eval", "--cache", url, "--sae", str(tmp_path / "ok"), "--tokens", tokens,
+                     "--contexts", "0", "--no-progress", "--out", str(tmp_path / f"eval{tokens}")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "shard 1 of" in err[0] and "sasa info --verify" in err[0], err
