@@ -5,14 +5,14 @@ Data arrive by ``<script>`` tags that call ``sasaIndex(...)`` / ``sasaShard(...)
 inline SVG drawn by a few lines of JavaScript. ``@TITLE@`` is replaced by the site's title.
 """
 
-STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1150px;color:#222;padding:0 1em}
+STYLE = """body{font-family:system-ui,sans-serif;margin:1em auto;max-width:1150px;color:#222;padding:0 1em}h1{font-size:1.5em;margin:.3em 0}h2{font-size:1.2em}
 a{color:#1a5fb4;text-decoration:none}a:hover{text-decoration:underline}
 table{border-collapse:collapse;font-size:13px}td,th{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right}
 th{cursor:pointer;background:#f4f4f4;user-select:none}th.sorted{background:#dde7f3}td.l,th.l{text-align:left}
 #controls{margin:.8em 0;display:flex;gap:.8em;align-items:center;flex-wrap:wrap}#search{width:24em;padding:4px}
 .ctx{font-family:ui-monospace,monospace;font-size:13px;margin:3px 0;padding:3px 4px;border-bottom:1px solid #eee;white-space:pre-wrap}
 .ctx span{border-radius:2px}.ctx span.center{outline:1px solid #c33}.ctx .a{color:#888;display:inline-block;width:5.5em}
-.plots{display:flex;gap:1.5em;flex-wrap:wrap}.plot h3{font-size:14px;margin:.4em 0}
+.plots{display:flex;gap:1.2em;flex-wrap:wrap;align-items:flex-start}.plot{flex:0 0 auto}.plot h3{font-size:13px;margin:.4em 0;font-weight:600}
 #hover{font-family:ui-monospace,monospace;font-size:12px;min-height:1.4em;color:#444;position:sticky;top:0;background:#fff;padding:2px 0}
 .stats td{text-align:left}.muted{color:#777}"""
 
@@ -93,9 +93,9 @@ GROUP_HTML = _HEAD + """
 <p><a href="index.html">&larr; all groups</a> <span id="nav"></span></p>
 <h1 id="title">loading&hellip;</h1><table class="stats" id="stats"></table>
 <div class="plots">
-<div class="plot"><h3>activation density (log2 bins, tokens where active)</h3><div id="density"></div></div>
-<div class="plot"><h3>singular values of the group's map</h3><div id="sv"></div></div>
-<div class="plot" id="viewbox"><h3>2-D code view (top-2 principal plane, origin +)</h3><div id="view"></div></div>
+<div class="plot"><h3>activation density (log2 bins)</h3><div id="density"></div></div>
+<div class="plot"><h3>singular values of its map</h3><div id="sv"></div></div>
+<div class="plot" id="viewbox"><h3>2-D code view (origin +)</h3><div id="view"></div></div>
 </div>
 <h2>top contexts</h2><div id="hover" class="muted">hover a token: its activation and the group's code</div><div id="contexts"></div>
 <script>
@@ -108,7 +108,7 @@ function el(tag, attrs, parent) {
   if (parent) parent.appendChild(e); return e;
 }
 function bars(target, values, labels, color) {
-  var W = 330, H = 170, pad = 28, n = Math.max(values.length, 1), m = Math.max.apply(null, values.concat([1e-12]));
+  var W = values.length > 4 ? 320 : 160, H = 150, pad = 28, n = Math.max(values.length, 1), m = Math.max.apply(null, values.concat([1e-12]));
   var svg = el("svg", {width: W, height: H, role: "img"});
   values.forEach(function (v, i) {
     var w = (W - pad) / n, h = (H - pad) * v / m;
@@ -117,18 +117,21 @@ function bars(target, values, labels, color) {
   });
   el("line", {x1: pad, y1: H - pad, x2: W, y2: H - pad, stroke: "#333"}, svg);
   [0, n - 1].forEach(function (i) {
-    var t = el("text", {x: pad + (i + 0.5) * (W - pad) / n, y: H - 10, "font-size": 10, "text-anchor": "middle"}, svg);
+    var anchor = n > 2 ? (i === 0 ? "start" : "end") : "middle";
+    var t = el("text", {x: n > 2 ? (i === 0 ? pad : W) : pad + (i + 0.5) * (W - pad) / n, y: H - 10, "font-size": 10, "text-anchor": anchor}, svg);
     t.textContent = labels[i];
   });
   el("text", {x: 2, y: 12, "font-size": 10}, svg).textContent = String(+m.toPrecision(3));
   document.getElementById(target).appendChild(svg);
 }
 function scatter(target, xs, ys) {
-  var W = 300, m = 1e-12;
-  xs.forEach(function (x, i) { m = Math.max(m, Math.abs(x), Math.abs(ys[i])); });
+  // scale to the 99th percentile of |coordinate| so that one outlier does not shrink the rest
+  var W = 240, r = xs.map(function (x, i) { return Math.max(Math.abs(x), Math.abs(ys[i])); }).sort(function (a, b) { return a - b; });
+  var m = Math.max(1e-12, 1.05 * r[Math.min(r.length - 1, Math.floor(0.99 * r.length))]);
+  function clip(v) { return Math.max(-m, Math.min(m, v)); }
   var svg = el("svg", {width: W, height: W, role: "img"}), s = (W / 2 - 8) / m;
   el("rect", {x: 0, y: 0, width: W, height: W, fill: "#fafafa", stroke: "#ddd"}, svg);
-  xs.forEach(function (x, i) { el("circle", {cx: W / 2 + x * s, cy: W / 2 - ys[i] * s, r: 2, fill: "#1a5fb4", "fill-opacity": 0.5}, svg); });
+  xs.forEach(function (x, i) { el("circle", {cx: W / 2 + clip(x) * s, cy: W / 2 - clip(ys[i]) * s, r: 2, fill: "#1a5fb4", "fill-opacity": 0.5}, svg); });
   el("line", {x1: W / 2 - 6, y1: W / 2, x2: W / 2 + 6, y2: W / 2, stroke: "#000"}, svg);
   el("line", {x1: W / 2, y1: W / 2 - 6, x2: W / 2, y2: W / 2 + 6, stroke: "#000"}, svg);
   document.getElementById(target).appendChild(svg);

@@ -97,7 +97,7 @@ def test_group_page_shows_contexts_and_plots(browser, site):
     # the 2-D view: the tokens where the circle is on form a ring around the origin (the oracle's
     # group is also slightly active on every other token: a blob at the origin)
     pts = np.array(browser.js("Array.from(document.querySelectorAll('#view circle')).map(c => [+c.getAttribute('cx'), +c.getAttribute('cy')])"))
-    x, y = pts[:, 0] - 150, 150 - pts[:, 1]  # relative to the centre of the 300 px square
+    x, y = pts[:, 0] - 120, 120 - pts[:, 1]  # relative to the centre of the 240 px square
     far = np.hypot(x, y) > 0.5 * np.hypot(x, y).max()
     assert far.sum() >= 20
     ring = ring_shape(x[far], y[far])
