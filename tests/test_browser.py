@@ -134,3 +134,13 @@ def test_report_links_the_browser(site):
     out = subprocess.run([sys.executable, "-m", "sasa", "report", "--sweep", str(site.parent / "run"), "--out", str(page),
                           "--browser", str(site.parent / "nothing")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "holds no sasa browse site" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_browse_bad_input(site, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "sasa", "browse", str(tmp_path), "--out", str(tmp_path / "s")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "run folder" in out.stderr
+    (tmp_path / "keep.txt").write_text("mine")
+    out = subprocess.run([sys.executable, "-m", "sasa", "browse", str(site.parent / "run"), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "not a sasa browser site" in out.stderr and (tmp_path / "keep.txt").is_file()
