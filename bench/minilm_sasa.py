@@ -1,0 +1,204 @@
+"""SASA r = 1/2/4/8 against TopK on real MiniLM activations (issue 9, the MiniLM part).
+
+One sweep per token budget through the streaming trainer (``sasa.trainer.train``, what
+``sasa sweep`` runs), every member read from the same pass, all at lr 1e-3 (the demo's),
+batch 1024, width G*r = 1536 = 4 d:
+
+- ``sasa_r{1,2,4,8}``: SASA at s*r = 32 active coordinates, ``consolidate="anneal"`` (default);
+- ``sasa_r4_plain``: SASA r = 4, s = 8 with ``consolidate="none"`` (the plain objective);
+- ``topk_k32``: TopK at equal active coordinates; ``topk_k8``: TopK at equal active units
+  with SASA r = 4, s = 8.
+
+``analyse`` scores every saved SAE on held-out rows (raw activations, BOS/pad excluded): FVU,
+and for SASA the effective ranks of each group's map (``SAE.effective_ranks``) and of the codes
+the group actually emits (eigenvalues of sum z_g z_g^T over the tokens where g fires), and the
+FVU after truncating every fired group's code to its top-k principal directions (k < r): how
+much of the reconstruction needs a second dimension at all. ``table`` prints the markdown
+tables of bench/RESULTS_minilm.md from the JSONL.
+
+    python bench/minilm_sasa.py train --cache C --hookpoint resid_post.4 --tokens 131072 --work W
+    python bench/minilm_sasa.py analyse --work W --heldout H --rows 262144:327680 --jsonl J
+    python bench/minilm_sasa.py table --jsonl J
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sasa.trainer import MemberConfig, TrainConfig, load_sae, train
+
+WIDTH, COORDS, LR, BATCH = 1536, 32, 1e-3, 1024
+
+
+def members(hookpoint: str) -> list[MemberConfig]:
+    out = []
+    for r in (1, 2, 4, 8):
+        out.append(MemberConfig(hookpoint, {"arch": "sasa", "groups": WIDTH // r, "rank": r,
+                                            "top_s": COORDS // r}, lr=LR, name=f"sasa_r{r}"))
+    out.append(MemberConfig(hookpoint, {"arch": "sasa", "groups": WIDTH // 4, "rank": 4, "top_s": 8,
+                                        "consolidate": "none"}, lr=LR, name="sasa_r4_plain"))
+    out.append(MemberConfig(hookpoint, {"arch": "topk", "groups": WIDTH, "top_s": COORDS}, lr=LR,
+                            name="topk_k32"))
+    out.append(MemberConfig(hookpoint, {"arch": "topk", "groups": WIDTH, "top_s": 8}, lr=LR,
+                            name="topk_k8"))
+    return out
+
+
+def cmd_train(a) -> None:
+    torch.set_num_threads(a.threads)
+    for tokens in a.tokens:
+        out = Path(a.work) / f"t{tokens}"
+        cfg = TrainConfig(cache=a.cache, members=members(a.hookpoint), tokens=tokens,
+                          batch_size=BATCH, seed=a.seed, log_every=8, checkpoint_every=64,
+                          cpu_threads=a.threads)
+        t0 = time.perf_counter()
+        res = train(cfg, out, resume=(out / "checkpoints").exists(), progress=False)
+        print(json.dumps({"tokens": tokens, "steps": res.steps, "seconds": time.perf_counter() - t0,
+                          "final_train_fvu": {k: v["fvu"] for k, v in res.final.items()}}), flush=True)
+
+
+def heldout(url: str, hookpoint: str, rows: str) -> torch.Tensor:
+    """Raw activations of rows [a, b) of a cache, BOS/pad excluded."""
+    from sasa.store import open_cache
+    cache = open_cache(url)
+    a, b = (int(v) for v in rows.split(":"))
+    C = cache.ctx_len
+    x = cache.read_rows(hookpoint, a, b)
+    toks = np.asarray(cache.tokens[a // C: b // C]).reshape(-1)
+    return torch.from_numpy(x[cache.row_mask(toks)])
+
+
+@torch.no_grad()
+def score(sae, x_ND: torch.Tensor, batch: int = 4096) -> dict:
+    """Held-out FVU; for SASA r >= 2 also code ranks and rank-k truncation FVUs."""
+    G, R = sae.cfg.groups, sae.cfg.rank
+    total = (x_ND - x_ND.mean(0)).square().sum().item()
+    err, fires_G = 0.0, torch.zeros(G, dtype=torch.long)
+    m_GRR = torch.zeros(G, R, R, dtype=torch.float64)
+    for i in range(0, len(x_ND), batch):
+        x = x_ND[i:i + batch]
+        z_BGR = sae.encode(x)
+        err += (x - sae.decode(z_BGR)).square().sum().item()
+        on_BG = z_BGR.abs().sum(-1) > 0
+        fires_G += on_BG.sum(0)
+        if R > 1:
+            z = z_BGR.double()
+            m_GRR += torch.einsum("bgr,bgs->grs", z, z)
+    res = {"fvu": err / total, "l0_groups": fires_G.sum().item() / len(x_ND),
+           "dead_frac": (fires_G == 0).float().mean().item()}
+    if sae.cfg.arch != "sasa":
+        return res
+    er = sae.effective_ranks()
+    res["map_rank_entropy_mean"] = er.entropy_G.float().mean().item()
+    res["map_rank_threshold_hist"] = np.bincount(er.threshold_G.numpy(), minlength=R + 1)[1:].tolist()
+    res["map_rank_threshold_mean"] = er.threshold_G.float().mean().item()
+    if R == 1:
+        return res
+    # Codes actually emitted: eigen-spectrum of each group's second moment over its firings.
+    ev_GR, vec_GRR = torch.linalg.eigh(m_GRR)  # ascending
+    ev_GR, vec_GRR = ev_GR.flip(-1).clamp_min(0), vec_GRR.flip(-1)
+    used = fires_G >= 4 * R
+    p_GR = ev_GR / ev_GR.sum(-1, keepdim=True).clamp_min(1e-300)
+    ent_G = (-(p_GR * p_GR.clamp_min(1e-300).log()).sum(-1)).exp()
+    dims90_G = (p_GR.cumsum(-1) < 0.9).sum(-1) + 1
+    energy_G = ev_GR.sum(-1)
+    w = energy_G[used] / energy_G[used].sum()
+    res["groups_used"] = int(used.sum())
+    res["code_rank_entropy_mean"] = ent_G[used].mean().item()
+    res["code_rank_entropy_energy_weighted"] = (ent_G[used] * w).sum().item()
+    res["code_dims90_hist"] = np.bincount(dims90_G[used].numpy(), minlength=R + 1)[1:].tolist()
+    res["code_dims90_energy_share"] = [w[dims90_G[used] == k].sum().item() for k in range(1, R + 1)]
+    res["code_top1_energy_share"] = (ev_GR[used, 0].sum() / energy_G[used].sum()).item()
+    # FVU after truncating every fired group's code to its top-k principal directions.
+    trunc = {}
+    for k in range(1, R):
+        P_GRR = (vec_GRR[:, :, :k] @ vec_GRR[:, :, :k].transpose(1, 2)).float()
+        e = 0.0
+        for i in range(0, len(x_ND), batch):
+            x = x_ND[i:i + batch]
+            z_BGR = torch.einsum("bgr,grs->bgs", sae.encode(x), P_GRR)
+            e += (x - sae.decode(z_BGR)).square().sum().item()
+        trunc[str(k)] = e / total
+    res["fvu_truncated_to_k"] = trunc
+    return res
+
+
+def cmd_analyse(a) -> None:
+    torch.set_num_threads(a.threads)
+    x_ND = heldout(a.heldout, a.hookpoint, a.rows)
+    with open(a.jsonl, "a") as f:
+        for run in sorted(Path(a.work).glob("t*"), key=lambda p: int(p.name[1:])):
+            for folder in sorted(p for p in run.iterdir() if (p / "sae.safetensors").exists()):
+                info = json.loads((folder / "train.json").read_text())
+                row = {"tokens": info["tokens"], "member": folder.name, "heldout_rows": a.rows,
+                       "heldout_tokens": len(x_ND), "final_train_fvu": info["final"]["fvu"],
+                       **score(load_sae(folder).float().eval(), x_ND)}
+                f.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+
+
+def cmd_table(a) -> None:
+    rows = [json.loads(line) for line in open(a.jsonl)]
+    budgets = sorted({r["tokens"] for r in rows})
+    names = ["topk_k32", "topk_k8", "sasa_r1", "sasa_r2", "sasa_r4", "sasa_r4_plain", "sasa_r8"]
+    by = {(r["member"], r["tokens"]): r for r in rows}
+    print("| model | " + " | ".join(f"{t / 2**20:g}M tok" for t in budgets) + " |")
+    print("|---|" + "---|" * len(budgets))
+    for n in names:
+        print(f"| {n} | " + " | ".join(f"{by[n, t]['fvu']:.4f}" if (n, t) in by else "-"
+                                         for t in budgets) + " |")
+    last = budgets[-1]
+    target = by[("topk_k32", last)]["fvu"] if ("topk_k32", last) in by else None
+    print(f"\ntokens to reach topk_k32's FVU at {last} tokens ({target}):")
+    for n in names:
+        curve = [(t, by[n, t]["fvu"]) for t in budgets if (n, t) in by]
+        hit = next((i for i, (_, f) in enumerate(curve) if f <= target), None)
+        if hit is None:
+            print(f"  {n}: not reached within {curve[-1][0]} tokens")
+            continue
+        if hit == 0:
+            t = curve[0][0]
+        else:  # log-linear interpolation between the budgets around the crossing
+            (t0, f0), (t1, f1) = curve[hit - 1], curve[hit]
+            u = (f0 - target) / (f0 - f1)
+            t = math.exp(math.log(t0) + u * (math.log(t1) - math.log(t0)))
+        print(f"  {n}: {t:,.0f} tokens = {t / last:.2f}x TopK's")
+    print()
+    for r in rows:
+        if r["tokens"] == last and "map_rank_entropy_mean" in r:
+            print(r["member"], {k: v for k, v in r.items() if k.startswith(("map_", "code_", "fvu_t",
+                                                                               "groups_used"))})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--cache", required=True)
+    t.add_argument("--hookpoint", default="resid_post.4")
+    t.add_argument("--tokens", type=int, nargs="+", required=True)
+    t.add_argument("--work", required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=1)
+    e = sub.add_parser("analyse")
+    e.add_argument("--work", required=True)
+    e.add_argument("--heldout", required=True, help="cache holding the held-out rows")
+    e.add_argument("--rows", required=True, help="held-out rows a:b")
+    e.add_argument("--hookpoint", default="resid_post.4")
+    e.add_argument("--jsonl", required=True)
+    e.add_argument("--threads", type=int, default=1)
+    s = sub.add_parser("table")
+    s.add_argument("--jsonl", required=True)
+    a = p.parse_args()
+    {"train": cmd_train, "analyse": cmd_analyse, "table": cmd_table}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
