@@ -16,7 +16,10 @@ per planted feature (``sasa.analysis.splitting``, oblique projection), mean per 
 member uses lr 3e-3 (bench/SPLITTING.md; the default rule gives 1.1e-3-1.4e-3 here) unless
 ``--default-lr``. Results: bench/RESULTS_consolidation.md.
 
-    python bench/consolidation.py --shapes A B C --seeds 0 1 2 --tokens 262144 524288 1048576
+    python bench/consolidation.py --shapes A B C --seeds 0 1 2 --tokens 524288 1048576 \
+        --jsonl rows.jsonl
+    python bench/consolidation.py --summarize rows.jsonl    # means over seeds
+    python bench/consolidation.py --cost                     # seconds per step, plain vs new
 
 CPU, one torch thread per process (``--threads``); ~2-6 min per (shape, seed, budget) here.
 """
@@ -116,18 +119,86 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
     return rows
 
 
+def step_cost(shape_name: str, steps: int = 300, batch_size: int = 1024) -> dict[str, float]:
+    """Seconds per training step of plain and new SASA (forward, backward, Adam, constraint,
+    and the schedule of a ``steps``-step run), timed in interleaved blocks of 10 steps so that
+    load from other processes hits both alike."""
+    from sasa.trainer import SAE, SAEConfig
+    from sasa.trainer.consolidate import group_lasso_scale, top_s_at
+
+    shape = SHAPES[shape_name]
+    x = torch.from_numpy(generate(shape.spec, batch_size, seed=1).x_ND)
+    x = (x - x.mean(0)) / x.std()
+    models = {}
+    for name, extra in (("plain", {"consolidate": "none"}), ("new", {})):
+        cfg = SAEConfig(d_in=shape.spec.d, groups=shape.groups, rank=shape.rank,
+                        top_s=shape.top_s, **extra)
+        sae = SAE(cfg, seed=0)
+        models[name] = (sae, torch.optim.Adam(sae.parameters(), lr=1e-3))
+    spent = dict.fromkeys(models, 0.0)
+    for block in range(0, steps, 10):
+        for name, (sae, opt) in models.items():
+            t0 = time.perf_counter()
+            for step in range(block, block + 10):
+                out = sae(x, gl_scale=group_lasso_scale(sae.cfg, step, steps),
+                          top_s=top_s_at(sae.cfg, step, steps))
+                opt.zero_grad(set_to_none=True)
+                out.loss.backward()
+                opt.step()
+                sae.post_step()
+            spent[name] += time.perf_counter() - t0
+    return {name: t / steps for name, t in spent.items()}
+
+
+def summarize(paths: list[Path]) -> None:
+    """Mean over seeds per (shape, tokens, model) of the rows in the given JSONL files."""
+    rows = [json.loads(line) for p in paths for line in p.read_text().splitlines() if line]
+    keys = sorted({(r["shape"], r["tokens"]) for r in rows})
+    print("| shape | tokens | model | seeds | held-out FVU (mean, min-max) | FVU / oracle "
+          "| units per feature by d_i (mean over seeds) | max units |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape, tokens in keys:
+        sel = [r for r in rows if r["shape"] == shape and r["tokens"] == tokens]
+        oracle = {r["seed"]: r["fvu"] for r in sel if r["model"] == "oracle"}
+        for model in MEMBERS:
+            rs = [r for r in sel if r["model"] == model]
+            if not rs:
+                continue
+            fvu = np.array([r["fvu"] for r in rs])
+            ratio = np.mean([r["fvu"] / oracle[r["seed"]] for r in rs if r["seed"] in oracle])
+            dims = sorted(rs[0]["units"], key=int)
+            units = [np.mean([r["units"][k] for r in rs]) for k in dims]
+            print(f"| {shape} | {tokens:,} | {model} | {len(rs)} | {fvu.mean():.4f} "
+                  f"({fvu.min():.4f}-{fvu.max():.4f}) | {ratio:.2f} | "
+                  + " / ".join(f"{u:.2f}" for u in units) + f" | {max(units):.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    parser.add_argument("--tokens", type=int, nargs="*", default=[262144, 524288, 1048576])
+    parser.add_argument("--tokens", type=int, nargs="*", default=[524288, 1048576])
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--default-lr", action="store_true", help="the trainer's lr rule")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", type=Path, default=None, help="folder for caches and runs")
     parser.add_argument("--jsonl", type=Path, default=None, help="append every row here")
+    parser.add_argument("--summarize", type=Path, nargs="*", default=None,
+                        help="print mean tables from these JSONL files and exit")
+    parser.add_argument("--cost", action="store_true", help="time plain vs new steps and exit")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.summarize is not None:
+        summarize(args.summarize)
+        return
+    if args.cost:
+        print("| shape | plain s/step | new s/step | new / plain |")
+        print("|---|---|---|---|")
+        for shape in args.shapes:
+            c = step_cost(shape, batch_size=args.batch_size)
+            print(f"| {shape} | {c['plain']:.4f} | {c['new']:.4f} | {c['new'] / c['plain']:.2f} |",
+                  flush=True)
+        return
     lr = None if args.default_lr else 3e-3
     work = args.work or Path(tempfile.mkdtemp(prefix="sasa-consolidation-"))
     print("| shape | seed | tokens | model | held-out FVU | units per feature by d_i | sweep s |")
