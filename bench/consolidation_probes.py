@@ -5,7 +5,7 @@ warm-up, 20% linear decay, one thread; FVU and units per feature (analysis/split
 3000 held-out samples. Each VARIANT is name:lr:lambda:s0:from:to:merge_every:p, where lambda is
 the group-sparsity weight (0 = off), s0 the s ramp's start (0 = no ramp) from/to fractions,
 merge_every the merge step (0 = off), p the penalty's power; "oracle" starts at the planted
-subspaces, "topk" is TopK at k = s*r. DIAG=1 prints, per 3-D+ feature, the four groups whose
+subspaces (a name starting with "oracle" plus options: planted start with that procedure), "topk" is TopK at k = s*r. DIAG=1 prints, per 3-D+ feature, the four groups whose
 decoders overlap its subspace most (sum of squared cosines).
 
     python bench/consolidation_probes.py SHAPE STEPS SEED VARIANT...
@@ -73,4 +73,4 @@ for v in sys.argv[4:]:
     lr=float(lr); lam=float(lam); s0=int(s0) or None; a=float(a); b=float(b)
     if name=='topk': run(f'topk lr{lr}', dict(arch='topk', d_in=D, groups=G*R, top_s=S*R), lr)
     elif name=='oracle': run(f'oracle lr{lr}', base, lr, oracle=True)
-    else: run(f'{name} lr{lr} gl{lam} s0={s0} {a}-{b}', {**base, 'group_lasso':lam, 'merge_every':me, 'group_lasso_power':pw, 'consolidate':'anneal' if (lam>0 or me>0) else 'none'}, lr, s0=s0, ramp=(a,b))
+    else: run(f'{name} lr{lr} gl{lam} s0={s0} {a}-{b}', {**base, 'group_lasso':lam, 'merge_every':me, 'group_lasso_power':pw, 'consolidate':'anneal' if (lam>0 or me>0) else 'none'}, lr, s0=s0, ramp=(a,b), oracle=name.startswith('oracle'))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sasa.errors import SasaError
 from sasa.trainer.config import TrainConfig
-from sasa.trainer.sae_config import ARCHS, CODES, GATES, NUC_ON, SAEConfig
+from sasa.trainer.sae_config import ARCHS, CODES, CONSOLIDATE, GATES, NUC_ON, SAEConfig
 
 # Defaults shown in --help come from the dataclasses (one home per default). Options left at
 # None are not passed on, so a sweep file's values win over them.
@@ -49,6 +49,9 @@ def register(subparsers) -> None:
     p.add_argument("--l1-coeff", type=float, default=None, help=f"L1 weight (relu; default {SAE['l1_coeff']:g})")
     p.add_argument("--auxk-alpha", type=float, default=None, help=f"AuxK weight (default {SAE['auxk_alpha']:g})")
     p.add_argument("--dead-tokens", type=int, default=None, help=f"tokens without activation before a unit counts dead (default {SAE['dead_tokens']:,})")
+    p.add_argument("--consolidate", default=None, choices=CONSOLIDATE,
+                   help="sasa training procedure: anneal (s ramp + group-sparsity schedule) or none "
+                        "(the plain objective); default anneal for sasa (docs/train.md)")
     p.add_argument("--lr", type=float, default=None, help="Adam lr (default 2e-4 / sqrt(G*r / 2^14))")
     p.add_argument("--name", default=None, help="output subfolder name")
     _run_args(p)
@@ -94,7 +97,7 @@ def run_train(args) -> int:
 
     sae = {"arch": args.arch, "groups": args.groups, "top_s": args.top_s, "nuc_lambda": args.nuc_lambda,
            "nuc_on": args.nuc_on, "gate": args.gate}
-    for key in ("rank", "codes", "l1_coeff", "auxk_alpha", "dead_tokens"):
+    for key in ("rank", "codes", "l1_coeff", "auxk_alpha", "dead_tokens", "consolidate"):
         if getattr(args, key) is not None:
             sae[key] = getattr(args, key)
     member = MemberConfig(hookpoint=args.hookpoint, sae=sae, lr=args.lr, name=args.name)
