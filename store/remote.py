@@ -125,7 +125,7 @@ def _storage_error(err: BaseException) -> bool:
     if isinstance(err, SasaError):
         return False
     return isinstance(err, OSError) or bool(_names(err) & {"BotoCoreError", "ClientError",
-                                                         "ClientError", "HTTPException"})
+                                                         "HTTPException"})
 
 
 async def _retry(url: str, op: str, fn, *args):

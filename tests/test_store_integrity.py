@@ -92,10 +92,16 @@ def test_cli_info_train_and_eval_fail_with_one_line_on_a_missing_chunk(tmp_path,
     assert len(err.splitlines()) == 1 and "shard 1: acts/resid_post.1/c/5/0" in err
     assert "sasa info --verify" in err
     assert main([*train, "--out", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "shard 1 of" in err[0] and "sasa info --verify" in err[0], err
+    assert_one_error_line(capsys.readouterr().err)
     for tokens in ("512", "all"):  # the streaming pass and the whole-cache scan
         assert main(["eval", "--cache", url, "--sae", str(tmp_path / "ok"), "--tokens", tokens,
                      "--contexts", "0", "--no-progress", "--out", str(tmp_path / f"eval{tokens}")]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "shard 1 of" in err[0] and "sasa info --verify" in err[0], err
+        assert_one_error_line(capsys.readouterr().err)
+
+
+def assert_one_error_line(stderr: str) -> None:
+    """One error line naming the shard and the fix, and no traceback (a progress bar may precede
+    it on the same terminal line)."""
+    assert stderr.count("sasa: error:") == 1 and "Traceback" not in stderr, stderr
+    error = stderr.split("sasa: error:")[1].strip()
+    assert "\n" not in error and "shard 1 of" in error and "sasa info --verify" in error, error

@@ -167,8 +167,12 @@ def test_no_credentials(s3, s3_url, monkeypatch, capsys):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    import s3fs
     so = json.dumps({"endpoint_url": s3.endpoint_url})
-    assert main(["info", s3_url, "--storage-options", so]) == 2
+    try:
+        assert main(["info", s3_url, "--storage-options", so]) == 2
+    finally:  # fsspec caches filesystems by their options: drop the one without credentials
+        s3fs.S3FileSystem.clear_instance_cache()
     line = one_line(capsys)
     assert f"no credentials for {s3_url}" in line and "AWS_ACCESS_KEY_ID" in line
 
