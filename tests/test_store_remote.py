@@ -4,7 +4,8 @@ such a line, and a rerun once it is back finishes a cache byte-identical to an u
 
 "Killing the server" is done by a TCP relay in front of moto (``Relay``): stopping it refuses
 new connections and cuts open ones, exactly as a dead endpoint does, while moto keeps its
-objects so the same endpoint can come back.
+objects so the same endpoint can come back. Throttling is an HTTP server that answers every
+request as S3 does when it throttles (503 SlowDown).
 """
 
 from __future__ import annotations
@@ -269,3 +270,35 @@ def test_harvest_command_sets_shard_objects(s3, s3_url, gpt2, tmp_path):
     objects = fs.ls(f"{s3_url.removeprefix('s3://')}/acts/resid_post.1/c")
     assert len(objects) == cache.n_shards == 4  # one object per shard
     assert "shard_objects" not in cache.attrs["harvest"]["config"]  # the layout records it
+
+
+def test_throttling_that_outlasts_the_retries(fast_retries, capsys):
+    """An endpoint that answers every request with S3's 503 SlowDown."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class SlowDown(BaseHTTPRequestHandler):
+        def _answer(self):
+            body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                    b"<Message>Please reduce your request rate.</Message></Error>")
+            self.send_response(503)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body) if self.command != "HEAD" else 0))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = do_PUT = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowDown)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        so = {"endpoint_url": f"http://127.0.0.1:{server.server_port}", "key": "k", "secret": "s",
+              **FEW_RETRIES}
+        assert main(["info", "s3://busy-bucket/cache", "--storage-options", json.dumps(so)]) == 2
+    finally:
+        server.shutdown()
+    line = one_line(capsys)
+    assert "kept throttling requests to s3://busy-bucket/cache" in line and "read_concurrency" in line
