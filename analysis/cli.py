@@ -1,4 +1,4 @@
-"""``sasa eval``, ``sasa synth`` and ``sasa report``: thin parsers over analysis functions."""
+"""``sasa eval``, ``sasa synth``, ``sasa report`` and ``sasa browse``: thin parsers over analysis functions."""
 
 from __future__ import annotations
 
