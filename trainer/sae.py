@@ -232,11 +232,11 @@ class SAE(nn.Module):
         if cfg.auxk_alpha > 0 and cfg.arch != "relu":
             auxk = self._auxk_loss(x_BD - x_hat_BD.detach(), h_BGR)
         l0_coords = (codes_BGR != 0).sum((1, 2)).to(x_BD.dtype).mean()
-        norm_sum = None
-        if self._gl_weight(gl_scale) > 0:
-            norm_sum = torch.linalg.vector_norm(codes_BGR, dim=-1)[keep_BG]
+        sq = None
+        if self._gl_weight(gl_scale) > 0:  # squared group norms; unkept groups masked in _finish
+            sq = (codes_BGR.square().sum(-1), keep_BG)
         return self._finish(x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords, nuc_scale,
-                            gl_scale, norm_sum)
+                            gl_scale, sq)
 
     def _forward_sparse(self, x_BD: torch.Tensor, nuc_scale: float = 1.0,
                         gl_scale: float = 0.0, top_s: int | None = None) -> ForwardOutput:
@@ -280,11 +280,11 @@ class SAE(nn.Module):
         auxk = x_BD.new_zeros(())
         if cfg.auxk_alpha > 0:
             auxk = self._auxk_loss(x_BD - x_hat_BD.detach(), h_BGR, take=take)
-        norm_sum = None
+        sq = None
         if self._gl_weight(gl_scale) > 0:  # a kept group's R coordinates are contiguous pairs
-            norm_sum = torch.linalg.vector_norm(vals_P.view(-1, R), dim=-1)
+            sq = (vals_P.view(-1, R).square().sum(-1), None)
         return self._finish(x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords, nuc_scale,
-                            gl_scale, norm_sum)
+                            gl_scale, sq)
 
     def _decode_pairs(self, kept: Kept, vals_P: torch.Tensor) -> torch.Tensor:
         """sum over a token's pairs of vals_p * W_dec[coord_p], without the bias: [B, d]."""
@@ -293,9 +293,10 @@ class SAE(nn.Module):
                                mode="sum", per_sample_weights=vals_P.to(self.W_dec_GRD.dtype))
 
     def _finish(self, x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords, nuc_scale=1.0,
-                gl_scale=1.0, norm_sum=None) -> ForwardOutput:
-        """The loss terms and bookkeeping shared by both paths. ``norm_sum``: sum over the
-        batch's kept groups of ||z_bg|| (for the group-lasso term)."""
+                gl_scale=1.0, sq=None) -> ForwardOutput:
+        """The loss terms and bookkeeping shared by both paths. ``sq``: (squared norms
+        ||z_bg||^2, mask of the kept ones or None when every entry is kept) for the
+        group-sparsity term."""
         cfg = self.cfg
         fvu = batch_fvu(x_BD, x_hat_BD)
         zero = x_BD.new_zeros(())
@@ -307,14 +308,14 @@ class SAE(nn.Module):
             norms_GR = self.W_dec_GRD.norm(dim=-1)
             l1_term = cfg.l1_coeff * (codes_BGR.abs() * norms_GR).sum((1, 2)).mean()
         gl_term = zero
-        if norm_sum is not None:
+        if sq is not None:
             # Relative to the batch's rms norm (a constant): the weight is dimensionless.
             B = x_BD.shape[0]
             rms = ((x_BD - x_BD.mean(0)).square().sum() / B).sqrt().detach()
-            rel_K = norm_sum / rms.clamp_min(1e-12)
-            p = cfg.group_lasso_power
-            if p != 1:
-                rel_K = (rel_K.square() + 1e-4).pow(p / 2)
+            sq_K, keep = sq
+            rel_K = (sq_K / rms.square().clamp_min(1e-24) + 1e-4).pow(cfg.group_lasso_power / 2)
+            if keep is not None:
+                rel_K = rel_K * keep
             gl_term = (self._gl_weight(gl_scale) / B) * rel_K.sum()
         loss = fvu + cfg.auxk_alpha * auxk + nuc_term + l1_term + gl_term
 
