@@ -5,7 +5,7 @@ groups, or held twice, costs nothing under FVU when the Top-s gate has spare slo
 the features on in a token), and the nuclear norm is additive over a split. Gradient descent
 leaves such a split only through a slow saddle escape: a group's spare dimensions turn toward
 the missing part of its feature only if that part shows up in the error, and a second group
-already removes it from the error.
+already removes it from the error (our reading of the probes in bench/SPLITTING.md).
 
 ``SAEConfig.consolidate = "anneal"`` (the default for sasa) adds two schedules, both pure
 functions of (step, steps), so a resumed run repeats them exactly and every sweep member
@@ -19,10 +19,10 @@ follows its own config:
 Measured through the streaming trainer (bench/RESULTS_consolidation.md, three planted shapes,
 3 seeds at 0.5M/1M tokens): at 1M tokens 1-4-D features of the disjoint shape A sit at
 1.09-1.32 groups (plain: 1.22-1.71) at 1.23x the oracle's FVU (plain: 3.18x), and at 2M
-tokens, where TopK levels off, at <= 1.06 groups below the oracle's FVU; on shape C (1-6-D,
-r = 6) splitting halves and FVU is 1.08x the oracle's at 1M. On the overlapping d = 32 shape B
-it does not help at 0.5M (FVU worse than plain) and only partly at 1-2M. Cost per step: no
-more than plain within the noise of this machine.
+tokens, where TopK levels off, at <= 1.17 groups (means 1.02-1.08) and 0.72x the oracle's
+FVU (plain: 1.57 groups, 2.59x); on shape C (1-6-D, r = 6) splitting halves and FVU is 1.08x
+the oracle's at 1M. On the overlapping d = 32 shape B it does not help at 0.5M (FVU worse than
+plain) and only partly at 1-2M. Cost per step: 0.91-1.17x plain's.
 
 ``merge_and_reseed`` (off by default, ``merge_every``) is the explicit alternative: merge two
 co-firing groups whose joint contribution fits in r dimensions, re-seed the freed one at the
