@@ -12,9 +12,9 @@ batch 1024, width G*r = 1536 = 4 d:
 ``analyse`` scores every saved SAE on held-out rows (raw activations, BOS/pad excluded): FVU,
 and for SASA the effective ranks of each group's map (``SAE.effective_ranks``) and of the codes
 the group actually emits (eigenvalues of sum z_g z_g^T over the tokens where g fires), and the
-FVU after truncating every fired group's code to its top-k principal directions (k < r): how
-much of the reconstruction needs a second dimension at all. ``table`` prints the markdown
-tables of bench/RESULTS_minilm.md from the JSONL.
+FVU after truncating every fired group's code to its top-k principal directions (k = 1, 2,
+r/2 below r): how much of the reconstruction needs a second dimension at all. ``table``
+prints the markdown tables of bench/RESULTS_minilm.md from the JSONL.
 
     python bench/minilm_sasa.py train --cache C --hookpoint resid_post.4 --tokens 131072 --work W
     python bench/minilm_sasa.py analyse --work W --heldout H --rows 262144:327680 --jsonl J
@@ -55,7 +55,8 @@ def cmd_train(a) -> None:
     torch.set_num_threads(a.threads)
     for tokens in a.tokens:
         out = Path(a.work) / f"t{tokens}"
-        cfg = TrainConfig(cache=a.cache, members=members(a.hookpoint), tokens=tokens,
+        chosen = [m for m in members(a.hookpoint) if not a.members or m.name in a.members]
+        cfg = TrainConfig(cache=a.cache, members=chosen, tokens=tokens,
                           batch_size=BATCH, seed=a.seed, log_every=8, checkpoint_every=64,
                           cpu_threads=a.threads)
         t0 = time.perf_counter()
@@ -104,7 +105,7 @@ def score(sae, x_ND: torch.Tensor, batch: int = 4096) -> dict:
     # Codes actually emitted: eigen-spectrum of each group's second moment over its firings.
     ev_GR, vec_GRR = torch.linalg.eigh(m_GRR)  # ascending
     ev_GR, vec_GRR = ev_GR.flip(-1).clamp_min(0), vec_GRR.flip(-1)
-    used = fires_G >= 4 * R
+    used = fires_G >= 4 * R  # groups with enough firings for a rank estimate
     p_GR = ev_GR / ev_GR.sum(-1, keepdim=True).clamp_min(1e-300)
     ent_G = (-(p_GR * p_GR.clamp_min(1e-300).log()).sum(-1)).exp()
     dims90_G = (p_GR.cumsum(-1) < 0.9).sum(-1) + 1
@@ -118,7 +119,7 @@ def score(sae, x_ND: torch.Tensor, batch: int = 4096) -> dict:
     res["code_top1_energy_share"] = (ev_GR[used, 0].sum() / energy_G[used].sum()).item()
     # FVU after truncating every fired group's code to its top-k principal directions.
     trunc = {}
-    for k in range(1, R):
+    for k in sorted({1, 2, R // 2} - {R}):
         P_GRR = (vec_GRR[:, :, :k] @ vec_GRR[:, :, :k].transpose(1, 2)).float()
         e = 0.0
         for i in range(0, len(x_ND), batch):
@@ -135,6 +136,8 @@ def cmd_analyse(a) -> None:
     x_ND = heldout(a.heldout, a.hookpoint, a.rows)
     with open(a.jsonl, "a") as f:
         for run in sorted(Path(a.work).glob("t*"), key=lambda p: int(p.name[1:])):
+            if a.tokens and int(run.name[1:]) not in a.tokens:
+                continue
             for folder in sorted(p for p in run.iterdir() if (p / "sae.safetensors").exists()):
                 info = json.loads((folder / "train.json").read_text())
                 row = {"tokens": info["tokens"], "member": folder.name, "heldout_rows": a.rows,
@@ -149,32 +152,53 @@ def cmd_table(a) -> None:
     budgets = sorted({r["tokens"] for r in rows})
     names = ["topk_k32", "topk_k8", "sasa_r1", "sasa_r2", "sasa_r4", "sasa_r4_plain", "sasa_r8"]
     by = {(r["member"], r["tokens"]): r for r in rows}
-    print("| model | " + " | ".join(f"{t / 2**20:g}M tok" for t in budgets) + " |")
+    print("held-out FVU\n\n| model | " + " | ".join(f"{t:,}" for t in budgets) + " |")
     print("|---|" + "---|" * len(budgets))
     for n in names:
         print(f"| {n} | " + " | ".join(f"{by[n, t]['fvu']:.4f}" if (n, t) in by else "-"
                                          for t in budgets) + " |")
-    last = budgets[-1]
-    target = by[("topk_k32", last)]["fvu"] if ("topk_k32", last) in by else None
-    print(f"\ntokens to reach topk_k32's FVU at {last} tokens ({target}):")
-    for n in names:
-        curve = [(t, by[n, t]["fvu"]) for t in budgets if (n, t) in by]
-        hit = next((i for i, (_, f) in enumerate(curve) if f <= target), None)
-        if hit is None:
-            print(f"  {n}: not reached within {curve[-1][0]} tokens")
+    for ref_t in budgets:
+        if ("topk_k32", ref_t) not in by:
             continue
-        if hit == 0:
-            t = curve[0][0]
-        else:  # log-linear interpolation between the budgets around the crossing
-            (t0, f0), (t1, f1) = curve[hit - 1], curve[hit]
-            u = (f0 - target) / (f0 - f1)
-            t = math.exp(math.log(t0) + u * (math.log(t1) - math.log(t0)))
-        print(f"  {n}: {t:,.0f} tokens = {t / last:.2f}x TopK's")
-    print()
-    for r in rows:
-        if r["tokens"] == last and "map_rank_entropy_mean" in r:
-            print(r["member"], {k: v for k, v in r.items() if k.startswith(("map_", "code_", "fvu_t",
-                                                                               "groups_used"))})
+        target = by["topk_k32", ref_t]["fvu"]
+        print(f"\ntokens to reach topk_k32's FVU at {ref_t:,} tokens ({target:.4f}):")
+        for n in names[1:]:
+            curve = [(t, by[n, t]["fvu"]) for t in budgets if (n, t) in by]
+            if not curve:
+                continue
+            hit = next((i for i, (_, f) in enumerate(curve) if f <= target), None)
+            if hit is None:
+                print(f"  {n}: not reached within {curve[-1][0]:,} tokens (FVU {curve[-1][1]:.4f})")
+            elif hit == 0:
+                print(f"  {n}: reached at the smallest budget, {curve[0][0]:,} tokens")
+            else:  # log-linear interpolation between the budgets around the crossing
+                (t0, f0), (t1, f1) = curve[hit - 1], curve[hit]
+                u = (f0 - target) / (f0 - f1)
+                t = math.exp(math.log(t0) + u * (math.log(t1) - math.log(t0)))
+                print(f"  {n}: {t:,.0f} tokens = {t / ref_t:.2f}x TopK's")
+    at = a.at or budgets[-1]
+    print(f"\ngroups at {at:,} tokens\n")
+    print("| model | FVU | groups fired (any / >= 4r times) of G | map eff. rank (entropy) | map rank hist (threshold) "
+          "| code eff. rank (mean / energy-weighted) | code dims for 90% (share of groups' energy, "
+          "1..r) | top-1 direction's energy share | FVU codes cut to rank 1 / 2 / r/2 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n in names:
+        r = by.get((n, at))
+        if r is None or "map_rank_entropy_mean" not in r:
+            continue
+        G = sum(r["map_rank_threshold_hist"])
+        if "code_rank_entropy_mean" not in r:
+            print(f"| {n} | {r['fvu']:.4f} | {G - round(r['dead_frac'] * G)} / - of {G} | "
+                  f"{r['map_rank_entropy_mean']:.2f} | {r['map_rank_threshold_hist']} | - | - | - | - |")
+            continue
+        share = " / ".join(f"{v:.2f}" for v in r["code_dims90_energy_share"])
+        cut = " / ".join(f"{v:.4f}" for v in r["fvu_truncated_to_k"].values())
+        fired = G - round(r["dead_frac"] * G)
+        print(f"| {n} | {r['fvu']:.4f} | {fired} / {r['groups_used']} of {G} | "
+              f"{r['map_rank_entropy_mean']:.2f} | "
+              f"{r['map_rank_threshold_hist']} | {r['code_rank_entropy_mean']:.2f} / "
+              f"{r['code_rank_entropy_energy_weighted']:.2f} | {share} | "
+              f"{r['code_top1_energy_share']:.2f} | {cut} |")
 
 
 def main() -> None:
@@ -187,15 +211,19 @@ def main() -> None:
     t.add_argument("--work", required=True)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--members", nargs="*", help="only these members (default: all seven); a "
+                   "subset sees the same batches in the same order (same seed)")
     e = sub.add_parser("analyse")
     e.add_argument("--work", required=True)
     e.add_argument("--heldout", required=True, help="cache holding the held-out rows")
     e.add_argument("--rows", required=True, help="held-out rows a:b")
     e.add_argument("--hookpoint", default="resid_post.4")
     e.add_argument("--jsonl", required=True)
+    e.add_argument("--tokens", type=int, nargs="*", help="only these budgets (default: all)")
     e.add_argument("--threads", type=int, default=1)
     s = sub.add_parser("table")
     s.add_argument("--jsonl", required=True)
+    s.add_argument("--at", type=int, help="budget of the groups table (default: the largest)")
     a = p.parse_args()
     {"train": cmd_train, "analyse": cmd_analyse, "table": cmd_table}[a.cmd](a)
 
