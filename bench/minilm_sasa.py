@@ -13,12 +13,18 @@ batch 1024, width G*r = 1536 = 4 d:
 and for SASA the effective ranks of each group's map (``SAE.effective_ranks``) and of the codes
 the group actually emits (eigenvalues of sum z_g z_g^T over the tokens where g fires), and the
 FVU after truncating every fired group's code to its top-k principal directions (k = 1, 2,
-r/2 below r): how much of the reconstruction needs a second dimension at all. ``table``
-prints the markdown tables of bench/RESULTS_minilm.md from the JSONL.
+r/2 below r): how much of the reconstruction needs a second dimension at all. ``rays`` asks
+whether a group's codes lie on a few lines (several 1-D features sharing the group) or spread
+over its subspace (one multi-dimensional feature), against Gaussian codes of the same second
+moment. ``table`` prints the markdown tables of bench/RESULTS_minilm.md from the JSONL.
 
     python bench/minilm_sasa.py train --cache C --hookpoint resid_post.4 --tokens 131072 --work W
     python bench/minilm_sasa.py analyse --work W --heldout H --rows 262144:327680 --jsonl J
+    python bench/minilm_sasa.py rays W/t1048576/sasa_r4 --heldout H --rows 262144:294912
     python bench/minilm_sasa.py table --jsonl J
+
+CPU, one torch thread per process; on the shared 2-core VM a 7-member sweep took 3-6 s per
+1024-token step (bench/RESULTS_minilm.md).
 """
 
 from __future__ import annotations
@@ -131,6 +137,68 @@ def score(sae, x_ND: torch.Tensor, batch: int = 4096) -> dict:
     return res
 
 
+def _lines(u_NR: torch.Tensor, w_N: torch.Tensor, k: int, gen: torch.Generator, iters: int = 15):
+    """k lines through 0 (sign-free k-means on unit vectors, weights w); returns |cos| to the
+    nearest line per point."""
+    lines_KR = u_NR[torch.randperm(len(u_NR), generator=gen)[:k]].clone()
+    for _ in range(iters):
+        a_N = (u_NR @ lines_KR.T).abs().argmax(1)
+        for j in range(k):
+            sel = a_N == j
+            if sel.any():
+                m = (u_NR[sel] * w_N[sel, None]).T @ u_NR[sel]
+                lines_KR[j] = torch.linalg.eigh(m)[1][:, -1]
+    return (u_NR @ lines_KR.T).abs().amax(1)
+
+
+@torch.no_grad()
+def rays(sae, x_ND: torch.Tensor, cos: float = 0.95, batch: int = 4096, seed: int = 0) -> dict:
+    """Is a group's code a mixture of r one-dimensional features (rays) or spread over its
+    subspace? Per group with >= 8r firings: fit r lines to its code directions; the energy share
+    of firings within ``cos`` of their line, against the same fit on Gaussian codes with the
+    group's own second moment and count (a continuous feature of the same shape)."""
+    G, R = sae.cfg.groups, sae.cfg.rank
+    zs = [[] for _ in range(G)]
+    for i in range(0, len(x_ND), batch):
+        z_BGR = sae.encode(x_ND[i:i + batch])
+        b, g = (z_BGR.abs().sum(-1) > 0).nonzero(as_tuple=True)
+        z_PR = z_BGR[b, g]
+        for gi in g.unique().tolist():
+            zs[gi].append(z_PR[g == gi].double())
+    gen = torch.Generator().manual_seed(seed)
+    real, null, energy = [], [], []
+    for gi in range(G):
+        if not zs[gi]:
+            continue
+        z = torch.cat(zs[gi])
+        if len(z) < 8 * R:
+            continue
+        m = z.T @ z / len(z)
+        zn = torch.randn(len(z), R, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(
+            m + 1e-9 * torch.eye(R, dtype=torch.float64)).T
+        out = []
+        for zz in (z, zn):
+            w = zz.square().sum(1)
+            c = _lines(zz / w.sqrt()[:, None].clamp_min(1e-30), w, R, gen)
+            out.append(((c >= cos) * w).sum().item() / w.sum().item())
+        real.append(out[0]); null.append(out[1]); energy.append(z.square().sum().item())
+    real_t, null_t, e = torch.tensor(real), torch.tensor(null), torch.tensor(energy)
+    e = e / e.sum()
+    return {"groups": len(real), "ray_share_real": (real_t * e).sum().item(),
+            "ray_share_null": (null_t * e).sum().item(),
+            "groups_more_ray_like_than_null_by_0.1": ((real_t - null_t) > 0.1).float().mean().item(),
+            "groups_less_ray_like_than_null_by_0.1": ((null_t - real_t) > 0.1).float().mean().item()}
+
+
+def cmd_rays(a) -> None:
+    torch.set_num_threads(a.threads)
+    x_ND = heldout(a.heldout, a.hookpoint, a.rows)
+    for folder in a.saes:
+        row = {"sae": folder, "heldout_rows": a.rows, "cos": a.cos,
+               **rays(load_sae(folder).float().eval(), x_ND, a.cos)}
+        print(json.dumps(row), flush=True)
+
+
 def cmd_analyse(a) -> None:
     torch.set_num_threads(a.threads)
     x_ND = heldout(a.heldout, a.hookpoint, a.rows)
@@ -221,11 +289,18 @@ def main() -> None:
     e.add_argument("--jsonl", required=True)
     e.add_argument("--tokens", type=int, nargs="*", help="only these budgets (default: all)")
     e.add_argument("--threads", type=int, default=1)
+    y = sub.add_parser("rays")
+    y.add_argument("saes", nargs="+", help="SASA folders (r >= 2)")
+    y.add_argument("--heldout", required=True)
+    y.add_argument("--rows", required=True)
+    y.add_argument("--hookpoint", default="resid_post.4")
+    y.add_argument("--cos", type=float, default=0.95)
+    y.add_argument("--threads", type=int, default=1)
     s = sub.add_parser("table")
     s.add_argument("--jsonl", required=True)
     s.add_argument("--at", type=int, help="budget of the groups table (default: the largest)")
     a = p.parse_args()
-    {"train": cmd_train, "analyse": cmd_analyse, "table": cmd_table}[a.cmd](a)
+    {"train": cmd_train, "analyse": cmd_analyse, "rays": cmd_rays, "table": cmd_table}[a.cmd](a)
 
 
 if __name__ == "__main__":
