@@ -43,7 +43,8 @@ from sasa.trainer import MemberConfig, TrainConfig, load_sae, train
 WIDTH, COORDS, LR, BATCH = 1536, 32, 1e-3, 1024
 
 
-def members(hookpoint: str) -> list[MemberConfig]:
+def members(hookpoint: str, extra: bool = False) -> list[MemberConfig]:
+    """The seven members; ``extra`` adds sasa_r{1,2,8}_plain (``consolidate="none"``)."""
     out = []
     for r in (1, 2, 4, 8):
         out.append(MemberConfig(hookpoint, {"arch": "sasa", "groups": WIDTH // r, "rank": r,
@@ -54,6 +55,10 @@ def members(hookpoint: str) -> list[MemberConfig]:
                             name="topk_k32"))
     out.append(MemberConfig(hookpoint, {"arch": "topk", "groups": WIDTH, "top_s": 8}, lr=LR,
                             name="topk_k8"))
+    if extra:
+        out += [MemberConfig(hookpoint, {"arch": "sasa", "groups": WIDTH // r, "rank": r,
+                                         "top_s": COORDS // r, "consolidate": "none"}, lr=LR,
+                             name=f"sasa_r{r}_plain") for r in (1, 2, 8)]
     return out
 
 
@@ -61,7 +66,8 @@ def cmd_train(a) -> None:
     torch.set_num_threads(a.threads)
     for tokens in a.tokens:
         out = Path(a.work) / f"t{tokens}"
-        chosen = [m for m in members(a.hookpoint) if not a.members or m.name in a.members]
+        chosen = [m for m in members(a.hookpoint, extra=True) if m.name in a.members] \
+            if a.members else members(a.hookpoint)
         cfg = TrainConfig(cache=a.cache, members=chosen, tokens=tokens,
                           batch_size=BATCH, seed=a.seed, log_every=8, checkpoint_every=64,
                           cpu_threads=a.threads)
@@ -218,7 +224,8 @@ def cmd_analyse(a) -> None:
 def cmd_table(a) -> None:
     rows = [json.loads(line) for line in open(a.jsonl)]
     budgets = sorted({r["tokens"] for r in rows})
-    names = ["topk_k32", "topk_k8", "sasa_r1", "sasa_r2", "sasa_r4", "sasa_r4_plain", "sasa_r8"]
+    names = ["topk_k32", "topk_k8", "sasa_r1", "sasa_r2", "sasa_r4", "sasa_r4_plain", "sasa_r8",
+             "sasa_r1_plain", "sasa_r2_plain", "sasa_r8_plain"]
     by = {(r["member"], r["tokens"]): r for r in rows}
     print("held-out FVU\n\n| model | " + " | ".join(f"{t:,}" for t in budgets) + " |")
     print("|---|" + "---|" * len(budgets))
