@@ -4,7 +4,7 @@ It runs the whole pipeline as a user would, one ``sasa`` command per stage (each
 it runs, so it can be pasted and varied): harvest the bundled MiniLM over the built-in English
 corpus into a cache (two hookpoints), train a sweep from that one cache (SASA at several block
 sizes and TopK, all at the same number of active coordinates s*r = k, and a ReLU SAE whose L1
-weight only steers its L0 towards that: 23.8 against 32 in bench/RESULTS.md), evaluate every
+weight only steers its L0 towards that: 25.4 against 32 in bench/RESULTS.md), evaluate every
 SAE, and write an HTML report. Rerunning it resumes: the harvest skips committed shards, the
 sweep continues from its checkpoints, and evaluation and report are skipped when their outputs
 are newer than their inputs (and were made with the same ``--eval-tokens``).
