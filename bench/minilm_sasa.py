@@ -245,7 +245,8 @@ def cmd_table(a) -> None:
             if hit is None:
                 print(f"  {n}: not reached within {curve[-1][0]:,} tokens (FVU {curve[-1][1]:.4f})")
             elif hit == 0:
-                print(f"  {n}: reached at the smallest budget, {curve[0][0]:,} tokens")
+                print(f"  {n}: reached by its smallest budget run, {curve[0][0]:,} tokens "
+                      "(not bracketed)")
             else:  # log-linear interpolation between the budgets around the crossing
                 (t0, f0), (t1, f1) = curve[hit - 1], curve[hit]
                 u = (f0 - target) / (f0 - f1)
