@@ -380,7 +380,9 @@ def test_a_live_run_refuses_a_second_and_its_killed_lock_is_taken_over(ws: Works
         assert first.poll() is None, log.read_text()[-2000:]
         assert rc == 2 and err.count("\n") == 1, err
         assert f"{out} is in use by a live run ({socket.gethostname()} pid {first.pid}" in err
-        assert set(snapshot(out)) >= set(before) and (out / ".sasa-lock").exists()
+        # the live run keeps writing (checkpoints go through a transient *.tmp): nothing it had is gone
+        kept = lambda snap: {k for k in snap if not k.endswith(".tmp")}  # noqa: E731
+        assert kept(snapshot(out)) >= kept(before) and (out / ".sasa-lock").exists()
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()

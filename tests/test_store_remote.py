@@ -169,6 +169,7 @@ def test_no_credentials(s3, s3_url, monkeypatch, capsys):
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     import s3fs
+    s3fs.S3FileSystem.clear_instance_cache()  # an earlier test's filesystem with these options had keys
     so = json.dumps({"endpoint_url": s3.endpoint_url})
     try:
         assert main(["info", s3_url, "--storage-options", so]) == 2
