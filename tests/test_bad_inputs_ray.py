@@ -41,7 +41,8 @@ def test_a_ray_run_holds_its_folder_until_it_ends(tmp_path, capsys):
     try:
         runner.start()
         deadline = time.monotonic() + 60
-        while not lock.exists():
+        # the lock is created (O_EXCL) and then filled: wait for its content, as a second run does
+        while not (lock.exists() and lock.read_text().strip()):
             assert runner.is_alive() and time.monotonic() < deadline
             time.sleep(0.02)
         assert json.loads(lock.read_text())["pid"] == os.getpid()  # the driver's, not an actor's
