@@ -74,3 +74,15 @@ def mistral(tmp_path_factory):
     """A tiny random Mistral, saved the same way."""
     from harvest_fixtures import make_mistral
     return str(make_mistral(tmp_path_factory.mktemp("mistral")))
+
+
+@pytest.fixture(scope="module")
+def ray_session(tmp_path_factory):
+    """A local Ray cluster for one test module (2 CPUs); yields its GCS address."""
+    import ray  # a hard dependency; imported here so modules without Ray tests stay light
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning",
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

@@ -32,15 +32,6 @@ SETTINGS = ScanSettings(batch_size=300, contexts=5, view_tokens=1500, synth_samp
 
 
 @pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning",
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
     url = str(d / "cache")

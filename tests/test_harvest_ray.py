@@ -25,15 +25,6 @@ N_SHARDS = 24
 
 
 @pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning",
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("harvest")
     model = make_gpt2(d / "gpt2", n_layer=3, n_embd=64, n_positions=64)
