@@ -56,9 +56,11 @@ class ShardSummary(NamedTuple):
     """Count of NaN/Inf values (the shard must then be refused)."""
 
 
-#: Rows per block of ``summarize_shard``: a block and its float64 copy stay in the CPU cache,
-#: so the pass costs little beyond reading the data once (big temporaries would page-fault).
-BLOCK_ROWS = 1024
+#: Values per block of ``summarize_shard`` (rows = this // d): a block and its float64 copy
+#: (3 MB) stay in the CPU's cache, so the pass costs little beyond reading the data once. Sized
+#: in values, not rows: a fixed 1024 rows made 32 MB blocks at d = 4096, 3-4x slower there
+#: (``python bench/harvest.py --stats-blocks``; table in bench/RESULTS_harvest.md).
+BLOCK_VALUES = 1 << 18
 
 
 def non_finite(stored: np.ndarray, dtype: str) -> int:
@@ -75,13 +77,14 @@ def summarize_shard(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> Sh
     Plain numpy, no BLAS or torch threads: the writer runs beside a model's forward, and
     oversubscribed OpenMP/BLAS threads spin (measured 2x slower than this single thread)."""
     n, d = stored_ND.shape
+    block_rows = max(8, BLOCK_VALUES // max(d, 1))
     norms = np.empty(n, np.float32)
     total = Moments(0, np.zeros(d), np.zeros(d))
     bad = 0
-    buf = np.empty((min(BLOCK_ROWS, n), d), np.float32)
-    buf64 = np.empty((min(BLOCK_ROWS, n), d), np.float64)
-    for start in range(0, n, BLOCK_ROWS):
-        block = stored_ND[start:start + BLOCK_ROWS]
+    buf = np.empty((min(block_rows, n), d), np.float32)
+    buf64 = np.empty((min(block_rows, n), d), np.float64)
+    for start in range(0, n, block_rows):
+        block = stored_ND[start:start + block_rows]
         m = len(block)
         x = buf[:m]
         if dtype == "bfloat16":

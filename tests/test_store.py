@@ -137,6 +137,26 @@ def test_stats_equal_float64_numpy_over_all_kept_rows(location):
             assert v == pytest.approx(np.quantile(norms, q), rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_summarize_shard_blocks_equal_one_float64_pass(monkeypatch, dtype):
+    """Many blocks (a ragged last one, masked rows inside blocks) give the statistics of one
+    float64 pass over the kept rows (a mean of 300 standard deviations: float32 sums of squares
+    would lose the variance)."""
+    from sasa.store import stats
+    from sasa.store.convert import storage_to_float32, to_storage
+    monkeypatch.setattr(stats, "BLOCK_VALUES", 7 * 24)  # 7 rows of d = 24 per block
+    x = np.random.default_rng(3).normal(300.0, 1.0, (100, 24)).astype(np.float32)
+    stored = to_storage(x, dtype, "x")
+    keep = np.ones(100, bool)
+    keep[[0, 5, 6, 50, 99]] = False
+    summary = stats.summarize_shard(stored, dtype, keep)
+    ref = storage_to_float32(stored, dtype).astype(np.float64)
+    assert summary.moments.count == 95 and summary.non_finite == 0
+    np.testing.assert_allclose(summary.moments.mean, ref[keep].mean(0), rtol=1e-13)
+    np.testing.assert_allclose(summary.moments.m2 / 95, ref[keep].var(0), rtol=1e-9)
+    np.testing.assert_allclose(summary.norms, np.linalg.norm(ref, axis=1), rtol=1e-6)
+
+
 # -- the reader ----------------------------------------------------------------------------
 def collect(stream):
     rows, acts = [], []
