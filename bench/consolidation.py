@@ -64,13 +64,17 @@ SHAPES = {
 MEMBERS = ("topk", "plain", "new", "oracle")
 
 
-def members(shape: Shape, lr: float | None) -> list[MemberConfig]:
+def members(shape: Shape, lr: float | None, variants: dict[str, dict] | None = None
+            ) -> list[MemberConfig]:
+    """The four members, plus ``variants``: {name: SAEConfig overrides of the SASA member}."""
     sasa = {"arch": "sasa", "groups": shape.groups, "rank": shape.rank, "top_s": shape.top_s}
     topk = {"arch": "topk", "groups": shape.groups * shape.rank, "top_s": shape.top_s * shape.rank}
     return [MemberConfig("synthetic", topk, lr=lr, name="topk"),
             MemberConfig("synthetic", {**sasa, "consolidate": "none"}, lr=lr, name="plain"),
             MemberConfig("synthetic", sasa, lr=lr, name="new"),
-            MemberConfig("synthetic", {**sasa, "consolidate": "none"}, lr=lr, name="oracle")]
+            MemberConfig("synthetic", {**sasa, "consolidate": "none"}, lr=lr, name="oracle"),
+            *(MemberConfig("synthetic", {**sasa, **over}, lr=lr, name=name)
+              for name, over in (variants or {}).items())]
 
 
 def oracle_weights(state: dict, bases: list[np.ndarray], rank: int, seed: int) -> None:
@@ -86,17 +90,17 @@ def oracle_weights(state: dict, bases: list[np.ndarray], rank: int, seed: int) -
 
 
 def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | None,
-               batch_size: int, threads: int) -> list[dict]:
+               batch_size: int, threads: int, variants: dict[str, dict] | None = None) -> list[dict]:
     shape = SHAPES[shape_name]
     spec = dataclasses.replace(shape.spec, seed=seed)
     url = work / f"cache-{shape_name}-{seed}"
     if not (url / "zarr.json").exists():
         write_synthetic_cache(str(url), spec=spec, n_tokens=1 << 18, ctx_len=64, shard_seqs=256,
                               seed=seed, progress=False)
-    cfg = TrainConfig(cache=str(url), members=members(shape, lr), tokens=tokens,
+    cfg = TrainConfig(cache=str(url), members=members(shape, lr, variants), tokens=tokens,
                       batch_size=batch_size, seed=seed, log_every=50, checkpoint_every=0,
                       shuffle_rows=1 << 16, cpu_threads=threads, device="cpu")
-    out = work / f"run-{shape_name}-{seed}-{tokens}"
+    out = work / (f"run-{shape_name}-{seed}-{tokens}" + "".join(f"-{v}" for v in variants or {}))
     t0 = time.perf_counter()
     train(cfg, out, until_step=0, progress=False)  # step 0: write the oracle's init
     ckpt_path = out / "checkpoints" / "worker-0.pt"
@@ -109,7 +113,7 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
     test = generate(spec, 4000, seed=10**9 + seed)
     x = torch.from_numpy(test.x_ND)
     rows = []
-    for name in MEMBERS:
+    for name in [*MEMBERS, *(variants or {})]:
         sae = load_sae(result.saes[name])
         with torch.no_grad():
             o = sae(x)
@@ -160,7 +164,7 @@ def summarize(paths: list[Path]) -> None:
     for shape, tokens in keys:
         sel = [r for r in rows if r["shape"] == shape and r["tokens"] == tokens]
         oracle = {r["seed"]: r["fvu"] for r in sel if r["model"] == "oracle"}
-        for model in MEMBERS:
+        for model in [*MEMBERS, *sorted({r["model"] for r in sel} - set(MEMBERS))]:
             rs = [r for r in sel if r["model"] == model]
             if not rs:
                 continue
@@ -186,6 +190,9 @@ def main() -> None:
     parser.add_argument("--summarize", type=Path, nargs="*", default=None,
                         help="print mean tables from these JSONL files and exit")
     parser.add_argument("--cost", action="store_true", help="time plain vs new steps and exit")
+    parser.add_argument("--variant", nargs="*", default=[], metavar="NAME=JSON",
+                        help="extra SASA members with these SAEConfig overrides, e.g. "
+                        "'dead64k={\"dead_tokens\": 65536}' (hypotheses in bench/SPLITTING.md)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.summarize is not None:
@@ -199,6 +206,7 @@ def main() -> None:
             print(f"| {shape} | {c['plain']:.4f} | {c['new']:.4f} | {c['new'] / c['plain']:.2f} |",
                   flush=True)
         return
+    variants = {n: json.loads(js or "{}") for n, _, js in (v.partition("=") for v in args.variant)}
     lr = None if args.default_lr else 3e-3
     work = args.work or Path(tempfile.mkdtemp(prefix="sasa-consolidation-"))
     print("| shape | seed | tokens | model | held-out FVU | units per feature by d_i | sweep s |")
@@ -206,7 +214,8 @@ def main() -> None:
     for shape in args.shapes:
         for seed in args.seeds:
             for tokens in args.tokens:
-                for row in run_budget(shape, seed, tokens, work, lr, args.batch_size, args.threads):
+                for row in run_budget(shape, seed, tokens, work, lr, args.batch_size, args.threads,
+                                      variants):
                     units = " / ".join(f"{row['units'][k]:.2f}" for k in sorted(row["units"]))
                     print(f"| {shape} | {seed} | {tokens} | {row['model']} | {row['fvu']:.4f} | "
                           f"{units} | {row['sweep_seconds']:.0f} |", flush=True)

@@ -62,12 +62,24 @@ def members(hookpoint: str, extra: bool = False) -> list[MemberConfig]:
     return out
 
 
+def variants(specs: list[str] | None) -> list[tuple[str, dict]]:
+    """``NAME=JSON`` -> (name, SAEConfig overrides), e.g. ``r4_dead='{"dead_tokens": 65536}'``."""
+    out = []
+    for spec in specs or []:
+        name, _, js = spec.partition("=")
+        out.append((name, json.loads(js or "{}")))
+    return out
+
+
 def cmd_train(a) -> None:
     torch.set_num_threads(a.threads)
     for tokens in a.tokens:
         out = Path(a.work) / f"t{tokens}"
         chosen = [m for m in members(a.hookpoint, extra=True) if m.name in a.members] \
-            if a.members else members(a.hookpoint)
+            if a.members is not None else members(a.hookpoint)
+        chosen += [MemberConfig(a.hookpoint, {"arch": "sasa", "groups": WIDTH // 4, "rank": 4,
+                                              "top_s": 8, **over}, lr=LR, name=name)
+                   for name, over in variants(a.variant)]
         cfg = TrainConfig(cache=a.cache, members=chosen, tokens=tokens,
                           batch_size=BATCH, seed=a.seed, log_every=8, checkpoint_every=64,
                           cpu_threads=a.threads)
@@ -287,6 +299,8 @@ def main() -> None:
     t.add_argument("--work", required=True)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--variant", nargs="*", help="extra members NAME=JSON: SASA r = 4, s = 8 with "
+                   "these SAEConfig overrides (hypotheses in bench/SPLITTING.md)")
     t.add_argument("--members", nargs="*", help="only these members (default: all seven); a "
                    "subset sees the same batches in the same order (same seed)")
     e = sub.add_parser("analyse")
