@@ -16,7 +16,8 @@ from sasa.analysis.splitting import splitting
 from sasa.analysis.synth import write_synthetic_cache
 from sasa.analysis.synthetic import SyntheticSpec, generate
 from sasa.trainer import SAE, SAEConfig, MemberConfig, TrainConfig, load_sae, train
-from sasa.trainer.consolidate import group_lasso_scale, merge_and_reseed, top_s_at
+from sasa.trainer.consolidate import (group_lasso_scale, merge_and_reseed, revive_due,
+                                      revive_silent, top_s_at)
 from sasa.trainer.linalg import signfix_qr
 
 SPEC = SyntheticSpec(d=32, features_per_dim={1: 2, 2: 2, 3: 2, 4: 2}, mean_active=3.0,
@@ -166,23 +167,58 @@ def test_merge_step_keeps_blocks_orthonormal_and_finite():
     assert float(opt.state[sae.W_dec_GRD]["exp_avg"][freed].abs().sum()) == 0.0
 
 
+def test_revive_step_reseeds_silent_groups_at_the_residual():
+    """Groups kept on no token of the window are re-seeded onto what the others miss; the
+    blocks stay orthonormal, the values finite, the Adam moments of the re-seeded groups 0."""
+    torch.manual_seed(0)
+    cfg = SAEConfig(d_in=32, groups=6, rank=4, top_s=2, revive_every=3)
+    sae = SAE(cfg, seed=0)
+    frame = torch.linalg.qr(torch.randn(32, 32))[0]
+    with torch.no_grad():  # groups 0-3 hold frame[:, :16]; the data also uses frame[:, 16:20]
+        sae.W_dec_GRD[:4] = frame[:, :16].T.reshape(4, 4, 32)
+        sae.W_dec_GRD[4:] = frame[:, 24:].T.reshape(2, 4, 32)
+        sae.W_enc_GRD.copy_(sae.W_dec_GRD)
+    x = torch.randn(512, 20) @ frame[:, :20].T
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    sae(x).loss.backward()
+    opt.step()
+    sae.post_step()
+    with torch.no_grad():
+        sae.tokens_since_fired_G.copy_(torch.tensor([0, 0, 0, 0, 3 * 512, 2 * 512]))
+    assert revive_silent(sae, x, opt) == [4]  # group 5 was kept within the window
+    d_GDR = sae.decoder_GDR.detach()
+    assert torch.allclose(d_GDR.transpose(1, 2) @ d_GDR, torch.eye(4).expand(6, 4, 4), atol=1e-5)
+    # group 4 now lies in what groups 0-3 cannot reconstruct: mostly frame[:, 16:20]
+    assert float((frame[:, 16:20].T @ d_GDR[4]).square().sum()) > 3.0
+    assert int(sae.tokens_since_fired_G[4]) == 0
+    assert float(opt.state[sae.W_dec_GRD]["exp_avg"][4].abs().sum()) == 0.0
+    assert float(opt.state[sae.W_dec_GRD]["exp_avg"][0].abs().sum()) > 0.0  # untouched
+    assert all(torch.isfinite(p).all() for p in sae.parameters())
+    assert [revive_due(cfg, step, 100) for step in (1, 2, 77, 80, 83)] == \
+        [False, True, True, False, False]  # every 3rd step up to group_lasso_end (80%)
+
+
 def test_resumed_run_is_exact_through_the_schedules(cache_url, tmp_path):
     """Stopped inside the s ramp (30-60% of 80 steps) and resumed: the same weights, finite,
-    orthonormal blocks; with and without merge steps (loose thresholds so merges happen)."""
+    orthonormal blocks; with and without merge and revive steps (loose thresholds so merges
+    happen)."""
     merge = {**SASA, "merge_every": 10, "merge_from": 0.0, "merge_jaccard": 0.2,
              "merge_tail": 0.5}
-    cfg = config(cache_url, {"new": SASA, "merge": merge}, tokens=512 * 80, checkpoint_every=10)
+    revive = {**SASA, "revive_every": 2}
+    cfg = config(cache_url, {"new": SASA, "merge": merge, "revive": revive}, tokens=512 * 80,
+                 checkpoint_every=10)
     full = train(cfg, tmp_path / "full", progress=False)
     part = train(cfg, tmp_path / "part", until_step=33, progress=False)
     assert part.saes == {}
     resumed = train(cfg, tmp_path / "part", resume=True, progress=False)
     eye = torch.eye(SASA["rank"], dtype=torch.float64).expand(SASA["groups"], -1, -1)
-    for name in ("new", "merge"):
+    for name in ("new", "merge", "revive"):
         a, b = weights(full.saes[name]), weights(resumed.saes[name])
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert all(torch.isfinite(v).all() for v in a.values())
         d_GDR = load_sae(full.saes[name]).decoder_GDR.detach().double()
         assert torch.allclose(d_GDR.transpose(1, 2) @ d_GDR, eye, atol=1e-5)
-    # same seed and schedule: only the merge steps tell the two members apart
-    assert not torch.equal(weights(full.saes["new"])["W_dec_GRD"],
-                           weights(full.saes["merge"])["W_dec_GRD"])
+    # same seed and schedule: only the merge (revive) steps tell the members apart
+    for name in ("merge", "revive"):
+        assert not torch.equal(weights(full.saes["new"])["W_dec_GRD"],
+                               weights(full.saes[name])["W_dec_GRD"])

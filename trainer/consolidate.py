@@ -167,16 +167,51 @@ def merge_and_reseed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None 
         if len(merged) == cap:
             break
     if merged:
-        # Re-seed the freed groups at the principal directions of the worst tokens' residual.
-        err_B = resid_BD.square().sum(1)
-        worst = err_B.topk(min(B, max(4 * R * len(merged), B // 16))).indices
-        _, _, vt = torch.linalg.svd(resid_BD[worst].double(), full_matrices=False)
-        for i, (_, free_g) in enumerate(merged):
-            lo = (i * R) % max(1, vt.shape[0] - R + 1)
-            _set_group(sae, free_g, vt[lo:lo + R].T)
+        _reseed(sae, [free_g for _, free_g in merged], resid_BD)
         if opt is not None:
             _reset_moments(sae, opt, [g for pair in merged for g in pair])
     return MergeReport(merged, int(g_P.numel()))
+
+
+def revive_due(cfg: SAEConfig, step: int, steps: int) -> bool:
+    """Whether the revive step runs after optimiser step ``step`` (0-based) of ``steps``."""
+    if cfg.consolidate == "none" or cfg.revive_every <= 0:
+        return False
+    done = step + 1
+    return done % cfg.revive_every == 0 and done <= cfg.group_lasso_end * steps
+
+
+@torch.no_grad()
+def revive_silent(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = None,
+                  top_s: int | None = None) -> list[int]:
+    """Re-seed the groups kept on no token of the last ``revive_every`` batches at the residual.
+
+    Their subspaces become the principal directions of x - x_hat over the batch's
+    worst-reconstructed tokens (``_reseed``), their Adam moments are zeroed. Returns the
+    re-seeded groups. Deterministic given the batch and the weights (exact under resume)."""
+    window = sae.cfg.revive_every * x_BD.shape[0]
+    silent = torch.nonzero(sae.tokens_since_fired_G >= window).flatten().tolist()
+    if not silent:
+        return []
+    x_BD = x_BD.to(sae.W_dec_GRD.dtype)
+    h_BGR = sae.pre_codes(x_BD)
+    z_BGR = h_BGR * sae.gate(h_BGR, top_s).unsqueeze(-1)
+    _reseed(sae, silent, x_BD - sae.decode(z_BGR))
+    if opt is not None:
+        _reset_moments(sae, opt, silent)
+    return silent
+
+
+def _reseed(sae, groups: list[int], resid_BD: torch.Tensor) -> None:
+    """Groups span successive r-blocks of the principal directions of the residual of the
+    worst-reconstructed tokens (cycling when there are more groups than directions)."""
+    B, R = resid_BD.shape[0], sae.cfg.rank
+    err_B = resid_BD.square().sum(1)
+    worst = err_B.topk(min(B, max(4 * R * len(groups), B // 16))).indices
+    _, _, vt = torch.linalg.svd(resid_BD[worst].double(), full_matrices=False)
+    for i, g in enumerate(groups):
+        lo = (i * R) % max(1, vt.shape[0] - R + 1)
+        _set_group(sae, g, vt[lo:lo + R].T)
 
 
 def _set_group(sae, g: int, w_DR: torch.Tensor) -> None:

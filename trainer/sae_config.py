@@ -120,6 +120,11 @@ class SAEConfig:
     s_ramp_to: float = 0.6
     """Fraction of the run's steps at which s reaches top_s."""
 
+    revive_every: int = 0
+    """Steps between revive steps (``sasa.trainer.consolidate.revive_silent``): groups kept on
+    no token of the last ``revive_every`` batches are re-seeded at the residual of the batch's
+    worst-reconstructed tokens, until ``group_lasso_end`` of the run; 0 disables."""
+
     merge_every: int = 0
     """Steps between merge steps (``sasa.trainer.consolidate.merge_and_reseed``: two co-firing
     groups whose joint contribution fits in r dimensions become one, the other is re-seeded at
@@ -206,6 +211,8 @@ class SAEConfig:
         if not 0 <= self.s_ramp_from <= self.s_ramp_to <= 1:
             raise SasaError("need 0 <= s_ramp_from <= s_ramp_to <= 1 (got "
                             f"{self.s_ramp_from}, {self.s_ramp_to})")
+        if self.revive_every < 0:
+            raise SasaError(f"revive_every must be >= 0 (got {self.revive_every})")
         if self.merge_every < 0 or self.merge_min < 1:
             raise SasaError(f"merge_every must be >= 0 and merge_min >= 1 (got "
                             f"{self.merge_every}, {self.merge_min})")
