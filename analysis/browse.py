@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from sasa.errors import SasaError
+from sasa.store.options import DEFAULT_EXCLUDE
 
 SHARD_GROUPS = 64
 
@@ -139,7 +140,7 @@ def _views(cache, sae, hp, n_tokens, max_points):
     views = CodeViews(n_tokens)
     with torch.no_grad():
         for c in unit_chunks(cache, 0, 1):
-            chunk = read_chunk(cache, c, [hp], ("bos", "pad"))
+            chunk = read_chunk(cache, c, [hp], DEFAULT_EXCLUDE)
             for lo in range(0, len(chunk.rows), 4096):
                 out = sae(torch.from_numpy(chunk.acts[hp][lo:lo + 4096]))
                 views.update(out.codes_BGR, out.active_BG, torch.from_numpy(chunk.rows[lo:lo + 4096]))

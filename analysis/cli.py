@@ -46,11 +46,16 @@ def register(subparsers) -> None:
                               "intrinsic dimension 1-4 (circles, spheres), Zipf frequencies and noise, with "
                               "the ground truth stored in the cache for `sasa eval`.")
     p.add_argument("--out", required=True, help="cache URL")
-    p.add_argument("--d", type=int, default=64, help="activation width (default 64)")
-    p.add_argument("--features", default="1:8,2:8,3:8,4:8", help="DIM:COUNT,... (default 1:8,2:8,3:8,4:8)")
-    p.add_argument("--mean-active", type=float, default=3.0, help="mean active features per token")
-    p.add_argument("--noise", type=float, default=0.02, help="noise std per coordinate")
-    p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the frequencies")
+    # Unset options take SyntheticSpec's defaults (one home; not imported here: numpy).
+    p.add_argument("--d", type=int, default=None, help="activation width (default: SyntheticSpec.d)")
+    p.add_argument("--features", default=None,
+                   help="DIM:COUNT,... (default: SyntheticSpec.features_per_dim)")
+    p.add_argument("--mean-active", type=float, default=None,
+                   help="mean active features per token (default: SyntheticSpec.mean_active)")
+    p.add_argument("--noise", type=float, default=None,
+                   help="noise std per coordinate (default: SyntheticSpec.noise)")
+    p.add_argument("--zipf", type=float, default=None,
+                   help="Zipf exponent of the frequencies (default: SyntheticSpec.zipf_exponent)")
     p.add_argument("--tokens", type=int, default=1 << 18, help="rows (rounded up to whole shards)")
     p.add_argument("--ctx-len", type=int, default=64)
     p.add_argument("--shard-seqs", type=int, default=256)
@@ -152,8 +157,9 @@ def run_synth(args) -> int:
     from sasa.analysis.synthetic import SyntheticSpec
 
     check_writable(args.out)
-    spec = SyntheticSpec(d=args.d, features_per_dim=_features(args.features), mean_active=args.mean_active,
-                         noise=args.noise, zipf_exponent=args.zipf, seed=args.feature_seed)
+    given = {"d": args.d, "features_per_dim": args.features and _features(args.features),
+             "mean_active": args.mean_active, "noise": args.noise, "zipf_exponent": args.zipf}
+    spec = SyntheticSpec(**{k: v for k, v in given.items() if v is not None}, seed=args.feature_seed)
     cache = write_synthetic_cache(args.out, spec=spec, n_tokens=args.tokens, ctx_len=args.ctx_len,
                                   shard_seqs=args.shard_seqs, seed=args.seed, overwrite=args.overwrite,
                                   progress=not args.no_progress)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sasa.errors import SasaError
 from sasa.fields import check_fields
+from sasa.store.options import DEFAULT_EXCLUDE
 
 
 @dataclass
@@ -25,7 +26,7 @@ class EvalConfig:
     None: every committed row (the only setting for a pass over Ray workers)."""
     batch_size: int = 4096
     """Tokens per forward."""
-    exclude: tuple[str, ...] = ("bos", "pad")
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     """Rows left out, as in training (special-token kinds, ``high_norm[:K]``; ``sasa.store.masks``)."""
     contexts: int = 8
     """Top contexts kept per group (0: none)."""

@@ -31,6 +31,7 @@ import torch
 from sasa.analysis import metrics as M
 from sasa.analysis.contexts import CodeViews, TopRows
 from sasa.store.convert import storage_to_float32
+from sasa.store.options import DEFAULT_EXCLUDE
 
 #: Activation histograms: bins of log2(activation), HIST_PER_OCTAVE per factor of two, from
 #: 2**HIST_LOG2_MIN to 2**HIST_LOG2_MAX; activations outside land in the first or last bin.
@@ -53,7 +54,7 @@ class ScanSettings:
 
     batch_size: int = 4096
     """Rows per forward (batches stay inside one chunk)."""
-    exclude: tuple[str, ...] = ("bos", "pad")
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     """Special tokens left out."""
     contexts: int = 8
     """Top rows kept per group (0: none)."""

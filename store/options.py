@@ -1,10 +1,15 @@
-"""Parsing ``--storage-options`` given on the command line."""
+"""Defaults shared by the configs and command lines (light: no numpy), and parsing
+``--storage-options``."""
 
 from __future__ import annotations
 
 import json
 
 from sasa.errors import SasaError
+
+#: Kinds of special tokens excluded from statistics and, by default, from training and eval
+#: batches (``sasa.store.masks``; TrainConfig, EvalConfig and the scans default to it).
+DEFAULT_EXCLUDE = ("bos", "pad")
 
 
 def parse_storage_options(text: str | None) -> dict | None:

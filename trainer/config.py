@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sasa.errors import SasaError
 from sasa.fields import check_fields, coerce_mapping
+from sasa.store.options import DEFAULT_EXCLUDE
 from sasa.trainer.sae_config import SAEConfig
 
 SAE_FIELDS = {f.name for f in dataclasses.fields(SAEConfig)}
@@ -105,7 +106,7 @@ class TrainConfig:
     average pull on the singular values, while the batched SVDs (17-32% of a SASA step with
     r >= 2 when run every step, 5-11% at k = 4: bench/RESULTS_train.md, section 1) are paid
     once per k steps. 1 = every step."""
-    exclude: tuple[str, ...] = ("bos", "pad")
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     """Rows left out of training batches: special-token kinds, and ``"high_norm"`` /
     ``"high_norm:K"`` for rows above K (10) x the median norm (``sasa.store.masks``)."""
     shuffle_rows: int | None = None
