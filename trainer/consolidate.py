@@ -10,8 +10,8 @@ already removes it from the error (our reading of the probes in bench/SPLITTING.
 ``SAEConfig.consolidate = "anneal"`` (the default for sasa) adds two schedules, both pure
 functions of (step, steps), so a resumed run repeats them exactly and every sweep member
 follows its own config:
-- ``top_s_at``: the s ramp. s = ``s_start`` (1) for the first 30% of the run, then linearly to
-  the configured s at 60%. With fewer slots than features, what a kept group misses of its
+- ``top_s_at``: the s ramp. s = ``s_start`` (1) for the first 10% of the run, then linearly to
+  the configured s at 30%. With fewer slots than features, what a kept group misses of its
   feature stays in the error, which pulls the group's spare dimensions onto it.
 - ``group_lasso_scale``: a group-sparsity penalty sum_g (||z_g|| / rms)^p, p = 1/2, at full
   weight for the first half and annealed to 0 at 80%, so the lr decay runs on the plain

@@ -114,10 +114,10 @@ class SAEConfig:
     """s ramp: the gate keeps ``s_start`` groups per token until ``s_ramp_from`` of the run,
     then s grows linearly (rounded) to ``top_s`` at ``s_ramp_to``. None: no ramp."""
 
-    s_ramp_from: float = 0.3
+    s_ramp_from: float = 0.1
     """Fraction of the run's steps at s_start."""
 
-    s_ramp_to: float = 0.6
+    s_ramp_to: float = 0.3
     """Fraction of the run's steps at which s reaches top_s."""
 
     revive_every: int = 0
