@@ -1,7 +1,7 @@
 """Streaming shuffled batches out of a cache.
 
-Random row gathers from a chunked store are ~100x slower than whole-chunk reads, so the
-reader shuffles at two levels:
+Random row gathers from a chunked store are orders of magnitude slower than whole-chunk reads
+(``python bench/store_micro.py``), so the reader shuffles at two levels:
 1. each epoch, the committed chunks are permuted (one permutation shared by all ranks; rank k
    takes every world_size-th chunk, so ranks are disjoint and complete);
 2. consecutive chunks are grouped into *windows* of about ``shuffle_rows`` rows (1 GiB of
@@ -113,7 +113,7 @@ class Window(NamedTuple):
 
 def _as_rows(a: np.ndarray) -> np.ndarray:
     """View [n, d] as [n] opaque records: numpy then moves whole rows with one memcpy each,
-    ~10x faster than gathering 2-byte elements one by one."""
+    not 2-byte elements one by one (``python bench/store_micro.py``)."""
     return a.view(np.dtype((np.void, a.shape[1] * a.itemsize))).reshape(-1)
 
 
@@ -279,7 +279,9 @@ class BatchStream:
         buffer is free to be refilled as soon as its last batch has been assembled."""
         idx = win.take[a:b]
         for hp, out in batch["acts"].items():
-            np.take(_as_rows(win.arrays[hp]), idx, out=_as_rows(out)[at:at + b - a])
+            # mode="clip": the indices are valid by construction, and numpy buffers ``out``
+            # (an extra copy of the batch) in the default mode="raise".
+            np.take(_as_rows(win.arrays[hp]), idx, out=_as_rows(out)[at:at + b - a], mode="clip")
         batch["rows"][at:at + b - a] = win.rows[a:b]
 
     def _finish(self, batch: dict, size: int):

@@ -75,7 +75,7 @@ def summarize_shard(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> Sh
     over the stored values (bf16 bits are widened to float32 exactly by a 16-bit shift).
 
     Plain numpy, no BLAS or torch threads: the writer runs beside a model's forward, and
-    oversubscribed OpenMP/BLAS threads spin (measured 2x slower than this single thread)."""
+    oversubscribed OpenMP/BLAS threads spin."""
     n, d = stored_ND.shape
     block_rows = max(8, BLOCK_VALUES // max(d, 1))
     norms = np.empty(n, np.float32)

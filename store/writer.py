@@ -186,7 +186,7 @@ def _ensure_arrays(group: zarr.Group, lay: L.Layout) -> None:
 
     n_hp = len(lay.hookpoints)
     require(L.TOKENS, (lay.n_seq, lay.ctx_len), (lay.chunk_seqs, lay.ctx_len), "int32",
-            compressors="auto")  # token ids compress ~3x and are read rarely
+            compressors="auto")  # token ids compress (bench/store_micro.py) and are read rarely
     for hp, d in lay.hookpoints.items():
         shards = (lay.shard_rows, d) if lay.shard_objects else None
         require(L.acts_path(hp), (lay.n_rows, d), (lay.chunk_rows, d), lay.storage_dtype, shards)
@@ -281,12 +281,26 @@ def _try_claim(url: str, fingerprint: str, storage_options: dict | None) -> bool
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         return True
+    if "s3" in fs.protocol:
+        _require_conditional_put()
     try:
         with fs.open(key, "xb") as f:
             f.write(data)
     except FileExistsError:
         return False
     return True
+
+
+def _require_conditional_put() -> None:
+    """An S3 claim is exclusive only if botocore knows PutObject's ``IfNoneMatch``: older ones
+    drop the argument without a word (aiobotocore < 2.14), and two creators would both win."""
+    import botocore.session
+    model = botocore.session.get_session().get_service_model("s3").operation_model("PutObject")
+    if "IfNoneMatch" not in model.input_shape.members:
+        import botocore
+        raise SasaError(f"botocore {botocore.__version__} cannot create S3 objects exclusively "
+                        "(no If-None-Match on PutObject), so two runs could write one cache; "
+                        "upgrade: pip install 'aiobotocore>=2.14' 's3fs>=2025.7'")
 
 
 def _create(url: str, lay: L.Layout, attrs: dict, sasa_attrs: dict,
