@@ -70,6 +70,19 @@ def group_lasso_scale(cfg: SAEConfig, step: int, steps: int) -> float:
     return (end - frac) / (end - hold)
 
 
+def group_sparsity(cfg: SAEConfig, x_BD: torch.Tensor, sq_K: torch.Tensor,
+                   keep_K: torch.Tensor | None, weight: float) -> torch.Tensor:
+    """``weight * mean_b sum_g (||z_bg||^2 / rms^2 + 1e-4)^(p/2)`` over the kept groups:
+    ``sq_K`` the squared code norms, ``keep_K`` the mask of the kept ones (None: all kept).
+    Relative to the batch's rms norm (a constant), so the weight is dimensionless."""
+    B = x_BD.shape[0]
+    rms = ((x_BD - x_BD.mean(0)).square().sum() / B).sqrt().detach()
+    rel_K = (sq_K / rms.square().clamp_min(1e-24) + 1e-4).pow(cfg.group_lasso_power / 2)
+    if keep_K is not None:
+        rel_K = rel_K * keep_K
+    return (weight / B) * rel_K.sum()
+
+
 class MergeReport(NamedTuple):
     """What one ``merge_and_reseed`` call changed."""
 

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sasa.errors import SasaError
+from sasa.trainer.consolidate import group_sparsity
 from sasa.trainer.linalg import EffectiveRanks, batch_fvu, effective_ranks, signfix_qr, svdvals_GR
 from sasa.trainer.sae_config import SAEConfig
 from sasa.trainer.sparse import GatherCodes, Kept, auxk_groups, kept_pairs
@@ -307,16 +308,7 @@ class SAE(nn.Module):
         if cfg.arch == "relu" and cfg.l1_coeff > 0:
             norms_GR = self.W_dec_GRD.norm(dim=-1)
             l1_term = cfg.l1_coeff * (codes_BGR.abs() * norms_GR).sum((1, 2)).mean()
-        gl_term = zero
-        if sq is not None:
-            # Relative to the batch's rms norm (a constant): the weight is dimensionless.
-            B = x_BD.shape[0]
-            rms = ((x_BD - x_BD.mean(0)).square().sum() / B).sqrt().detach()
-            sq_K, keep = sq
-            rel_K = (sq_K / rms.square().clamp_min(1e-24) + 1e-4).pow(cfg.group_lasso_power / 2)
-            if keep is not None:
-                rel_K = rel_K * keep
-            gl_term = (self._gl_weight(gl_scale) / B) * rel_K.sum()
+        gl_term = zero if sq is None else group_sparsity(cfg, x_BD, *sq, self._gl_weight(gl_scale))
         loss = fvu + cfg.auxk_alpha * auxk + nuc_term + l1_term + gl_term
 
         if self.training:
