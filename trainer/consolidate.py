@@ -17,12 +17,16 @@ follows its own config:
   weight for the first half and annealed to 0 at 80%, so the lr decay runs on the plain
   objective. It charges splits and copies and so keeps spare slots from being free.
 Measured through the streaming trainer (bench/RESULTS_consolidation.md, three planted shapes,
-3 seeds at 0.5M/1M tokens): at 1M tokens 1-4-D features of the disjoint shape A sit at
-1.09-1.32 groups (plain: 1.22-1.71) at 1.23x the oracle's FVU (plain: 3.18x), and at 2M
-tokens, where TopK levels off, at <= 1.17 groups (means 1.02-1.08) and 0.72x the oracle's
-FVU (plain: 1.57 groups, 2.59x); on shape C (1-6-D, r = 6) splitting halves and FVU is 1.08x
-the oracle's at 1M. On the overlapping d = 32 shape B it does not help at 0.5M (FVU worse than
-plain) and only partly at 1-2M. Cost per step: 0.91-1.17x plain's.
+three seeds): on the disjoint 1-4-D shape A it reaches one group per feature (means <= 1.14)
+at 0.77x the oracle's FVU within 1M tokens, half the budget at which TopK's FVU levels off,
+where plain SASA is still at 1.71 groups and 3.2x the oracle's FVU; on the overlapping 1-6-D
+shape C it cuts splitting from 4.3 to 1.6 groups at 0.64x the oracle's FVU; on the dense d = 32
+shape B it matches the oracle's FVU but 4-D features stay split (1.73 groups at 2M; plain
+1.92). The s = 1 phase is short (10% of the run, ramp to 30%) because a long one costs FVU on
+real activations (bench/SPLITTING.md, round 2; MiniLM in bench/RESULTS_minilm.md).
+
+``revive_silent`` (off by default, ``revive_every``) re-seeds groups that no token kept at the
+residual; it removes silent groups but did not recover FVU on MiniLM (bench/SPLITTING.md).
 
 ``merge_and_reseed`` (off by default, ``merge_every``) is the explicit alternative: merge two
 co-firing groups whose joint contribution fits in r dimensions, re-seed the freed one at the
