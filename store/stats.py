@@ -58,7 +58,7 @@ class ShardSummary(NamedTuple):
 
 #: Values per block of ``summarize_shard`` (rows = this // d): a block and its float64 copy
 #: (3 MB) stay in the CPU's cache, so the pass costs little beyond reading the data once. Sized
-#: in values, not rows: a fixed 1024 rows made 32 MB blocks at d = 4096, 3-4x slower there
+#: in values, not rows: a fixed 1024 rows made 32 MB blocks at d = 4096, about 2x slower there
 #: (``python bench/harvest.py --stats-blocks``; table in bench/RESULTS_harvest.md).
 BLOCK_VALUES = 1 << 18
 

@@ -11,6 +11,7 @@ change that the fingerprint did not catch).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import zlib
 from typing import NamedTuple
@@ -129,14 +130,13 @@ class CacheWriter:
                                 f"was written. If float16 overflowed, harvest with --dtype bf16 or fp32")
 
         rows = slice(index * lay.shard_rows, (index + 1) * lay.shard_rows)
-        self._tokens[index * lay.shard_seqs:(index + 1) * lay.shard_seqs] = tokens
+        writes = [(self._tokens, slice(index * lay.shard_seqs, (index + 1) * lay.shard_seqs), tokens)]
         for hp, data in stored.items():
-            self._acts[hp][rows] = data
-            self._norms[hp][rows] = summaries[hp].norms
             m = summaries[hp].moments
-            self._stats[hp]["count"][index] = m.count
-            self._stats[hp]["mean"][index] = m.mean
-            self._stats[hp]["m2"][index] = m.m2
+            writes += [(self._acts[hp], rows, data), (self._norms[hp], rows, summaries[hp].norms),
+                       (self._stats[hp]["count"], index, m.count),
+                       (self._stats[hp]["mean"], index, m.mean), (self._stats[hp]["m2"], index, m.m2)]
+        _write_all(writes)  # the shard's objects, all requests in flight at once
         extras.write_rows(self.group, lay, index, extra_rows)
         self._crc[index] = crc
         self._committed[index] = 1  # the commit: readers see the shard from here on
@@ -168,6 +168,17 @@ class CacheWriter:
                                 f"[shard_seqs*ctx_len, d] = {[lay.shard_rows, d]}")
             stored[hp] = to_storage(acts[hp], lay.dtype, f"acts[{hp!r}]")
         return stored
+
+
+def _write_all(writes: list) -> None:
+    """``array[selection] = value`` for every (array, selection, value), concurrently on zarr's
+    event loop: one round trip for a shard's objects instead of one per array (the object
+    store's latency is paid once, and a local disk's writes overlap the encoding)."""
+    from zarr.core.sync import sync
+
+    async def put_all():
+        await asyncio.gather(*(a.async_array.setitem(sel, value) for a, sel, value in writes))
+    sync(put_all())
 
 
 def _ensure_arrays(group: zarr.Group, lay: L.Layout) -> None:
