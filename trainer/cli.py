@@ -50,7 +50,8 @@ def register(subparsers) -> None:
     p.add_argument("--auxk-alpha", type=float, default=None, help=f"AuxK weight (default {SAE['auxk_alpha']:g})")
     p.add_argument("--dead-tokens", type=int, default=None, help=f"tokens without activation before a unit counts dead (default {SAE['dead_tokens']:,})")
     p.add_argument("--consolidate", default=None, choices=CONSOLIDATE,
-                   help="sasa training procedure: anneal (s ramp + group-sparsity schedule) or none "
+                   help="sasa training procedure: anneal (s ramp + group-sparsity schedule; "
+                        "consolidates planted features, costs FVU on real activations) or none "
                         "(the plain objective); default anneal for sasa (docs/train.md)")
     p.add_argument("--lr", type=float, default=None, help="Adam lr (default 2e-4 / sqrt(G*r / 2^14))")
     p.add_argument("--name", default=None, help="output subfolder name")
