@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from sasa.errors import SasaError
 from sasa.store import extras
@@ -174,8 +175,6 @@ def _write_all(writes: list) -> None:
     """``array[selection] = value`` for every (array, selection, value), concurrently on zarr's
     event loop: one round trip for a shard's objects instead of one per array (the object
     store's latency is paid once, and a local disk's writes overlap the encoding)."""
-    from zarr.core.sync import sync
-
     async def put_all():
         await asyncio.gather(*(a.async_array.setitem(sel, value) for a, sel, value in writes))
     sync(put_all())
@@ -308,7 +307,6 @@ def _require_conditional_put() -> None:
     import botocore.session
     model = botocore.session.get_session().get_service_model("s3").operation_model("PutObject")
     if "IfNoneMatch" not in model.input_shape.members:
-        import botocore
         raise SasaError(f"botocore {botocore.__version__} cannot create S3 objects exclusively "
                         "(no If-None-Match on PutObject), so two runs could write one cache; "
                         "upgrade: pip install 'aiobotocore>=2.14' 's3fs>=2025.7'")

@@ -97,12 +97,17 @@ class MergeReport(NamedTuple):
     """Co-firing pairs whose joint contribution was tested."""
 
 
+def _periodic(every: int, step: int, steps: int, start: float, end: float) -> bool:
+    """True after every ``every``-th optimiser step (``step`` 0-based) whose count lies in
+    [start, end] x ``steps``; never when ``every`` is 0."""
+    done = step + 1
+    return every > 0 and done % every == 0 and start * steps <= done <= end * steps
+
+
 def merge_due(cfg: SAEConfig, step: int, steps: int) -> bool:
     """Whether the merge step runs after optimiser step ``step`` (0-based) of ``steps``."""
-    if cfg.consolidate == "none" or cfg.merge_every <= 0:
-        return False
-    done = step + 1
-    return done % cfg.merge_every == 0 and cfg.merge_from * steps <= done <= cfg.merge_until * steps
+    return cfg.consolidate != "none" and _periodic(cfg.merge_every, step, steps, cfg.merge_from,
+                                                   cfg.merge_until)
 
 
 @torch.no_grad()
@@ -192,10 +197,8 @@ def merge_and_reseed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None 
 
 def revive_due(cfg: SAEConfig, step: int, steps: int) -> bool:
     """Whether the revive step runs after optimiser step ``step`` (0-based) of ``steps``."""
-    if cfg.consolidate == "none" or cfg.revive_every <= 0:
-        return False
-    done = step + 1
-    return done % cfg.revive_every == 0 and done <= cfg.group_lasso_end * steps
+    return cfg.consolidate != "none" and _periodic(cfg.revive_every, step, steps, 0.0,
+                                                   cfg.group_lasso_end)
 
 
 @torch.no_grad()
@@ -211,9 +214,7 @@ def revive_silent(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
     if not silent:
         return []
     x_BD = x_BD.to(sae.W_dec_GRD.dtype)
-    h_BGR = sae.pre_codes(x_BD)
-    z_BGR = h_BGR * sae.gate(h_BGR, top_s).unsqueeze(-1)
-    _reseed(sae, silent, x_BD - sae.decode(z_BGR))
+    _reseed(sae, silent, x_BD - sae.decode(sae.encode(x_BD, top_s)))
     if opt is not None:
         _reset_moments(sae, opt, silent)
     return silent

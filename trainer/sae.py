@@ -179,10 +179,10 @@ class SAE(nn.Module):
         keep = torch.zeros(B * G, dtype=torch.bool, device=h_BGR.device)
         return keep.scatter_(0, idx, True).view(B, G)
 
-    def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
-        """Gated codes z [B, G, r] (zero outside the kept groups)."""
+    def encode(self, x_BD: torch.Tensor, top_s: int | None = None) -> torch.Tensor:
+        """Gated codes z [B, G, r] (zero outside the kept groups); ``top_s`` overrides s."""
         h_BGR = self.pre_codes(x_BD)
-        return h_BGR * self.gate(h_BGR).unsqueeze(-1)
+        return h_BGR * self.gate(h_BGR, top_s).unsqueeze(-1)
 
     def decode(self, codes_BGR: torch.Tensor, *, bias: bool = True) -> torch.Tensor:
         """x_hat = b_dec + sum_g D_g z_g: [B, d]."""
