@@ -34,7 +34,9 @@ from sasa.errors import SasaError
 #: Four waits over 7.5 s ride out a restarting endpoint or a burst of throttling.
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0)
 
-_THROTTLE = ("slowdown", "reduce your request rate", "throttl", "toomanyrequests", "503")
+#: Phrases of throttling answers. A bare "503" is matched on the HTTP status, never in the text:
+#: the text holds the URL, and a cache prefix such as ``4160d9be5038`` contains "503".
+_THROTTLE = ("slowdown", "slow down", "reduce your request rate", "throttl", "toomanyrequests")
 _TRANSIENT_ERRNOS = {errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
                      errno.EAGAIN, errno.EREMOTEIO, errno.EPIPE, errno.EHOSTUNREACH}
 _CONNECT_NAMES = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
@@ -61,7 +63,18 @@ def _code(err: BaseException) -> str:
     return ""
 
 
+def _status(err: BaseException) -> int | None:
+    """The HTTP status of a botocore error in the chain."""
+    for e in _chain(err):
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict):
+            return resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return None
+
+
 def is_throttling(err: BaseException) -> bool:
+    if _code(err) in ("503", "SlowDown") or _status(err) == 503:
+        return True
     text = f"{_code(err)} {err}".lower()
     return any(t in text for t in _THROTTLE)
 
