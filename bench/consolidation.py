@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import parse_variants  # noqa: E402
 from sasa.analysis.splitting import splitting
 from sasa.analysis.synth import write_synthetic_cache
 from sasa.analysis.synthetic import SyntheticSpec, generate
@@ -206,7 +210,7 @@ def main() -> None:
             print(f"| {shape} | {c['plain']:.4f} | {c['new']:.4f} | {c['new'] / c['plain']:.2f} |",
                   flush=True)
         return
-    variants = {n: json.loads(js or "{}") for n, _, js in (v.partition("=") for v in args.variant)}
+    variants = parse_variants(args.variant)
     lr = None if args.default_lr else 3e-3
     work = args.work or Path(tempfile.mkdtemp(prefix="sasa-consolidation-"))
     print("| shape | seed | tokens | model | held-out FVU | units per feature by d_i | sweep s |")

@@ -38,6 +38,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import best_of  # noqa: E402
 from sasa.harvester.config import HarvestConfig  # noqa: E402
 from sasa.harvester.harvest import plan, run_local  # noqa: E402
 from sasa.capture import ActivationCapture  # noqa: E402
@@ -79,23 +82,13 @@ def stats_blocks(repeats: int) -> str:
             cells = []
             for d, x in data.items():
                 keep = np.ones(len(x), bool)
-                t = best_of(repeats, lambda: timed(stats.summarize_shard, x, "bfloat16", keep))
+                t = best_of(repeats, lambda: stats.summarize_shard(x, "bfloat16", keep))
                 cells += [str(max(8, values // d)), f"{x.nbytes / t / 1e9:.2f}"]
             mark = " (default)" if values == default else ""
             lines.append(f"| {values:,}{mark} | " + " | ".join(cells) + " |")
     finally:
         stats.BLOCK_VALUES = default
     return "\n".join(lines)
-
-
-def timed(fn, *args) -> float:
-    t0 = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - t0
-
-
-def best_of(repeats: int, fn) -> float:
-    return min(fn() for _ in range(repeats))
 
 
 def time_forward(model, hookpoints, tokens_NC, batch) -> float:

@@ -32,12 +32,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import parse_variants  # noqa: E402
 from sasa.trainer import MemberConfig, TrainConfig, load_sae, train
 
 WIDTH, COORDS, LR, BATCH = 1536, 32, 1e-3, 1024
@@ -62,15 +66,6 @@ def members(hookpoint: str, extra: bool = False) -> list[MemberConfig]:
     return out
 
 
-def variants(specs: list[str] | None) -> list[tuple[str, dict]]:
-    """``NAME=JSON`` -> (name, SAEConfig overrides), e.g. ``r4_dead='{"dead_tokens": 65536}'``."""
-    out = []
-    for spec in specs or []:
-        name, _, js = spec.partition("=")
-        out.append((name, json.loads(js or "{}")))
-    return out
-
-
 def cmd_train(a) -> None:
     torch.set_num_threads(a.threads)
     for tokens in a.tokens:
@@ -79,7 +74,7 @@ def cmd_train(a) -> None:
             if a.members is not None else members(a.hookpoint)
         chosen += [MemberConfig(a.hookpoint, {"arch": "sasa", "groups": WIDTH // 4, "rank": 4,
                                               "top_s": 8, **over}, lr=LR, name=name)
-                   for name, over in variants(a.variant)]
+                   for name, over in parse_variants(a.variant).items()]
         cfg = TrainConfig(cache=a.cache, members=chosen, tokens=tokens,
                           batch_size=BATCH, seed=a.seed, log_every=8, checkpoint_every=64,
                           cpu_threads=a.threads)

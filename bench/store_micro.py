@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,17 +28,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import zarr  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import best_of  # noqa: E402
 from sasa.store import create_cache, open_cache  # noqa: E402
 from sasa.store.reader import _as_rows  # noqa: E402
-
-
-def best(repeats: int, fn) -> float:
-    out = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out = min(out, time.perf_counter() - t0)
-    return out
 
 
 def main() -> None:
@@ -61,8 +55,8 @@ def main() -> None:
         chunk = cache.layout.chunk_rows
         n_random = 512
         picks = rng.integers(0, a.rows, n_random)
-        t_rows = best(a.repeats, lambda: [acts[int(i)] for i in picks]) / n_random
-        t_chunks = best(a.repeats, lambda: [acts[c * chunk:(c + 1) * chunk]
+        t_rows = best_of(a.repeats, lambda: [acts[int(i)] for i in picks]) / n_random
+        t_chunks = best_of(a.repeats, lambda: [acts[c * chunk:(c + 1) * chunk]
                                              for c in range(a.rows // chunk)]) / a.rows
         print(f"| random single-row reads | {1 / t_rows:,.0f} rows/s |")
         print(f"| whole-chunk reads ({chunk} rows each) | {1 / t_chunks:,.0f} rows/s |")
@@ -72,9 +66,9 @@ def main() -> None:
         order = rng.permutation(a.rows)
         flat = (order[:, None] * a.d + np.arange(a.d)).reshape(-1)  # every element's index
         out = np.empty_like(window)
-        t_elem = best(a.repeats, lambda: np.take(window.reshape(-1), flat, out=out.reshape(-1)))
-        t_raise = best(a.repeats, lambda: np.take(_as_rows(window), order, out=_as_rows(out)))
-        t_void = best(a.repeats, lambda: np.take(_as_rows(window), order, out=_as_rows(out),
+        t_elem = best_of(a.repeats, lambda: np.take(window.reshape(-1), flat, out=out.reshape(-1)))
+        t_raise = best_of(a.repeats, lambda: np.take(_as_rows(window), order, out=_as_rows(out)))
+        t_void = best_of(a.repeats, lambda: np.take(_as_rows(window), order, out=_as_rows(out),
                                                  mode="clip"))
         print(f"| gather of {a.rows} rows x {a.d} bf16, element by element / as row records | "
               f"{t_elem / t_void:.1f}x |")

@@ -217,7 +217,7 @@ def render(args, steps_rows, sweep, eff, wall) -> str:
                  f"x{r['speedup']:.2f} | {r['vs_topk']:.2f}x | {r['vs_topk_dense']:.2f}x | {nuc} |")
     if sweep:
         s = sweep
-        L.append(f"\n## 2. Sweep of 4 SAEs from one read pass vs 4 separate passes\n")
+        L.append("\n## 2. Sweep of 4 SAEs from one read pass vs 4 separate passes\n")
         L.append(f"bf16 cache of random activations, d = 384, {s['cache_mb']:.0f} MB on disk (written in "
                  f"{s['write_s']:.0f} s); {s['tokens']:,} training tokens per SAE, batch 1024; members: "
                  "TopK n=1536 k=32, SASA r=2/4/8 (n=1536, s*r=32); `sasa.trainer.train`, device cpu.\n")

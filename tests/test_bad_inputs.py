@@ -10,13 +10,11 @@ the two in step.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 import socket
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -24,48 +22,16 @@ from typing import Callable, NamedTuple
 
 import pytest
 
-from sasa.cli import main
 from sasa.errors import SasaError
+from workspace import TOKENS, TRAIN, Workspace, make_workspace, run_cli, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ["--hookpoint", "synthetic", "--groups", "8", "--rank", "2", "--top-s", "2",
-         "--batch-size", "256", "--device", "cpu", "--log-every", "2", "--checkpoint-every", "4"]
-TOKENS = ["--tokens", "2048"]
 HARVEST = ["--workers", "0", "--tokens", "256", "--ctx-len", "16", "--no-progress"]
 EVAL = ["--no-progress", "--splice-seqs", "0", "--contexts", "0"]
 
 
-class Workspace(NamedTuple):
-    root: Path
-    cache: Path
-    """A sound synthetic cache (4 shards of 512 rows, d=16)."""
-    run: Path
-    """A finished `sasa train` run on it: 8 steps, one SASA SAE."""
-
-    @property
-    def sae(self) -> Path:
-        return next(p for p in self.run.iterdir() if (p / "config.json").is_file())
-
-    def copy(self, src: Path, name: str) -> Path:
-        dst = self.root / "cases" / name
-        shutil.copytree(src, dst)
-        return dst
-
-    def file(self, name: str, data: bytes | str) -> Path:
-        path = self.root / "cases" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data.encode() if isinstance(data, str) else data)
-        return path
-
-
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 3)])
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every path under ``root`` -> a hash of its bytes ('dir' for folders)."""
-    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*"))}
 
 
 class Case(NamedTuple):
@@ -264,22 +230,7 @@ def _sweep_file(ws: Workspace) -> Path:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Workspace:
-    from sasa.analysis.synth import write_synthetic_cache
-    from sasa.analysis.synthetic import SyntheticSpec
-
-    root = tmp_path_factory.mktemp("bad-inputs")
-    cache, run = root / "cache", root / "run"
-    write_synthetic_cache(str(cache), spec=SyntheticSpec(d=16, features_per_dim={1: 4, 2: 2}),
-                          n_tokens=2048, ctx_len=16, shard_seqs=32, progress=False)
-    assert main(["train", "--cache", str(cache), *TRAIN, *TOKENS, "--out", str(run)]) == 0
-    return Workspace(root, cache, run)
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    return rc, out, err
+    return make_workspace(tmp_path_factory.mktemp("bad-inputs"))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -344,91 +295,6 @@ def test_resume_of_a_finished_run_and_the_same_command_change_nothing(ws: Worksp
     assert snapshot(ws.run) == before
 
 
-def test_a_dead_owners_lock_is_taken_over_and_released(ws: Workspace, capsys):
-    run = ws.copy(ws.run, "dead-owner")
-    lock = run / ".sasa-lock"
-    for owner, age in (({"host": socket.gethostname(), "pid": _dead_pid()}, 0.0),
-                       ({"host": "another-host", "pid": 1}, 10_000.0)):
-        lock.write_text(json.dumps({**owner, "started": time.time() - age, "token": "old"}))
-        os.utime(lock, (time.time() - age, time.time() - age))
-        rc, _, err = run_cli(["train", "--cache", str(ws.cache), *TRAIN, *TOKENS, "--out", str(run)], capsys)
-        assert rc == 0, err
-        assert f"taking over {run} from a dead run ({owner['host']} pid {owner['pid']}" in err
-        assert not lock.exists()  # released on exit
-
-
-def test_a_live_run_refuses_a_second_and_its_killed_lock_is_taken_over(ws: Workspace, tmp_path, capsys):
-    """Real processes: a second run into a folder a live run holds is refused and changes
-    nothing; once the first is SIGKILLed, the next run takes its lock over."""
-    import signal
-    import subprocess
-    import sys
-
-    out = tmp_path / "live"
-    argv = ["train", "--cache", str(ws.cache), *TRAIN, "--tokens", str(256 * 4000), "--out", str(out)]
-    log = tmp_path / "first.log"
-    with open(log, "w") as f:
-        first = subprocess.Popen([sys.executable, "-m", "sasa", *argv], stdout=f, stderr=subprocess.STDOUT,
-                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "checkpoints" / "worker-0.pt").exists():  # it holds the lock and trains
-            assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.1)
-        before = snapshot(out)
-        rc, _, err = run_cli(argv, capsys)
-        assert first.poll() is None, log.read_text()[-2000:]
-        assert rc == 2 and err.count("\n") == 1, err
-        assert f"{out} is in use by a live run ({socket.gethostname()} pid {first.pid}" in err
-        # the live run keeps writing (checkpoints go through a transient *.tmp): nothing it had is gone
-        kept = lambda snap: {k for k in snap if not k.endswith(".tmp")}  # noqa: E731
-        assert kept(snapshot(out)) >= kept(before) and (out / ".sasa-lock").exists()
-    finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-    assert (out / ".sasa-lock").exists()  # SIGKILL leaves it
-    rc, _, err = run_cli([*argv[:-4], "--tokens", "2048", "--overwrite", "--out", str(out)], capsys)
-    assert rc == 0, err
-    assert f"taking over {out} from a dead run ({socket.gethostname()} pid {first.pid}: process {first.pid} " \
-           "no longer exists" in err
-    assert not (out / ".sasa-lock").exists()
-
-
-def test_a_torn_lock_is_taken_over(ws: Workspace, capsys):
-    run = ws.copy(ws.run, "torn-lock")
-    lock = run / ".sasa-lock"
-    lock.write_text('{"host": "h')  # a writer killed between creating the lock and filling it
-    os.utime(lock, (time.time() - 60, time.time() - 60))
-    rc, _, err = run_cli(["train", "--cache", str(ws.cache), *TRAIN, *TOKENS, "--out", str(run)], capsys)
-    assert rc == 0, err
-    assert "taking over" in err and "lock file is unreadable" in err and not lock.exists()
-
-
-def _dead_pid() -> int:
-    pid = 2 ** 22 - 7
-    while True:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return pid
-        except PermissionError:
-            pass
-        pid -= 1
-
-
-def test_overwrite_replaces_only_what_the_earlier_run_wrote(ws: Workspace, capsys):
-    run = ws.copy(ws.run, "overwrite")
-    (run / "notes.txt").write_text("mine")
-    old_sae = next(p.name for p in run.iterdir() if (p / "config.json").is_file())
-    rc, _, err = run_cli(["train", "--cache", str(ws.cache), *TRAIN[:-8], "--groups", "4", "--rank", "2",
-                          "--top-s", "1", "--batch-size", "256", "--device", "cpu", *TOKENS,
-                          "--overwrite", "--out", str(run)], capsys)
-    assert rc == 0, err
-    assert (run / "notes.txt").read_text() == "mine"
-    assert not (run / old_sae).exists()
-    assert json.loads((run / "run.json").read_text())["members"][0]["sae"]["groups"] == 4
-
-
 def test_report_marks_unfinished_saes(ws: Workspace, tmp_path, capsys):
     from sasa.trainer import MemberConfig, TrainConfig, train
 
@@ -440,68 +306,9 @@ def test_report_marks_unfinished_saes(ws: Workspace, tmp_path, capsys):
     rc, out, err = run_cli(["report", "--sweep", str(run), "--out", str(tmp_path / "r.html")], capsys)
     assert rc == 0, err
     name = cfg.members[0].name
-    assert f"1 of 2 SAE(s) did not finish" in out and f"{name} (step 6 of 16)" in out
+    assert "1 of 2 SAE(s) did not finish" in out and f"{name} (step 6 of 16)" in out
     html = (tmp_path / "r.html").read_text()
     assert f"{name} (unfinished, step 6 of 16)" in html and "finished (unfinished" not in html
-
-
-@pytest.mark.parametrize("where", ["local", "memory"])
-def test_create_cache_race(where, tmp_path):
-    """Four creators start together, two configs: one cache results; creators of its config
-    get a writer, the others the config difference; none crashes."""
-    from sasa.store import create_cache, open_cache
-
-    opts = None
-    url = str(tmp_path / "c") if where == "local" else f"memory://sasa-race/{uuid.uuid4().hex[:8]}"
-    for n_seqs in ((8, 8, 8, 8), (8, 16, 8, 16)):
-        url_i = f"{url}-{len(set(n_seqs))}"
-        results: list = [None] * 4
-        barrier = threading.Barrier(4)
-
-        def create(i):
-            barrier.wait()
-            try:
-                w = create_cache(url_i, hookpoints={"a": 8}, ctx_len=4, n_seq=n_seqs[i], shard_seqs=4,
-                                 dtype="float32", storage_options=opts)
-                results[i] = ("ok", w.layout.n_seq)
-            except SasaError as err:
-                results[i] = ("refused", str(err))
-
-        threads = [threading.Thread(target=create, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        won = open_cache(url_i, opts).layout.n_seq
-        for n, (kind, detail) in zip(n_seqs, results):
-            if n == won:
-                assert (kind, detail) == ("ok", won)
-            else:
-                assert kind == "refused" and f"n_seq: {won} -> {n}" in detail and "\n" not in detail
-
-
-def test_create_cache_claim_is_exclusive_on_s3(s3):
-    """The creation claim on S3 is a conditional put (If-None-Match): only the first one lands
-    (the full race runs on disk and memory:// above; on moto it takes ~30 s)."""
-    from sasa.store.writer import _claim_of, _try_claim
-
-    url = f"s3://{s3.bucket}/claim-{uuid.uuid4().hex[:8]}"
-    assert _try_claim(url, "first", s3.storage_options)
-    assert not _try_claim(url, "second", s3.storage_options)
-    assert _claim_of(url, s3.storage_options) == "first"
-
-
-@pytest.mark.parametrize("kw,expect", [({"ctx_len": 0}, "ctx_len must be a whole number >= 1, got 0"),
-                                       ({"n_seq": 8.5}, "n_seq must be a whole number >= 1, got 8.5"),
-                                       ({"hookpoints": {"a": 0}}, "width of hookpoint 'a' must be a whole number")])
-def test_create_cache_bad_sizes(kw, expect, memory_url):
-    from sasa.store import create_cache
-    from sasa.store.location import Kind, probe
-
-    args = {"hookpoints": {"a": 8}, "ctx_len": 4, "n_seq": 8, "shard_seqs": 4, **kw}
-    with pytest.raises(SasaError, match=re.escape(expect)):
-        create_cache(memory_url, **args)
-    assert probe(memory_url) is Kind.MISSING
 
 
 def test_save_sae_is_atomic(ws: Workspace, tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 from sasa.errors import SasaError
 from sasa.trainer import SAE, SAEConfig, load_sae, save_sae, train_in_memory
-from sasa.trainer.sparse import auxk_groups
+from sasa.trainer.auxk import auxk_groups, auxk_loss
 
 
 def _sae(seed: int = 0, dtype=torch.float32, **kw) -> SAE:
@@ -191,7 +191,7 @@ class _AuxProbe(torch.nn.Module):
         self.sae = sae
 
     def forward(self, resid_BD, x_BD):
-        return self.sae._auxk_loss(resid_BD, self.sae.pre_codes(x_BD))
+        return auxk_loss(self.sae, resid_BD, self.sae.pre_codes(x_BD))
 
 
 def _gradcheck(module, prefix, params, *inputs):

@@ -52,7 +52,8 @@ from sasa.errors import SasaError
 from sasa.trainer.consolidate import group_sparsity
 from sasa.trainer.linalg import EffectiveRanks, batch_fvu, effective_ranks, signfix_qr, svdvals_GR
 from sasa.trainer.sae_config import SAEConfig
-from sasa.trainer.sparse import GatherCodes, Kept, auxk_groups, kept_pairs
+from sasa.trainer.auxk import auxk_loss
+from sasa.trainer.sparse import GatherCodes, Kept, kept_pairs
 
 __all__ = ["SAE", "SAEConfig", "ForwardOutput", "EffectiveRanks"]
 
@@ -231,7 +232,7 @@ class SAE(nn.Module):
         active_BG = keep_BG & (h_BGR.detach().abs().amax(-1) > 0)
         auxk = x_BD.new_zeros(())
         if cfg.auxk_alpha > 0 and cfg.arch != "relu":
-            auxk = self._auxk_loss(x_BD - x_hat_BD.detach(), h_BGR)
+            auxk = auxk_loss(self, x_BD - x_hat_BD.detach(), h_BGR)
         l0_coords = (codes_BGR != 0).sum((1, 2)).to(x_BD.dtype).mean()
         sq = None
         if self._gl_weight(gl_scale) > 0:  # squared group norms; unkept groups masked in _finish
@@ -270,7 +271,7 @@ class SAE(nn.Module):
             return F.relu(vals_P) if cfg.codes == "relu" else vals_P
 
         vals_P = take(kept)
-        x_hat_BD = self._decode_pairs(kept, vals_P) + self.b_dec_D
+        x_hat_BD = self.decode_pairs(kept, vals_P) + self.b_dec_D
         codes_BGR = (x_BD.new_zeros(B * N, dtype=vals_P.dtype)
                      .scatter(0, kept.token_P * N + kept.coord_P, vals_P).view(B, G, R))
         with torch.no_grad():
@@ -280,14 +281,14 @@ class SAE(nn.Module):
             l0_coords = nonzero_P.sum().to(x_BD.dtype) / B
         auxk = x_BD.new_zeros(())
         if cfg.auxk_alpha > 0:
-            auxk = self._auxk_loss(x_BD - x_hat_BD.detach(), h_BGR, take=take)
+            auxk = auxk_loss(self, x_BD - x_hat_BD.detach(), h_BGR, take=take)
         sq = None
         if self._gl_weight(gl_scale) > 0:  # a kept group's R coordinates are contiguous pairs
             sq = (vals_P.view(-1, R).square().sum(-1), None)
         return self._finish(x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords, nuc_scale,
                             gl_scale, sq)
 
-    def _decode_pairs(self, kept: Kept, vals_P: torch.Tensor) -> torch.Tensor:
+    def decode_pairs(self, kept: Kept, vals_P: torch.Tensor) -> torch.Tensor:
         """sum over a token's pairs of vals_p * W_dec[coord_p], without the bias: [B, d]."""
         G, R, D = self.W_dec_GRD.shape
         return F.embedding_bag(kept.coord_P, self.W_dec_GRD.reshape(G * R, D), kept.offsets_B,
@@ -321,44 +322,6 @@ class SAE(nn.Module):
             auxk_loss=auxk, nuc_term=nuc_term, l1_term=l1_term, group_lasso_term=gl_term, loss=loss,
             l0_groups=active_BG.sum(1).to(x_BD.dtype).mean(), l0_coords=l0_coords,
         )
-
-    def _auxk_loss(self, resid_BD: torch.Tensor, h_BGR: torch.Tensor, take=None) -> torch.Tensor:
-        """Gao et al.'s AuxK: the top ``auxk_k`` dead units per token reconstruct the residual.
-
-        The scale min(n_dead / auxk_k, 1) (as in EleutherAI/sparsify) fades the term out as
-        units revive. On CPU it returns 0 at once when nothing is dead and ranks only the dead
-        units (reading the mask is free there); elsewhere the dead mask and the scale stay
-        tensors, so nothing syncs with the host. ``h_BGR`` gives the scores (and, on the dense
-        path, the differentiable codes); on the sparse path ``take(kept)`` returns the
-        differentiable codes at the picked pairs."""
-        cfg = self.cfg
-        B, G, R = h_BGR.shape
-        dead_G = self.dead_mask()
-        picks = auxk_groups(h_BGR.detach().square().sum(-1), dead_G, cfg.auxk_k,
-                             sync_free=dead_G.device.type != "cpu")
-        if picks is None:
-            return resid_BD.new_zeros(())
-        group_BK, valid_BK = picks
-        if take is None and not self.uses_sparse_decode(resid_BD):
-            pick_BG = torch.zeros(B, G, dtype=torch.bool, device=group_BK.device)
-            pick_BG.scatter_(1, group_BK, True)
-            if valid_BK is not None:
-                pick_BG &= dead_G
-            e_hat_BD = self.decode(h_BGR * pick_BG.unsqueeze(-1), bias=False)
-        else:
-            K = group_BK.shape[1]
-            token_K = torch.arange(B, device=group_BK.device).repeat_interleave(K)
-            offsets_B = torch.arange(0, B * K * R, K * R, device=group_BK.device)
-            kept = kept_pairs(token_K, group_BK.reshape(-1), R, B, offsets_B)
-            if take is None:
-                vals_P = h_BGR.reshape(B, G * R).gather(1, kept.coord_P.view(B, K * R)).reshape(-1)
-            else:
-                vals_P = take(kept)
-            if valid_BK is not None:
-                vals_P = vals_P * valid_BK.reshape(-1).repeat_interleave(R)
-            e_hat_BD = self._decode_pairs(kept, vals_P)
-        scale = (dead_G.sum().to(resid_BD.dtype) / cfg.auxk_k).clamp(max=1.0)
-        return scale * batch_fvu(resid_BD, e_hat_BD)
 
     # ----------------------------------------------------------------------------- constraints
     @torch.no_grad()

@@ -1,9 +1,9 @@
 """Sparse pieces of the SAE forward: only the kept (token, coordinate) pairs are decoded.
 
 With s*r of G*r codes kept per token, a dense decode wastes G/s of its work. These helpers
-describe the kept pairs, gather their codes with a gradient that touches only those pairs, and
-pick AuxK's dead units. ``sasa.trainer.sae.SAE`` uses them on its sparse path and keeps the dense
-path as the reference they are tested against (tests/test_sae.py).
+describe the kept pairs and gather their codes with a gradient that touches only those pairs.
+``sasa.trainer.sae.SAE`` (and ``sasa.trainer.auxk``) use them on the sparse path and keep the
+dense path as the reference they are tested against (tests/test_sae.py).
 """
 
 from __future__ import annotations
@@ -75,21 +75,3 @@ class GatherCodes(torch.autograd.Function):
             grad_b = torch.zeros(n, dtype=ctx.b_dtype, device=g_P.device).index_add_(
                 0, coord_P, g_P.to(ctx.b_dtype))
         return grad_xc, grad_W, grad_b, None, None
-
-
-def auxk_groups(score_BG: torch.Tensor, dead_G: torch.Tensor, k: int, *, sync_free: bool):
-    """AuxK's picks: the top-k dead units per token by score, as (group_BK, valid_BK).
-
-    ``sync_free`` (GPU): a top-k over all units with live ones scored -1; ``valid_BK`` marks
-    the picks that are really dead (fewer dead than k: the rest count for nothing).
-    Otherwise (CPU, where reading the mask is free): ``None`` when nothing is dead, else a
-    top-min(k, n_dead) over the dead units only, all valid (``valid_BK`` None). Both pick the
-    same units up to ties."""
-    if sync_free:
-        group_BK = score_BG.masked_fill(~dead_G, -1.0).topk(k, dim=1, sorted=False).indices
-        return group_BK, dead_G[group_BK]
-    dead_idx = dead_G.nonzero().squeeze(1)
-    if dead_idx.numel() == 0:
-        return None
-    top_BK = score_BG[:, dead_idx].topk(min(k, dead_idx.numel()), dim=1, sorted=False).indices
-    return dead_idx[top_BK], None
