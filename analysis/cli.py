@@ -56,6 +56,8 @@ def register(subparsers) -> None:
                    help="noise std per coordinate (default: SyntheticSpec.noise)")
     p.add_argument("--zipf", type=float, default=None,
                    help="Zipf exponent of the frequencies (default: SyntheticSpec.zipf_exponent)")
+    p.add_argument("--max-prob", type=float, default=None,
+                   help="cap on any feature's frequency (default: SyntheticSpec.max_prob)")
     p.add_argument("--tokens", type=int, default=1 << 18, help="rows (rounded up to whole shards)")
     p.add_argument("--ctx-len", type=int, default=64)
     p.add_argument("--shard-seqs", type=int, default=256)
@@ -158,7 +160,8 @@ def run_synth(args) -> int:
 
     check_writable(args.out)
     given = {"d": args.d, "features_per_dim": args.features and _features(args.features),
-             "mean_active": args.mean_active, "noise": args.noise, "zipf_exponent": args.zipf}
+             "mean_active": args.mean_active, "noise": args.noise, "zipf_exponent": args.zipf,
+             "max_prob": args.max_prob}
     spec = SyntheticSpec(**{k: v for k, v in given.items() if v is not None}, seed=args.feature_seed)
     cache = write_synthetic_cache(args.out, spec=spec, n_tokens=args.tokens, ctx_len=args.ctx_len,
                                   shard_seqs=args.shard_seqs, seed=args.seed, overwrite=args.overwrite,

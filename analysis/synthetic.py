@@ -46,7 +46,15 @@ class SyntheticSpec:
 
     zipf_exponent: float = 1.0
     """Activation probability of the k-th most frequent feature is proportional to
-    1 / k**zipf_exponent (capped at 1). Frequency ranks are shuffled across dimensions."""
+    1 / k**zipf_exponent (capped at ``max_prob``). Frequency ranks are shuffled across
+    dimensions."""
+
+    max_prob: float = 1.0
+    """Cap on any feature's activation probability (the rest are scaled up to keep
+    ``mean_active``). With few features and a high ``mean_active`` the Zipf head reaches 1: a
+    feature on in every sample is part of the mean, which an SAE keeps in its decoder bias, and
+    its units-per-feature count then measures noise (bench/SPLITTING.md, round 3). The
+    consolidation benchmark caps at 0.5."""
 
     magnitude_spread: float = 0.2
     """Magnitude m_f is uniform in [1 - spread, 1 + spread]."""
@@ -81,6 +89,9 @@ class SyntheticSpec:
         if not 0 < self.mean_active <= self.n_features:
             raise SasaError(f"mean_active must be in (0, n_features={self.n_features}] "
                             f"(got {self.mean_active})")
+        if not 0 < self.max_prob <= 1 or self.mean_active > self.max_prob * self.n_features:
+            raise SasaError(f"max_prob must be in (0, 1] and at least mean_active / n_features = "
+                            f"{self.mean_active / self.n_features:.3g} (got {self.max_prob})")
         if not 0 <= self.magnitude_spread < 1 or self.noise < 0:
             raise SasaError("magnitude_spread must be in [0, 1) and noise >= 0")
         if self.coords not in ("sphere", "gaussian"):
@@ -153,14 +164,14 @@ def planted(spec: SyntheticSpec) -> Planted:
             bases.append(q * np.sign(np.diag(r)))
     ranks = rng.permutation(spec.n_features) + 1
     weights = 1.0 / ranks.astype(np.float64) ** spec.zipf_exponent
-    # Scale so the expected count is mean_active; re-scale after capping at 1 until it holds.
+    # Scale so the expected count is mean_active; re-scale after capping until it holds.
     probs = weights * spec.mean_active / weights.sum()
     for _ in range(64):
-        probs = np.minimum(probs, 1.0)
+        probs = np.minimum(probs, spec.max_prob)
         deficit = spec.mean_active - probs.sum()
         if deficit <= 1e-12:
             break
-        free = probs < 1.0
+        free = probs < spec.max_prob
         probs[free] *= 1 + deficit / probs[free].sum()
     return Planted(bases=bases, probs_F=probs)
 

@@ -55,15 +55,21 @@ class Shape:
     top_s: int
 
 
-# Three planted shapes: disjoint Gaussian 1-4-D; overlapping spherical 1-4-D in d = 32;
-# overlapping spherical 1-6-D with r = 6.
+# Four planted shapes: disjoint Gaussian 1-4-D; overlapping spherical 1-4-D in d = 32 (dense:
+# sum d_i = 29); overlapping spherical 1-6-D with r = 6; overlapping Gaussian 1-6-D in d = 96
+# with ~5 features on. Every shape caps feature probabilities at 0.5 (SyntheticSpec.max_prob):
+# an always-on feature is the mean, not a feature (bench/SPLITTING.md, round 3).
 SHAPES = {
     "A": Shape(SyntheticSpec(d=48, features_per_dim={1: 4, 2: 4, 3: 4, 4: 3}, mean_active=4.0,
-                             subspaces="disjoint", coords="gaussian"), rank=4, groups=40, top_s=6),
-    "B": Shape(SyntheticSpec(d=32, features_per_dim={1: 4, 2: 4, 3: 3, 4: 2}, mean_active=2.5),
-               rank=4, groups=32, top_s=4),
+                             subspaces="disjoint", coords="gaussian", max_prob=0.5),
+               rank=4, groups=40, top_s=6),
+    "B": Shape(SyntheticSpec(d=32, features_per_dim={1: 4, 2: 4, 3: 3, 4: 2}, mean_active=2.5,
+                             max_prob=0.5), rank=4, groups=32, top_s=4),
     "C": Shape(SyntheticSpec(d=64, features_per_dim={1: 3, 2: 3, 3: 2, 4: 2, 5: 2, 6: 2},
-                             mean_active=4.0), rank=6, groups=24, top_s=6),
+                             mean_active=4.0, max_prob=0.5), rank=6, groups=24, top_s=6),
+    "D": Shape(SyntheticSpec(d=96, features_per_dim={1: 3, 2: 3, 3: 3, 4: 3, 5: 2, 6: 2},
+                             mean_active=5.0, coords="gaussian", max_prob=0.5),
+               rank=6, groups=32, top_s=8),
 }
 MEMBERS = ("topk", "plain", "new", "oracle")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -50,9 +52,20 @@ def test_generate_matches_its_ground_truth():
     assert freq.max() > 10 * freq.min()
 
 
+def test_max_prob_caps_frequencies_and_keeps_the_mean():
+    spec = SyntheticSpec(d=32, features_per_dim={1: 4, 2: 4}, mean_active=3.0)
+    assert planted(spec).probs_F.max() == 1.0  # the Zipf head saturates: always on
+    capped = planted(dataclasses.replace(spec, max_prob=0.5)).probs_F
+    assert capped.max() == pytest.approx(0.5) and capped.sum() == pytest.approx(3.0)
+    active = generate(dataclasses.replace(spec, max_prob=0.5), 20_000, seed=1).active_NF
+    assert active.mean(0).max() < 0.52 and abs(active.sum(1).mean() - 3.0) < 0.05
+
+
 def test_spec_errors():
     with pytest.raises(SasaError, match="mean_active"):
         SyntheticSpec(mean_active=99)
+    with pytest.raises(SasaError, match="max_prob must be in"):
+        SyntheticSpec(features_per_dim={1: 4}, mean_active=3.0, max_prob=0.5)
     with pytest.raises(SasaError, match="features_per_dim"):
         SyntheticSpec(d=3, features_per_dim={4: 1})
 
