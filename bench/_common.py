@@ -26,3 +26,17 @@ def parse_variants(specs: list[str] | None) -> dict[str, dict]:
         name, _, js = spec.partition("=")
         out[name] = json.loads(js or "{}")
     return out
+
+
+def set_huge_page_advice(on: bool) -> bool:
+    """Turn numpy's huge-page advice (``madvise(MADV_HUGEPAGE)`` on allocations of 4 MiB or
+    more, numpy's default on Linux) on or off for this process; returns the previous setting
+    (False when numpy has no such switch). The benchmarks time rows both ways: on this VM
+    (THP defrag "madvise") the first touch of fresh memory under the advice can stall for
+    compaction (``python bench/store_micro.py``)."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray
+    setter = getattr(multiarray, "_set_madvise_hugepage", None)
+    return bool(setter(on)) if setter is not None else False

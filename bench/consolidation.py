@@ -16,10 +16,11 @@ per planted feature (``sasa.analysis.splitting``, oblique projection), mean per 
 member uses lr 3e-3 (bench/SPLITTING.md; the default rule gives 1.1e-3-1.4e-3 here) unless
 ``--default-lr``. Results: bench/RESULTS_consolidation.md.
 
-    python bench/consolidation.py --shapes A B C --seeds 0 1 2 --tokens 524288 1048576 \
-        --jsonl rows.jsonl
+    python bench/consolidation.py --shapes A B C D --seeds 0 1 2 --tokens 1048576 2097152 \
+        --work W --jsonl rows.jsonl
     python bench/consolidation.py --summarize rows.jsonl    # means over seeds
     python bench/consolidation.py --cost                     # seconds per step, plain vs new
+    python bench/consolidation.py --diagnose W/run-D-0-2097152 --shapes D --seeds 0  # per feature
 
 CPU, one torch thread per process (``--threads``); ~2-6 min per (shape, seed, budget) here.
 """
@@ -57,20 +58,23 @@ class Shape:
 
 # Four planted shapes: disjoint Gaussian 1-4-D; overlapping spherical 1-4-D in d = 32 (dense:
 # sum d_i = 29); overlapping spherical 1-6-D with r = 6; overlapping Gaussian 1-6-D in d = 96
-# with ~5 features on. Every shape caps feature probabilities at 0.5 (SyntheticSpec.max_prob):
+# with ~5 features on. Feature probabilities are capped at --max-prob (0.5; SyntheticSpec.max_prob):
 # an always-on feature is the mean, not a feature (bench/SPLITTING.md, round 3).
 SHAPES = {
     "A": Shape(SyntheticSpec(d=48, features_per_dim={1: 4, 2: 4, 3: 4, 4: 3}, mean_active=4.0,
-                             subspaces="disjoint", coords="gaussian", max_prob=0.5),
+                             subspaces="disjoint", coords="gaussian"),
                rank=4, groups=40, top_s=6),
-    "B": Shape(SyntheticSpec(d=32, features_per_dim={1: 4, 2: 4, 3: 3, 4: 2}, mean_active=2.5,
-                             max_prob=0.5), rank=4, groups=32, top_s=4),
+    "B": Shape(SyntheticSpec(d=32, features_per_dim={1: 4, 2: 4, 3: 3, 4: 2}, mean_active=2.5),
+               rank=4, groups=32, top_s=4),
     "C": Shape(SyntheticSpec(d=64, features_per_dim={1: 3, 2: 3, 3: 2, 4: 2, 5: 2, 6: 2},
-                             mean_active=4.0, max_prob=0.5), rank=6, groups=24, top_s=6),
+                             mean_active=4.0), rank=6, groups=24, top_s=6),
     "D": Shape(SyntheticSpec(d=96, features_per_dim={1: 3, 2: 3, 3: 3, 4: 3, 5: 2, 6: 2},
-                             mean_active=5.0, coords="gaussian", max_prob=0.5),
+                             mean_active=5.0, coords="gaussian"),
                rank=6, groups=32, top_s=8),
 }
+#: Cap on feature frequencies (SyntheticSpec.max_prob). Rounds 1-2 of bench/SPLITTING.md ran
+#: uncapped (--max-prob 1).
+MAX_PROB = 0.5
 MEMBERS = ("topk", "plain", "new", "oracle")
 
 
@@ -100,10 +104,12 @@ def oracle_weights(state: dict, bases: list[np.ndarray], rank: int, seed: int) -
 
 
 def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | None,
-               batch_size: int, threads: int, variants: dict[str, dict] | None = None) -> list[dict]:
+               batch_size: int, threads: int, variants: dict[str, dict] | None = None,
+               max_prob: float = MAX_PROB) -> list[dict]:
     shape = SHAPES[shape_name]
-    spec = dataclasses.replace(shape.spec, seed=seed)
-    url = work / f"cache-{shape_name}-{seed}"
+    spec = dataclasses.replace(shape.spec, seed=seed, max_prob=max_prob)
+    url = work / f"cache-{shape_name}-{seed}" if max_prob == MAX_PROB else \
+        work / f"cache-{shape_name}-{seed}-p{max_prob:g}"
     if not (url / "zarr.json").exists():
         write_synthetic_cache(str(url), spec=spec, n_tokens=1 << 18, ctx_len=64, shard_seqs=256,
                               seed=seed, progress=False)
@@ -133,6 +139,33 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
     return rows
 
 
+def diagnose(shape_name: str, seed: int, run: Path, models: list[str],
+             max_prob: float = MAX_PROB) -> None:
+    """Per planted feature of one run's saved SAEs: frequency, units, and the three groups
+    holding most of the energy that lands in its subspace (summed over its held-out samples)."""
+    from sasa.analysis.splitting import unit_energies
+
+    spec = dataclasses.replace(SHAPES[shape_name].spec, seed=seed, max_prob=max_prob)
+    test = generate(spec, 4000, seed=10**9 + seed)
+    dims = [b.shape[1] for b in test.bases]
+    on_N = test.active_NF.sum(1)
+    print(f"{shape_name}, seed {seed}: {on_N.mean():.2f} features on per row; more than "
+          f"s = {SHAPES[shape_name].top_s} on in {(on_N > SHAPES[shape_name].top_s).mean():.1%} of rows")
+    for name in models:
+        sae = load_sae(run / name)
+        with torch.no_grad():
+            o = sae(torch.from_numpy(test.x_ND))
+        units = splitting(o.codes_BGR, sae.decoder_GDR, test.active_NF, test.bases).units_F
+        e_NGF = unit_energies(o.codes_BGR, sae.decoder_GDR, test.bases, test.active_NF)
+        print(f"{name}: held-out FVU {float(o.fvu):.4f}")
+        for f in np.argsort(dims, kind="stable"):
+            share_G = e_NGF[test.active_NF[:, f], :, f].sum(0)
+            share_G /= share_G.sum()
+            top = ", ".join(f"g{g} {share_G[g]:.2f}" for g in np.argsort(-share_G)[:3])
+            print(f"  feature {f:2d}  d_i {dims[f]}  p {test.active_NF[:, f].mean():.3f}  "
+                  f"units {units[f]:.2f}  energy: {top}")
+
+
 def step_cost(shape_name: str, steps: int = 300, batch_size: int = 1024) -> dict[str, float]:
     """Seconds per training step of plain and new SASA (forward, backward, Adam, constraint,
     and the schedule of a ``steps``-step run), timed in interleaved blocks of 10 steps so that
@@ -141,7 +174,7 @@ def step_cost(shape_name: str, steps: int = 300, batch_size: int = 1024) -> dict
     from sasa.trainer.consolidate import group_lasso_scale, top_s_at
 
     shape = SHAPES[shape_name]
-    x = torch.from_numpy(generate(shape.spec, batch_size, seed=1).x_ND)
+    x = torch.from_numpy(generate(dataclasses.replace(shape.spec, max_prob=MAX_PROB), batch_size, seed=1).x_ND)
     x = (x - x.mean(0)) / x.std()
     models = {}
     for name, extra in (("plain", {"consolidate": "none"}), ("new", {})):
@@ -195,16 +228,31 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--default-lr", action="store_true", help="the trainer's lr rule")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-prob", type=float, default=MAX_PROB,
+                        help="cap on feature frequencies (rounds 1-2 of bench/SPLITTING.md: 1)")
     parser.add_argument("--work", type=Path, default=None, help="folder for caches and runs")
     parser.add_argument("--jsonl", type=Path, default=None, help="append every row here")
     parser.add_argument("--summarize", type=Path, nargs="*", default=None,
                         help="print mean tables from these JSONL files and exit")
     parser.add_argument("--cost", action="store_true", help="time plain vs new steps and exit")
+    parser.add_argument("--top-s", type=int, default=None,
+                        help="override every shape's s (SASA) and k = s * r (TopK)")
+    parser.add_argument("--diagnose", type=Path, default=None, metavar="RUN",
+                        help="per-feature table of a finished run folder (one --shapes and "
+                        "--seeds value; --models) and exit")
+    parser.add_argument("--models", nargs="*", default=["new", "oracle"],
+                        help="members to --diagnose")
     parser.add_argument("--variant", nargs="*", default=[], metavar="NAME=JSON",
                         help="extra SASA members with these SAEConfig overrides, e.g. "
                         "'dead64k={\"dead_tokens\": 65536}' (hypotheses in bench/SPLITTING.md)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.top_s is not None:
+        for name, shape in SHAPES.items():
+            SHAPES[name] = dataclasses.replace(shape, top_s=args.top_s)
+    if args.diagnose is not None:
+        diagnose(args.shapes[0], args.seeds[0], args.diagnose, args.models, args.max_prob)
+        return
     if args.summarize is not None:
         summarize(args.summarize)
         return
@@ -219,13 +267,15 @@ def main() -> None:
     variants = parse_variants(args.variant)
     lr = None if args.default_lr else 3e-3
     work = args.work or Path(tempfile.mkdtemp(prefix="sasa-consolidation-"))
+    if args.top_s is not None:  # its runs must not meet the default-s runs of the same --work
+        work = work / f"s{args.top_s}"
     print("| shape | seed | tokens | model | held-out FVU | units per feature by d_i | sweep s |")
     print("|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         for seed in args.seeds:
             for tokens in args.tokens:
                 for row in run_budget(shape, seed, tokens, work, lr, args.batch_size, args.threads,
-                                      variants):
+                                      variants, args.max_prob):
                     units = " / ".join(f"{row['units'][k]:.2f}" for k in sorted(row["units"]))
                     print(f"| {shape} | {seed} | {tokens} | {row['model']} | {row['fvu']:.4f} | "
                           f"{units} | {row['sweep_seconds']:.0f} |", flush=True)

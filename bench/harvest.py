@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import best_of  # noqa: E402
+from bench._common import best_of, set_huge_page_advice  # noqa: E402
 from sasa.harvester.config import HarvestConfig  # noqa: E402
 from sasa.harvester.harvest import plan, run_local  # noqa: E402
 from sasa.capture import ActivationCapture  # noqa: E402
@@ -149,6 +149,10 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+#: The memory:// ceiling row with numpy's huge-page advice turned off (bench/_common.py).
+NO_HUGE = "memory://, numpy's huge-page advice off"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=1 << 18)
@@ -191,7 +195,8 @@ def main() -> None:
         specs = {}
         for what, d, url in (("local disk", 384, str(root / "free384")),
                              ("local disk", 4096, str(root / "free4096")),
-                             ("memory:// (no disk: the writer's CPU cost)", 4096, "memory://sasa-bench/free4096")):
+                             ("memory:// (no disk: the writer's CPU cost)", 4096, "memory://sasa-bench/free4096"),
+                             (NO_HUGE, 4096, "memory://sasa-bench/free4096hp")):
             specs[what, d] = WorkerSpec(url=url, model_source="", hookpoints=("x.0",),
                                         model_dtype="float32", batch_size=32,
                                         cache={**p.spec.cache, "hookpoints": {"resid_post.3": d},
@@ -199,7 +204,9 @@ def main() -> None:
         best = dict.fromkeys([*specs, False, True], float("inf"))
         for _ in range(args.repeats):
             for key, spec in specs.items():
+                set_huge_page_advice(key[0] != NO_HUGE)
                 best[key] = min(best[key], time_pipeline(FreeRunner, spec, tokens, S, root))
+                set_huge_page_advice(True)
                 if key[1] == 4096 and key[0] == "local disk":
                     # The same bytes (the d=4096 cache as stored), as new files of its chunk size.
                     total = du(Path(spec.url))
@@ -220,6 +227,7 @@ def main() -> None:
         # The ceilings' rates in stored bytes (the cache's bytes on disk, as the plain writes).
         ceiling = gbs["local disk", 4096] * total / (n_tok * 4096 * 2)
         cpu_ceiling = gbs["memory:// (no disk: the writer's CPU cost)", 4096] * total / (n_tok * 4096 * 2)
+        huge = gbs["memory:// (no disk: the writer's CPU cost)", 4096] / gbs[NO_HUGE, 4096]
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -246,6 +254,7 @@ def main() -> None:
         f" (target >= 0.9); / the page-cache rate = {ceiling / disk[False]:.2f}",
         f"- the writer without a disk (memory://) / the disk's sustained rate = {cpu_ceiling / disk[True]:.2f}"
         " (above 1: the disk, not the writer's CPU work, sets the ceiling)",
+        f"- the writer without a disk, numpy's huge-page advice on (its default) / off = {huge:.2f}",
         "",
     ]
     text = "\n".join(lines)

@@ -8,7 +8,10 @@
   (``store.reader._as_rows``), and ``np.take`` with ``mode="clip"`` (the reader's) vs the
   default ``mode="raise"``, which copies the output through a buffer;
 - how well token ids compress with zarr's default codec (store/writer.py), on ids packed by
-  the harvester from the built-in corpus with MiniLM's tokenizer.
+  the harvester from the built-in corpus with MiniLM's tokenizer;
+- the first touch of fresh memory (a new 1 GiB numpy array, one write per 4 KiB page, as the
+  first big allocation of a new process) with numpy's huge-page advice on (numpy's default)
+  and off, interleaved, medians.
 
 Best of ``--repeats`` for every timing; a local disk with a warm page cache (the reads measure
 the store's per-request cost, not the disk).
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +37,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import best_of  # noqa: E402
 from sasa.store import create_cache, open_cache  # noqa: E402
 from sasa.store.reader import _as_rows  # noqa: E402
+
+
+FIRST_TOUCH = """
+import sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from bench._common import set_huge_page_advice
+set_huge_page_advice(sys.argv[1] == "on")
+t0 = time.perf_counter()
+np.empty(1 << 30, np.uint8)[::4096].fill(1)
+print(time.perf_counter() - t0)
+"""
+
+
+def first_touch(advice: bool) -> float:
+    """Seconds to allocate and first touch 1 GiB (one write per 4 KiB page) in a new process."""
+    out = subprocess.run([sys.executable, "-c", FIRST_TOUCH, "on" if advice else "off",
+                          str(Path(__file__).resolve().parents[1])],
+                         capture_output=True, text=True, check=True).stdout
+    return float(out.split()[-1])
 
 
 def main() -> None:
@@ -85,6 +109,15 @@ def main() -> None:
         stored = sum(f.stat().st_size for f in (root / "ids" / "c").rglob("*") if f.is_file())
         print(f"| token ids ({p.tokens_NC.size:,}, built-in corpus, MiniLM): raw / stored bytes | "
               f"{p.tokens_NC.astype(np.int32).nbytes / stored:.1f}x |")
+
+        on, off = [], []
+        for _ in range(a.repeats):  # interleaved, each in a new process: its first big allocation
+            on.append(first_touch(True))
+            off.append(first_touch(False))
+        print(f"| first touch of 1 GiB in a new process, numpy's huge-page advice on | "
+              f"{1 / np.median(on):.2f} GiB/s |")
+        print(f"| ... advice off | {1 / np.median(off):.2f} GiB/s |")
+        print(f"| ... on / off time (medians) | {np.median(on) / np.median(off):.1f}x |")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
