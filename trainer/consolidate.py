@@ -16,14 +16,15 @@ follows its own config:
 - ``group_lasso_scale``: a group-sparsity penalty sum_g (||z_g|| / rms)^p, p = 1/2, at full
   weight for the first half and annealed to 0 at 80%, so the lr decay runs on the plain
   objective. It charges splits and copies and so keeps spare slots from being free.
-Measured through the streaming trainer (bench/RESULTS_consolidation.md, three planted shapes,
-three seeds): on the disjoint 1-4-D shape A it reaches one group per feature (means <= 1.14)
-at 0.77x the oracle's FVU within 1M tokens, half the budget at which TopK's FVU levels off,
-where plain SASA is still at 1.71 groups and 3.2x the oracle's FVU; on the overlapping 1-6-D
-shape C it cuts splitting from 4.3 to 1.6 groups at 0.64x the oracle's FVU; on the dense d = 32
-shape B it matches the oracle's FVU but 4-D features stay split (1.73 groups at 2M; plain
-1.92). The s = 1 phase is short (10% of the run, ramp to 30%) because a long one costs FVU on
-real activations (bench/SPLITTING.md, round 2; MiniLM in bench/RESULTS_minilm.md).
+Measured through the streaming trainer (bench/RESULTS_consolidation.md, four planted shapes,
+three seeds): on the disjoint 1-4-D shape A it reaches one group per feature (means <= 1.13,
+the oracle's own 1.12) at 0.96x the oracle's FVU within 1M tokens, where plain SASA is at 1.67
+groups and 3.1x; on the dense d = 32 shape B it gets to 1.21 groups at 0.81x the oracle's FVU
+by 2M; on the overlapping 1-6-D shapes C and D (2M) it cuts splitting from 4.4-4.8 to 1.3-1.8
+groups at 0.66-0.79x the oracle's FVU, leaving frequent features packed into shared groups (a
+lower-error solution there than one group per feature; bench/SPLITTING.md, round 3). The s = 1
+phase is short (10% of the run, ramp to 30%) because a long one costs FVU on real activations
+(bench/SPLITTING.md, round 2; MiniLM in bench/RESULTS_minilm.md).
 
 ``revive_silent`` (off by default, ``revive_every``) re-seeds groups that no token kept at the
 residual; it removes silent groups but did not recover FVU on MiniLM (bench/SPLITTING.md).
