@@ -11,7 +11,9 @@ batch 32, resid_post.3, bf16 storage, workers=0 so Ray start-up is not in the nu
   a fresh local cache; its ratio to the bare forward is the target (>= 0.9);
 - full forward: the untruncated model, to show what stopping after block 3 saves;
 - write ceiling: the same pipeline with the model replaced by a free function that returns
-  activations of the right shape, at d=384 and at d=4096 (a 7B model's width);
+  activations of the right shape, at d=384 and at d=4096 (a 7B model's width), into a local
+  folder and into memory:// (the writer's CPU cost), the latter also with numpy's huge-page
+  advice turned off (does fresh-memory first touch hold the writer back?);
 - the machine's own write rate for new files, measured in the same run on the same bytes (as
   many bytes as the d=4096 ceiling's cache holds on disk, in files of its chunk size, written
   with plain Python): once into the page cache, once with ``os.fdatasync`` after each file

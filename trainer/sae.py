@@ -49,10 +49,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sasa.errors import SasaError
+from sasa.trainer.auxk import auxk_loss
 from sasa.trainer.consolidate import group_sparsity
 from sasa.trainer.linalg import EffectiveRanks, batch_fvu, effective_ranks, signfix_qr, svdvals_GR
 from sasa.trainer.sae_config import SAEConfig
-from sasa.trainer.auxk import auxk_loss
 from sasa.trainer.sparse import GatherCodes, Kept, kept_pairs
 
 __all__ = ["SAE", "SAEConfig", "ForwardOutput", "EffectiveRanks"]
