@@ -158,12 +158,20 @@ def diagnose(shape_name: str, seed: int, run: Path, models: list[str],
         units = splitting(o.codes_BGR, sae.decoder_GDR, test.active_NF, test.bases).units_F
         e_NGF = unit_energies(o.codes_BGR, sae.decoder_GDR, test.bases, test.active_NF)
         print(f"{name}: held-out FVU {float(o.fvu):.4f}")
+        main_F = {}
         for f in np.argsort(dims, kind="stable"):
             share_G = e_NGF[test.active_NF[:, f], :, f].sum(0)
             share_G /= share_G.sum()
             top = ", ".join(f"g{g} {share_G[g]:.2f}" for g in np.argsort(-share_G)[:3])
+            main_F[f] = int(np.argmax(share_G))
             print(f"  feature {f:2d}  d_i {dims[f]}  p {test.active_NF[:, f].mean():.3f}  "
                   f"units {units[f]:.2f}  energy: {top}")
+        # Packing: groups that are the main holder of more than one feature.
+        held = {g: [f for f in main_F if main_F[f] == g] for g in set(main_F.values())}
+        packed = {g: fs for g, fs in held.items() if len(fs) > 1}
+        print(f"  {sum(map(len, packed.values()))} of {len(dims)} features share their main group: "
+              + ("; ".join(f"g{g} holds {' + '.join(f'{dims[f]}-D' for f in fs)}"
+                           for g, fs in sorted(packed.items())) or "none"))
 
 
 def step_cost(shape_name: str, steps: int = 300, batch_size: int = 1024) -> dict[str, float]:
