@@ -20,7 +20,7 @@ from sasa.trainer.consolidate import (group_lasso_scale, merge_and_reseed, reviv
                                       revive_silent, top_s_at)
 from sasa.trainer.linalg import signfix_qr
 
-SPEC = SyntheticSpec(d=32, features_per_dim={1: 2, 2: 2, 3: 2, 4: 2}, mean_active=3.0,
+SPEC = SyntheticSpec(d=32, features_per_dim={1: 2, 2: 2, 3: 2, 4: 2}, mean_active=3.0, max_prob=0.5,
                      subspaces="disjoint", coords="gaussian", seed=3)
 SASA = {"arch": "sasa", "groups": 20, "rank": 4, "top_s": 5}
 
@@ -41,7 +41,7 @@ def held_out():
 def config(url, members: dict[str, dict], **kw) -> TrainConfig:
     return TrainConfig(cache=url, members=[MemberConfig("synthetic", sae, lr=3e-3, name=name)
                                            for name, sae in members.items()],
-                       **{"tokens": 512 * 600, "batch_size": 512, "log_every": 50,
+                       **{"tokens": 512 * 1000, "batch_size": 512, "log_every": 50,
                           "checkpoint_every": 0, "shuffle_rows": 1 << 14, "cpu_threads": 1,
                           "device": "cpu", **kw})
 
@@ -89,21 +89,17 @@ def test_consolidation_moves_training_to_the_planted_optimum(cache_url, held_out
     print(json.dumps(scores))
     (fvu_plain, units_plain), (fvu_new, units_new) = scores["plain"], scores["new"]
     fvu_oracle, units_oracle = scores["oracle"]
-    # The planted optimum is stable: initialised there, training keeps one group per
-    # multi-dimensional feature (1-D features score ~1.2 even here: spare groups pick up a
-    # share of their energy).
-    assert max(units_oracle[k] for k in (2, 3, 4)) <= 1.2
-    # Under the default procedure the planted init keeps its FVU, but the s = 1 phase lets
-    # groups with spare dimensions take slices of co-active features: measured here 1.03 /
-    # 1.32 / 1.05 groups for 2-D / 3-D / 4-D features, 1.42 for 1-D (bench/SPLITTING.md, open
-    # problem); the bound below only catches it getting worse.
+    # The planted optimum is stable: initialised there, training keeps one group per feature,
+    # under the plain objective and under the default procedure alike (no feature of SPEC is
+    # always on: max_prob 0.5; uncapped, the always-on 1-D feature scored ~1.4 here).
+    assert max(units_oracle.values()) <= 1.2
     fvu_on, units_on = scores["oracle-new"]
-    assert fvu_on <= 1.1 * fvu_oracle and max(units_on[k] for k in (2, 3, 4)) <= 1.4
-    # From a random init at this small budget, the default procedure is well on the way there
-    # and the plain objective is not (it does not reach the targets here; see
-    # bench/RESULTS_consolidation.md for where it does).
-    assert fvu_new < 0.7 * fvu_plain
-    assert fvu_new < 3 * fvu_oracle
+    assert fvu_on <= 1.1 * fvu_oracle and max(units_on.values()) <= 1.2
+    # From a random init, within 512k tokens the default procedure reaches the oracle's FVU and
+    # one group per 1-3-D feature; a 4-D feature may still be split at this budget (the test
+    # prints the scores). The plain objective is far from both.
+    assert fvu_new <= 1.1 * fvu_oracle and fvu_new < 0.5 * fvu_plain
+    assert max(units_new[k] for k in (1, 2, 3)) <= 1.2
     assert sum(units_new[k] for k in (2, 3, 4)) < sum(units_plain[k] for k in (2, 3, 4)) - 0.5
 
 
@@ -201,25 +197,26 @@ def test_revive_step_reseeds_silent_groups_at_the_residual():
 
 def test_resumed_run_is_exact_through_the_schedules(cache_url, tmp_path):
     """Stopped inside the s ramp (10-30% of 80 steps) and resumed: the same weights, finite,
-    orthonormal blocks; with and without merge and revive steps (loose thresholds so merges
-    happen)."""
-    merge = {**SASA, "merge_every": 10, "merge_from": 0.0, "merge_jaccard": 0.2,
-             "merge_tail": 0.5}
-    revive = {**SASA, "revive_every": 1}
-    cfg = config(cache_url, {"new": SASA, "merge": merge, "revive": revive}, tokens=512 * 80,
-                 checkpoint_every=10)
+    orthonormal blocks; with and without merge and revive steps (loose merge thresholds so
+    merges happen; twice the groups for revive, so that some go silent)."""
+    merge = {**SASA, "merge_every": 10, "merge_from": 0.0, "merge_jaccard": 0.05,
+             "merge_tail": 0.8}
+    wide = {**SASA, "groups": 2 * SASA["groups"]}
+    revive = {**wide, "revive_every": 1}
+    members = {"new": SASA, "merge": merge, "wide": wide, "revive": revive}
+    cfg = config(cache_url, members, tokens=512 * 80, checkpoint_every=10)
     full = train(cfg, tmp_path / "full", progress=False)
     part = train(cfg, tmp_path / "part", until_step=17, progress=False)
     assert part.saes == {}
     resumed = train(cfg, tmp_path / "part", resume=True, progress=False)
-    eye = torch.eye(SASA["rank"], dtype=torch.float64).expand(SASA["groups"], -1, -1)
-    for name in ("new", "merge", "revive"):
+    for name, sae in members.items():
         a, b = weights(full.saes[name]), weights(resumed.saes[name])
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert all(torch.isfinite(v).all() for v in a.values())
         d_GDR = load_sae(full.saes[name]).decoder_GDR.detach().double()
+        eye = torch.eye(sae["rank"], dtype=torch.float64).expand(sae["groups"], -1, -1)
         assert torch.allclose(d_GDR.transpose(1, 2) @ d_GDR, eye, atol=1e-5)
-    # same seed and schedule: only the merge (revive) steps tell the members apart
-    for name in ("merge", "revive"):
-        assert not torch.equal(weights(full.saes["new"])["W_dec_GRD"],
+    # same seed and schedule: only the merge (revive) steps tell the twins apart
+    for plain, name in (("new", "merge"), ("wide", "revive")):
+        assert not torch.equal(weights(full.saes[plain])["W_dec_GRD"],
                                weights(full.saes[name])["W_dec_GRD"])
