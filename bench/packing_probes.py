@@ -1,0 +1,99 @@
+"""In-memory probes of round 3 (bench/SPLITTING.md): can the s ramp stop packing frequent
+features into shared groups on the capped shapes C and D?
+
+One shape of bench/consolidation.py (capped at MAX_PROB), one seed, 262,144 training samples,
+1024 steps of batch 1024 (1M tokens), Adam lr 3e-3, 10% warm-up, 20% decay, the default
+consolidation schedules (``top_s_at``, ``group_lasso_scale``); scored on the same 4000 held-out
+samples as the benchmark: FVU, units per feature by d_i, and how many features share their
+main group with another ("packed"). Variants:
+
+- ``default``: the default procedure, in memory;
+- ``batch_ramp`` / ``batch_s1``: the batch gate (top s*B over the batch, so a token with many
+  features on may keep more groups) until 30% / 10% of the run, the token gate after;
+- ``rank``: a rank ramp beside the s ramp: codes j >= k switched off (encoder rows zeroed after
+  each step), k = 1 until 10% of the run, then up to r by 30%.
+
+    python bench/packing_probes.py C 0 default batch_ramp batch_s1 rank
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.consolidation import MAX_PROB, SHAPES  # noqa: E402
+from sasa.analysis.splitting import splitting, unit_energies  # noqa: E402
+from sasa.analysis.synthetic import generate  # noqa: E402
+from sasa.trainer import SAE, SAEConfig  # noqa: E402
+from sasa.trainer.consolidate import group_lasso_scale, top_s_at  # noqa: E402
+from sasa.trainer.schedule import lr_factor  # noqa: E402
+
+STEPS = 1024
+GATE_UNTIL = {"batch_ramp": 0.3, "batch_s1": 0.1}
+
+
+def rank_at(frac: float, rank: int) -> int:
+    return 1 if frac < 0.1 else rank if frac >= 0.3 else 1 + int((rank - 1) * (frac - 0.1) / 0.2)
+
+
+def probe(shape_name: str, seed: int, variant: str) -> str:
+    shape = SHAPES[shape_name]
+    spec = dataclasses.replace(shape.spec, seed=seed, max_prob=MAX_PROB)
+    train_x, test = generate(spec, 1 << 18, seed=seed), generate(spec, 4000, seed=10**9 + seed)
+    x = torch.from_numpy(train_x.x_ND)
+    mean = x.mean(0)
+    scale = float(((x - mean) ** 2).sum(1).mean().div(spec.d).sqrt())
+    x_n = (x - mean) / scale
+    sae = SAE(SAEConfig(d_in=spec.d, groups=shape.groups, rank=shape.rank, top_s=shape.top_s),
+              seed=seed)
+    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(STEPS, STEPS // 10, 0.2))
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    for step in range(STEPS):
+        sae.cfg.gate = "batch" if step / STEPS < GATE_UNTIL.get(variant, 0.0) else "token"
+        idx = torch.randint(0, x_n.shape[0], (1024,), generator=gen)
+        out = sae(x_n[idx], gl_scale=group_lasso_scale(sae.cfg, step, STEPS),
+                  top_s=top_s_at(sae.cfg, step, STEPS))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        sched.step()
+        sae.post_step()
+        if variant == "rank":
+            k = rank_at(step / STEPS, shape.rank)
+            with torch.no_grad():
+                sae.W_enc_GRD[:, k:, :] = 0
+                sae.b_enc_GR[:, k:] = 0
+    sae.cfg.gate = "token"
+    sae.eval()
+    sae.fold_normalisation(mean, scale)
+    with torch.no_grad():
+        o = sae(torch.from_numpy(test.x_ND))
+    units = splitting(o.codes_BGR, sae.decoder_GDR, test.active_NF, test.bases).units_by_dim
+    e_NGF = unit_energies(o.codes_BGR, sae.decoder_GDR, test.bases, test.active_NF)
+    main = [int(np.argmax(e_NGF[test.active_NF[:, f], :, f].sum(0))) for f in range(len(test.bases))]
+    packed = sum(main.count(g) for g in set(main) if main.count(g) > 1)
+    return (f"| {shape_name} | {seed} | {variant} | {float(o.fvu):.4f} | "
+            f"{' / '.join(f'{u:.2f}' for u in units.values())} | {packed} of {len(main)} | "
+            f"{time.perf_counter() - t0:.0f} |")
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    shape_name, seed, variants = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    print("| shape | seed | variant | held-out FVU | units per feature by d_i | packed | s |")
+    print("|---|---|---|---|---|---|---|")
+    for variant in variants:
+        print(probe(shape_name, seed, variant), flush=True)
+
+
+if __name__ == "__main__":
+    main()
