@@ -108,15 +108,15 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
                max_prob: float = MAX_PROB) -> list[dict]:
     shape = SHAPES[shape_name]
     spec = dataclasses.replace(shape.spec, seed=seed, max_prob=max_prob)
-    url = work / f"cache-{shape_name}-{seed}" if max_prob == MAX_PROB else \
-        work / f"cache-{shape_name}-{seed}-p{max_prob:g}"
+    capped = "" if max_prob == MAX_PROB else f"-p{max_prob:g}"  # other caps: other folders
+    url = work / f"cache-{shape_name}-{seed}{capped}"
     if not (url / "zarr.json").exists():
         write_synthetic_cache(str(url), spec=spec, n_tokens=1 << 18, ctx_len=64, shard_seqs=256,
                               seed=seed, progress=False)
     cfg = TrainConfig(cache=str(url), members=members(shape, lr, variants), tokens=tokens,
                       batch_size=batch_size, seed=seed, log_every=50, checkpoint_every=0,
                       shuffle_rows=1 << 16, cpu_threads=threads, device="cpu")
-    out = work / (f"run-{shape_name}-{seed}-{tokens}" + "".join(f"-{v}" for v in variants or {}))
+    out = work / (f"run-{shape_name}-{seed}-{tokens}{capped}" + "".join(f"-{v}" for v in variants or {}))
     t0 = time.perf_counter()
     train(cfg, out, until_step=0, progress=False)  # step 0: write the oracle's init
     ckpt_path = out / "checkpoints" / "worker-0.pt"
