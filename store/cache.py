@@ -20,7 +20,8 @@ from sasa.store.location import open_group, url_fs
 from sasa.store.reader import BatchStream
 from sasa.store.remote import CacheStore, fs_call
 from sasa.store.stats import HookpointStats, Moments, merge, summarize
-from sasa.store.masks import DEFAULT_EXCLUDE, high_norm_mask, parse_exclude, special_mask
+from sasa.store.masks import high_norm_mask, parse_exclude, special_mask
+from sasa.store.options import DEFAULT_EXCLUDE
 
 
 #: Shards whose norms are read for norm quantiles (all of them up to this many).

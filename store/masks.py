@@ -23,7 +23,6 @@ from typing import NamedTuple
 import numpy as np
 
 from sasa.errors import SasaError
-from sasa.store.options import DEFAULT_EXCLUDE  # noqa: F401  (re-exported: the writer and cache use it)
 
 HIGH_NORM = "high_norm"
 #: Default K of ``high_norm``: rows above 10x the median norm.

@@ -54,28 +54,25 @@ def _names(err: BaseException) -> set[str]:
     return {c.__name__ for e in _chain(err) for c in type(e).__mro__}
 
 
+def _response(err: BaseException) -> dict:
+    """The parsed answer of a botocore error in the chain ({} when there is none)."""
+    for e in _chain(err):
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict):
+            return resp
+    return {}
+
+
 def _code(err: BaseException) -> str:
     """The S3 error code (``NoSuchBucket``, ``SlowDown``...) of a botocore error in the chain."""
-    for e in _chain(err):
-        resp = getattr(e, "response", None)
-        if isinstance(resp, dict):
-            return str(resp.get("Error", {}).get("Code", ""))
-    return ""
-
-
-def _status(err: BaseException) -> int | None:
-    """The HTTP status of a botocore error in the chain."""
-    for e in _chain(err):
-        resp = getattr(e, "response", None)
-        if isinstance(resp, dict):
-            return resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return None
+    return str(_response(err).get("Error", {}).get("Code", ""))
 
 
 def is_throttling(err: BaseException) -> bool:
-    if _code(err) in ("503", "SlowDown") or _status(err) == 503:
+    status = _response(err).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if _code(err) == "503" or status == 503:
         return True
-    text = f"{_code(err)} {err}".lower()
+    text = f"{_code(err)} {err}".lower()  # the code SlowDown matches "slowdown" here
     return any(t in text for t in _THROTTLE)
 
 

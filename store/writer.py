@@ -25,9 +25,9 @@ from sasa.store import extras
 from sasa.store import layout as L
 from sasa.store.convert import to_storage
 from sasa.store.location import Kind, create_group, open_group, probe, url_fs
-from sasa.store.remote import open_store
-from sasa.store.remote import fs_call
-from sasa.store.masks import DEFAULT_EXCLUDE, special_mask
+from sasa.store.masks import special_mask
+from sasa.store.options import DEFAULT_EXCLUDE
+from sasa.store.remote import fs_call, open_store
 from sasa.store.stats import summarize_shard
 
 

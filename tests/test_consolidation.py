@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -91,7 +90,7 @@ def test_consolidation_moves_training_to_the_planted_optimum(cache_url, held_out
     fvu_oracle, units_oracle = scores["oracle"]
     # The planted optimum is stable: initialised there, training keeps one group per feature,
     # under the plain objective and under the default procedure alike (no feature of SPEC is
-    # always on: max_prob 0.5; uncapped, the always-on 1-D feature scored ~1.4 here).
+    # always on: max_prob 0.5; bench/SPLITTING.md, round 3).
     assert max(units_oracle.values()) <= 1.2
     fvu_on, units_on = scores["oracle-new"]
     assert fvu_on <= 1.1 * fvu_oracle and max(units_on.values()) <= 1.2

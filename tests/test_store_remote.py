@@ -11,8 +11,8 @@ request as S3 does when it throttles (503 SlowDown).
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import socket
 import subprocess
 import sys
