@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import parse_variants  # noqa: E402
-from sasa.analysis.splitting import splitting
+from sasa.analysis.splitting import splitting, unit_energies
 from sasa.analysis.synth import write_synthetic_cache
 from sasa.analysis.synthetic import SyntheticSpec, generate
 from sasa.trainer import MemberConfig, TrainConfig, load_sae, train
@@ -78,6 +78,26 @@ MAX_PROB = 0.5
 MEMBERS = ("topk", "plain", "new", "oracle")
 
 
+def shape_spec(shape_name: str, seed: int = 0, max_prob: float = MAX_PROB) -> SyntheticSpec:
+    """The planted data of a shape: its spec with the seed and the frequency cap."""
+    return dataclasses.replace(SHAPES[shape_name].spec, seed=seed, max_prob=max_prob)
+
+
+def energy_shares(e_NGF: np.ndarray, active_NF: np.ndarray) -> np.ndarray:
+    """[F, G]: each group's share of the energy that lands in feature f's subspace, summed over
+    the samples where f is on (``sasa.analysis.splitting.unit_energies``)."""
+    share_FG = np.stack([e_NGF[active_NF[:, f], :, f].sum(0) for f in range(e_NGF.shape[2])])
+    return share_FG / share_FG.sum(1, keepdims=True)
+
+
+def packed_groups(share_FG: np.ndarray) -> dict[int, list[int]]:
+    """{group: features} for the groups that are the main holder of more than one feature."""
+    held: dict[int, list[int]] = {}
+    for f, g in enumerate(share_FG.argmax(1)):
+        held.setdefault(int(g), []).append(f)
+    return {g: fs for g, fs in held.items() if len(fs) > 1}
+
+
 def members(shape: Shape, lr: float | None, variants: dict[str, dict] | None = None
             ) -> list[MemberConfig]:
     """The four members, plus ``variants``: {name: SAEConfig overrides of the SASA member}."""
@@ -107,7 +127,7 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
                batch_size: int, threads: int, variants: dict[str, dict] | None = None,
                max_prob: float = MAX_PROB) -> list[dict]:
     shape = SHAPES[shape_name]
-    spec = dataclasses.replace(shape.spec, seed=seed, max_prob=max_prob)
+    spec = shape_spec(shape_name, seed, max_prob)
     capped = "" if max_prob == MAX_PROB else f"-p{max_prob:g}"  # other caps: other folders
     url = work / f"cache-{shape_name}-{seed}{capped}"
     if not (url / "zarr.json").exists():
@@ -143,10 +163,7 @@ def diagnose(shape_name: str, seed: int, run: Path, models: list[str],
              max_prob: float = MAX_PROB) -> None:
     """Per planted feature of one run's saved SAEs: frequency, units, and the three groups
     holding most of the energy that lands in its subspace (summed over its held-out samples)."""
-    from sasa.analysis.splitting import unit_energies
-
-    spec = dataclasses.replace(SHAPES[shape_name].spec, seed=seed, max_prob=max_prob)
-    test = generate(spec, 4000, seed=10**9 + seed)
+    test = generate(shape_spec(shape_name, seed, max_prob), 4000, seed=10**9 + seed)
     dims = [b.shape[1] for b in test.bases]
     on_N = test.active_NF.sum(1)
     print(f"{shape_name}, seed {seed}: {on_N.mean():.2f} features on per row; more than "
@@ -156,19 +173,14 @@ def diagnose(shape_name: str, seed: int, run: Path, models: list[str],
         with torch.no_grad():
             o = sae(torch.from_numpy(test.x_ND))
         units = splitting(o.codes_BGR, sae.decoder_GDR, test.active_NF, test.bases).units_F
-        e_NGF = unit_energies(o.codes_BGR, sae.decoder_GDR, test.bases, test.active_NF)
+        share_FG = energy_shares(unit_energies(o.codes_BGR, sae.decoder_GDR, test.bases,
+                                               test.active_NF), test.active_NF)
         print(f"{name}: held-out FVU {float(o.fvu):.4f}")
-        main_F = {}
         for f in np.argsort(dims, kind="stable"):
-            share_G = e_NGF[test.active_NF[:, f], :, f].sum(0)
-            share_G /= share_G.sum()
-            top = ", ".join(f"g{g} {share_G[g]:.2f}" for g in np.argsort(-share_G)[:3])
-            main_F[f] = int(np.argmax(share_G))
+            top = ", ".join(f"g{g} {share_FG[f, g]:.2f}" for g in np.argsort(-share_FG[f])[:3])
             print(f"  feature {f:2d}  d_i {dims[f]}  p {test.active_NF[:, f].mean():.3f}  "
                   f"units {units[f]:.2f}  energy: {top}")
-        # Packing: groups that are the main holder of more than one feature.
-        held = {g: [f for f in main_F if main_F[f] == g] for g in set(main_F.values())}
-        packed = {g: fs for g, fs in held.items() if len(fs) > 1}
+        packed = packed_groups(share_FG)
         print(f"  {sum(map(len, packed.values()))} of {len(dims)} features share their main group: "
               + ("; ".join(f"g{g} holds {' + '.join(f'{dims[f]}-D' for f in fs)}"
                            for g, fs in sorted(packed.items())) or "none"))
@@ -182,7 +194,7 @@ def step_cost(shape_name: str, steps: int = 300, batch_size: int = 1024) -> dict
     from sasa.trainer.consolidate import group_lasso_scale, top_s_at
 
     shape = SHAPES[shape_name]
-    x = torch.from_numpy(generate(dataclasses.replace(shape.spec, max_prob=MAX_PROB), batch_size, seed=1).x_ND)
+    x = torch.from_numpy(generate(shape_spec(shape_name), batch_size, seed=1).x_ND)
     x = (x - x.mean(0)) / x.std()
     models = {}
     for name, extra in (("plain", {"consolidate": "none"}), ("new", {})):

@@ -18,17 +18,15 @@ main group with another ("packed"). Variants:
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.consolidation import MAX_PROB, SHAPES  # noqa: E402
+from bench.consolidation import SHAPES, energy_shares, packed_groups, shape_spec  # noqa: E402
 from sasa.analysis.splitting import splitting, unit_energies  # noqa: E402
 from sasa.analysis.synthetic import generate  # noqa: E402
 from sasa.trainer import SAE, SAEConfig  # noqa: E402
@@ -45,7 +43,7 @@ def rank_at(frac: float, rank: int) -> int:
 
 def probe(shape_name: str, seed: int, variant: str) -> str:
     shape = SHAPES[shape_name]
-    spec = dataclasses.replace(shape.spec, seed=seed, max_prob=MAX_PROB)
+    spec = shape_spec(shape_name, seed)
     train_x, test = generate(spec, 1 << 18, seed=seed), generate(spec, 4000, seed=10**9 + seed)
     x = torch.from_numpy(train_x.x_ND)
     mean = x.mean(0)
@@ -78,11 +76,11 @@ def probe(shape_name: str, seed: int, variant: str) -> str:
     with torch.no_grad():
         o = sae(torch.from_numpy(test.x_ND))
     units = splitting(o.codes_BGR, sae.decoder_GDR, test.active_NF, test.bases).units_by_dim
-    e_NGF = unit_energies(o.codes_BGR, sae.decoder_GDR, test.bases, test.active_NF)
-    main = [int(np.argmax(e_NGF[test.active_NF[:, f], :, f].sum(0))) for f in range(len(test.bases))]
-    packed = sum(main.count(g) for g in set(main) if main.count(g) > 1)
+    share_FG = energy_shares(unit_energies(o.codes_BGR, sae.decoder_GDR, test.bases,
+                                           test.active_NF), test.active_NF)
+    packed = sum(map(len, packed_groups(share_FG).values()))
     return (f"| {shape_name} | {seed} | {variant} | {float(o.fvu):.4f} | "
-            f"{' / '.join(f'{u:.2f}' for u in units.values())} | {packed} of {len(main)} | "
+            f"{' / '.join(f'{u:.2f}' for u in units.values())} | {packed} of {len(test.bases)} | "
             f"{time.perf_counter() - t0:.0f} |")
 
 
