@@ -204,8 +204,8 @@ def object_store_rows(data: Path, raw: Path, local: Path, rounds: int, drop, lat
         server.stop()
     med = lambda rs, f: float(np.median([f(r) for r in rs]))  # noqa: E731
     tps = {name: med(rs, lambda r: r["rows"] / r["seconds"]) for name, rs in results.items()}
-    # The machine's raw rate: the faster raw reader (numpy's huge-page advice can slow its
-    # temporaries' first touches, bench/store_micro.py).
+    # The machine's raw rate: the faster of the two plain readers (with and without numpy's
+    # huge-page advice), so the baseline is not held back by either setting.
     raw_tps, local_tps = max(tps[RAW], tps[RAW_NO_HUGE]), tps["sasa local, cold epoch (default)"]
     table = []
     for name, rs in results.items():

@@ -151,7 +151,9 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-#: The memory:// ceiling row with numpy's huge-page advice turned off (bench/_common.py).
+#: The memory:// ceiling rows: the writer's CPU cost alone, and the same with numpy's huge-page
+#: advice turned off (bench/_common.py).
+MEMORY = "memory:// (no disk: the writer's CPU cost)"
 NO_HUGE = "memory://, numpy's huge-page advice off"
 
 
@@ -197,7 +199,7 @@ def main() -> None:
         specs = {}
         for what, d, url in (("local disk", 384, str(root / "free384")),
                              ("local disk", 4096, str(root / "free4096")),
-                             ("memory:// (no disk: the writer's CPU cost)", 4096, "memory://sasa-bench/free4096"),
+                             (MEMORY, 4096, "memory://sasa-bench/free4096"),
                              (NO_HUGE, 4096, "memory://sasa-bench/free4096hp")):
             specs[what, d] = WorkerSpec(url=url, model_source="", hookpoints=("x.0",),
                                         model_dtype="float32", batch_size=32,
@@ -228,8 +230,8 @@ def main() -> None:
                          disk[sync]))
         # The ceilings' rates in stored bytes (the cache's bytes on disk, as the plain writes).
         ceiling = gbs["local disk", 4096] * total / (n_tok * 4096 * 2)
-        cpu_ceiling = gbs["memory:// (no disk: the writer's CPU cost)", 4096] * total / (n_tok * 4096 * 2)
-        huge = gbs["memory:// (no disk: the writer's CPU cost)", 4096] / gbs[NO_HUGE, 4096]
+        cpu_ceiling = gbs[MEMORY, 4096] * total / (n_tok * 4096 * 2)
+        huge = gbs[MEMORY, 4096] / gbs[NO_HUGE, 4096]
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
