@@ -188,10 +188,10 @@ def diagnose(shape_name: str, seed: int, run: Path, models: list[str],
 
 def step_cost(shape_name: str, steps: int = 300, batch_size: int = 1024) -> dict[str, float]:
     """Seconds per training step of plain and new SASA (forward, backward, Adam, constraint,
-    and the schedule of a ``steps``-step run), timed in interleaved blocks of 10 steps so that
+    and the schedules and periodic steps of a ``steps``-step run), timed in interleaved blocks of 10 steps so that
     load from other processes hits both alike."""
     from sasa.trainer import SAE, SAEConfig
-    from sasa.trainer.consolidate import group_lasso_scale, top_s_at
+    from sasa.trainer.consolidate import after_step, group_lasso_scale, top_s_at
 
     shape = SHAPES[shape_name]
     x = torch.from_numpy(generate(shape_spec(shape_name), batch_size, seed=1).x_ND)
@@ -207,12 +207,13 @@ def step_cost(shape_name: str, steps: int = 300, batch_size: int = 1024) -> dict
         for name, (sae, opt) in models.items():
             t0 = time.perf_counter()
             for step in range(block, block + 10):
-                out = sae(x, gl_scale=group_lasso_scale(sae.cfg, step, steps),
-                          top_s=top_s_at(sae.cfg, step, steps))
+                top_s = top_s_at(sae.cfg, step, steps)
+                out = sae(x, gl_scale=group_lasso_scale(sae.cfg, step, steps), top_s=top_s)
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
                 opt.step()
                 sae.post_step()
+                after_step(sae, x, opt, step, steps, top_s)
             spent[name] += time.perf_counter() - t0
     return {name: t / steps for name, t in spent.items()}
 

@@ -42,8 +42,9 @@ from typing import NamedTuple
 
 import torch
 
-from sasa.trainer.linalg import signfix_qr
 from sasa.trainer.sae_config import SAEConfig
+from sasa.trainer.surgery import periodic, reseed, reset_moments, set_group
+from sasa.trainer.unpack import unpack_due, unpack_packed
 
 
 def top_s_at(cfg: SAEConfig, step: int, steps: int) -> int | None:
@@ -98,16 +99,9 @@ class MergeReport(NamedTuple):
     """Co-firing pairs whose joint contribution was tested."""
 
 
-def _periodic(every: int, step: int, steps: int, start: float, end: float) -> bool:
-    """True after every ``every``-th optimiser step (``step`` 0-based) whose count lies in
-    [start, end] x ``steps``; never when ``every`` is 0."""
-    done = step + 1
-    return every > 0 and done % every == 0 and start * steps <= done <= end * steps
-
-
 def merge_due(cfg: SAEConfig, step: int, steps: int) -> bool:
     """Whether the merge step runs after optimiser step ``step`` (0-based) of ``steps``."""
-    return cfg.consolidate != "none" and _periodic(cfg.merge_every, step, steps, cfg.merge_from,
+    return cfg.consolidate != "none" and periodic(cfg.merge_every, step, steps, cfg.merge_from,
                                                    cfg.merge_until)
 
 
@@ -185,20 +179,20 @@ def merge_and_reseed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None 
         used.update((g, h))
         keep_g, free_g = (g, h) if n_G[g] >= n_G[h] else (h, g)
         w_D2R = q_PD2R[p].double() @ m_half[p] @ u_P[p][:, -R:]
-        _set_group(sae, keep_g, w_D2R)
+        set_group(sae, keep_g, w_D2R)
         merged.append((keep_g, free_g))
         if len(merged) == cap:
             break
     if merged:
-        _reseed(sae, [free_g for _, free_g in merged], resid_BD)
+        reseed(sae, [free_g for _, free_g in merged], resid_BD)
         if opt is not None:
-            _reset_moments(sae, opt, [g for pair in merged for g in pair])
+            reset_moments(sae, opt, [g for pair in merged for g in pair])
     return MergeReport(merged, int(g_P.numel()))
 
 
 def revive_due(cfg: SAEConfig, step: int, steps: int) -> bool:
     """Whether the revive step runs after optimiser step ``step`` (0-based) of ``steps``."""
-    return cfg.consolidate != "none" and _periodic(cfg.revive_every, step, steps, 0.0,
+    return cfg.consolidate != "none" and periodic(cfg.revive_every, step, steps, 0.0,
                                                    cfg.group_lasso_end)
 
 
@@ -208,45 +202,27 @@ def revive_silent(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
     """Re-seed the groups kept on no token of the last ``revive_every`` batches at the residual.
 
     Their subspaces become the principal directions of x - x_hat over the batch's
-    worst-reconstructed tokens (``_reseed``), their Adam moments are zeroed. Returns the
+    worst-reconstructed tokens (``surgery.reseed``), their Adam moments are zeroed. Returns the
     re-seeded groups. Deterministic given the batch and the weights (exact under resume)."""
     window = sae.cfg.revive_every * x_BD.shape[0]
     silent = torch.nonzero(sae.tokens_since_fired_G >= window).flatten().tolist()
     if not silent:
         return []
     x_BD = x_BD.to(sae.W_dec_GRD.dtype)
-    _reseed(sae, silent, x_BD - sae.decode(sae.encode(x_BD, top_s)))
+    reseed(sae, silent, x_BD - sae.decode(sae.encode(x_BD, top_s)))
     if opt is not None:
-        _reset_moments(sae, opt, silent)
+        reset_moments(sae, opt, silent)
     return silent
 
 
-def _reseed(sae, groups: list[int], resid_BD: torch.Tensor) -> None:
-    """Groups span successive r-blocks of the principal directions of the residual of the
-    worst-reconstructed tokens (cycling when there are more groups than directions)."""
-    B, R = resid_BD.shape[0], sae.cfg.rank
-    err_B = resid_BD.square().sum(1)
-    worst = err_B.topk(min(B, max(4 * R * len(groups), B // 16))).indices
-    _, _, vt = torch.linalg.svd(resid_BD[worst].double(), full_matrices=False)
-    for i, g in enumerate(groups):
-        lo = (i * R) % max(1, vt.shape[0] - R + 1)
-        _set_group(sae, g, vt[lo:lo + R].T)
-
-
-def _set_group(sae, g: int, w_DR: torch.Tensor) -> None:
-    """Group g spans the columns of w_DR: orthonormal decoder, encoder = its transpose."""
-    q_DR = signfix_qr(w_DR.unsqueeze(0).double())[0].to(sae.W_dec_GRD.dtype)
-    sae.W_dec_GRD[g] = q_DR.T
-    sae.W_enc_GRD[g] = q_DR.T
-    sae.b_enc_GR[g] = 0
-    sae.tokens_since_fired_G[g] = 0
-
-
-def _reset_moments(sae, opt: torch.optim.Optimizer, groups: list[int]) -> None:
-    """Zero the Adam moments of the given groups' rows (a fresh start for new subspaces)."""
-    idx = torch.tensor(groups, device=sae.W_dec_GRD.device)
-    for param in (sae.W_enc_GRD, sae.W_dec_GRD, sae.b_enc_GR):
-        state = opt.state.get(param, {})
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in state:
-                state[key][idx] = 0
+def after_step(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None, step: int,
+               steps: int, top_s: int | None) -> None:
+    """The periodic consolidation steps due after optimiser step ``step`` of ``steps`` (merge,
+    revive, unpack; each a no-op unless its ``*_every`` is set), on that step's batch."""
+    cfg = sae.cfg
+    if merge_due(cfg, step, steps):
+        merge_and_reseed(sae, x_BD, opt, top_s=top_s)
+    if revive_due(cfg, step, steps):
+        revive_silent(sae, x_BD, opt, top_s=top_s)
+    if unpack_due(cfg, step, steps):
+        unpack_packed(sae, x_BD, opt, top_s=top_s)

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from sasa.trainer.consolidate import group_lasso_scale, merge_and_reseed, merge_due, top_s_at
+from sasa.trainer.consolidate import after_step, group_lasso_scale, top_s_at
 from sasa.trainer.sae import SAE
 from sasa.trainer.schedule import lr_factor
 
@@ -46,8 +46,7 @@ def train_in_memory(sae: SAE, x_ND: torch.Tensor, *, steps: int, batch_size: int
         opt.step()
         sched.step()
         sae.post_step()
-        if merge_due(sae.cfg, step, steps):
-            merge_and_reseed(sae, x_ND[idx], opt, top_s=top_s)
+        after_step(sae, x_ND[idx], opt, step, steps, top_s)
         fvus.append(out.fvu.detach())
         if log_every and (step + 1) % log_every == 0:
             print(f"step {step + 1}: fvu {float(out.fvu):.4f} l0 {float(out.l0_groups):.2f}")

@@ -28,8 +28,7 @@ from sasa.store import open_cache
 from sasa.store.verify import refuse_damaged
 from sasa.trainer.config import MemberConfig, TrainConfig
 from sasa.trainer.outdir import claim
-from sasa.trainer.consolidate import (group_lasso_scale, merge_and_reseed, merge_due, revive_due,
-                                      revive_silent, top_s_at)
+from sasa.trainer.consolidate import after_step, group_lasso_scale, top_s_at
 from sasa.trainer.persist import save_sae
 from sasa.trainer.sae import SAE
 from sasa.trainer.schedule import lr_factor
@@ -276,10 +275,7 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, member_ids: list[int] |
             m.opt.step()
             m.sched.step()
             m.sae.post_step()
-            if merge_due(m.sae_cfg, step, cfg.steps):
-                merge_and_reseed(m.sae, xs[m.cfg.hookpoint], m.opt, top_s=top_s)
-            if revive_due(m.sae_cfg, step, cfg.steps):
-                revive_silent(m.sae, xs[m.cfg.hookpoint], m.opt, top_s=top_s)
+            after_step(m.sae, xs[m.cfg.hookpoint], m.opt, step, cfg.steps, top_s)
             m.accumulate(o)
         step += 1
         bar.update(cfg.batch_size)

@@ -147,6 +147,25 @@ class SAEConfig:
     """... and their joint contribution on shared tokens leaves at most this fraction of its
     energy outside its top-r principal subspace."""
 
+    unpack_every: int = 25
+    """Steps between unpack steps (``sasa.trainer.unpack.unpack_packed``: a group whose codes
+    fall into independent blocks holds several features, and each block but the largest moves
+    to a group kept on no token of the batch); 0 disables. Part of ``consolidate: anneal``."""
+
+    unpack_from: float = 0.5
+    """Fraction of the run's steps before the first unpack step."""
+
+    unpack_until: float = 0.8
+    """Fraction of the run's steps after which no unpack step runs."""
+
+    unpack_dep: float = 1.3
+    """Two unmixed sources of a group belong to one feature when both are on together on at
+    least this multiple of the tokens independence predicts (one feature with probability p:
+    ~1/p; two independent ones: 1)."""
+
+    unpack_min_share: float = 0.05
+    """Directions and blocks below this share of a group's code energy are ignored."""
+
     def __post_init__(self) -> None:
         check_fields(self)  # YAML / CLI values: one-line errors naming the field and its type
         if self.arch not in ARCHS:

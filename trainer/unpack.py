@@ -1,0 +1,198 @@
+"""Unpacking: a group whose codes fall into independent blocks holds several features; each
+block gets a group of its own.
+
+Why (bench/SPLITTING.md, round 4): with r above most d_i, SASA packs frequent co-occurring
+features into one group's spare dimensions, and every pressure toward fewer groups per token
+(the s ramp, the concave group penalty) rewards that exactly as it rewards merging a split
+feature. What tells the two apart is independence: the coordinates of one multi-dimensional
+feature are on together (when the feature is on), while two packed features switch on and off
+independently. So, per group, on the tokens of a batch (codes zero where the group is not
+kept): whiten the codes in the principal directions that carry at least ``unpack_min_share`` of
+the group's energy, unmix them with FastICA (kurtosis; it finds the sparse directions of packed
+1-D features even when their variances tie), and call two sources dependent when both are
+"on" (squared source > 1/4 of its variance) on more tokens than independence predicts:
+P(i and j) >= ``unpack_dep`` x P(i) P(j). The connected components of that relation are the
+group's blocks. For one feature on with probability p, two of its sources give about 1/p (>= 2
+for p <= 1/2); for two independent features, 1.
+
+A group with two or more blocks, each holding at least ``unpack_min_share`` of its energy,
+keeps its largest block; every other block goes to a donor: a group kept on no token of the
+batch (the consolidation schedules leave many). Both are completed to r dimensions with the
+principal directions of the residual of the batch's worst tokens, away from the blocks moved;
+encoders are set to the decoders' transposes and Adam moments zeroed. Deterministic given the
+batch and the weights (FastICA starts at the identity), so a resumed run repeats it exactly.
+
+Cost per call: an [r x r] eigenproblem, ``ICA_ITERS`` [B x r] x [r x r] products and an
+[r x r] co-occurrence count per group, in chunks of groups so memory stays ~ a batch of codes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from sasa.trainer.surgery import periodic, reset_moments, residual_directions
+
+ICA_ITERS = 30
+"""Symmetric FastICA iterations (r <= 8 sources from the identity: converged well before)."""
+
+GROUP_CHUNK = 256
+"""Groups per chunk of the block search (bounds its memory at ~ B x 256 x r codes)."""
+
+
+class Blocks(NamedTuple):
+    """Each group's independent blocks, from ``independent_blocks``."""
+
+    label_GR: torch.Tensor
+    """int64: block of each unmixed source (the index of its block's first source); -1 for the
+    sources below ``min_share`` of the group's energy."""
+    mix_GRR: torch.Tensor
+    """Row i of group g: source i's direction in g's code space, scaled by its rms (so the
+    source's energy is its squared norm)."""
+
+
+class UnpackReport(NamedTuple):
+    """What one ``unpack_packed`` call changed."""
+
+    moved: list[tuple[int, int]]
+    """(packed group, donor) pairs: the donor now holds one of the group's blocks."""
+    packed: int
+    """Groups found packed on the batch (moved or not: donors may run out)."""
+
+
+def unpack_due(cfg, step: int, steps: int) -> bool:
+    """Whether the unpack step runs after optimiser step ``step`` (0-based) of ``steps``."""
+    return cfg.consolidate != "none" and periodic(cfg.unpack_every, step, steps,
+                                                   cfg.unpack_from, cfg.unpack_until)
+
+
+@torch.no_grad()
+def independent_blocks(z_BGR: torch.Tensor, min_share: float, dep: float) -> Blocks:
+    """Split each group's codes ``z_BGR`` (zero where not kept) into independent blocks."""
+    B, G, R = z_BGR.shape
+    labels, mixes = [], []
+    for lo in range(0, G, GROUP_CHUNK):
+        z_GBR = z_BGR[:, lo:lo + GROUP_CHUNK].transpose(0, 1).double()
+        n = z_GBR.shape[0]
+        ev_GR, u_GRR = torch.linalg.eigh(z_GBR.transpose(1, 2) @ z_GBR / B)
+        valid_GR = ev_GR > min_share * ev_GR.sum(-1, keepdim=True).clamp_min(1e-30)
+        scale_GR = torch.where(valid_GR, ev_GR.clamp_min(1e-30).rsqrt(), 0.0)
+        white_GBR = (z_GBR @ u_GRR) * scale_GR.unsqueeze(1)
+        # Symmetric FastICA (kurtosis). Invalid dims are zero columns: W stays block-diagonal
+        # there (+-identity), so they stay out of the valid sources.
+        w_GRR = torch.eye(R, dtype=z_GBR.dtype).expand(n, R, R).contiguous()
+        for _ in range(ICA_ITERS):
+            y_GBR = white_GBR @ w_GRR.transpose(1, 2)
+            w_GRR = y_GBR.pow(3).transpose(1, 2) @ white_GBR / B - 3 * w_GRR
+            u, _, vt = torch.linalg.svd(w_GRR)
+            w_GRR = u @ vt
+        y_GBR = white_GBR @ w_GRR.transpose(1, 2)
+        src_GR = y_GBR.square().mean(1) > 0.5  # unit variance: valid; zero: not
+        on_GBR = ((y_GBR.square() > 0.25) & src_GR.unsqueeze(1)).double()
+        p_GR = on_GBR.mean(1)
+        joint_GRR = on_GBR.transpose(1, 2) @ on_GBR / B
+        adj_GRR = joint_GRR >= dep * p_GR.unsqueeze(2) * p_GR.unsqueeze(1)
+        adj_GRR &= src_GR.unsqueeze(2) & src_GR.unsqueeze(1) & (p_GR > 0).unsqueeze(2)
+        adj_GRR |= torch.eye(R, dtype=torch.bool)
+        for _ in range(max(1, (R - 1).bit_length())):  # transitive closure
+            adj_GRR = (adj_GRR.double() @ adj_GRR.double()) > 0
+        labels.append(torch.where(src_GR, adj_GRR.double().argmax(-1), -1))
+        mixes.append(w_GRR * (ev_GR.clamp_min(0).sqrt() * valid_GR).unsqueeze(1)
+                     @ u_GRR.transpose(1, 2))
+    return Blocks(torch.cat(labels), torch.cat(mixes))
+
+
+@torch.no_grad()
+def unpack_packed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = None,
+                  top_s: int | None = None) -> UnpackReport:
+    """Give each independent block of a packed group a group of its own (module docstring).
+
+    On the batch ``x_BD`` (the trainer's normalised inputs), with the gate at ``top_s``.
+    At most max(1, G // 8) blocks move per call; packed groups go in order of energy."""
+    cfg = sae.cfg
+    G, R, D = sae.W_dec_GRD.shape
+    x_BD = x_BD.to(sae.W_dec_GRD.dtype)
+    h_BGR = sae.pre_codes(x_BD)
+    keep_BG = sae.gate(h_BGR, top_s)
+    z_BGR = h_BGR * keep_BG.unsqueeze(-1)
+    donors = [int(g) for g in torch.nonzero(keep_BG.sum(0) == 0).flatten()]
+    donors.sort(key=lambda g: (-int(sae.tokens_since_fired_G[g]), g))
+    blocks = independent_blocks(z_BGR, cfg.unpack_min_share, cfg.unpack_dep)
+    energy_GR = blocks.mix_GRR.square().sum(-1)
+    total_G = energy_GR.sum(-1).clamp_min(1e-30)
+
+    plans: list[tuple[float, int, list[list[int]]]] = []
+    for g in range(G):
+        labels = blocks.label_GR[g]
+        parts = [torch.nonzero(labels == b).flatten().tolist() for b in labels.unique() if b >= 0]
+        parts = [p for p in parts if float(energy_GR[g, p].sum()) >= cfg.unpack_min_share
+                 * float(total_G[g])]
+        if len(parts) >= 2:
+            parts.sort(key=lambda p: -float(energy_GR[g, p].sum()))
+            plans.append((-float(total_G[g]), g, parts))
+    plans.sort()
+    if not plans or not donors:
+        return UnpackReport([], len(plans))
+
+    pool_PD = torch.cat([residual_directions(x_BD - sae.decode(z_BGR), 4 * R),
+                         torch.eye(D, dtype=torch.float64)])
+
+    moved: list[tuple[int, int]] = []
+    cap = max(1, G // 8)
+    for _, g, parts in plans:
+        n_out = min(len(parts) - 1, len(donors), cap - len(moved))
+        if n_out <= 0:
+            break
+        old = (sae.W_dec_GRD[g].double().clone(), sae.W_enc_GRD[g].double().clone(),
+               sae.b_enc_GR[g].double().clone())
+        spans = [blocks.mix_GRR[g, p] @ old[0] for p in parts]  # [k, D] each
+        out_JD = torch.cat(spans[1:1 + n_out])
+        q_DJ = torch.linalg.svd(out_JD.T, full_matrices=False).U
+        keep_KD = old[0] - (old[0] @ q_DJ) @ q_DJ.T  # all of g but the blocks moved out
+        for span_KD in spans[1:1 + n_out]:
+            donor = donors.pop(0)
+            _take_over(sae, donor, *_fill(span_KD, keep_KD, pool_PD, R), *old)
+            moved.append((g, donor))
+        _take_over(sae, g, *_fill(keep_KD, out_JD, pool_PD, R), *old)
+    if opt is not None and moved:
+        reset_moments(sae, opt, sorted({x for pair in moved for x in pair}))
+    return UnpackReport(moved, len(plans))
+
+
+def _take_over(sae, g: int, q_DR: torch.Tensor, k: int, dec_RD: torch.Tensor,
+               enc_RD: torch.Tensor, b_R: torch.Tensor) -> None:
+    """Group g := decoder ``q_DR`` (orthonormal); its first k dimensions take over the part of
+    the old group's reconstruction (``dec_RD``, ``enc_RD``, ``b_R``) that falls in their span
+    (encoder q^T D_old^T E_old), the others start silent (encoder rows 0) until training
+    turns them to something. So an unpack step leaves the reconstruction almost unchanged."""
+    p_KR = q_DR[:, :k].T @ dec_RD.T
+    dtype = sae.W_dec_GRD.dtype
+    sae.W_dec_GRD[g] = q_DR.T.to(dtype)
+    sae.W_enc_GRD[g] = 0
+    sae.W_enc_GRD[g, :k] = (p_KR @ enc_RD).to(dtype)
+    sae.b_enc_GR[g] = 0
+    sae.b_enc_GR[g, :k] = (p_KR @ b_R).to(dtype)
+    sae.tokens_since_fired_G[g] = 0
+
+
+def _fill(span_KD: torch.Tensor, avoid_JD: torch.Tensor, pool_PD: torch.Tensor,
+          R: int) -> tuple[torch.Tensor, int]:
+    """([D, R] orthonormal, k): an orthonormal basis of the k-dimensional span of
+    ``span_KD``'s rows, completed with ``pool_PD``'s rows (in order) projected away from that
+    span and from ``avoid_JD``'s rows."""
+    u_DK, sv_K, _ = torch.linalg.svd(span_KD.T, full_matrices=False)
+    q_DK = u_DK[:, sv_K > 1e-6 * sv_K.max()][:, :R]
+    a_DJ = torch.linalg.qr(avoid_JD.T).Q
+    cols = [q_DK]
+    have = q_DK.shape[1]
+    for v in pool_PD:
+        if have >= R:
+            break
+        basis = torch.cat(cols, 1)
+        v = v - a_DJ @ (a_DJ.T @ v)
+        v = v - basis @ (basis.T @ v)
+        if v.norm() > 0.3:
+            cols.append((v / v.norm()).unsqueeze(1))
+            have += 1
+    return torch.cat(cols, 1)[:, :R], q_DK.shape[1]
