@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import tempfile
@@ -129,7 +130,9 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
     shape = SHAPES[shape_name]
     spec = shape_spec(shape_name, seed, max_prob)
     capped = "" if max_prob == MAX_PROB else f"-p{max_prob:g}"  # other caps: other folders
-    url = work / f"cache-{shape_name}-{seed}{capped}"
+    # The spec's hash in the name: a cache left in --work by another spec is never reused.
+    key = hashlib.sha1(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()).hexdigest()
+    url = work / f"cache-{shape_name}-{seed}-{key[:8]}"
     if not (url / "zarr.json").exists():
         write_synthetic_cache(str(url), spec=spec, n_tokens=1 << 18, ctx_len=64, shard_seqs=256,
                               seed=seed, progress=False)
