@@ -1,19 +1,23 @@
-"""In-memory probes of round 3 (bench/SPLITTING.md): can the s ramp stop packing frequent
-features into shared groups on the capped shapes C and D?
+"""In-memory probes of rounds 3-4 (bench/SPLITTING.md): what packs frequent features into
+shared groups on the capped shapes, and does the unpack step undo it?
 
 One shape of bench/consolidation.py (capped at MAX_PROB), one seed, 262,144 training samples,
-1024 steps of batch 1024 (1M tokens), Adam lr 3e-3, 10% warm-up, 20% decay, the default
-consolidation schedules (``top_s_at``, ``group_lasso_scale``); scored on the same 4000 held-out
-samples as the benchmark: FVU, units per feature by d_i, and how many features share their
-main group with another ("packed"). Variants:
+1024 steps of batch 1024 (1M tokens), Adam lr 3e-3, 10% warm-up, 20% decay, the consolidation
+schedules and periodic steps of the member's SAEConfig (``top_s_at``, ``group_lasso_scale``,
+``after_step``); scored on the same 4000 held-out samples as the benchmark: FVU, units per
+feature by d_i, and how many features share their main group with another ("packed").
+Variants (each a name below, or NAME=JSON of SAEConfig overrides):
 
-- ``default``: the default procedure, in memory;
-- ``batch_ramp`` / ``batch_s1``: the batch gate (top s*B over the batch, so a token with many
-  features on may keep more groups) until 30% / 10% of the run, the token gate after;
-- ``rank``: a rank ramp beside the s ramp: codes j >= k switched off (encoder rows zeroed after
-  each step), k = 1 until 10% of the run, then up to r by 30%.
+- ``default``: the default procedure (s ramp, group penalty, unpack step), in memory;
+- ``anneal``: the default without the unpack step (the default of rounds 2-3);
+- ``oracle``: groups initialised at the planted subspaces, plain objective;
+- ``batch_ramp`` / ``batch_s1`` (round 3): ``anneal`` with the batch gate (top s*B over the
+  batch) until 30% / 10% of the run, the token gate after;
+- ``rank`` (round 3): ``anneal`` with a rank ramp beside the s ramp: codes j >= k switched off
+  (encoder rows zeroed after each step), k = 1 until 10% of the run, then up to r by 30%.
 
-    python bench/packing_probes.py C 0 default batch_ramp batch_s1 rank
+    python bench/packing_probes.py C 0 default anneal oracle \
+        'u50={"unpack_every": 50, "unpack_from": 0.3}'
 """
 
 from __future__ import annotations
@@ -26,22 +30,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.consolidation import SHAPES, energy_shares, packed_groups, shape_spec  # noqa: E402
+from bench._common import parse_variants  # noqa: E402
+from bench.consolidation import SHAPES, energy_shares, oracle_weights, packed_groups, shape_spec  # noqa: E402
 from sasa.analysis.splitting import splitting, unit_energies  # noqa: E402
 from sasa.analysis.synthetic import generate  # noqa: E402
 from sasa.trainer import SAE, SAEConfig  # noqa: E402
-from sasa.trainer.consolidate import group_lasso_scale, top_s_at  # noqa: E402
+from sasa.trainer.consolidate import after_step, group_lasso_scale, top_s_at  # noqa: E402
 from sasa.trainer.schedule import lr_factor  # noqa: E402
 
 STEPS = 1024
 GATE_UNTIL = {"batch_ramp": 0.3, "batch_s1": 0.1}
+NO_UNPACK = {"unpack_every": 0}
+NAMED = {"default": {}, "anneal": NO_UNPACK, "oracle": {"consolidate": "none"},
+         "batch_ramp": NO_UNPACK, "batch_s1": NO_UNPACK, "rank": NO_UNPACK}
 
 
 def rank_at(frac: float, rank: int) -> int:
     return 1 if frac < 0.1 else rank if frac >= 0.3 else 1 + int((rank - 1) * (frac - 0.1) / 0.2)
 
 
-def probe(shape_name: str, seed: int, variant: str) -> str:
+def probe(shape_name: str, seed: int, variant: str, over: dict) -> str:
     shape = SHAPES[shape_name]
     spec = shape_spec(shape_name, seed)
     train_x, test = generate(spec, 1 << 18, seed=seed), generate(spec, 4000, seed=10**9 + seed)
@@ -49,8 +57,12 @@ def probe(shape_name: str, seed: int, variant: str) -> str:
     mean = x.mean(0)
     scale = float(((x - mean) ** 2).sum(1).mean().div(spec.d).sqrt())
     x_n = (x - mean) / scale
-    sae = SAE(SAEConfig(d_in=spec.d, groups=shape.groups, rank=shape.rank, top_s=shape.top_s),
-              seed=seed)
+    sae = SAE(SAEConfig(d_in=spec.d, groups=shape.groups, rank=shape.rank, top_s=shape.top_s,
+                        **over), seed=seed)
+    if variant == "oracle":
+        state = sae.state_dict()
+        oracle_weights(state, test.bases, shape.rank, seed)
+        sae.load_state_dict(state)
     opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(STEPS, STEPS // 10, 0.2))
     gen = torch.Generator().manual_seed(seed)
@@ -58,13 +70,14 @@ def probe(shape_name: str, seed: int, variant: str) -> str:
     for step in range(STEPS):
         sae.cfg.gate = "batch" if step / STEPS < GATE_UNTIL.get(variant, 0.0) else "token"
         idx = torch.randint(0, x_n.shape[0], (1024,), generator=gen)
-        out = sae(x_n[idx], gl_scale=group_lasso_scale(sae.cfg, step, STEPS),
-                  top_s=top_s_at(sae.cfg, step, STEPS))
+        top_s = top_s_at(sae.cfg, step, STEPS)
+        out = sae(x_n[idx], gl_scale=group_lasso_scale(sae.cfg, step, STEPS), top_s=top_s)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
         sched.step()
         sae.post_step()
+        after_step(sae, x_n[idx], opt, step, STEPS, top_s)
         if variant == "rank":
             k = rank_at(step / STEPS, shape.rank)
             with torch.no_grad():
@@ -89,8 +102,10 @@ def main() -> None:
     shape_name, seed, variants = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     print("| shape | seed | variant | held-out FVU | units per feature by d_i | packed | s |")
     print("|---|---|---|---|---|---|---|")
+    custom = parse_variants([v for v in variants if "=" in v])
     for variant in variants:
-        print(probe(shape_name, seed, variant), flush=True)
+        name = variant.split("=", 1)[0]
+        print(probe(shape_name, seed, name, custom.get(name, NAMED.get(name))), flush=True)
 
 
 if __name__ == "__main__":

@@ -166,14 +166,6 @@ class SAEConfig:
     unpack_min_share: float = 0.05
     """Directions and blocks below this share of a group's code energy are ignored."""
 
-    unpack_home: float = 0.9
-    """A block whose span lies this much (fraction of its energy) inside another group's span
-    goes to that group (one feature held twice) instead of to a silent one; > 1: never."""
-
-    unpack_guard: float = 0.01
-    """A packed group's moves are undone when they raise the FVU of the tokens it was kept on
-    by more than this (absolute; the gate has no slots for the blocks apart)."""
-
     def __post_init__(self) -> None:
         check_fields(self)  # YAML / CLI values: one-line errors naming the field and its type
         if self.arch not in ARCHS:

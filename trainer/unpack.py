@@ -132,88 +132,32 @@ def unpack_packed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
             parts.sort(key=lambda p: -float(energy_GR[g, p].sum()))
             plans.append((-float(total_G[g]), g, parts))
     plans.sort()
-    if not plans:
-        return UnpackReport([], 0)
+    if not plans or not donors:
+        return UnpackReport([], len(plans))
 
     pool_PD = torch.cat([residual_directions(x_BD - sae.decode(z_BGR), 4 * R),
                          torch.eye(D, dtype=torch.float64)])
+
     moved: list[tuple[int, int]] = []
     cap = max(1, G // 8)
     for _, g, parts in plans:
-        if len(moved) >= cap:
+        n_out = min(len(parts) - 1, len(donors), cap - len(moved))
+        if n_out <= 0:
             break
-        x_TD = x_BD[keep_BG[:, g]]  # the group's tokens: where its moves can change anything
-        before = _fvu(sae, x_TD, x_BD.mean(0), top_s)
         old = (sae.W_dec_GRD[g].double().clone(), sae.W_enc_GRD[g].double().clone(),
                sae.b_enc_GR[g].double().clone())
         spans = [blocks.mix_GRR[g, p] @ old[0] for p in parts]  # [k, D] each
-        targets: list[tuple[torch.Tensor, int | None]] = []  # (span, home group or None)
-        for span_KD in spans[1:]:
-            home = _home(sae, span_KD, g, cfg.unpack_home)
-            if home is None and len(donors) <= sum(t is None for _, t in targets):
-                continue
-            targets.append((span_KD, home))
-            if len(moved) + len(targets) >= cap:
-                break
-        if not targets:
-            continue
-        out_JD = torch.cat([span for span, _ in targets])
+        out_JD = torch.cat(spans[1:1 + n_out])
         q_DJ = torch.linalg.svd(out_JD.T, full_matrices=False).U
         keep_KD = old[0] - (old[0] @ q_DJ) @ q_DJ.T  # all of g but the blocks moved out
-        touched = [g, *(h for _, h in targets if h is not None), *donors[:sum(
-            h is None for _, h in targets)]]
-        saved = [p[touched].clone() for p in _rows(sae)]
-        pairs, used = [], []
-        for span_KD, home in targets:
-            if home is None:
-                home = donors[len(used)]
-                used.append(home)
-                _take_over(sae, home, *_fill(span_KD, keep_KD, pool_PD, R), *old)
-            else:
-                _absorb(sae, home, span_KD, *old)
-            pairs.append((g, home))
+        for span_KD in spans[1:1 + n_out]:
+            donor = donors.pop(0)
+            _take_over(sae, donor, *_fill(span_KD, keep_KD, pool_PD, R), *old)
+            moved.append((g, donor))
         _take_over(sae, g, *_fill(keep_KD, out_JD, pool_PD, R), *old)
-        if _fvu(sae, x_TD, x_BD.mean(0), top_s) > before + cfg.unpack_guard:
-            for p, v in zip(_rows(sae), saved):  # the gate had no room for the blocks apart
-                p[touched] = v
-            continue
-        donors = donors[len(used):]
-        moved += pairs
     if opt is not None and moved:
         reset_moments(sae, opt, sorted({x for pair in moved for x in pair}))
     return UnpackReport(moved, len(plans))
-
-
-def _fvu(sae, x_TD: torch.Tensor, mean_D: torch.Tensor, top_s: int | None) -> float:
-    """FVU of the tokens ``x_TD``, against the batch mean ``mean_D``."""
-    err = (x_TD - sae.decode(sae.encode(x_TD, top_s))).square().sum()
-    return float(err / (x_TD - mean_D).square().sum().clamp_min(1e-30))
-
-
-def _rows(sae) -> tuple[torch.Tensor, ...]:
-    """The per-group tensors an unpack step rewrites."""
-    return sae.W_dec_GRD, sae.W_enc_GRD, sae.b_enc_GR, sae.tokens_since_fired_G
-
-
-def _home(sae, span_KD: torch.Tensor, g: int, threshold: float) -> int | None:
-    """The group other than g whose span holds at least ``threshold`` of the block's span
-    (the same feature held twice), or None."""
-    u_DK = torch.linalg.svd(span_KD.T, full_matrices=False).U
-    inside_G = (sae.W_dec_GRD.double() @ u_DK).square().sum((1, 2)) / u_DK.shape[1]
-    inside_G[g] = -1
-    h = int(inside_G.argmax())
-    return h if float(inside_G[h]) >= threshold else None
-
-
-def _absorb(sae, h: int, span_KD: torch.Tensor, dec_RD: torch.Tensor, enc_RD: torch.Tensor,
-            b_R: torch.Tensor) -> None:
-    """Group h, whose span holds the block, adds the old group's reconstruction of the block
-    to its own codes (encoder += D_h P_block D_old^T E_old); its decoder is unchanged."""
-    u_DK = torch.linalg.svd(span_KD.T, full_matrices=False).U
-    map_RR = sae.W_dec_GRD[h].double() @ u_DK @ u_DK.T @ dec_RD.T
-    dtype = sae.W_dec_GRD.dtype
-    sae.W_enc_GRD[h] += (map_RR @ enc_RD).to(dtype)
-    sae.b_enc_GR[h] += (map_RR @ b_R).to(dtype)
 
 
 def _take_over(sae, g: int, q_DR: torch.Tensor, k: int, dec_RD: torch.Tensor,
