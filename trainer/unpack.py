@@ -34,8 +34,8 @@ import torch
 
 from sasa.trainer.surgery import periodic, reset_moments, residual_directions
 
-ICA_ITERS = 30
-"""Symmetric FastICA iterations (r <= 8 sources from the identity: converged well before)."""
+ICA_ITERS = 20
+"""Symmetric FastICA iterations from the identity (r <= 8 sources)."""
 
 GROUP_CHUNK = 256
 """Groups per chunk of the block search (bounds its memory at ~ B x 256 x r codes)."""
@@ -73,7 +73,7 @@ def independent_blocks(z_BGR: torch.Tensor, min_share: float, dep: float) -> Blo
     B, G, R = z_BGR.shape
     labels, mixes = [], []
     for lo in range(0, G, GROUP_CHUNK):
-        z_GBR = z_BGR[:, lo:lo + GROUP_CHUNK].transpose(0, 1).double()
+        z_GBR = z_BGR[:, lo:lo + GROUP_CHUNK].transpose(0, 1).float()
         n = z_GBR.shape[0]
         ev_GR, u_GRR = torch.linalg.eigh(z_GBR.transpose(1, 2) @ z_GBR / B)
         valid_GR = ev_GR > min_share * ev_GR.sum(-1, keepdim=True).clamp_min(1e-30)
@@ -100,7 +100,7 @@ def independent_blocks(z_BGR: torch.Tensor, min_share: float, dep: float) -> Blo
         labels.append(torch.where(src_GR, adj_GRR.double().argmax(-1), -1))
         mixes.append(w_GRR * (ev_GR.clamp_min(0).sqrt() * valid_GR).unsqueeze(1)
                      @ u_GRR.transpose(1, 2))
-    return Blocks(torch.cat(labels), torch.cat(mixes))
+    return Blocks(torch.cat(labels), torch.cat(mixes).double())
 
 
 @torch.no_grad()
