@@ -91,7 +91,10 @@ class SAEConfig:
     holds part of a feature leaves the rest in the error and turns its spare dimensions to it,
     instead of a spare slot letting a second group take it; (2) a group-sparsity penalty on the
     kept codes (``group_lasso``...), which makes a split or duplicated feature cost more than a
-    consolidated one. "none": the plain objective (Top-s, FVU + AuxK + rank penalty).
+    consolidated one; and (3) the unpack step (``unpack_every``...): a group whose codes fall
+    into independent blocks holds several features packed together, and its blocks but the
+    largest move to silent groups. "none": the plain objective (Top-s, FVU + AuxK + rank
+    penalty).
     Default: "anneal" for sasa, "none" for topk/relu (one-dimensional latents)."""
 
     group_lasso: float = 0.1

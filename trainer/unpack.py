@@ -74,6 +74,12 @@ def independent_blocks(z_BGR: torch.Tensor, min_share: float, dep: float) -> Blo
     labels, mixes = [], []
     for lo in range(0, G, GROUP_CHUNK):
         z_GBR = z_BGR[:, lo:lo + GROUP_CHUNK].transpose(0, 1).float()
+        # Only the rows where a group is kept carry anything (every sum below is over them,
+        # divided by B): move them first and drop the all-zero tail, exactly.
+        on_GB = z_GBR.abs().sum(-1) > 0
+        order_GB = on_GB.float().argsort(dim=1, descending=True, stable=True)
+        kept = max(1, int(on_GB.sum(1).max()))
+        z_GBR = z_GBR.gather(1, order_GB[:, :kept, None].expand(-1, -1, R))
         n = z_GBR.shape[0]
         ev_GR, u_GRR = torch.linalg.eigh(z_GBR.transpose(1, 2) @ z_GBR / B)
         valid_GR = ev_GR > min_share * ev_GR.sum(-1, keepdim=True).clamp_min(1e-30)
@@ -88,9 +94,9 @@ def independent_blocks(z_BGR: torch.Tensor, min_share: float, dep: float) -> Blo
             u, _, vt = torch.linalg.svd(w_GRR)
             w_GRR = u @ vt
         y_GBR = white_GBR @ w_GRR.transpose(1, 2)
-        src_GR = y_GBR.square().mean(1) > 0.5  # unit variance: valid; zero: not
+        src_GR = y_GBR.square().sum(1) / B > 0.5  # unit variance: valid; zero: not
         on_GBR = ((y_GBR.square() > 0.25) & src_GR.unsqueeze(1)).double()
-        p_GR = on_GBR.mean(1)
+        p_GR = on_GBR.sum(1) / B
         joint_GRR = on_GBR.transpose(1, 2) @ on_GBR / B
         adj_GRR = joint_GRR >= dep * p_GR.unsqueeze(2) * p_GR.unsqueeze(1)
         adj_GRR &= src_GR.unsqueeze(2) & src_GR.unsqueeze(1) & (p_GR > 0).unsqueeze(2)
@@ -118,19 +124,21 @@ def unpack_packed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
     z_BGR = h_BGR * keep_BG.unsqueeze(-1)
     donors = [int(g) for g in torch.nonzero(keep_BG.sum(0) == 0).flatten()]
     donors.sort(key=lambda g: (-int(sae.tokens_since_fired_G[g]), g))
-    blocks = independent_blocks(z_BGR, cfg.unpack_min_share, cfg.unpack_dep)
-    energy_GR = blocks.mix_GRR.square().sum(-1)
-    total_G = energy_GR.sum(-1).clamp_min(1e-30)
+    # Groups kept on under 1% of the batch have too few tokens to tell blocks apart.
+    busy = torch.nonzero(keep_BG.sum(0) >= max(8, x_BD.shape[0] // 100)).flatten()
+    blocks = independent_blocks(z_BGR[:, busy], cfg.unpack_min_share, cfg.unpack_dep)
+    energy_AR = blocks.mix_GRR.square().sum(-1)
+    total_A = energy_AR.sum(-1).clamp_min(1e-30)
 
-    plans: list[tuple[float, int, list[list[int]]]] = []
-    for g in range(G):
-        labels = blocks.label_GR[g]
+    plans: list[tuple[float, int, int, list[list[int]]]] = []
+    for a, g in enumerate(busy.tolist()):
+        labels = blocks.label_GR[a]
         parts = [torch.nonzero(labels == b).flatten().tolist() for b in labels.unique() if b >= 0]
-        parts = [p for p in parts if float(energy_GR[g, p].sum()) >= cfg.unpack_min_share
-                 * float(total_G[g])]
+        parts = [p for p in parts if float(energy_AR[a, p].sum()) >= cfg.unpack_min_share
+                 * float(total_A[a])]
         if len(parts) >= 2:
-            parts.sort(key=lambda p: -float(energy_GR[g, p].sum()))
-            plans.append((-float(total_G[g]), g, parts))
+            parts.sort(key=lambda p: -float(energy_AR[a, p].sum()))
+            plans.append((-float(total_A[a]), g, a, parts))
     plans.sort()
     if not plans or not donors:
         return UnpackReport([], len(plans))
@@ -140,13 +148,13 @@ def unpack_packed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
 
     moved: list[tuple[int, int]] = []
     cap = max(1, G // 8)
-    for _, g, parts in plans:
+    for _, g, a, parts in plans:
         n_out = min(len(parts) - 1, len(donors), cap - len(moved))
         if n_out <= 0:
             break
         old = (sae.W_dec_GRD[g].double().clone(), sae.W_enc_GRD[g].double().clone(),
                sae.b_enc_GR[g].double().clone())
-        spans = [blocks.mix_GRR[g, p] @ old[0] for p in parts]  # [k, D] each
+        spans = [blocks.mix_GRR[a, p] @ old[0] for p in parts]  # [k, D] each
         out_JD = torch.cat(spans[1:1 + n_out])
         q_DJ = torch.linalg.svd(out_JD.T, full_matrices=False).U
         keep_KD = old[0] - (old[0] @ q_DJ) @ q_DJ.T  # all of g but the blocks moved out
