@@ -91,10 +91,9 @@ class SAEConfig:
     holds part of a feature leaves the rest in the error and turns its spare dimensions to it,
     instead of a spare slot letting a second group take it; (2) a group-sparsity penalty on the
     kept codes (``group_lasso``...), which makes a split or duplicated feature cost more than a
-    consolidated one; and (3) the unpack step (``unpack_every``...): a group whose codes fall
-    into independent blocks holds several features packed together, and its blocks but the
-    largest move to silent groups. "none": the plain objective (Top-s, FVU + AuxK + rank
-    penalty).
+    consolidated one. Optional periodic steps: merge (``merge_every``), revive
+    (``revive_every``), unpack (``unpack_every``). "none": the plain objective (Top-s, FVU +
+    AuxK + rank penalty).
     Default: "anneal" for sasa, "none" for topk/relu (one-dimensional latents)."""
 
     group_lasso: float = 0.1
@@ -150,10 +149,12 @@ class SAEConfig:
     """... and their joint contribution on shared tokens leaves at most this fraction of its
     energy outside its top-r principal subspace."""
 
-    unpack_every: int = 25
+    unpack_every: int = 0
     """Steps between unpack steps (``sasa.trainer.unpack.unpack_packed``: a group whose codes
     fall into independent blocks holds several features, and each block but the largest moves
-    to a group kept on no token of the batch); 0 disables. Part of ``consolidate: anneal``."""
+    to a group kept on no token of the batch); 0 disables (the default). 25 takes packing out
+    and brings FVU to the planted oracle's on overlapping 1-6-D shapes, but splits 1-D
+    features more on others (bench/RESULTS_consolidation.md, round 4)."""
 
     unpack_from: float = 0.5
     """Fraction of the run's steps before the first unpack step."""
