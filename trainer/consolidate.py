@@ -29,6 +29,9 @@ phase is short (10% of the run, ramp to 30%) because a long one costs FVU on rea
 ``revive_silent`` (off by default, ``revive_every``) re-seeds groups that no token kept at the
 residual; it removes silent groups but did not recover FVU on MiniLM (bench/SPLITTING.md).
 
+``sasa.trainer.unpack.unpack_packed`` (off by default, ``unpack_every``) takes groups that pack
+several co-occurring features apart; round 4 of bench/SPLITTING.md measures it.
+
 ``merge_and_reseed`` (off by default, ``merge_every``) is the explicit alternative: merge two
 co-firing groups whose joint contribution fits in r dimensions, re-seed the freed one at the
 residual of the worst tokens. On planted data after a few hundred steps the groups that hold

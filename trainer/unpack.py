@@ -16,14 +16,24 @@ group's blocks. For one feature on with probability p, two of its sources give a
 for p <= 1/2); for two independent features, 1.
 
 A group with two or more blocks, each holding at least ``unpack_min_share`` of its energy,
-keeps its largest block; every other block goes to a donor: a group kept on no token of the
-batch (the consolidation schedules leave many). Both are completed to r dimensions with the
-principal directions of the residual of the batch's worst tokens, away from the blocks moved;
-encoders are set to the decoders' transposes and Adam moments zeroed. Deterministic given the
-batch and the weights (FastICA starts at the identity), so a resumed run repeats it exactly.
+keeps everything but the blocks it gives away; every block but its largest goes to a donor, a
+group kept on no token of the batch (the consolidation schedules leave many), while donors
+last. The donor's first dimensions span the block and take over the old group's codes for it
+(encoder D_new^T D_old E_old), so the step leaves the reconstruction almost unchanged; the
+dimensions left over point along the residual of the batch's worst tokens with zero encoder
+rows, until training turns them to something. Adam moments of both are zeroed. Deterministic
+given the batch and the weights (FastICA starts at the identity): exact under resume.
 
-Cost per call: an [r x r] eigenproblem, ``ICA_ITERS`` [B x r] x [r x r] products and an
-[r x r] co-occurrence count per group, in chunks of groups so memory stays ~ a batch of codes.
+Measured (bench/RESULTS_consolidation.md, round 4; four planted shapes, three seeds, through
+the streaming trainer): every 25 steps from 50% to 80% of the run it takes most packing out
+and brings FVU from 0.52-0.96x the planted oracle's to 0.87-1.08x, and multi-dimensional
+features on overlapping shapes closer to one group each, but splits one-dimensional features
+more (A: 1.23 against 1.13 groups at 1M tokens), so it is off by default. Per step it costs
+1.27x / 0.99x / 1.23x / 1.24x plain SASA where the default costs 1.24x / 0.95x / 1.15x / 1.13x.
+
+Cost per call: an [r x r] eigenproblem, ``ICA_ITERS`` products of the group's kept rows by
+[r x r] matrices and an [r x r] co-occurrence count per group kept on >= 1% of the batch, in
+chunks of ``GROUP_CHUNK`` groups so memory stays about one batch of codes.
 """
 
 from __future__ import annotations
