@@ -8,16 +8,14 @@ schedules and periodic steps of the member's SAEConfig (``top_s_at``, ``group_la
 feature by d_i, and how many features share their main group with another ("packed").
 Variants (each a name below, or NAME=JSON of SAEConfig overrides):
 
-- ``default``: the default procedure (s ramp, group penalty, unpack step), in memory;
-- ``anneal``: the default without the unpack step (the default of rounds 2-3);
+- ``default``: the default procedure (s ramp and group penalty), in memory;
 - ``oracle``: groups initialised at the planted subspaces, plain objective;
-- ``batch_ramp`` / ``batch_s1`` (round 3): ``anneal`` with the batch gate (top s*B over the
+- ``batch_ramp`` / ``batch_s1`` (round 3): the default with the batch gate (top s*B over the
   batch) until 30% / 10% of the run, the token gate after;
-- ``rank`` (round 3): ``anneal`` with a rank ramp beside the s ramp: codes j >= k switched off
+- ``rank`` (round 3): the default with a rank ramp beside the s ramp: codes j >= k switched off
   (encoder rows zeroed after each step), k = 1 until 10% of the run, then up to r by 30%.
 
-    python bench/packing_probes.py C 0 default anneal oracle \
-        'u50={"unpack_every": 50, "unpack_from": 0.3}'
+    python bench/packing_probes.py C 0 default oracle 'unpack={"unpack_every": 25}'
 """
 
 from __future__ import annotations
@@ -40,9 +38,8 @@ from sasa.trainer.schedule import lr_factor  # noqa: E402
 
 STEPS = 1024
 GATE_UNTIL = {"batch_ramp": 0.3, "batch_s1": 0.1}
-NO_UNPACK = {"unpack_every": 0}
-NAMED = {"default": {}, "anneal": NO_UNPACK, "oracle": {"consolidate": "none"},
-         "batch_ramp": NO_UNPACK, "batch_s1": NO_UNPACK, "rank": NO_UNPACK}
+NAMED = {"default": {}, "oracle": {"consolidate": "none"}, "batch_ramp": {}, "batch_s1": {},
+         "rank": {}}
 
 
 def rank_at(frac: float, rank: int) -> int:
@@ -105,6 +102,9 @@ def main() -> None:
     custom = parse_variants([v for v in variants if "=" in v])
     for variant in variants:
         name = variant.split("=", 1)[0]
+        if name not in custom and name not in NAMED:
+            raise SystemExit(f"unknown variant {name!r}: use one of {', '.join(NAMED)} or "
+                             "NAME=JSON (SAEConfig overrides)")
         print(probe(shape_name, seed, name, custom.get(name, NAMED.get(name))), flush=True)
 
 
