@@ -109,6 +109,14 @@ def test_unpack_leaves_one_feature_per_group_alone():
     assert torch.equal(sae.W_dec_GRD.detach(), before)
 
 
+def test_unpack_skips_groups_with_too_few_tokens():
+    """64 groups, s = 1, 64 tokens: no group is kept on the 8 tokens a block test needs."""
+    sae = SAE(SAEConfig(d_in=16, groups=64, rank=2, top_s=1, unpack_every=1), seed=0)
+    before = sae.W_dec_GRD.detach().clone()
+    assert unpack_packed(sae, torch.randn(64, 16)) == ([], 0)
+    assert torch.equal(sae.W_dec_GRD.detach(), before)
+
+
 def test_unpack_schedule():
     cfg = SAEConfig(d_in=8, groups=2, rank=2, top_s=1, unpack_every=25, unpack_from=0.5,
                     unpack_until=0.8)

@@ -136,6 +136,8 @@ def unpack_packed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
     donors.sort(key=lambda g: (-int(sae.tokens_since_fired_G[g]), g))
     # Groups kept on under 1% of the batch have too few tokens to tell blocks apart.
     busy = torch.nonzero(keep_BG.sum(0) >= max(8, x_BD.shape[0] // 100)).flatten()
+    if busy.numel() == 0:
+        return UnpackReport([], 0)
     blocks = independent_blocks(z_BGR[:, busy], cfg.unpack_min_share, cfg.unpack_dep)
     energy_AR = blocks.mix_GRR.square().sum(-1)
     total_A = energy_AR.sum(-1).clamp_min(1e-30)
