@@ -152,7 +152,7 @@ class SAEConfig:
     unpack_every: int = 0
     """Steps between unpack steps (``sasa.trainer.unpack.unpack_packed``: a group whose codes
     fall into independent blocks holds several features, and each block but the largest moves
-    to a group kept on no token of the batch); 0 disables (the default). 25 takes packing out
+    to a group kept on no token of the batch); 0 disables (the default). 25 takes most packing out
     and brings FVU to the planted oracle's on overlapping 1-6-D shapes, but splits 1-D
     features more on others (bench/RESULTS_consolidation.md, round 4)."""
 
