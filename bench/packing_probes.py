@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import parse_variants  # noqa: E402
-from bench.consolidation import SHAPES, energy_shares, oracle_weights, packed_groups, shape_spec  # noqa: E402
+from bench.consolidation import (SHAPES, energy_shares, oracle_weights,  # noqa: E402
+                                 packed_groups, shape_spec)
 from sasa.analysis.splitting import splitting, unit_energies  # noqa: E402
 from sasa.analysis.synthetic import generate  # noqa: E402
 from sasa.trainer import SAE, SAEConfig  # noqa: E402

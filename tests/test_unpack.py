@@ -62,7 +62,8 @@ def planted_sae():
         sae.W_enc_GRD[2:] = 0  # silent: never above the data groups' scores
     n = 2048
     za, zb = feature_codes(gen, n, 2, 0.4), feature_codes(gen, n, 2, 0.4)
-    zc = feature_codes(gen, n, 4, 0.4) * ((za != 0).any(1) & (zb != 0).any(1)).logical_not()[:, None]
+    both = (za != 0).any(1) & (zb != 0).any(1)
+    zc = feature_codes(gen, n, 4, 0.4) * both.logical_not()[:, None]
     x = (za.float() @ a.T) + (zb.float() @ b.T) + (zc.float() @ c.T)
     return sae, x + 0.01 * torch.randn(n, 32, generator=gen), (a, b)
 
