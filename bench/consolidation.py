@@ -192,8 +192,7 @@ def diagnose(shape_name: str, seed: int, run: Path, models: list[str],
 def step_cost(shape_name: str, steps: int = 300, batch_size: int = 1024) -> dict[str, float]:
     """Seconds per training step of plain and new SASA (forward, backward, Adam, constraint,
     and the schedules and periodic steps of a ``steps``-step run), timed in interleaved
-    blocks of 10 steps so that
-    load from other processes hits both alike."""
+    blocks of 10 steps so that load from other processes hits both alike."""
     from sasa.trainer import SAE, SAEConfig
     from sasa.trainer.consolidate import after_step, group_lasso_scale, top_s_at
 
