@@ -69,10 +69,11 @@ def _code(err: BaseException) -> str:
 
 
 def is_throttling(err: BaseException) -> bool:
-    status = _response(err).get("ResponseMetadata", {}).get("HTTPStatusCode")
-    if _code(err) == "503" or status == 503:
+    resp = _response(err)  # one walk of the error chain for the code and the status
+    code = str(resp.get("Error", {}).get("Code", ""))
+    if code == "503" or resp.get("ResponseMetadata", {}).get("HTTPStatusCode") == 503:
         return True
-    text = f"{_code(err)} {err}".lower()  # the code SlowDown matches "slowdown" here
+    text = f"{code} {err}".lower()  # the code SlowDown matches "slowdown" here
     return any(t in text for t in _THROTTLE)
 
 
