@@ -38,6 +38,7 @@ chunks of ``GROUP_CHUNK`` groups so memory stays about one batch of codes.
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -127,7 +128,7 @@ def unpack_packed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
     On the batch ``x_BD`` (the trainer's normalised inputs), with the gate at ``top_s``.
     At most max(1, G // 8) blocks move per call; packed groups go in order of energy."""
     cfg = sae.cfg
-    G, R, D = sae.W_dec_GRD.shape
+    G, R, _ = sae.W_dec_GRD.shape
     x_BD = x_BD.to(sae.W_dec_GRD.dtype)
     h_BGR = sae.pre_codes(x_BD)
     keep_BG = sae.gate(h_BGR, top_s)
@@ -142,8 +143,11 @@ def unpack_packed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
     energy_AR = blocks.mix_GRR.square().sum(-1)
     total_A = energy_AR.sum(-1).clamp_min(1e-30)
 
+    # A source whose label is its own index starts a block: only groups with two may be packed.
+    starts_A = (blocks.label_GR == torch.arange(R)).sum(1)
     plans: list[tuple[float, int, int, list[list[int]]]] = []
-    for a, g in enumerate(busy.tolist()):
+    for a in torch.nonzero(starts_A >= 2).flatten().tolist():
+        g = int(busy[a])
         labels = blocks.label_GR[a]
         parts = [torch.nonzero(labels == b).flatten().tolist() for b in labels.unique() if b >= 0]
         parts = [p for p in parts if float(energy_AR[a, p].sum()) >= cfg.unpack_min_share
@@ -155,8 +159,7 @@ def unpack_packed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
     if not plans or not donors:
         return UnpackReport([], len(plans))
 
-    pool_PD = torch.cat([residual_directions(x_BD - sae.decode(z_BGR), 4 * R),
-                         torch.eye(D, dtype=torch.float64)])
+    pool_PD = residual_directions(x_BD - sae.decode(z_BGR), 4 * R)
 
     moved: list[tuple[int, int]] = []
     cap = max(1, G // 8)
@@ -199,14 +202,17 @@ def _take_over(sae, g: int, q_DR: torch.Tensor, k: int, dec_RD: torch.Tensor,
 def _fill(span_KD: torch.Tensor, avoid_JD: torch.Tensor, pool_PD: torch.Tensor,
           R: int) -> tuple[torch.Tensor, int]:
     """([D, R] orthonormal, k): an orthonormal basis of the k-dimensional span of
-    ``span_KD``'s rows, completed with ``pool_PD``'s rows (in order) projected away from that
-    span and from ``avoid_JD``'s rows."""
+    ``span_KD``'s rows, completed with ``pool_PD``'s rows (in order), then the coordinate axes,
+    projected away from that span and from ``avoid_JD``'s rows."""
     u_DK, sv_K, _ = torch.linalg.svd(span_KD.T, full_matrices=False)
     q_DK = u_DK[:, sv_K > 1e-6 * sv_K.max()][:, :R]
     a_DJ = torch.linalg.qr(avoid_JD.T).Q
     cols = [q_DK]
     have = q_DK.shape[1]
-    for v in pool_PD:
+    D = span_KD.shape[1]
+    axes = (torch.zeros(D, dtype=pool_PD.dtype).index_fill_(0, torch.tensor(i), 1.0)
+            for i in range(D))  # made only if the pool runs out
+    for v in itertools.chain(pool_PD, axes):
         if have >= R:
             break
         basis = torch.cat(cols, 1)
