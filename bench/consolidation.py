@@ -189,10 +189,12 @@ def diagnose(shape_name: str, seed: int, run: Path, models: list[str],
                            for g, fs in sorted(packed.items())) or "none"))
 
 
-def step_cost(shape_name: str, steps: int = 300, batch_size: int = 1024) -> dict[str, float]:
-    """Seconds per training step of plain and new SASA (forward, backward, Adam, constraint,
-    and the schedules and periodic steps of a ``steps``-step run), timed in interleaved
-    blocks of 10 steps so that load from other processes hits both alike."""
+def step_cost(shape_name: str, steps: int = 300, batch_size: int = 1024,
+              variants: dict[str, dict] | None = None) -> dict[str, float]:
+    """Seconds per training step of plain and new SASA and of ``variants`` ({name: SAEConfig
+    overrides}): forward, backward, Adam, constraint, and the schedules and periodic steps of
+    a ``steps``-step run, timed in interleaved blocks of 10 steps so that load from other
+    processes hits every model alike."""
     from sasa.trainer import SAE, SAEConfig
     from sasa.trainer.consolidate import after_step, group_lasso_scale, top_s_at
 
@@ -200,7 +202,7 @@ def step_cost(shape_name: str, steps: int = 300, batch_size: int = 1024) -> dict
     x = torch.from_numpy(generate(shape_spec(shape_name), batch_size, seed=1).x_ND)
     x = (x - x.mean(0)) / x.std()
     models = {}
-    for name, extra in (("plain", {"consolidate": "none"}), ("new", {})):
+    for name, extra in (("plain", {"consolidate": "none"}), ("new", {}), *(variants or {}).items()):
         cfg = SAEConfig(d_in=shape.spec.d, groups=shape.groups, rank=shape.rank,
                         top_s=shape.top_s, **extra)
         sae = SAE(cfg, seed=0)
@@ -258,7 +260,8 @@ def main() -> None:
     parser.add_argument("--jsonl", type=Path, default=None, help="append every row here")
     parser.add_argument("--summarize", type=Path, nargs="*", default=None,
                         help="print mean tables from these JSONL files and exit")
-    parser.add_argument("--cost", action="store_true", help="time plain vs new steps and exit")
+    parser.add_argument("--cost", action="store_true",
+                        help="time plain vs new (and --variant) steps and exit")
     parser.add_argument("--top-s", type=int, default=None,
                         help="override every shape's s (SASA) and k = s * r (TopK)")
     parser.add_argument("--diagnose", type=Path, default=None, metavar="RUN",
@@ -280,15 +283,15 @@ def main() -> None:
     if args.summarize is not None:
         summarize(args.summarize)
         return
+    variants = parse_variants(args.variant)
     if args.cost:
-        print("| shape | plain s/step | new s/step | new / plain |")
+        print("| shape | model | s/step | / plain |")
         print("|---|---|---|---|")
         for shape in args.shapes:
-            c = step_cost(shape, batch_size=args.batch_size)
-            print(f"| {shape} | {c['plain']:.4f} | {c['new']:.4f} | {c['new'] / c['plain']:.2f} |",
-                  flush=True)
+            c = step_cost(shape, batch_size=args.batch_size, variants=variants)
+            for name, t in c.items():
+                print(f"| {shape} | {name} | {t:.4f} | {t / c['plain']:.2f} |", flush=True)
         return
-    variants = parse_variants(args.variant)
     lr = None if args.default_lr else 3e-3
     work = args.work or Path(tempfile.mkdtemp(prefix="sasa-consolidation-"))
     if args.top_s is not None:  # its runs must not meet the default-s runs of the same --work

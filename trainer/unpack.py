@@ -29,7 +29,8 @@ the streaming trainer): every 25 steps from 50% to 80% of the run it takes most 
 and brings FVU from 0.52-0.96x the planted oracle's to 0.87-1.08x, and multi-dimensional
 features on overlapping shapes closer to one group each, but splits one-dimensional features
 more (A: 1.23 against 1.13 groups at 1M tokens), so it is off by default. Per step it costs
-1.27x / 0.99x / 1.23x / 1.24x plain SASA where the default costs 1.24x / 0.95x / 1.15x / 1.13x.
+1.22x / 0.98x / 1.24x / 1.19x plain SASA where the default costs 1.17x / 0.96x / 1.17x / 1.14x
+(``python bench/consolidation.py --cost --variant 'unpack={"unpack_every": 25}'``).
 
 Cost per call: an [r x r] eigenproblem, ``ICA_ITERS`` products of the group's kept rows by
 [r x r] matrices and an [r x r] co-occurrence count per group kept on >= 1% of the batch, in
