@@ -20,6 +20,11 @@ Trade-offs:
   overlap; the cost is one small linear solve per sample. ``capture_F`` reports the fraction of f's true
   energy the units put back into its subspace, which flags a feature the SAE ignores (its
   count would then describe noise).
+- In context or alone: on samples of the data (other features on beside f) a faint sample of f
+  is also charged for what the units of its neighbours leak into f's subspace, which no
+  projection fully removes when the learned subspaces are slightly off the planted ones. Issue
+  9 defines the count on inputs of f alone (``synthetic.generate_alone``), where only f's own
+  units and the noise's reach f's subspace; bench/consolidation.py reports both.
 - Samples where no unit puts any energy into f's subspace are left out of the average (their
   count is undefined) and reported through ``n_used_F``.
 - Works on plain arrays (numpy or torch; torch does the batched algebra), so analysis does not import the trainer: the caller

@@ -181,9 +181,29 @@ def generate(spec: SyntheticSpec, n: int, seed: int = 0) -> SyntheticBatch:
     if n < 0:
         raise SasaError(f"number of samples must be >= 0 (got {n})")
     plant = planted(spec)
-    dims, offsets = spec.dims, spec.offsets
     rng = np.random.default_rng([spec.seed, seed, 0xDA7A])
-    active_NF = rng.random((n, spec.n_features)) < plant.probs_F
+    return _sample(spec, plant, rng.random((n, spec.n_features)) < plant.probs_F, rng)
+
+
+def generate_alone(spec: SyntheticSpec, n_per_feature: int, seed: int = 0) -> SyntheticBatch:
+    """Single-feature inputs: ``n_per_feature`` samples of each feature on alone (the same
+    coordinate and magnitude law as ``generate``, plus the noise), feature 0's rows first.
+
+    Units per feature on these is issue 9's definition of splitting ("for inputs drawn from one
+    planted feature alone"); ``sasa.analysis.splitting`` on ``generate`` counts the same in
+    context, where other features are on too (see its docstring for the difference)."""
+    if n_per_feature < 0:
+        raise SasaError(f"number of samples must be >= 0 (got {n_per_feature})")
+    rng = np.random.default_rng([spec.seed, seed, 0xA1043])
+    active_NF = np.repeat(np.eye(spec.n_features, dtype=bool), n_per_feature, axis=0)
+    return _sample(spec, planted(spec), active_NF, rng)
+
+
+def _sample(spec: SyntheticSpec, plant: Planted, active_NF: np.ndarray,
+            rng: np.random.Generator) -> SyntheticBatch:
+    """Samples with the features ``active_NF`` on: noise, then each feature's coordinates."""
+    n = active_NF.shape[0]
+    dims, offsets = spec.dims, spec.offsets
     coords_NK = np.zeros((n, int(offsets[-1])), dtype=np.float64)
     x_ND = rng.standard_normal((n, spec.d)) * spec.noise
     spread = spec.magnitude_spread

@@ -11,8 +11,12 @@ token budget, one sweep of four members read from the same pass:
   r dimensions; the other groups random), trained with the plain objective. The sweep is
   stopped at step 0, the oracle's weights are written into the checkpoint, and the run resumes.
 
-Each saved SAE (normalisation folded in) is scored on 4000 held-out raw samples: FVU, and units
-per planted feature (``sasa.analysis.splitting``, oblique projection), mean per d_i. Every
+Each saved SAE (normalisation folded in) is scored on held-out raw samples: FVU on 4000 of
+them, and units per planted feature (``sasa.analysis.splitting``), mean per d_i, two ways:
+**alone**, on 500 inputs of each feature on its own (``generate_alone``; the issue's definition,
+which its targets are stated in), and **in context**, on the 4000 samples with the other
+features on (oblique projection; stricter, it also charges a faint feature's samples for what
+the units of the features beside it leak into its subspace). Every
 member uses lr 3e-3 (bench/SPLITTING.md; the default rule gives 1.1e-3-1.4e-3 here) unless
 ``--default-lr``. Results: bench/RESULTS_consolidation.md.
 
@@ -44,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import parse_variants  # noqa: E402
 from sasa.analysis.splitting import splitting, unit_energies
 from sasa.analysis.synth import write_synthetic_cache
-from sasa.analysis.synthetic import SyntheticSpec, generate
+from sasa.analysis.synthetic import SyntheticSpec, generate, generate_alone
 from sasa.trainer import MemberConfig, TrainConfig, load_sae, train
 from sasa.trainer.linalg import signfix_qr
 
@@ -150,15 +154,18 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
     seconds = time.perf_counter() - t0
 
     test = generate(spec, 4000, seed=10**9 + seed)
-    x = torch.from_numpy(test.x_ND)
+    alone = generate_alone(spec, 500, seed=10**9 + seed)
     rows = []
     for name in [*MEMBERS, *(variants or {})]:
         sae = load_sae(result.saes[name])
         with torch.no_grad():
-            o = sae(x)
+            o, o1 = sae(torch.from_numpy(test.x_ND)), sae(torch.from_numpy(alone.x_ND))
         units = splitting(o.codes_BGR, sae.decoder_GDR, test.active_NF, test.bases).units_by_dim
+        units_alone = splitting(o1.codes_BGR, sae.decoder_GDR, alone.active_NF,
+                                alone.bases).units_by_dim
         rows.append({"shape": shape_name, "seed": seed, "tokens": tokens, "model": name,
-                     "fvu": float(o.fvu), "units": units, "sweep_seconds": seconds})
+                     "fvu": float(o.fvu), "units": units, "units_alone": units_alone,
+                     "sweep_seconds": seconds})
     return rows
 
 
@@ -223,13 +230,19 @@ def step_cost(shape_name: str, steps: int = 300, batch_size: int = 1024,
     return {name: t / steps for name, t in spent.items()}
 
 
+def _by_dim(units: dict) -> list[float]:
+    return [units[k] for k in sorted(units, key=int)]
+
+
 def summarize(paths: list[Path]) -> None:
-    """Mean over seeds per (shape, tokens, model) of the rows in the given JSONL files."""
+    """Mean over seeds per (shape, tokens, model) of the rows in the given JSONL files (rows
+    from before the alone count show "-" there)."""
     rows = [json.loads(line) for p in paths for line in p.read_text().splitlines() if line]
     keys = sorted({(r["shape"], r["tokens"]) for r in rows})
     print("| shape | tokens | model | seeds | held-out FVU (mean, min-max) | FVU / oracle "
-          "| units per feature by d_i (mean over seeds) | max units |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| units alone by d_i (mean over seeds) | max alone | units in context by d_i | "
+          "max in context |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for shape, tokens in keys:
         sel = [r for r in rows if r["shape"] == shape and r["tokens"] == tokens]
         oracle = {r["seed"]: r["fvu"] for r in sel if r["model"] == "oracle"}
@@ -239,11 +252,15 @@ def summarize(paths: list[Path]) -> None:
                 continue
             fvu = np.array([r["fvu"] for r in rs])
             ratio = np.mean([r["fvu"] / oracle[r["seed"]] for r in rs if r["seed"] in oracle])
-            dims = sorted(rs[0]["units"], key=int)
-            units = [np.mean([r["units"][k] for r in rs]) for k in dims]
+            cells = []
+            for key in ("units_alone", "units"):
+                if not all(key in r for r in rs):
+                    cells += ["-", "-"]
+                    continue
+                units = np.mean([_by_dim(r[key]) for r in rs], axis=0)
+                cells += [" / ".join(f"{u:.2f}" for u in units), f"{units.max():.2f}"]
             print(f"| {shape} | {tokens:,} | {model} | {len(rs)} | {fvu.mean():.4f} "
-                  f"({fvu.min():.4f}-{fvu.max():.4f}) | {ratio:.2f} | "
-                  + " / ".join(f"{u:.2f}" for u in units) + f" | {max(units):.2f} |")
+                  f"({fvu.min():.4f}-{fvu.max():.4f}) | {ratio:.2f} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -296,16 +313,18 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="sasa-consolidation-"))
     if args.top_s is not None:  # its runs must not meet the default-s runs of the same --work
         work = work / f"s{args.top_s}"
-    print("| shape | seed | tokens | model | held-out FVU | units per feature by d_i | sweep s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape | seed | tokens | model | held-out FVU | units alone by d_i | units in context "
+          "by d_i | sweep s |")
+    print("|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         for seed in args.seeds:
             for tokens in args.tokens:
                 for row in run_budget(shape, seed, tokens, work, lr, args.batch_size, args.threads,
                                       variants, args.max_prob):
-                    units = " / ".join(f"{row['units'][k]:.2f}" for k in sorted(row["units"]))
+                    alone, ctx = (" / ".join(f"{u:.2f}" for u in _by_dim(row[key]))
+                                  for key in ("units_alone", "units"))
                     print(f"| {shape} | {seed} | {tokens} | {row['model']} | {row['fvu']:.4f} | "
-                          f"{units} | {row['sweep_seconds']:.0f} |", flush=True)
+                          f"{alone} | {ctx} | {row['sweep_seconds']:.0f} |", flush=True)
                     if args.jsonl:
                         with open(args.jsonl, "a") as f:
                             f.write(json.dumps(row) + "\n")

@@ -10,7 +10,7 @@ import torch
 
 from sasa.analysis.splitting import splitting, unit_energies
 from sasa.errors import SasaError
-from sasa.analysis.synthetic import SyntheticSpec, generate, planted
+from sasa.analysis.synthetic import SyntheticSpec, generate, generate_alone, planted
 from sasa.trainer import SAE, SAEConfig, train_in_memory
 
 SPEC = SyntheticSpec()
@@ -59,6 +59,26 @@ def test_max_prob_caps_frequencies_and_keeps_the_mean():
     assert capped.max() == pytest.approx(0.5) and capped.sum() == pytest.approx(3.0)
     active = generate(dataclasses.replace(spec, max_prob=0.5), 20_000, seed=1).active_NF
     assert active.mean(0).max() < 0.52 and abs(active.sum(1).mean() - 3.0) < 0.05
+
+
+def test_generate_alone_gives_each_feature_on_its_own():
+    spec = dataclasses.replace(SPEC, coords="gaussian")
+    alone = generate_alone(spec, 400, seed=2)
+    assert alone.x_ND.shape == (32 * 400, 64)
+    np.testing.assert_array_equal(alone.active_NF, np.repeat(np.eye(32, dtype=bool), 400, 0))
+    for f in (0, 9, 31):  # one feature's rows: its contribution plus the noise, nothing else
+        rows = slice(f * 400, (f + 1) * 400)
+        noise = alone.x_ND[rows] - alone.contribution(f)[rows]
+        assert abs(noise.std() - spec.noise) < 2e-3
+    # The same coordinate and magnitude law as in context: mean squared norm of the on rows.
+    mixed = generate(spec, 20_000, seed=2)
+    for f in (0, 9, 31):
+        sl = slice(mixed.offsets[f], mixed.offsets[f + 1])
+        on = np.square(mixed.coords_NK[mixed.active_NF[:, f], sl]).sum(1).mean()
+        own = np.square(alone.coords_NK[f * 400:(f + 1) * 400, sl]).sum(1).mean()
+        assert own == pytest.approx(on, rel=0.15)
+    with pytest.raises(SasaError, match=">= 0"):
+        generate_alone(spec, -1)
 
 
 def test_spec_errors():
@@ -112,6 +132,20 @@ def test_split_dictionary_scores_as_split_against_plain_count():
     assert res.units_by_dim[1] == 1.0
     assert 1.3 < res.units_by_dim[2] < res.units_by_dim[3] < res.units_by_dim[4] < 4
     assert dec_GDR.shape == (K, d, 1)
+
+
+def test_units_alone_ignore_what_other_features_leak():
+    """A dictionary of the true bases whose units each leak a little of feature 0's direction:
+    in context feature 0's samples are charged for the leaks of the features on beside it;
+    alone (only feature 0 on, so only its own unit fires) it is held by one unit."""
+    spec = SyntheticSpec(d=32, features_per_dim={1: 2, 2: 4}, mean_active=3.0, noise=0.0)
+    def count(batch):
+        codes, dec = _oracle(batch)
+        leak_D = batch.bases[0][:, 0]
+        dec[1:, :, 0] += 0.5 * leak_D[:, None].T  # every other unit's first column leaks
+        return splitting(codes, dec, batch.active_NF, batch.bases).units_F[0]
+    assert count(generate(spec, 2000, seed=1)) > 1.5
+    assert count(generate_alone(spec, 200, seed=1)) == 1.0
 
 
 def test_unit_energies_orthogonal_is_plain_projection():
