@@ -4,8 +4,9 @@ shared groups on the capped shapes, and does the unpack step undo it?
 One shape of bench/consolidation.py (capped at MAX_PROB), one seed, 262,144 training samples,
 1024 steps of batch 1024 (1M tokens), Adam lr 3e-3, 10% warm-up, 20% decay, the consolidation
 schedules and periodic steps of the member's SAEConfig (``top_s_at``, ``group_lasso_scale``,
-``after_step``); scored on the same 4000 held-out samples as the benchmark: FVU, units per
-feature by d_i, and how many features share their main group with another ("packed").
+``after_step``); scored on the same held-out samples as the benchmark: FVU, units per feature
+by d_i alone and in context, and how many features share their main group with another
+("packed").
 Variants (each a name below, or NAME=JSON of SAEConfig overrides):
 
 - ``default``: the default procedure (s ramp and group penalty), in memory;
@@ -32,7 +33,7 @@ from bench._common import parse_variants  # noqa: E402
 from bench.consolidation import (SHAPES, energy_shares, oracle_weights,  # noqa: E402
                                  packed_groups, shape_spec)
 from sasa.analysis.splitting import splitting, unit_energies  # noqa: E402
-from sasa.analysis.synthetic import generate  # noqa: E402
+from sasa.analysis.synthetic import generate, generate_alone  # noqa: E402
 from sasa.trainer import SAE, SAEConfig  # noqa: E402
 from sasa.trainer.consolidate import after_step, group_lasso_scale, top_s_at  # noqa: E402
 from sasa.trainer.schedule import lr_factor  # noqa: E402
@@ -84,13 +85,17 @@ def probe(shape_name: str, seed: int, variant: str, over: dict) -> str:
     sae.cfg.gate = "token"
     sae.eval()
     sae.fold_normalisation(mean, scale)
+    alone = generate_alone(spec, 500, seed=10**9 + seed)
     with torch.no_grad():
-        o = sae(torch.from_numpy(test.x_ND))
+        o, o1 = sae(torch.from_numpy(test.x_ND)), sae(torch.from_numpy(alone.x_ND))
     units = splitting(o.codes_BGR, sae.decoder_GDR, test.active_NF, test.bases).units_by_dim
+    units_alone = splitting(o1.codes_BGR, sae.decoder_GDR, alone.active_NF,
+                            alone.bases).units_by_dim
     share_FG = energy_shares(unit_energies(o.codes_BGR, sae.decoder_GDR, test.bases,
                                            test.active_NF), test.active_NF)
     packed = sum(map(len, packed_groups(share_FG).values()))
     return (f"| {shape_name} | {seed} | {variant} | {float(o.fvu):.4f} | "
+            f"{' / '.join(f'{u:.2f}' for u in units_alone.values())} | "
             f"{' / '.join(f'{u:.2f}' for u in units.values())} | {packed} of {len(test.bases)} | "
             f"{time.perf_counter() - t0:.0f} |")
 
@@ -98,8 +103,9 @@ def probe(shape_name: str, seed: int, variant: str, over: dict) -> str:
 def main() -> None:
     torch.set_num_threads(1)
     shape_name, seed, variants = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-    print("| shape | seed | variant | held-out FVU | units per feature by d_i | packed | s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape | seed | variant | held-out FVU | units alone by d_i | units in context by d_i "
+          "| packed | s |")
+    print("|---|---|---|---|---|---|---|---|")
     custom = parse_variants([v for v in variants if "=" in v])
     for variant in variants:
         name = variant.split("=", 1)[0]
