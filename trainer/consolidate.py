@@ -147,12 +147,8 @@ def merge_and_reseed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None 
     pairs, co = torch.unique(pair_P, return_counts=True)
     n_G = keep_BG.sum(0)
     g_P, h_P = pairs // G, pairs % G
-    if cfg.merge_lift > 0:
-        jacc_P = co * B / (n_G[g_P] * n_G[h_P])
-        cand = (jacc_P >= cfg.merge_lift) & (co >= cfg.merge_min)
-    else:
-        jacc_P = co / (n_G[g_P] + n_G[h_P] - co)
-        cand = (jacc_P >= cfg.merge_jaccard) & (co >= cfg.merge_min)
+    jacc_P = co / (n_G[g_P] + n_G[h_P] - co)
+    cand = (jacc_P >= cfg.merge_jaccard) & (co >= cfg.merge_min)
     g_P, h_P, jacc_P = g_P[cand], h_P[cand], jacc_P[cand]
     order = jacc_P.argsort(descending=True)[:4 * G]
     g_P, h_P = g_P[order], h_P[order]
@@ -233,12 +229,3 @@ def after_step(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None, step:
         revive_silent(sae, x_BD, opt, top_s=top_s)
     if unpack_due(cfg, step, steps):
         unpack_packed(sae, x_BD, opt, top_s=top_s)
-    from sasa.trainer.regroup import regroup_due, regroup_pairs
-    if regroup_due(cfg, step, steps):
-        regroup_pairs(sae, x_BD, opt, top_s=top_s)
-    from sasa.trainer.gather import gather_due, gather_slices
-    if gather_due(cfg, step, steps):
-        r = gather_slices(sae, x_BD, opt, top_s=top_s)
-        import os
-        if os.environ.get("RG_LOG") and r.gathered:
-            print("gather", step, r.gathered, flush=True)

@@ -142,11 +142,6 @@ class SAEConfig:
     """Two groups are merge candidates when kept together on at least this fraction of the
     tokens where either is kept."""
 
-    merge_lift: float = 0.0
-    """When > 0, the co-firing test is dependence instead of ``merge_jaccard``: kept together
-    on at least this multiple of the tokens independence predicts (co B / (n_g n_h); slices or
-    copies of one feature of probability p: ~1/p; two independent features: 1)."""
-
     merge_min: int = 16
     """... and on at least this many tokens of the batch."""
 
@@ -171,30 +166,6 @@ class SAEConfig:
     """Two unmixed sources of a group belong to one feature when both are on together on at
     least this multiple of the tokens independence predicts (one feature with probability p:
     ~1/p; two independent ones: 1)."""
-
-    regroup_every: int = 0
-    """Steps between regroup steps (``sasa.trainer.regroup``); 0 disables."""
-
-    regroup_from: float = 0.3
-    """Fraction of the run before the first regroup step."""
-
-    regroup_until: float = 0.8
-    """Fraction of the run after which no regroup step runs."""
-
-    regroup_jaccard: float = 0.3
-    """Pairs kept together on at least this fraction of the tokens where either is kept."""
-
-    gather_every: int = 0
-    """Steps between gather steps (``sasa.trainer.gather``); 0 disables."""
-
-    gather_from: float = 0.3
-    """Fraction of the run before the first gather step."""
-
-    gather_until: float = 0.8
-    """Fraction of the run after which no gather step runs."""
-
-    gather_lift: float = 2.0
-    """Blocks of two groups on together >= this multiple of independence are one feature."""
 
     unpack_min_share: float = 0.05
     """Directions and blocks below this share of a group's code energy are ignored."""
