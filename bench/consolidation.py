@@ -153,20 +153,28 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
     result = train(cfg, out, resume=True, progress=False)
     seconds = time.perf_counter() - t0
 
-    test = generate(spec, 4000, seed=10**9 + seed)
-    alone = generate_alone(spec, 500, seed=10**9 + seed)
+    held = held_out(spec, seed)
     rows = []
     for name in [*MEMBERS, *(variants or {})]:
-        sae = load_sae(result.saes[name])
-        with torch.no_grad():
-            o, o1 = sae(torch.from_numpy(test.x_ND)), sae(torch.from_numpy(alone.x_ND))
-        units = splitting(o.codes_BGR, sae.decoder_GDR, test.active_NF, test.bases).units_by_dim
-        units_alone = splitting(o1.codes_BGR, sae.decoder_GDR, alone.active_NF,
-                                alone.bases).units_by_dim
+        o, units, units_alone = score(load_sae(result.saes[name]), *held)
         rows.append({"shape": shape_name, "seed": seed, "tokens": tokens, "model": name,
                      "fvu": float(o.fvu), "units": units, "units_alone": units_alone,
                      "sweep_seconds": seconds})
     return rows
+
+
+def held_out(spec: SyntheticSpec, seed: int) -> tuple:
+    """What every SAE is scored on: 4000 held-out samples, and 500 of each feature alone."""
+    return generate(spec, 4000, seed=10**9 + seed), generate_alone(spec, 500, seed=10**9 + seed)
+
+
+@torch.no_grad()
+def score(sae, test, alone) -> tuple:
+    """(the SAE's output on ``test``, units by d_i in context, units by d_i alone)."""
+    o, o1 = sae(torch.from_numpy(test.x_ND)), sae(torch.from_numpy(alone.x_ND))
+    units = splitting(o.codes_BGR, sae.decoder_GDR, test.active_NF, test.bases).units_by_dim
+    return o, units, splitting(o1.codes_BGR, sae.decoder_GDR, alone.active_NF,
+                               alone.bases).units_by_dim
 
 
 def diagnose(shape_name: str, seed: int, run: Path, models: list[str],

@@ -14,7 +14,12 @@ Variants (each a name below, or NAME=JSON of SAEConfig overrides):
 - ``batch_ramp`` / ``batch_s1`` (round 3): the default with the batch gate (top s*B over the
   batch) until 30% / 10% of the run, the token gate after;
 - ``rank`` (round 3): the default with a rank ramp beside the s ramp: codes j >= k switched off
-  (encoder rows zeroed after each step), k = 1 until 10% of the run, then up to r by 30%.
+  (encoder rows zeroed after each step), k = 1 until 10% of the run, then up to r by 30%;
+- the JSON key ``"probe_b_dec": "median"`` (round 5) starts the decoder bias at the
+  coordinate-wise median of 16384 training rows instead of their mean.
+
+"1-D copies": the most groups whose subspace holds at least half of one 1-D feature's
+direction (its squared norm), over the 1-D features.
 
     python bench/packing_probes.py C 0 default oracle 'unpack={"unpack_every": 25}'
 """
@@ -30,10 +35,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import parse_variants  # noqa: E402
-from bench.consolidation import (SHAPES, energy_shares, oracle_weights,  # noqa: E402
-                                 packed_groups, shape_spec)
-from sasa.analysis.splitting import splitting, unit_energies  # noqa: E402
-from sasa.analysis.synthetic import generate, generate_alone  # noqa: E402
+from bench.consolidation import (SHAPES, energy_shares, held_out, oracle_weights,  # noqa: E402
+                                 packed_groups, score, shape_spec)
+from sasa.analysis.splitting import unit_energies  # noqa: E402
+from sasa.analysis.synthetic import generate  # noqa: E402
 from sasa.trainer import SAE, SAEConfig  # noqa: E402
 from sasa.trainer.consolidate import after_step, group_lasso_scale, top_s_at  # noqa: E402
 from sasa.trainer.schedule import lr_factor  # noqa: E402
@@ -51,13 +56,19 @@ def rank_at(frac: float, rank: int) -> int:
 def probe(shape_name: str, seed: int, variant: str, over: dict) -> str:
     shape = SHAPES[shape_name]
     spec = shape_spec(shape_name, seed)
-    train_x, test = generate(spec, 1 << 18, seed=seed), generate(spec, 4000, seed=10**9 + seed)
+    train_x, (test, alone) = generate(spec, 1 << 18, seed=seed), held_out(spec, seed)
     x = torch.from_numpy(train_x.x_ND)
     mean = x.mean(0)
     scale = float(((x - mean) ** 2).sum(1).mean().div(spec.d).sqrt())
     x_n = (x - mean) / scale
+    over = dict(over)
+    b_dec_init = over.pop("probe_b_dec", "mean")
     sae = SAE(SAEConfig(d_in=spec.d, groups=shape.groups, rank=shape.rank, top_s=shape.top_s,
                         **over), seed=seed)
+    if b_dec_init == "median":  # the coordinate-wise median of 16384 training rows
+        rows = torch.randperm(x_n.shape[0], generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            sae.b_dec_D.copy_(x_n[rows[:16384]].double().median(0).values.to(sae.b_dec_D.dtype))
     if variant == "oracle":
         state = sae.state_dict()
         oracle_weights(state, test.bases, shape.rank, seed)
@@ -85,18 +96,18 @@ def probe(shape_name: str, seed: int, variant: str, over: dict) -> str:
     sae.cfg.gate = "token"
     sae.eval()
     sae.fold_normalisation(mean, scale)
-    alone = generate_alone(spec, 500, seed=10**9 + seed)
-    with torch.no_grad():
-        o, o1 = sae(torch.from_numpy(test.x_ND)), sae(torch.from_numpy(alone.x_ND))
-    units = splitting(o.codes_BGR, sae.decoder_GDR, test.active_NF, test.bases).units_by_dim
-    units_alone = splitting(o1.codes_BGR, sae.decoder_GDR, alone.active_NF,
-                            alone.bases).units_by_dim
+    o, units, units_alone = score(sae, test, alone)
     share_FG = energy_shares(unit_energies(o.codes_BGR, sae.decoder_GDR, test.bases,
                                            test.active_NF), test.active_NF)
     packed = sum(map(len, packed_groups(share_FG).values()))
+    # Copies: per 1-D feature, the groups whose subspace holds >= half of its direction's norm^2.
+    dec_GDR = sae.decoder_GDR.detach().double()
+    copies = max((int(((dec_GDR.transpose(1, 2) @ torch.from_numpy(b[:, 0])).square().sum(1)
+                       >= 0.5).sum()) for b in test.bases if b.shape[1] == 1), default=0)
     return (f"| {shape_name} | {seed} | {variant} | {float(o.fvu):.4f} | "
             f"{' / '.join(f'{u:.2f}' for u in units_alone.values())} | "
             f"{' / '.join(f'{u:.2f}' for u in units.values())} | {packed} of {len(test.bases)} | "
+            f"{copies} | "
             f"{time.perf_counter() - t0:.0f} |")
 
 
@@ -104,8 +115,8 @@ def main() -> None:
     torch.set_num_threads(1)
     shape_name, seed, variants = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     print("| shape | seed | variant | held-out FVU | units alone by d_i | units in context by d_i "
-          "| packed | s |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| packed | 1-D copies | s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     custom = parse_variants([v for v in variants if "=" in v])
     for variant in variants:
         name = variant.split("=", 1)[0]

@@ -17,12 +17,14 @@ follows its own config:
   weight for the first half and annealed to 0 at 80%, so the lr decay runs on the plain
   objective. It charges splits and copies and so keeps spare slots from being free.
 Measured through the streaming trainer (bench/RESULTS_consolidation.md, four planted shapes,
-three seeds): on the disjoint 1-4-D shape A it reaches one group per feature (means <= 1.13,
-the oracle's own 1.12) at 0.96x the oracle's FVU within 1M tokens, where plain SASA is at 1.67
-groups and 3.1x; on the dense d = 32 shape B it gets to 1.21 groups at 0.81x the oracle's FVU
-by 2M; on the overlapping 1-6-D shapes C and D (2M) it cuts splitting from 4.4-4.8 to 1.3-1.8
-groups at 0.66-0.79x the oracle's FVU, leaving frequent features packed into shared groups (a
-lower-error solution there than one group per feature; bench/SPLITTING.md, round 3). The s = 1
+three seeds, units per feature counted on inputs of one feature alone as issue 9 defines them):
+one group per feature (every d_i <= 1.2) at or below the planted oracle's FVU on the disjoint
+1-4-D shape A within 1M tokens (max 1.10, 0.96x; plain SASA 1.76 and 3.1x), on the overlapping
+Gaussian 1-6-D shape D within 1M (1.18, 0.77x) and on the dense d = 32 shape B by 2M (1.18,
+0.81x). On the overlapping spherical 1-6-D shape C it cuts splitting from about 4 groups to
+1.8-1.9 at 0.52-0.66x the oracle's FVU, but not to one: frequent features on together share
+groups there, a lower-error solution than one group per feature (bench/SPLITTING.md, rounds 3
+and 5). The s = 1
 phase is short (10% of the run, ramp to 30%) because a long one costs FVU on real activations
 (bench/SPLITTING.md, round 2; MiniLM in bench/RESULTS_minilm.md).
 
