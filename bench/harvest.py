@@ -2,6 +2,7 @@
 
     python bench/harvest.py [--tokens 262144] [--repeats 2] [--out bench/RESULTS_harvest.md]
     python bench/harvest.py --stats-blocks   # the writer's statistics pass per block size
+    python bench/harvest.py --stages         # the parts of the writer's work on one shard
 
 All rows run in one process on the same packed batches (MiniLM, built-in corpus, ctx 128,
 batch 32, resid_post.3, bf16 storage, workers=0 so Ray start-up is not in the numbers):
@@ -93,6 +94,49 @@ def stats_blocks(repeats: int) -> str:
     return "\n".join(lines)
 
 
+def write_stages(repeats: int, d: int = 4096, seqs: int = 64, ctx: int = 128) -> str:
+    """GB/s (stored activation bytes) of each part of ``CacheWriter.write_shard`` on one thread,
+    for a bf16 shard of seqs * ctx rows of width d (64 MiB at the defaults): the checksum, the
+    statistics pass, the zarr write of the activations alone, and the whole ``write_shard``,
+    into memory:// and into a local folder (the page cache). Where the writer's time goes."""
+    import zlib
+    from sasa.store import create_cache, stats
+    from sasa.store import writer as W
+    rows = seqs * ctx
+    acts = torch.randn(rows, d, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    raw = acts.view(torch.int16).numpy().view(np.uint16)
+    tokens = np.ones((seqs, ctx), np.int64)
+    keep = np.ones(rows, bool)
+    gb = raw.nbytes / 1e9
+    lines = [f"| part of write_shard (one thread, {raw.nbytes >> 20} MiB bf16 shard, d={d}) | GB/s |",
+             "|---|---:|",
+             f"| zlib.crc32 (the shard's checksum) | {gb / best_of(repeats, lambda: zlib.crc32(raw)):.2f} |",
+             f"| statistics pass (stats.summarize_shard) | "
+             f"{gb / best_of(repeats, lambda: stats.summarize_shard(raw, 'bfloat16', keep)):.2f} |"]
+    root = Path(tempfile.mkdtemp(prefix="sasa-stages-"))
+    try:
+        for where, base in (("memory://", "memory://sasa-stages"), ("local disk", str(root))):
+            for what in ("zarr write of the activations", "whole write_shard"):
+                url = f"{base}/{len(lines)}"
+                w = create_cache(url, hookpoints={"h": d}, ctx_len=ctx, n_seq=seqs * (repeats + 1),
+                                 shard_seqs=seqs, dtype="bfloat16")
+                shard = iter(range(repeats + 1))
+
+                def write_acts():
+                    i = next(shard)
+                    W._write_all([(w._acts["h"], slice(i * rows, (i + 1) * rows), raw)])
+
+                def write_shard():
+                    w.write_shard(next(shard), tokens, {"h": acts})
+
+                fn = write_acts if what.startswith("zarr") else write_shard
+                lines.append(f"| {what}, {where} | {gb / best_of(repeats, fn):.2f} |")
+                drop(url)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return "\n".join(lines)
+
+
 def time_forward(model, hookpoints, tokens_NC, batch) -> float:
     cap = ActivationCapture(model, hookpoints) if hookpoints else None
     ids = torch.from_numpy(tokens_NC.astype(np.int64))
@@ -166,9 +210,14 @@ def main() -> None:
                     help="only the write ceiling and the machine's own write rates")
     ap.add_argument("--stats-blocks", action="store_true",
                     help="only the writer's statistics pass (one thread) per block size")
+    ap.add_argument("--stages", action="store_true",
+                    help="only the parts of the writer's work on one shard, one thread each")
     args = ap.parse_args()
     if args.stats_blocks:
         print(stats_blocks(max(3, args.repeats)))
+        return
+    if args.stages:
+        print(write_stages(max(3, args.repeats)))
         return
     torch.set_num_threads(os.cpu_count() or 1)
     root = Path(tempfile.mkdtemp(prefix="sasa-bench-"))
