@@ -95,42 +95,56 @@ def stats_blocks(repeats: int) -> str:
 
 
 def write_stages(repeats: int, d: int = 4096, seqs: int = 64, ctx: int = 128) -> str:
-    """GB/s (stored activation bytes) of each part of ``CacheWriter.write_shard`` on one thread,
-    for a bf16 shard of seqs * ctx rows of width d (64 MiB at the defaults): the checksum, the
-    statistics pass, the zarr write of the activations alone, and the whole ``write_shard``,
-    into memory:// and into a local folder (the page cache). Where the writer's time goes."""
+    """GB/s (stored activation bytes) of each part of ``CacheWriter.write_shard`` for bf16
+    shards of seqs * ctx rows of width d (64 MiB at the defaults): the checksum, the statistics
+    pass, the zarr write of the activations alone and the whole ``write_shard``, into memory://
+    and into a local folder (the page cache); on one thread, and on two threads at once with
+    two shards (as a harvest worker overlaps them). Where the writer's time goes, and which
+    parts run in parallel."""
+    import itertools
+    import threading
     import zlib
     from sasa.store import create_cache, stats
     from sasa.store import writer as W
     rows = seqs * ctx
-    acts = torch.randn(rows, d, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    raw = acts.view(torch.int16).numpy().view(np.uint16)
-    tokens = np.ones((seqs, ctx), np.int64)
-    keep = np.ones(rows, bool)
-    gb = raw.nbytes / 1e9
-    lines = [f"| part of write_shard (one thread, {raw.nbytes >> 20} MiB bf16 shard, d={d}) | GB/s |",
-             "|---|---:|",
-             f"| zlib.crc32 (the shard's checksum) | {gb / best_of(repeats, lambda: zlib.crc32(raw)):.2f} |",
-             f"| statistics pass (stats.summarize_shard) | "
-             f"{gb / best_of(repeats, lambda: stats.summarize_shard(raw, 'bfloat16', keep)):.2f} |"]
+    gen = torch.Generator().manual_seed(0)
+    acts = [torch.randn(rows, d, generator=gen).to(torch.bfloat16) for _ in range(2)]
+    raws = [a.view(torch.int16).numpy().view(np.uint16) for a in acts]
+    tokens, keep = np.ones((seqs, ctx), np.int64), np.ones(rows, bool)
+    gb = raws[0].nbytes / 1e9
+    parts = {  # (part, whether it touches the store): fn(writer, data index, shard index)
+        "zlib.crc32 (the shard's checksum)": (False, lambda w, i, k: zlib.crc32(raws[i])),
+        "statistics pass (stats.summarize_shard)":
+            (False, lambda w, i, k: stats.summarize_shard(raws[i], "bfloat16", keep)),
+        "zarr write of the activations": (True, lambda w, i, k: W._write_all(
+            [(w._acts["h"], slice(k * rows, (k + 1) * rows), raws[i])])),
+        "whole write_shard": (True, lambda w, i, k: w.write_shard(k, tokens, {"h": acts[i]})),
+    }
+
+    def two_at_once(*fns) -> None:
+        threads = [threading.Thread(target=fn) for fn in fns]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    lines = [f"| part of write_shard ({raws[0].nbytes >> 20} MiB bf16 shards, d={d}) | store | "
+             "one thread | two threads, two shards |", "|---|---|---:|---:|"]
     root = Path(tempfile.mkdtemp(prefix="sasa-stages-"))
     try:
         for where, base in (("memory://", "memory://sasa-stages"), ("local disk", str(root))):
-            for what in ("zarr write of the activations", "whole write_shard"):
+            for name, (stored, part) in parts.items():
+                if not stored and where != "memory://":
+                    continue
                 url = f"{base}/{len(lines)}"
-                w = create_cache(url, hookpoints={"h": d}, ctx_len=ctx, n_seq=seqs * (repeats + 1),
-                                 shard_seqs=seqs, dtype="bfloat16")
-                shard = iter(range(repeats + 1))
-
-                def write_acts():
-                    i = next(shard)
-                    W._write_all([(w._acts["h"], slice(i * rows, (i + 1) * rows), raw)])
-
-                def write_shard():
-                    w.write_shard(next(shard), tokens, {"h": acts})
-
-                fn = write_acts if what.startswith("zarr") else write_shard
-                lines.append(f"| {what}, {where} | {gb / best_of(repeats, fn):.2f} |")
+                w = create_cache(url, hookpoints={"h": d}, ctx_len=ctx,
+                                 n_seq=seqs * 3 * repeats, shard_seqs=seqs, dtype="bfloat16")
+                shard = itertools.count()
+                one = best_of(repeats, lambda: part(w, 0, next(shard)))
+                two = best_of(repeats, lambda: two_at_once(lambda: part(w, 0, next(shard)),
+                                                           lambda: part(w, 1, next(shard))))
+                lines.append(f"| {name} | {where if stored else '-'} | {gb / one:.2f} | "
+                             f"{2 * gb / two:.2f} |")
                 drop(url)
     finally:
         shutil.rmtree(root, ignore_errors=True)
