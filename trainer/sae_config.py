@@ -167,6 +167,10 @@ class SAEConfig:
     least this multiple of the tokens independence predicts (one feature with probability p:
     ~1/p; two independent ones: 1)."""
 
+    unpack_full: bool = False
+    """Unpack only the groups whose blocks fill all r dimensions (packed past capacity: one of
+    the features they hold cannot be whole there)."""
+
     unpack_min_share: float = 0.05
     """Directions and blocks below this share of a group's code energy are ignored."""
 

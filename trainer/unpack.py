@@ -153,7 +153,7 @@ def unpack_packed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
         parts = [torch.nonzero(labels == b).flatten().tolist() for b in labels.unique() if b >= 0]
         parts = [p for p in parts if float(energy_AR[a, p].sum()) >= cfg.unpack_min_share
                  * float(total_A[a])]
-        if len(parts) >= 2:
+        if len(parts) >= 2 and (not cfg.unpack_full or sum(map(len, parts)) >= R):
             parts.sort(key=lambda p: -float(energy_AR[a, p].sum()))
             plans.append((-float(total_A[a]), g, a, parts))
     plans.sort()
