@@ -125,3 +125,20 @@ def test_unpack_schedule():
         [False, False, True, True, True, True, False]
     off = SAEConfig(d_in=8, groups=2, rank=2, top_s=1, unpack_every=25, consolidate="none")
     assert not any(unpack_due(off, step, 1000) for step in range(1000))
+
+
+def test_unpack_full_moves_only_groups_packed_past_capacity():
+    """``unpack_full``: group 0 packing A and B fills its 4 dimensions and is unpacked; with
+    B's second coordinate gone from the data (3 of 4 dimensions used, one spare) it is left
+    alone, where the plain unpack step still moves B."""
+    sae, x, (a, b) = planted_sae()
+    sae.cfg.unpack_full = True
+    assert len(unpack_packed(sae, x).moved) == 1
+    x_spare = x - (x @ b[:, 1:]) @ b[:, 1:].T
+    sae, _, _ = planted_sae()
+    sae.cfg.unpack_full = True
+    before = sae.W_dec_GRD.detach().clone()
+    assert unpack_packed(sae, x_spare) == ([], 0)
+    assert torch.equal(sae.W_dec_GRD.detach(), before)
+    sae, _, _ = planted_sae()
+    assert len(unpack_packed(sae, x_spare).moved) == 1
