@@ -169,7 +169,9 @@ class SAEConfig:
 
     unpack_full: bool = False
     """Unpack only the groups whose blocks fill all r dimensions (packed past capacity: one of
-    the features they hold cannot be whole there)."""
+    the features they hold cannot be whole there). With ``unpack_every`` 25: every seed of the
+    disjoint planted shape on target at 1M tokens, but worse on two others
+    (bench/RESULTS_consolidation.md, round 5)."""
 
     unpack_min_share: float = 0.05
     """Directions and blocks below this share of a group's code energy are ignored."""
