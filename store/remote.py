@@ -63,14 +63,15 @@ def _response(err: BaseException) -> dict:
     return {}
 
 
-def _code(err: BaseException) -> str:
-    """The S3 error code (``NoSuchBucket``, ``SlowDown``...) of a botocore error in the chain."""
-    return str(_response(err).get("Error", {}).get("Code", ""))
+def _code(err: BaseException, resp: dict | None = None) -> str:
+    """The S3 error code (``NoSuchBucket``, ``SlowDown``...) of a botocore error in the chain
+    (of ``resp``, its parsed answer, when the caller has it already)."""
+    return str((_response(err) if resp is None else resp).get("Error", {}).get("Code", ""))
 
 
 def is_throttling(err: BaseException) -> bool:
     resp = _response(err)  # one walk of the error chain for the code and the status
-    code = str(resp.get("Error", {}).get("Code", ""))
+    code = _code(err, resp)
     if code == "503" or resp.get("ResponseMetadata", {}).get("HTTPStatusCode") == 503:
         return True
     text = f"{code} {err}".lower()  # the code SlowDown matches "slowdown" here
