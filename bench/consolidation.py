@@ -181,7 +181,7 @@ def diagnose(shape_name: str, seed: int, run: Path, models: list[str],
              max_prob: float = MAX_PROB) -> None:
     """Per planted feature of one run's saved SAEs: frequency, units, and the three groups
     holding most of the energy that lands in its subspace (summed over its held-out samples)."""
-    test = generate(shape_spec(shape_name, seed, max_prob), 4000, seed=10**9 + seed)
+    test = held_out(shape_spec(shape_name, seed, max_prob), seed)[0]
     dims = [b.shape[1] for b in test.bases]
     on_N = test.active_NF.sum(1)
     print(f"{shape_name}, seed {seed}: {on_N.mean():.2f} features on per row; more than "
