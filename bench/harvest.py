@@ -225,7 +225,7 @@ def main() -> None:
     ap.add_argument("--stats-blocks", action="store_true",
                     help="only the writer's statistics pass (one thread) per block size")
     ap.add_argument("--stages", action="store_true",
-                    help="only the parts of the writer's work on a shard, on one and on two threads")
+                    help="only the parts of the writer's work on a shard (one and two threads)")
     args = ap.parse_args()
     if args.stats_blocks:
         print(stats_blocks(max(3, args.repeats)))

@@ -22,10 +22,10 @@ in the mean over seeds, one group per feature (every d_i <= 1.2) at or below the
 oracle's FVU on the disjoint 1-4-D shape A within 1M tokens (max 1.10, 0.96x; plain SASA 1.76
 and 3.1x), on the overlapping Gaussian 1-6-D shape D within 1M (1.18, 0.77x) and on the dense
 d = 32 shape B by 2M (1.18, 0.81x); seed by seed, all three seeds only on A (2M), one or two
-of three keep a feature split on B and D. On the overlapping spherical 1-6-D shape C it cuts splitting from about 4 groups to
-1.8-1.9 at 0.52-0.66x the oracle's FVU by 2M and to 1.21-1.22 at 4-8M: there the most
-frequent features are on together in most tokens and stay shared between the groups kept with
-them (bench/SPLITTING.md, rounds 3 and 5). The s = 1 phase is short (10% of the run, ramp to
+of three keep a feature split on B and D. On the overlapping spherical 1-6-D shape C it cuts
+splitting from about 4 groups to 1.8-1.9 at 0.52-0.66x the oracle's FVU by 2M and to
+1.21-1.22 at 4-8M: there the most frequent features are on together in most tokens and stay
+shared between the groups kept with them (bench/SPLITTING.md, rounds 3 and 5). The s = 1 phase is short (10% of the run, ramp to
 30%) because a long one costs FVU on real activations (bench/SPLITTING.md, round 2; MiniLM in
 bench/RESULTS_minilm.md).
 
