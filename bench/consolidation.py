@@ -269,11 +269,15 @@ def summarize(paths: list[Path]) -> None:
                 cells += [" / ".join(f"{u:.2f}" for u in units), f"{units.max():.2f}"]
             # Seeds that meet both of the targets on their own: every d_i <= 1.2 units
             # alone, FVU <= 1.1x the same seed's oracle.
-            hit = sum(max(r["units_alone"].values()) <= 1.2 and r["fvu"] <= 1.1 * oracle[r["seed"]]
-                      for r in rs if "units_alone" in r and r["seed"] in oracle)
+            hit = "-"
+            if cells[0] != "-":
+                met = sum(max(r["units_alone"].values()) <= 1.2
+                          and r["fvu"] <= 1.1 * oracle[r["seed"]]
+                          for r in rs if r["seed"] in oracle)
+                hit = f"{met} of {len(rs)}"
             print(f"| {shape} | {tokens:,} | {model} | {len(rs)} | {fvu.mean():.4f} "
                   f"({fvu.min():.4f}-{fvu.max():.4f}) | {ratio:.2f} | " + " | ".join(cells)
-                  + f" | {hit} of {len(rs)} |")
+                  + f" | {hit} |")
 
 
 def main() -> None:
