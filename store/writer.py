@@ -1,12 +1,21 @@
 """Writing a cache: deterministic shards and a commit protocol.
 
-A shard is written in this order: tokens, activations, per-row norms, the shard's moments,
-its checksums, and last its ``shards/committed`` flag. Each of these is a separate zarr chunk
-object that belongs to this shard alone, so workers never write the same object and a crash
-at any point leaves at worst an uncommitted shard, which readers ignore and a rerun rewrites
-with the same bytes. Rewriting a *committed* shard is a no-op when the content is identical
-(a retried task) and an error when it differs (a non-deterministic producer, or a config
-change that the fingerprint did not catch).
+A shard is written in this order: its data objects (tokens, activations, per-row norms, the
+shard's moments; concurrently), its extra rows, its checksums, and last its ``shards/committed``
+flag. Each of these is a separate zarr chunk object that belongs to this shard alone, so workers
+never write the same object and a crash at any point leaves at worst an uncommitted shard,
+which readers ignore and a rerun rewrites with the same bytes (local objects are written to a
+temporary and renamed, so a crash leaves no torn object under a real key). Rewriting a
+*committed* shard is a no-op when the content is identical (a retried task) and an error when
+it differs (a non-deterministic producer, or a config change that the fingerprint did not
+catch).
+
+Where a shard's write time goes (``python bench/harvest.py --stages``, 64 MiB bf16 shards at
+d = 4096 on this project's 2-core VM; tables in bench/RESULTS_harvest.md): the exact float64
+statistics pass is the largest part, the CRC-32 next; the activations and norms bypass zarr's
+codec pipeline (``sasa.store.direct``: their chunk objects are plain bytes), because through
+zarr every write of a process queued on its one event-loop thread, so two shards written from
+two threads gained nothing there.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import zarr
 from zarr.core.sync import sync
 
 from sasa.errors import SasaError
-from sasa.store import extras
+from sasa.store import direct, extras
 from sasa.store import layout as L
 from sasa.store.convert import to_storage
 from sasa.store.location import Kind, create_group, open_group, probe, url_fs
@@ -68,6 +77,11 @@ class CacheWriter:
         self._norms = {hp: every(L.norms_path(hp)) for hp in layout.hookpoints}
         self._stats = {hp: {name: group[L.stats_path(hp, name)] for name in ("count", "mean", "m2")}
                        for hp in layout.hookpoints}
+        self._local_root = direct.local_root(group.store)
+        self.direct_writes = True
+        """Store whole uncompressed chunks as their objects (``sasa.store.direct``); False sends
+        every object through zarr's ``setitem`` (the same bytes, slower: the reference path the
+        tests and ``bench/harvest.py --stages`` compare against)."""
 
     @property
     def n_shards(self) -> int:
@@ -137,7 +151,7 @@ class CacheWriter:
             writes += [(self._acts[hp], rows, data), (self._norms[hp], rows, summaries[hp].norms),
                        (self._stats[hp]["count"], index, m.count),
                        (self._stats[hp]["mean"], index, m.mean), (self._stats[hp]["m2"], index, m.m2)]
-        _write_all(writes)  # the shard's objects, all requests in flight at once
+        self._write_all(writes)  # the shard's objects, all requests in flight at once
         extras.write_rows(self.group, lay, index, extra_rows)
         self._crc[index] = crc
         self._committed[index] = 1  # the commit: readers see the shard from here on
@@ -171,12 +185,33 @@ class CacheWriter:
         return stored
 
 
-def _write_all(writes: list) -> None:
-    """``array[selection] = value`` for every (array, selection, value), concurrently on zarr's
-    event loop: one round trip for a shard's objects instead of one per array (the object
-    store's latency is paid once, and a local disk's writes overlap the encoding)."""
+    def _write_all(self, writes: list) -> None:
+        """``array[selection] = value`` for every (array, selection, value). Whole uncompressed
+        chunks (a shard's activations and norms unless ``shard_objects``) are stored as their
+        objects directly (``sasa.store.direct``): on local disk from this thread, before the rest;
+        on any other store beside the rest on zarr's loop. Everything else goes through zarr."""
+        root = self._local_root
+        puts, rest = [], []
+        for array, sel, value in writes:
+            plain = self.direct_writes and isinstance(sel, slice)
+            chunks = direct.chunk_puts(array, sel, value) if plain else None
+            if chunks is None:
+                rest.append((array, sel, value))
+            else:
+                puts += chunks
+        if root is not None:
+            for put in puts:
+                direct.put_local(self.url, root, put)
+            puts = []
+        _write_all(rest, [direct.put_store(self.group.store, p) for p in puts])
+
+
+def _write_all(writes: list, also: list = ()) -> None:
+    """``array[selection] = value`` for every (array, selection, value), and the coroutines
+    ``also``, concurrently on zarr's event loop: one round trip for a shard's objects instead of
+    one per array (the object store's latency is paid once)."""
     async def put_all():
-        await asyncio.gather(*(a.async_array.setitem(sel, value) for a, sel, value in writes))
+        await asyncio.gather(*(a.async_array.setitem(sel, value) for a, sel, value in writes), *also)
     sync(put_all())
 
 

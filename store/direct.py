@@ -1,0 +1,110 @@
+"""Writing whole uncompressed chunks as their stored objects, outside zarr's codec pipeline.
+
+When an array's only codec is ``bytes`` in little-endian order (no compressor, no filter, no
+sharding codec), the object of a chunk is exactly the C-order bytes of that chunk's rows, so a
+writer that covers whole chunks can put those bytes under the chunk's key itself: same objects,
+same bytes, as ``array[rows] = data`` would store (tests/test_store_write_path.py writes a cache
+both ways and compares every object). The writer (store/writer.py) does this for a shard's
+activations and norms; every other array, and every array of a ``shard_objects`` or compressed
+layout, keeps zarr's own ``setitem``.
+
+Why: every zarr write of a process runs through zarr's one event-loop thread, which encodes the
+chunks and hands them to the store, so two shards written from two threads queue behind each
+other there. A local chunk written here goes from the shard's own thread (``os.write`` releases
+the GIL), so two shards' writes run on two cores. Measured on a 64 MiB bf16 shard at d = 4096
+(``python bench/harvest.py --stages``, figures in bench/RESULTS_harvest.md).
+
+Safety is the same as zarr's LocalStore: a local object is written to
+``<key>.<uuid4 hex>.partial`` and renamed over the key, so a writer killed mid-write leaves at
+worst such a temporary (``CacheWriter.remove_stray_temporaries`` removes them), never a torn
+chunk under a real key. Each local put goes through ``remote.fs_call`` (a full disk is one line);
+on any other store the objects go through the cache's ``CacheStore.set`` (retries for transient
+faults, one-line errors for the rest), concurrently on zarr's loop like the other writes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import zarr
+from zarr.codecs import BytesCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.storage import LocalStore
+
+from sasa.store.remote import CacheStore, fs_call
+
+
+class ChunkPut(NamedTuple):
+    """One chunk object to store: its key in the store and its bytes (a view, no copy)."""
+
+    key: str
+    data: memoryview
+
+
+def plain_bytes(array: zarr.Array) -> bool:
+    """True when a chunk object of ``array`` is exactly the C-order bytes of the chunk: zarr v3,
+    a regular chunk grid, the ``bytes`` codec alone, and little-endian data on a little-endian
+    machine (or one-byte items)."""
+    meta = array.metadata
+    if getattr(meta, "zarr_format", None) != 3 or len(meta.codecs) != 1:
+        return False
+    codec = meta.codecs[0]
+    if type(codec) is not BytesCodec or not hasattr(meta.chunk_grid, "chunk_shape"):
+        return False
+    little = codec.endian is None or codec.endian.value == "little"
+    return np.dtype(array.dtype).itemsize == 1 or (little and sys.byteorder == "little")
+
+
+def chunk_puts(array: zarr.Array, rows: slice, data: np.ndarray) -> list[ChunkPut] | None:
+    """The chunk objects of ``array[rows] = data``, when ``rows`` covers whole chunks along the
+    first axis and ``data`` spans every other axis in one chunk; None when zarr must write it
+    (``plain_bytes`` false, a partial chunk, or a chunk split across the other axes)."""
+    if not plain_bytes(array):
+        return None
+    chunk = tuple(array.metadata.chunk_grid.chunk_shape)
+    start, stop = rows.start, rows.stop
+    if tuple(data.shape) != (stop - start, *array.shape[1:]) or tuple(array.shape[1:]) != chunk[1:]:
+        return None
+    per = chunk[0]
+    if start % per or (stop - start) % per or stop > array.shape[0]:
+        return None
+    data = np.ascontiguousarray(data, dtype=array.dtype)
+    tail = (0,) * (array.ndim - 1)
+    return [ChunkPut(f"{array.path}/{array.metadata.encode_chunk_key((c, *tail))}",
+                     memoryview(data[(c - start // per) * per:(c - start // per + 1) * per]).cast("B"))
+            for c in range(start // per, stop // per)]
+
+
+def local_root(store) -> Path | None:
+    """The folder of a cache on local disk (its store a LocalStore, wrapped or not), else None."""
+    inner = store._store if isinstance(store, CacheStore) else store
+    return Path(inner.root) if isinstance(inner, LocalStore) else None
+
+
+def put_local(url: str, root: Path, put: ChunkPut) -> None:
+    """Write one chunk object under ``root`` as zarr's LocalStore does: a temporary
+    ``<key>.<uuid>.partial`` renamed over the key (a storage error is one line naming ``url``)."""
+    fs_call(url, "write", _put, root / put.key, put.data)
+
+
+def _put(path: Path, data: memoryview) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+async def put_store(store: CacheStore, put: ChunkPut) -> None:
+    """Put one chunk object through the cache's store (retries and one-line errors included)."""
+    await store.set(put.key, default_buffer_prototype().buffer.from_bytes(put.data))
+

@@ -1,0 +1,145 @@
+"""The writer's direct chunk path (sasa.store.direct) against zarr's own setitem path.
+
+Whole uncompressed chunks are stored as their objects without zarr's codec pipeline; these tests
+write the same shards both ways (``CacheWriter.direct_writes``) and compare every object's
+bytes, on every backend, check that the direct path is really taken where it should be and
+nowhere else, read the result back through the reader, and kill a local writer mid-write.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sasa.store import create_cache, direct, open_cache
+from sasa.store import layout as L
+from sasa.store.verify import verify
+from store_helpers import build, location, shard_content, shard_objects, snapshot  # noqa: F401
+
+W_DEFAULT = {"resid_post.1": 16, "resid_post.2": 8}  # build's widths
+
+
+def build_both(url_a, url_b, so=None, **kw):
+    """The same cache written with the direct path (at ``url_a``) and through zarr alone."""
+    a = build(url_a, storage_options=so, **kw)
+    b = build(url_b, storage_options=so, shards=[], **kw)
+    b.direct_writes = False
+    for i in range(b.n_shards):
+        b.write_shard(i, *shard_content(i, 16, 8, W_DEFAULT))
+    return a, b
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_direct_path_stores_the_bytes_zarr_would(location, shard_objects, dtype):
+    url, so = location
+    build_both(url + "-direct", url + "-zarr", so, dtype=dtype, shard_objects=shard_objects)
+    direct_objects, zarr_objects = snapshot(url + "-direct", so), snapshot(url + "-zarr", so)
+    assert direct_objects == zarr_objects
+    chunk_keys = [k for k in direct_objects if "/acts/" in k and "/c/" in k]
+    assert len(chunk_keys) == (4 if shard_objects else 16) * len(W_DEFAULT)
+
+
+def test_direct_path_is_taken_for_plain_chunks_only(tmp_path):
+    plain = build(tmp_path / "plain", shards=[], dtype="bfloat16")
+    sharded = build(tmp_path / "sharded", shards=[], dtype="bfloat16", shard_objects=True)
+    lay = plain.layout
+    rows = slice(lay.shard_rows, 2 * lay.shard_rows)
+    data = np.zeros((lay.shard_rows, 16), np.uint16)
+    puts = direct.chunk_puts(plain._acts["resid_post.1"], rows, data)
+    assert [p.key for p in puts] == [f"acts/resid_post.1/c/{c}/0" for c in lay.shard_chunks(1)]
+    assert all(len(p.data) == lay.chunk_rows * 16 * 2 for p in puts)
+    norms = direct.chunk_puts(plain._norms["resid_post.1"], rows, np.zeros(lay.shard_rows, np.float32))
+    assert [p.key for p in norms] == [f"norms/resid_post.1/c/{c}" for c in lay.shard_chunks(1)]
+    # zarr's path: one object per shard (sharding codec), compressed tokens, a partial chunk
+    assert direct.chunk_puts(sharded._acts["resid_post.1"], rows, data) is None
+    assert direct.chunk_puts(plain._tokens, slice(16, 32), np.zeros((16, 8), np.int32)) is None
+    assert direct.chunk_puts(plain._acts["resid_post.1"], slice(8, 8 + lay.chunk_rows),
+                             data[:lay.chunk_rows]) is None
+
+
+def test_direct_cache_reads_back_and_verifies(location):
+    url, so = location
+    build(url, storage_options=so, dtype="float32")
+    cache = open_cache(url, so)
+    assert cache.complete and verify(cache, progress=False) == []
+    for i in range(cache.n_shards):
+        tokens, acts = shard_content(i, 16, 8, W_DEFAULT)
+        np.testing.assert_array_equal(cache.tokens[16 * i:16 * (i + 1)], tokens)
+        for hp, x in acts.items():
+            np.testing.assert_array_equal(cache.read_rows(hp, 128 * i, 128 * (i + 1)), x)
+            norms = cache.group[L.norms_path(hp)][128 * i:128 * (i + 1)]
+            np.testing.assert_allclose(norms, np.linalg.norm(x, axis=1), rtol=1e-5)
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from sasa.store import create_cache
+    url, n = sys.argv[1], int(sys.argv[2])
+    w = create_cache(url, hookpoints={"h": 4096}, ctx_len=64, n_seq=8 * n, shard_seqs=8,
+                     chunk_seqs=4, dtype="float32")
+    print("ready", flush=True)
+    for i in range(n):
+        x = np.random.default_rng(i).normal(size=(8 * 64, 4096)).astype(np.float32)
+        w.write_shard(i, np.full((8, 64), 7 + i), {"h": x})
+""")
+
+
+def write_reference(url, n):
+    w = create_cache(url, hookpoints={"h": 4096}, ctx_len=64, n_seq=8 * n, shard_seqs=8,
+                     chunk_seqs=4, dtype="float32")
+    for i in range(n):
+        x = np.random.default_rng(i).normal(size=(8 * 64, 4096)).astype(np.float32)
+        w.write_shard(i, np.full((8, 64), 7 + i), {"h": x})
+    return w
+
+
+def test_a_local_writer_killed_mid_write_leaves_only_temporaries(tmp_path):
+    """SIGKILL a writer while one of its chunk temporaries exists: every object under a real key
+    holds exactly the bytes of an uninterrupted write, the rest are ``.partial`` temporaries that
+    ``remove_stray_temporaries`` removes, and a rerun finishes the same cache byte for byte."""
+    n = 12
+    ref = str(tmp_path / "ref")
+    write_reference(ref, n)  # 12 shards of two 4 MiB chunk objects
+    reference = snapshot(ref)
+    killed_with_a_temporary = False
+    for attempt in range(4):
+        url = str(tmp_path / f"killed{attempt}")
+        root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, url, str(n)], cwd=root, env=env,
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            if os.path.exists(f"{url}/shards/committed/c/0") and \
+                    any(f.endswith(".partial") for _, _, files in os.walk(f"{url}/acts") for f in files):
+                proc.send_signal(signal.SIGKILL)
+                killed_with_a_temporary = True
+                break
+        proc.wait()
+        objects = snapshot(url)
+        temporaries = [k for k in objects if k.endswith(".partial")]
+        for key, data in objects.items():
+            if not key.endswith(".partial"):
+                assert data == reference[key], key  # no torn or foreign object under a real key
+        writer = create_cache(url, hookpoints={"h": 4096}, ctx_len=64, n_seq=8 * n, shard_seqs=8,
+                              chunk_seqs=4, dtype="float32")
+        done = writer.committed().sum()
+        assert 0 < done <= n and verify(open_cache(url), progress=False) == []
+        for i in writer.pending_shards():
+            x = np.random.default_rng(i).normal(size=(8 * 64, 4096)).astype(np.float32)
+            writer.write_shard(i, np.full((8, 64), 7 + i), {"h": x})
+        assert writer.remove_stray_temporaries() == len(temporaries)
+        assert snapshot(url) == reference
+        if killed_with_a_temporary and temporaries and done < n:
+            return
+    pytest.fail("the writer was never killed while a chunk temporary existed")
