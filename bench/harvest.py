@@ -97,10 +97,11 @@ def stats_blocks(repeats: int) -> str:
 def write_stages(repeats: int, d: int = 4096, seqs: int = 64, ctx: int = 128) -> str:
     """GB/s (stored activation bytes) of each part of ``CacheWriter.write_shard`` for bf16
     shards of seqs * ctx rows of width d (64 MiB at the defaults): the checksum, the statistics
-    pass, the zarr write of the activations alone and the whole ``write_shard``, into memory://
-    and into a local folder (the page cache); on one thread, and on two threads at once with
-    two shards (as a harvest worker overlaps them). Where the writer's time goes, and which
-    parts run in parallel."""
+    pass, the write of the activations alone (through zarr's setitem, and as the writer does it,
+    ``sasa.store.direct``) and the whole ``write_shard`` (every object through zarr, and as it
+    is), into memory:// and into a local folder (the page cache); on one thread, and on two
+    threads at once with two shards (as a harvest worker overlaps them). Where the writer's
+    time goes, and which parts run in parallel."""
     import itertools
     import threading
     import zlib
@@ -116,8 +117,12 @@ def write_stages(repeats: int, d: int = 4096, seqs: int = 64, ctx: int = 128) ->
         "zlib.crc32 (the shard's checksum)": (False, lambda w, i, k: zlib.crc32(raws[i])),
         "statistics pass (stats.summarize_shard)":
             (False, lambda w, i, k: stats.summarize_shard(raws[i], "bfloat16", keep)),
-        "zarr write of the activations": (True, lambda w, i, k: W._write_all(
+        "zarr write of the activations (zarr's setitem)": (True, lambda w, i, k: W._write_all(
             [(w._acts["h"], slice(k * rows, (k + 1) * rows), raws[i])])),
+        "the writer's write of the activations (store/direct.py)": (True, lambda w, i, k: w._write_all(
+            [(w._acts["h"], slice(k * rows, (k + 1) * rows), raws[i])])),
+        "whole write_shard, every object through zarr (direct_writes=False)":
+            (True, lambda w, i, k: w.write_shard(k, tokens, {"h": acts[i]})),
         "whole write_shard": (True, lambda w, i, k: w.write_shard(k, tokens, {"h": acts[i]})),
     }
 
@@ -139,6 +144,7 @@ def write_stages(repeats: int, d: int = 4096, seqs: int = 64, ctx: int = 128) ->
                 url = f"{base}/{len(lines)}"
                 w = create_cache(url, hookpoints={"h": d}, ctx_len=ctx,
                                  n_seq=seqs * 3 * repeats, shard_seqs=seqs, dtype="bfloat16")
+                w.direct_writes = "direct_writes=False" not in name
                 shard = itertools.count()
                 one = best_of(repeats, lambda: part(w, 0, next(shard)))
                 two = best_of(repeats, lambda: two_at_once(lambda: part(w, 0, next(shard)),
