@@ -53,11 +53,14 @@ def rank_at(frac: float, rank: int) -> int:
     return 1 if frac < 0.1 else rank if frac >= 0.3 else 1 + int((rank - 1) * (frac - 0.1) / 0.2)
 
 
-def probe(shape_name: str, seed: int, variant: str, over: dict) -> str:
+def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
+                    stop: int = STEPS):
+    """(sae, mean, scale): the SAE of ``over`` (SAEConfig overrides, plus ``probe_b_dec``)
+    trained in memory for ``stop`` of the run's ``STEPS`` steps on the shape's 262,144 samples
+    normalised by (mean, scale); ``variant`` names the special runs of NAMED."""
     shape = SHAPES[shape_name]
     spec = shape_spec(shape_name, seed)
-    train_x, (test, alone) = generate(spec, 1 << 18, seed=seed), held_out(spec, seed)
-    x = torch.from_numpy(train_x.x_ND)
+    x = torch.from_numpy(generate(spec, 1 << 18, seed=seed).x_ND)
     mean = x.mean(0)
     scale = float(((x - mean) ** 2).sum(1).mean().div(spec.d).sqrt())
     x_n = (x - mean) / scale
@@ -71,13 +74,12 @@ def probe(shape_name: str, seed: int, variant: str, over: dict) -> str:
             sae.b_dec_D.copy_(x_n[rows[:16384]].double().median(0).values.to(sae.b_dec_D.dtype))
     if variant == "oracle":
         state = sae.state_dict()
-        oracle_weights(state, test.bases, shape.rank, seed)
+        oracle_weights(state, generate(spec, 0).bases, shape.rank, seed)
         sae.load_state_dict(state)
     opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(STEPS, STEPS // 10, 0.2))
     gen = torch.Generator().manual_seed(seed)
-    t0 = time.perf_counter()
-    for step in range(STEPS):
+    for step in range(stop):
         sae.cfg.gate = "batch" if step / STEPS < GATE_UNTIL.get(variant, 0.0) else "token"
         idx = torch.randint(0, x_n.shape[0], (1024,), generator=gen)
         top_s = top_s_at(sae.cfg, step, STEPS)
@@ -93,6 +95,13 @@ def probe(shape_name: str, seed: int, variant: str, over: dict) -> str:
             with torch.no_grad():
                 sae.W_enc_GRD[:, k:, :] = 0
                 sae.b_enc_GR[:, k:] = 0
+    return sae, mean, scale
+
+
+def probe(shape_name: str, seed: int, variant: str, over: dict) -> str:
+    test, alone = held_out(shape_spec(shape_name, seed), seed)
+    t0 = time.perf_counter()
+    sae, mean, scale = train_in_memory(shape_name, seed, over, variant)
     sae.cfg.gate = "token"
     sae.eval()
     sae.fold_normalisation(mean, scale)

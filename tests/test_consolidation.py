@@ -199,7 +199,7 @@ def test_revive_step_reseeds_silent_groups_at_the_residual():
 
 def test_resumed_run_is_exact_through_the_schedules(cache_url, tmp_path):
     """Stopped inside the s ramp (10-30% of 80 steps) and resumed: the same weights, finite,
-    orthonormal blocks; with and without merge, revive and unpack steps (loose merge thresholds
+    orthonormal blocks; with and without merge, revive, unpack and gather steps (loose merge thresholds
     so merges happen; twice the groups for revive and unpack, so that some go silent)."""
     merge = {**SASA, "merge_every": 10, "merge_from": 0.0, "merge_jaccard": 0.05,
              "merge_tail": 0.8}
@@ -208,7 +208,10 @@ def test_resumed_run_is_exact_through_the_schedules(cache_url, tmp_path):
     # every step from the start, and every group with two sources counts as packed: it moves
     # blocks whenever a group is silent (the s = 1 phase)
     unpack = {**wide, "unpack_every": 1, "unpack_from": 0.0, "unpack_dep": 100.0}
-    members = {"new": SASA, "merge": merge, "wide": wide, "revive": revive, "unpack": unpack}
+    # every step from the start, with a loose slice test (1.5 times more often on together)
+    gather = {**wide, "gather_every": 1, "gather_from": 0.0, "gather_ratio": 1.5}
+    members = {"new": SASA, "merge": merge, "wide": wide, "revive": revive, "unpack": unpack,
+               "gather": gather}
     cfg = config(cache_url, members, tokens=512 * 80, checkpoint_every=10)
     full = train(cfg, tmp_path / "full", progress=False)
     part = train(cfg, tmp_path / "part", until_step=17, progress=False)
@@ -221,7 +224,8 @@ def test_resumed_run_is_exact_through_the_schedules(cache_url, tmp_path):
         d_GDR = load_sae(full.saes[name]).decoder_GDR.detach().double()
         eye = torch.eye(sae["rank"], dtype=torch.float64).expand(sae["groups"], -1, -1)
         assert torch.allclose(d_GDR.transpose(1, 2) @ d_GDR, eye, atol=1e-5)
-    # same seed and schedule: only the merge (revive, unpack) steps tell the twins apart
-    for plain, name in (("new", "merge"), ("wide", "revive"), ("wide", "unpack")):
+    # same seed and schedule: only the merge (revive, unpack, gather) steps tell the twins apart
+    for plain, name in (("new", "merge"), ("wide", "revive"), ("wide", "unpack"),
+                        ("wide", "gather")):
         assert not torch.equal(weights(full.saes[plain])["W_dec_GRD"],
                                weights(full.saes[name])["W_dec_GRD"])

@@ -50,6 +50,7 @@ import torch
 
 from sasa.trainer.sae_config import SAEConfig
 from sasa.trainer.surgery import periodic, reseed, reset_moments, set_group
+from sasa.trainer.gather import gather_due, gather_slices
 from sasa.trainer.unpack import unpack_due, unpack_packed
 
 
@@ -232,3 +233,5 @@ def after_step(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None, step:
         revive_silent(sae, x_BD, opt, top_s=top_s)
     if unpack_due(cfg, step, steps):
         unpack_packed(sae, x_BD, opt, top_s=top_s)
+    if gather_due(cfg, step, steps):
+        gather_slices(sae, x_BD, opt, top_s=top_s)

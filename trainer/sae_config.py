@@ -176,6 +176,29 @@ class SAEConfig:
     unpack_min_share: float = 0.05
     """Directions and blocks below this share of a group's code energy are ignored."""
 
+    gather_every: int = 0
+    """Steps between gather steps (``sasa.trainer.gather.gather_slices``: blocks of different
+    groups that are on only together move into one group); 0 disables (the default)."""
+
+    gather_from: float = 0.5
+    """Fraction of the run's steps before the first gather step."""
+
+    gather_until: float = 0.8
+    """Fraction of the run's steps after which no gather step runs."""
+
+    gather_ratio: float = 4.0
+    """Two blocks are slices of one feature when each is on at least this many times more
+    often while the other is on than while it is off (independent features: 1)."""
+
+    gather_test: str = "on"
+    """Which ratio ``gather_ratio`` bounds: "on" (of on-probabilities, as above), "energy"
+    (of mean code energies) or "both" (energy, among pairs whose on-ratio is >= 2); the last
+    two are round 6's experiments (bench/SPLITTING.md)."""
+
+    gather_on: float = 0.1
+    """A block is on where its code energy exceeds this fraction of its mean over the tokens
+    where its group is kept."""
+
     def __post_init__(self) -> None:
         check_fields(self)  # YAML / CLI values: one-line errors naming the field and its type
         if self.arch not in ARCHS:
@@ -195,6 +218,8 @@ class SAEConfig:
                             "cannot be wider than the input")
         if self.codes is None:
             self.codes = "signed" if self.arch == "sasa" else "relu"
+        if self.gather_test not in ("on", "energy", "both"):
+            raise SasaError(f"unknown gather_test {self.gather_test!r}; use 'on', 'energy' or 'both'")
         if self.codes not in CODES:
             raise SasaError(f"unknown codes {self.codes!r}; use 'signed' or 'relu'")
         if self.arch == "relu" and self.codes != "relu":

@@ -1,0 +1,90 @@
+"""The gather step (sasa.trainer.gather): slices of one feature held by different groups,
+found by being on only together, moved into one group without losing the reconstruction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sasa.trainer import SAE, SAEConfig
+from sasa.trainer.gather import gather_due, gather_slices
+
+
+def feature_codes(gen, n: int, dim: int, p: float) -> torch.Tensor:
+    """[n, dim] codes of one feature: Gaussian coordinates on a random p of the rows."""
+    on = torch.rand(n, 1, generator=gen) < p
+    return torch.randn(n, dim, generator=gen, dtype=torch.float64) * on
+
+
+def split_sae(split: bool = True):
+    """d = 32, 4 groups of rank 4, s = 3. Three independent features: A and B 2-D, C 4-D,
+    each on with probability 0.4. ``split``: group 0 holds A and the first half of C, group 1
+    holds B and the other half; else group 0 packs A and B and group 1 holds C whole. Groups
+    2-3 are silent (encoders 0)."""
+    gen = torch.Generator().manual_seed(2)
+    frame = torch.linalg.qr(torch.randn(32, 32, generator=gen))[0]
+    a, b, c = frame[:, :2], frame[:, 2:4], frame[:, 4:8]
+    sae = SAE(SAEConfig(d_in=32, groups=4, rank=4, top_s=3, gather_every=1), seed=0)
+    with torch.no_grad():
+        if split:
+            sae.W_dec_GRD[0] = torch.cat([a, c[:, :2]], 1).T
+            sae.W_dec_GRD[1] = torch.cat([b, c[:, 2:]], 1).T
+        else:
+            sae.W_dec_GRD[0] = torch.cat([a, b], 1).T
+            sae.W_dec_GRD[1] = c.T
+        sae.W_dec_GRD[2:] = frame[:, 16:24].T.reshape(2, 4, 32)
+        sae.W_enc_GRD.copy_(sae.W_dec_GRD)
+        sae.W_enc_GRD[2:] = 0
+    n = 2048
+    za, zb, zc = (feature_codes(gen, n, k, 0.4) for k in (2, 2, 4))
+    x = (za.float() @ a.T) + (zb.float() @ b.T) + (zc.float() @ c.T)
+    return sae, x + 0.01 * torch.randn(n, 32, generator=gen), (a, b, c)
+
+
+def test_gather_moves_the_slices_of_a_split_feature_into_one_group():
+    """C's two halves move into a silent group, which then spans C; groups 0 and 1 keep A and
+    B; the reconstruction of the batch is kept; blocks orthonormal, values finite, Adam
+    moments zeroed for the three groups, the other silent group untouched."""
+    sae, x, (a, b, c) = split_sae()
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    sae(x).loss.backward()
+    opt.step()
+    sae.post_step()
+    fvu_before = float(sae(x).fvu.detach())
+    before = sae.W_dec_GRD.detach().clone()
+
+    report = gather_slices(sae, x, opt)
+
+    assert report.candidates == 1 and len(report.gathered) == 1
+    target, hosts = report.gathered[0]
+    assert hosts == [0, 1] and target in (2, 3)
+    d_GDR = sae.decoder_GDR.detach()
+    assert torch.allclose(d_GDR.transpose(1, 2) @ d_GDR, torch.eye(4).expand(4, 4, 4), atol=1e-5)
+    held = lambda basis, g: float((basis.T @ d_GDR[g]).square().sum())  # noqa: E731
+    assert held(c, target) == pytest.approx(4.0, abs=0.02)
+    assert held(c, 0) + held(c, 1) == pytest.approx(0.0, abs=0.02)
+    assert held(a, 0) == pytest.approx(2.0, abs=0.02) and held(b, 1) == pytest.approx(2.0, abs=0.02)
+    assert float(sae(x).fvu.detach()) == pytest.approx(fvu_before, abs=2e-3)
+    assert all(torch.isfinite(p).all() for p in sae.parameters())
+    moments = opt.state[sae.W_dec_GRD]["exp_avg"].abs().sum((1, 2))
+    assert all(float(moments[g]) == 0.0 for g in (0, 1, target))
+    other = ({2, 3} - {target}).pop()
+    assert torch.equal(sae.W_dec_GRD.detach()[other], before[other])
+
+
+def test_gather_leaves_independent_features_alone():
+    """A and B packed in group 0, C whole in group 1: no two groups hold slices of one
+    feature (A, B and C switch on independently), so nothing moves."""
+    sae, x, _ = split_sae(split=False)
+    before = sae.W_dec_GRD.detach().clone()
+    assert gather_slices(sae, x) == ([], 0)
+    assert torch.equal(sae.W_dec_GRD.detach(), before)
+
+
+def test_gather_schedule():
+    cfg = SAEConfig(d_in=8, groups=2, rank=2, top_s=1, gather_every=25, gather_from=0.5,
+                    gather_until=0.8)
+    assert [gather_due(cfg, step, 1000) for step in (24, 474, 499, 524, 774, 799, 824)] == \
+        [False, False, True, True, True, True, False]
+    off = SAEConfig(d_in=8, groups=2, rank=2, top_s=1, gather_every=25, consolidate="none")
+    assert not any(gather_due(off, step, 1000) for step in range(1000))

@@ -1,0 +1,183 @@
+"""Gathering: blocks of different groups that are on only together are slices of one feature;
+they move together into one group (bench/SPLITTING.md, round 6).
+
+Why: what the default procedure leaves split, seed by seed, on the planted shapes is mostly a
+frequent multi-dimensional feature whose group also packs other features, so a slice of it
+lives in a second group (bench/SPLITTING.md, rounds 5-6). Round 5 looked for such slices with
+the lift P(J and K) / P(J) P(K), which is at most 1/p = 2 for a feature of probability p = 1/2,
+where independent features give 1 and noise fills the gap. This test conditions instead: blocks
+J (in group h) and K (in group g) are slices of one feature when each is on far more often
+while the other is on than while it is off, P(J | K) >= ``gather_ratio`` x P(J | not K), both
+ways. Two slices of a feature give a large ratio whatever p (they are off together, except
+where one slice's coordinates happen to be small); independent features give 1.
+
+Blocks come from ``sasa.trainer.unpack.independent_blocks`` (FastICA sources of a group's codes,
+joined when dependent); a block is "on" on the tokens where its code energy exceeds
+``gather_on`` of its mean over the tokens where its group is kept. Slices linked by the test
+(transitively) whose joint span has at most r directions above ``unpack_min_share`` of its
+energy move into one group: a silent group (kept on no token of the batch) when there is one,
+else a host holding nothing else. The hosts keep everything else; as in the unpack step, the
+new group's first dimensions take over the hosts' codes for the slices (encoder D_new^T D_old
+E_old, summed over the hosts), so the step leaves the reconstruction almost unchanged; Adam
+moments of the groups touched are zeroed. At most max(1, G // 8) features per call.
+Deterministic given the batch and the weights (exact under resume).
+
+``gather_test="both"`` (an experiment of round 6) also requires E[e_J | K on] >= 3 x
+E[e_J | K off] of the code energies e; ``"energy"`` uses that ratio alone.
+
+Cost per call: the unpack step's block search, an [N x N] co-occurrence of the N blocks of the
+busy groups (N <= G r; at G r = 10^5 it would need a candidate filter first), and an SVD of
+at most r rows per gathered feature.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from sasa.trainer.surgery import periodic, reset_moments, residual_directions
+from sasa.trainer.unpack import _fill, _take_over, independent_blocks
+
+
+class Block(NamedTuple):
+    """One independent block of a busy group's codes on a batch."""
+
+    group: int
+    rows_KR: torch.Tensor
+    """Its sources' directions in the group's code space, scaled by their rms (float64)."""
+    on_B: torch.Tensor
+    """bool: the tokens where it is on."""
+    energy_B: torch.Tensor
+    """Its code energy on every token (float64)."""
+
+
+class GatherReport(NamedTuple):
+    """What one ``gather_slices`` call changed."""
+
+    gathered: list[tuple[int, list[int]]]
+    """(target group, host groups) per gathered feature."""
+    candidates: int
+    """Sets of slices found across two or more groups (gathered or not)."""
+
+
+def gather_due(cfg, step: int, steps: int) -> bool:
+    """Whether the gather step runs after optimiser step ``step`` (0-based) of ``steps``."""
+    return cfg.consolidate != "none" and periodic(cfg.gather_every, step, steps,
+                                                   cfg.gather_from, cfg.gather_until)
+
+
+@torch.no_grad()
+def block_items(sae, z_BGR: torch.Tensor, keep_BG: torch.Tensor) -> list[Block]:
+    """Every block of the groups kept on >= max(8, 1%) of the batch (gated codes ``z_BGR``)."""
+    cfg = sae.cfg
+    B = z_BGR.shape[0]
+    busy = torch.nonzero(keep_BG.sum(0) >= max(8, B // 100)).flatten()
+    if busy.numel() < 2:
+        return []
+    blocks = independent_blocks(z_BGR[:, busy], cfg.unpack_min_share, cfg.unpack_dep)
+    energy_AR = blocks.mix_GRR.square().sum(-1)
+    total_A = energy_AR.sum(-1).clamp_min(1e-30)
+    items = []
+    for a, g in enumerate(busy.tolist()):
+        labels = blocks.label_GR[a]
+        for b in labels.unique().tolist():
+            idx = torch.nonzero(labels == b).flatten()
+            if b < 0 or float(energy_AR[a, idx].sum()) < cfg.unpack_min_share * float(total_A[a]):
+                continue
+            rows_KR = blocks.mix_GRR[a, idx]
+            q_KR = torch.linalg.qr(rows_KR.T).Q.T  # orthonormal rows spanning the block
+            e_B = (z_BGR[:, g].double() @ q_KR.T).square().sum(1)
+            items.append(Block(g, rows_KR, e_B > cfg.gather_on * e_B[keep_BG[:, g]].mean(), e_B))
+    return items
+
+
+def slice_links(cfg, items: list[Block]) -> torch.Tensor:
+    """[N, N] bool: blocks of different groups that pass the slice test (module docstring)."""
+    B = items[0].on_B.shape[0]
+    on_NB = torch.stack([it.on_B for it in items]).double()
+    n_N = on_NB.sum(1)
+    co_NN = on_NB @ on_NB.T
+    # Rows K, columns J: P(J | K) / P(J | not K).
+    p_off = (n_N.unsqueeze(0) - co_NN) / (B - n_N).unsqueeze(1).clamp_min(1)
+    ratio = (co_NN / n_N.unsqueeze(1).clamp_min(1)) / p_off.clamp_min(1.0 / B)
+    if cfg.gather_test in ("energy", "both"):  # E[e_J | K on] / E[e_J | K off]
+        e_NB = torch.stack([it.energy_B for it in items])
+        e_on = on_NB @ e_NB.T / n_N.unsqueeze(1).clamp_min(1)
+        e_off = (1 - on_NB) @ e_NB.T / (B - n_N).unsqueeze(1).clamp_min(1)
+        e_ratio = e_on / e_off.clamp_min(1e-12)
+        if cfg.gather_test == "both":
+            ratio = torch.where((ratio >= 2) & (ratio.T >= 2), e_ratio, 0.0)
+        else:
+            ratio = e_ratio
+    grp_N = torch.tensor([it.group for it in items])
+    return ((ratio >= cfg.gather_ratio) & (ratio.T >= cfg.gather_ratio) & (co_NN >= cfg.merge_min)
+            & (grp_N.unsqueeze(1) != grp_N.unsqueeze(0)))
+
+
+@torch.no_grad()
+def gather_slices(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = None,
+                  top_s: int | None = None) -> GatherReport:
+    """Move the slices of each feature split over groups into one group (module docstring).
+
+    On the batch ``x_BD`` (the trainer's normalised inputs), with the gate at ``top_s``."""
+    cfg = sae.cfg
+    G, R, D = sae.W_dec_GRD.shape
+    x_BD = x_BD.to(sae.W_dec_GRD.dtype)
+    h_BGR = sae.pre_codes(x_BD)
+    keep_BG = sae.gate(h_BGR, top_s)
+    z_BGR = h_BGR * keep_BG.unsqueeze(-1)
+    items = block_items(sae, z_BGR, keep_BG)
+    if len(items) < 2:
+        return GatherReport([], 0)
+    adj = slice_links(cfg, items) | torch.eye(len(items), dtype=torch.bool)
+    for _ in range(max(1, (len(items) - 1).bit_length())):  # transitive closure
+        adj = (adj.double() @ adj.double()) > 0
+    comp_N = adj.double().argmax(-1)
+    comps = [torch.nonzero(comp_N == c).flatten().tolist() for c in comp_N.unique().tolist()]
+    comps = [m for m in comps if len({items[i].group for i in m}) >= 2]
+    comps.sort(key=lambda m: -sum(float(items[i].rows_KR.square().sum()) for i in m))
+
+    donors = [int(g) for g in torch.nonzero(keep_BG.sum(0) == 0).flatten()]
+    donors.sort(key=lambda g: (-int(sae.tokens_since_fired_G[g]), g))
+    dims_of = lambda g, idx: sum(items[i].rows_KR.shape[0] for i in idx  # noqa: E731
+                                 if items[i].group == g)
+    pool_PD = None
+    gathered: list[tuple[int, list[int]]] = []
+    touched: set[int] = set()
+    for members in comps:
+        hosts = sorted({items[i].group for i in members})
+        if touched & set(hosts) or len(gathered) >= max(1, G // 8):
+            continue
+        old = {g: (sae.W_dec_GRD[g].double().clone(), sae.W_enc_GRD[g].double().clone(),
+                   sae.b_enc_GR[g].double().clone()) for g in hosts}
+        spans = {g: torch.cat([items[i].rows_KR @ old[g][0] for i in members
+                               if items[i].group == g]) for g in hosts}
+        # The feature's dimensions: the joint span's directions above min_share of its energy.
+        u_DK, sv_K, _ = torch.linalg.svd(torch.cat(list(spans.values())).T, full_matrices=False)
+        dims = int((sv_K.square() >= cfg.unpack_min_share * sv_K.square().sum()).sum())
+        if dims > R:
+            continue
+        all_KD = (u_DK[:, :dims] * sv_K[:dims]).T
+        if donors:
+            target = donors.pop(0)
+        else:  # a host none of whose other blocks would have to move
+            whole = [g for g in hosts if dims_of(g, members) == dims_of(g, range(len(items)))]
+            if not whole:
+                continue
+            target = whole[0]
+        if pool_PD is None:
+            pool_PD = residual_directions(x_BD - sae.decode(z_BGR), 4 * R)
+        for g in hosts:
+            if g != target:
+                q_DJ = torch.linalg.svd(spans[g].T, full_matrices=False).U
+                keep_KD = old[g][0] - (old[g][0] @ q_DJ) @ q_DJ.T
+                _take_over(sae, g, *_fill(keep_KD, all_KD, pool_PD, R), *old[g])
+        joint = tuple(torch.cat([old[g][j] for g in hosts]) for j in range(3))
+        _take_over(sae, target, *_fill(all_KD, torch.zeros(1, D, dtype=all_KD.dtype), pool_PD, R),
+                   *joint)
+        touched.update(hosts + [target])
+        gathered.append((target, hosts))
+        if opt is not None:
+            reset_moments(sae, opt, sorted({target, *hosts}))
+    return GatherReport(gathered, len(comps))
