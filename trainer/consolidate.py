@@ -35,6 +35,9 @@ residual; it removes silent groups but did not recover FVU on MiniLM (bench/SPLI
 ``sasa.trainer.unpack.unpack_packed`` (off by default, ``unpack_every``) takes groups that pack
 several co-occurring features apart; round 4 of bench/SPLITTING.md measures it.
 
+``sasa.trainer.gather.gather_slices`` (off by default, ``gather_every``) moves the slices of
+one feature held by different groups into one group; round 6 of bench/SPLITTING.md measures it.
+
 ``merge_and_reseed`` (off by default, ``merge_every``) is the explicit alternative: merge two
 co-firing groups whose joint contribution fits in r dimensions, re-seed the freed one at the
 residual of the worst tokens. On planted data after a few hundred steps the groups that hold

@@ -22,8 +22,14 @@ E_old, summed over the hosts), so the step leaves the reconstruction almost unch
 moments of the groups touched are zeroed. At most max(1, G // 8) features per call.
 Deterministic given the batch and the weights (exact under resume).
 
-``gather_test="both"`` (an experiment of round 6) also requires E[e_J | K on] >= 3 x
-E[e_J | K off] of the code energies e; ``"energy"`` uses that ratio alone.
+Measured (bench/RESULTS_consolidation.md and bench/SPLITTING.md, round 6; four planted shapes,
+three seeds, every 25 steps from 50% to 80% of the run, through the streaming trainer): every
+seed of the disjoint 1-4-D shape at one group per feature and <= 1.1x the planted oracle's FVU
+within 1M tokens (the default alone: 2 of 3 seeds), no shape worse, the others as they were by
+2M tokens. Where it fails: in a dense shape (sum d_i ~ d) a slice's block is "on" on many
+tokens where its feature is off (from the features packed beside it), which brings slices'
+ratios down to those of independent pairs; and where two groups kept together share several
+frequent features, their blocks are mixtures with no slices to link. Off by default.
 
 Cost per call: the unpack step's block search, an [N x N] co-occurrence of the N blocks of the
 busy groups (N <= G r; at G r = 10^5 it would need a candidate filter first), and an SVD of
@@ -49,7 +55,7 @@ class Block(NamedTuple):
     on_B: torch.Tensor
     """bool: the tokens where it is on."""
     energy_B: torch.Tensor
-    """Its code energy on every token (float64)."""
+    """Its code energy on every token (float64; what ``on_B`` thresholds)."""
 
 
 class GatherReport(NamedTuple):
@@ -92,24 +98,20 @@ def block_items(sae, z_BGR: torch.Tensor, keep_BG: torch.Tensor) -> list[Block]:
     return items
 
 
-def slice_links(cfg, items: list[Block]) -> torch.Tensor:
-    """[N, N] bool: blocks of different groups that pass the slice test (module docstring)."""
-    B = items[0].on_B.shape[0]
-    on_NB = torch.stack([it.on_B for it in items]).double()
+def on_ratios(on_NB: torch.Tensor) -> torch.Tensor:
+    """[N, N] from N blocks' on-indicators (float): row K, column J = P(J | K) / P(J | not K)."""
+    B = on_NB.shape[1]
     n_N = on_NB.sum(1)
     co_NN = on_NB @ on_NB.T
-    # Rows K, columns J: P(J | K) / P(J | not K).
     p_off = (n_N.unsqueeze(0) - co_NN) / (B - n_N).unsqueeze(1).clamp_min(1)
-    ratio = (co_NN / n_N.unsqueeze(1).clamp_min(1)) / p_off.clamp_min(1.0 / B)
-    if cfg.gather_test in ("energy", "both"):  # E[e_J | K on] / E[e_J | K off]
-        e_NB = torch.stack([it.energy_B for it in items])
-        e_on = on_NB @ e_NB.T / n_N.unsqueeze(1).clamp_min(1)
-        e_off = (1 - on_NB) @ e_NB.T / (B - n_N).unsqueeze(1).clamp_min(1)
-        e_ratio = e_on / e_off.clamp_min(1e-12)
-        if cfg.gather_test == "both":
-            ratio = torch.where((ratio >= 2) & (ratio.T >= 2), e_ratio, 0.0)
-        else:
-            ratio = e_ratio
+    return (co_NN / n_N.unsqueeze(1).clamp_min(1)) / p_off.clamp_min(1.0 / B)
+
+
+def slice_links(cfg, items: list[Block]) -> torch.Tensor:
+    """[N, N] bool: blocks of different groups that pass the slice test (module docstring)."""
+    on_NB = torch.stack([it.on_B for it in items]).double()
+    co_NN = on_NB @ on_NB.T
+    ratio = on_ratios(on_NB)
     grp_N = torch.tensor([it.group for it in items])
     return ((ratio >= cfg.gather_ratio) & (ratio.T >= cfg.gather_ratio) & (co_NN >= cfg.merge_min)
             & (grp_N.unsqueeze(1) != grp_N.unsqueeze(0)))
