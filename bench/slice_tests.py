@@ -36,6 +36,7 @@ from sasa.analysis.synthetic import generate  # noqa: E402
 from sasa.trainer import load_sae  # noqa: E402
 from sasa.trainer.consolidate import top_s_at  # noqa: E402
 from sasa.trainer.gather import block_items, on_ratios  # noqa: E402
+from sasa.trainer.surgery import kept_codes  # noqa: E402
 
 
 def pair_tests(on_NB: torch.Tensor, e_NB: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -65,10 +66,8 @@ def blocks_of(shape_name: str, seed: int, stop: int, over: dict, run: Path | Non
         sae, top_s = load_sae(run), None
         batch = generate(spec, 4096, seed=999)
         x_BD = torch.from_numpy(batch.x_ND)
-    with torch.no_grad():
-        h_BGR = sae.pre_codes(x_BD.to(sae.W_dec_GRD.dtype))
-        keep_BG = sae.gate(h_BGR, top_s)
-        return sae, block_items(sae, h_BGR * keep_BG.unsqueeze(-1), keep_BG), batch
+    _, keep_BG, z_BGR = kept_codes(sae, x_BD, top_s)
+    return sae, block_items(sae, z_BGR, keep_BG), batch
 
 
 def main() -> None:

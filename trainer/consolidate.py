@@ -52,7 +52,7 @@ from typing import NamedTuple
 import torch
 
 from sasa.trainer.sae_config import SAEConfig
-from sasa.trainer.surgery import periodic, reseed, reset_moments, set_group
+from sasa.trainer.surgery import kept_codes, periodic, reseed, reset_moments, set_group
 from sasa.trainer.gather import gather_due, gather_slices
 from sasa.trainer.unpack import unpack_due, unpack_packed
 
@@ -135,11 +135,8 @@ def merge_and_reseed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None 
     Deterministic given the batch and the weights, so resumed runs repeat it exactly."""
     cfg = sae.cfg
     G, R, D = sae.W_dec_GRD.shape
-    x_BD = x_BD.to(sae.W_dec_GRD.dtype)
+    x_BD, keep_BG, z_BGR = kept_codes(sae, x_BD, top_s)
     B = x_BD.shape[0]
-    h_BGR = sae.pre_codes(x_BD)
-    keep_BG = sae.gate(h_BGR, top_s)
-    z_BGR = h_BGR * keep_BG.unsqueeze(-1)
     resid_BD = x_BD - sae.decode(z_BGR)
 
     # Co-fire counts over the kept pairs of each token.

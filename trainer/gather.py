@@ -42,7 +42,8 @@ from typing import NamedTuple
 
 import torch
 
-from sasa.trainer.surgery import periodic, reset_moments, residual_directions
+from sasa.trainer.surgery import (kept_codes, periodic, reset_moments, residual_directions,
+                                   silent_groups)
 from sasa.trainer.unpack import _fill, _take_over, independent_blocks
 
 
@@ -125,10 +126,7 @@ def gather_slices(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
     On the batch ``x_BD`` (the trainer's normalised inputs), with the gate at ``top_s``."""
     cfg = sae.cfg
     G, R, D = sae.W_dec_GRD.shape
-    x_BD = x_BD.to(sae.W_dec_GRD.dtype)
-    h_BGR = sae.pre_codes(x_BD)
-    keep_BG = sae.gate(h_BGR, top_s)
-    z_BGR = h_BGR * keep_BG.unsqueeze(-1)
+    x_BD, keep_BG, z_BGR = kept_codes(sae, x_BD, top_s)
     items = block_items(sae, z_BGR, keep_BG)
     if len(items) < 2:
         return GatherReport([], 0)
@@ -140,8 +138,7 @@ def gather_slices(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
     comps = [m for m in comps if len({items[i].group for i in m}) >= 2]
     comps.sort(key=lambda m: -sum(float(items[i].rows_KR.square().sum()) for i in m))
 
-    donors = [int(g) for g in torch.nonzero(keep_BG.sum(0) == 0).flatten()]
-    donors.sort(key=lambda g: (-int(sae.tokens_since_fired_G[g]), g))
+    donors = silent_groups(sae, keep_BG)
     dims_of = lambda g, idx: sum(items[i].rows_KR.shape[0] for i in idx  # noqa: E731
                                  if items[i].group == g)
     pool_PD = None

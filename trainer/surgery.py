@@ -50,3 +50,18 @@ def reset_moments(sae, opt: torch.optim.Optimizer, groups: list[int]) -> None:
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
                 state[key][idx] = 0
+
+
+@torch.no_grad()
+def kept_codes(sae, x_BD: torch.Tensor, top_s: int | None) -> tuple[torch.Tensor, ...]:
+    """(x_BD in the SAE's dtype, keep_BG, z_BGR): the batch's gate and its gated codes."""
+    x_BD = x_BD.to(sae.W_dec_GRD.dtype)
+    h_BGR = sae.pre_codes(x_BD)
+    keep_BG = sae.gate(h_BGR, top_s)
+    return x_BD, keep_BG, h_BGR * keep_BG.unsqueeze(-1)
+
+
+def silent_groups(sae, keep_BG: torch.Tensor) -> list[int]:
+    """The groups kept on no token of the batch, longest silent first (then by index)."""
+    donors = [int(g) for g in torch.nonzero(keep_BG.sum(0) == 0).flatten()]
+    return sorted(donors, key=lambda g: (-int(sae.tokens_since_fired_G[g]), g))

@@ -44,7 +44,8 @@ from typing import NamedTuple
 
 import torch
 
-from sasa.trainer.surgery import periodic, reset_moments, residual_directions
+from sasa.trainer.surgery import (kept_codes, periodic, reset_moments, residual_directions,
+                                   silent_groups)
 
 ICA_ITERS = 20
 """Symmetric FastICA iterations from the identity (r <= 8 sources)."""
@@ -130,12 +131,8 @@ def unpack_packed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
     At most max(1, G // 8) blocks move per call; packed groups go in order of energy."""
     cfg = sae.cfg
     G, R, _ = sae.W_dec_GRD.shape
-    x_BD = x_BD.to(sae.W_dec_GRD.dtype)
-    h_BGR = sae.pre_codes(x_BD)
-    keep_BG = sae.gate(h_BGR, top_s)
-    z_BGR = h_BGR * keep_BG.unsqueeze(-1)
-    donors = [int(g) for g in torch.nonzero(keep_BG.sum(0) == 0).flatten()]
-    donors.sort(key=lambda g: (-int(sae.tokens_since_fired_G[g]), g))
+    x_BD, keep_BG, z_BGR = kept_codes(sae, x_BD, top_s)
+    donors = silent_groups(sae, keep_BG)
     # Groups kept on under 1% of the batch have too few tokens to tell blocks apart.
     busy = torch.nonzero(keep_BG.sum(0) >= max(8, x_BD.shape[0] // 100)).flatten()
     if busy.numel() == 0:
