@@ -15,11 +15,12 @@ d = 4096 on this project's 2-core VM; tables in bench/RESULTS_harvest.md): the e
 statistics pass is the largest part, the CRC-32 next; the activations and norms bypass zarr's
 codec pipeline (``sasa.store.direct``: their chunk objects are plain bytes), because through
 zarr every write of a process queued on its one event-loop thread, so two shards written from
-two threads gained nothing there. Measured at load 3-4 on 2 cores: the activations' write went
-from 0.3-1.45 GB/s (zarr's setitem) to 2.9-3.4 GB/s to local disk, a whole ``write_shard``
-from 0.24-0.31 to 0.33-0.46 GB/s; the statistics pass (0.7-0.85 GB/s) now sets the CPU cost,
-and this VM's page cache (0.34-0.69 GB/s for plain buffered writes in the same runs) the local
-ceiling, which stays below the issue's 0.9 x the disk's fdatasync rate.
+two threads gained nothing there. The activations' write alone is 3-8x faster that way (on
+an idle VM: 2.9-3.5 GB/s to local disk against zarr's 0.7-1.1 on one thread), but a whole
+``write_shard`` barely moves on an idle VM (local disk 0.46-0.54 GB/s against 0.50-0.55 through
+zarr alone; 0.24-0.31 -> 0.33-0.46 at load 3-4): the statistics pass (0.9 GB/s) and the
+checksum set the CPU cost, and this VM's page cache (0.34-0.69 GB/s for plain buffered writes)
+the local ceiling, which stays far below the issue's 0.9 x the disk's fdatasync rate.
 """
 
 from __future__ import annotations
