@@ -83,7 +83,6 @@ def summarize_shard(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> Sh
     bad = 0
     buf = np.empty((min(block_rows, n), d), np.float32)
     buf64 = np.empty((min(block_rows, n), d), np.float64)
-    means64 = np.empty((min(block_rows, n), d), np.float64)  # the block's mean on every row
     for start in range(0, n, block_rows):
         block = stored_ND[start:start + block_rows]
         m = len(block)
@@ -110,15 +109,7 @@ def summarize_shard(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> Sh
             if len(masked):
                 mean -= x64[masked].sum(0)
             mean /= count
-            # x64 - mean, the same float64 subtraction (the same bits), against the mean spread
-            # over a block of x64's shape: numpy's broadcast of a [d] row over [64, 4096] ran
-            # 2-25x slower than a same-shape subtract in ad-hoc timings on this project's VM
-            # (it varied from run to run); the whole pass on a 64 MiB bf16 shard at d = 4096
-            # went from 0.73 to 0.98 GB/s in one such timing, and is 0.7-0.85 GB/s in
-            # ``python bench/harvest.py --stages`` at load 3-4 (bench/RESULTS_harvest.md).
-            spread = means64[:m]
-            spread[...] = mean
-            x64 -= spread
+            x64 -= mean
             np.square(x64, out=x64)
             m2 = x64.sum(0)
             if len(masked):
