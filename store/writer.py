@@ -15,12 +15,12 @@ d = 4096 on this project's 2-core VM; tables in bench/RESULTS_harvest.md): the e
 statistics pass is the largest part, the CRC-32 next; the activations and norms bypass zarr's
 codec pipeline (``sasa.store.direct``: their chunk objects are plain bytes), because through
 zarr every write of a process queued on its one event-loop thread, so two shards written from
-two threads gained nothing there. The activations' write alone is 3-8x faster that way (on
-an idle VM: 2.9-3.5 GB/s to local disk against zarr's 0.7-1.1 on one thread), but a whole
-``write_shard`` barely moves on an idle VM (local disk 0.46-0.54 GB/s against 0.50-0.55 through
-zarr alone; 0.24-0.31 -> 0.33-0.46 at load 3-4): the statistics pass (0.9 GB/s) and the
-checksum set the CPU cost, and this VM's page cache (0.34-0.69 GB/s for plain buffered writes)
-the local ceiling, which stays far below the issue's 0.9 x the disk's fdatasync rate.
+two threads gained nothing there. The activations' write alone is faster that way (on an
+idle VM 2.8-3.4 GB/s to local disk against zarr's 0.9-2.5 on one thread, 5-7x in memory), but a
+whole ``write_shard`` barely moves on an idle VM (local disk 0.39-0.47 GB/s against 0.43-0.44
+through zarr alone; 0.24-0.31 -> 0.33-0.46 at load 3-4): the statistics pass (0.84-1.02 GB/s)
+sets the CPU cost, and this VM's page cache (0.34-0.69 GB/s for plain buffered writes) the
+local ceiling, which stays far below the issue's 0.9 x the disk's fdatasync rate.
 """
 
 from __future__ import annotations
