@@ -19,8 +19,9 @@ two threads gained nothing there. The activations' write alone is faster that wa
 idle VM 2.8-3.4 GB/s to local disk against zarr's 0.9-2.5 on one thread, 5-7x in memory), but a
 whole ``write_shard`` barely moves on an idle VM (local disk 0.39-0.47 GB/s against 0.43-0.44
 through zarr alone; 0.24-0.31 -> 0.33-0.46 at load 3-4): the statistics pass (0.84-1.02 GB/s)
-sets the CPU cost, and this VM's page cache (0.34-0.69 GB/s for plain buffered writes) the
-local ceiling, which stays far below the issue's 0.9 x the disk's fdatasync rate.
+sets the CPU cost, and writing through this VM's page cache (plain buffered writes: 0.34-0.80
+GB/s in those runs) lowers the local ceiling further, far below the issue's 0.9 x the disk's
+fdatasync rate.
 """
 
 from __future__ import annotations
