@@ -25,7 +25,7 @@ Deterministic given the batch and the weights (exact under resume).
 Measured (bench/RESULTS_consolidation.md and bench/SPLITTING.md, round 6; four planted shapes,
 three seeds, every 25 steps from 50% to 80% of the run, through the streaming trainer): every
 seed of the disjoint 1-4-D shape at one group per feature and <= 1.1x the planted oracle's FVU
-within 1M tokens (the default alone: 2 of 3 seeds), no shape with a larger worst count or fewer
+within 512k tokens (the default alone: 2M), no shape with a larger worst count or fewer
 seeds on target, the others as they were by 2M tokens. Where it fails: in a dense shape (sum d_i ~ d) a slice's block is "on" on many
 tokens where its feature is off (from the features packed beside it), which brings slices'
 ratios down to those of independent pairs; and where two groups kept together share several

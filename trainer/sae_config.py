@@ -180,7 +180,7 @@ class SAEConfig:
     """Steps between gather steps (``sasa.trainer.gather.gather_slices``: blocks of different
     groups that are on only together are slices of one feature and move into one group); 0
     disables (the default). At 25, through the streaming trainer on four planted shapes, three
-    seeds: every seed of the disjoint shape on target at 1M tokens (the default: 2 of 3), no
+    seeds: every seed of the disjoint shape on target by 512k tokens (the default: by 2M), no
     shape with a larger worst count or fewer seeds on target, the others as they were by 2M
     (bench/RESULTS_consolidation.md, round 6); off by default because what it changes on real
     activations is not measured."""
