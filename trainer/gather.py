@@ -29,7 +29,8 @@ within 512k tokens (the default alone: 2M), no shape with a larger worst count o
 seeds on target, the others as they were by 2M tokens. Where it fails: in a dense shape (sum d_i ~ d) a slice's block is "on" on many
 tokens where its feature is off (from the features packed beside it), which brings slices'
 ratios down to those of independent pairs; and where two groups kept together share several
-frequent features, their blocks are mixtures with no slices to link. Off by default.
+frequent features, their blocks are mixtures with no slices to link. On MiniLM (r = 4) held-out
+FVU 0.4-0.6% lower at 512k-1M tokens (bench/RESULTS_minilm.md). Off by default.
 
 Cost per call: the unpack step's block search, an [N x N] co-occurrence of the N blocks of the
 busy groups (N <= G r; at G r = 10^5 it would need a candidate filter first), and an SVD of
