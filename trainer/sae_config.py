@@ -182,7 +182,7 @@ class SAEConfig:
     disables (the default). At 25, through the streaming trainer on four planted shapes, three
     seeds: every seed of the disjoint shape on target by 512k tokens (the default: by 2M), no
     shape with a larger worst count or fewer seeds on target, the others as they were by 2M
-    (bench/RESULTS_consolidation.md, round 6); on MiniLM (r = 4) held-out FVU 0.5-0.6% lower
+    (bench/RESULTS_consolidation.md, round 6); on MiniLM (r = 4) held-out FVU 0.4-0.6% lower
     at 512k-1M tokens (bench/RESULTS_minilm.md). Off by default until the MiniLM sweep (every
     r, 4M tokens) is re-measured with it."""
 
