@@ -22,6 +22,9 @@ member uses lr 3e-3 (bench/SPLITTING.md; the default rule gives 1.1e-3-1.4e-3 he
 
     python bench/consolidation.py --shapes A B C D --seeds 0 1 2 --tokens 1048576 2097152 \
         --work W --jsonl rows.jsonl
+    python bench/consolidation.py --shapes A --members new --variant 'ga={"gather_every": 25}' \
+        --work W --jsonl more.jsonl             # a variant beside the default only: the rows
+                                                # equal a full sweep's (each member trains as alone)
     python bench/consolidation.py --summarize rows.jsonl    # means over seeds
     python bench/consolidation.py --cost                     # seconds per step, plain vs new
     python bench/consolidation.py --diagnose W/run-D-0-2097152 --shapes D --seeds 0  # per feature
@@ -130,7 +133,8 @@ def oracle_weights(state: dict, bases: list[np.ndarray], rank: int, seed: int) -
 
 def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | None,
                batch_size: int, threads: int, variants: dict[str, dict] | None = None,
-               max_prob: float = MAX_PROB) -> list[dict]:
+               max_prob: float = MAX_PROB, keep: tuple[str, ...] = MEMBERS) -> list[dict]:
+    """One sweep: the ``keep`` members of MEMBERS and the ``variants``; its rows."""
     shape = SHAPES[shape_name]
     spec = shape_spec(shape_name, seed, max_prob)
     capped = "" if max_prob == MAX_PROB else f"-p{max_prob:g}"  # other caps: other folders
@@ -140,22 +144,26 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
     if not (url / "zarr.json").exists():
         write_synthetic_cache(str(url), spec=spec, n_tokens=1 << 18, ctx_len=64, shard_seqs=256,
                               seed=seed, progress=False)
-    cfg = TrainConfig(cache=str(url), members=members(shape, lr, variants), tokens=tokens,
+    chosen = [m for m in members(shape, lr, variants) if m.name in keep or m.name in (variants or {})]
+    cfg = TrainConfig(cache=str(url), members=chosen, tokens=tokens,
                       batch_size=batch_size, seed=seed, log_every=50, checkpoint_every=0,
                       shuffle_rows=1 << 16, cpu_threads=threads, device="cpu")
-    out = work / (f"run-{shape_name}-{seed}-{tokens}{capped}" + "".join(f"-{v}" for v in variants or {}))
+    only = "" if tuple(keep) == MEMBERS else "-only-" + "-".join(keep)
+    out = work / (f"run-{shape_name}-{seed}-{tokens}{capped}{only}"
+                  + "".join(f"-{v}" for v in variants or {}))
     t0 = time.perf_counter()
-    train(cfg, out, until_step=0, progress=False)  # step 0: write the oracle's init
-    ckpt_path = out / "checkpoints" / "worker-0.pt"
-    ckpt = torch.load(ckpt_path, weights_only=True)
-    oracle_weights(ckpt["members"]["oracle"]["sae"], generate(spec, 0).bases, shape.rank, seed)
-    torch.save(ckpt, ckpt_path)
-    result = train(cfg, out, resume=True, progress=False)
+    if "oracle" in keep:
+        train(cfg, out, until_step=0, progress=False)  # step 0: write the oracle's init
+        ckpt_path = out / "checkpoints" / "worker-0.pt"
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        oracle_weights(ckpt["members"]["oracle"]["sae"], generate(spec, 0).bases, shape.rank, seed)
+        torch.save(ckpt, ckpt_path)
+    result = train(cfg, out, resume=(out / "checkpoints").exists(), progress=False)
     seconds = time.perf_counter() - t0
 
     held = held_out(spec, seed)
     rows = []
-    for name in [*MEMBERS, *(variants or {})]:
+    for name in [*keep, *(variants or {})]:
         o, units, units_alone = score(load_sae(result.saes[name]), *held)
         rows.append({"shape": shape_name, "seed": seed, "tokens": tokens, "model": name,
                      "fvu": float(o.fvu), "units": units, "units_alone": units_alone,
@@ -301,6 +309,10 @@ def main() -> None:
     parser.add_argument("--diagnose", type=Path, default=None, metavar="RUN",
                         help="per-feature table of a finished run folder (one --shapes and "
                         "--seeds value; --models) and exit")
+    parser.add_argument("--members", nargs="*", default=list(MEMBERS), choices=MEMBERS,
+                        help="train only these of the four members (beside --variant): every "
+                        "member trains as it would alone, so the rows equal a full sweep's and "
+                        "--summarize can join them with an earlier run's oracle rows")
     parser.add_argument("--models", nargs="*", default=["new", "oracle"],
                         help="members to --diagnose")
     parser.add_argument("--variant", nargs="*", default=[], metavar="NAME=JSON",
@@ -337,7 +349,7 @@ def main() -> None:
         for seed in args.seeds:
             for tokens in args.tokens:
                 for row in run_budget(shape, seed, tokens, work, lr, args.batch_size, args.threads,
-                                      variants, args.max_prob):
+                                      variants, args.max_prob, tuple(args.members)):
                     alone, ctx = (" / ".join(f"{u:.2f}" for u in _by_dim(row[key]))
                                   for key in ("units_alone", "units"))
                     print(f"| {shape} | {seed} | {tokens} | {row['model']} | {row['fvu']:.4f} | "
