@@ -35,7 +35,7 @@ from bench.packing_probes import train_in_memory  # noqa: E402
 from sasa.analysis.synthetic import generate  # noqa: E402
 from sasa.trainer import load_sae  # noqa: E402
 from sasa.trainer.consolidate import top_s_at  # noqa: E402
-from sasa.trainer.gather import block_items, on_ratios  # noqa: E402
+from sasa.trainer.gather import block_items  # noqa: E402
 from sasa.trainer.surgery import kept_codes  # noqa: E402
 
 
@@ -45,7 +45,8 @@ def pair_tests(on_NB: torch.Tensor, e_NB: torch.Tensor) -> dict[str, torch.Tenso
     n_N = on_NB.sum(1)
     co_NN = on_NB @ on_NB.T
     lift = co_NN * B / (n_N.unsqueeze(1) * n_N.unsqueeze(0)).clamp_min(1)
-    on_ratio = on_ratios(on_NB)
+    p_off = (n_N.unsqueeze(0) - co_NN) / (B - n_N).unsqueeze(1).clamp_min(1)
+    on_ratio = (co_NN / n_N.unsqueeze(1).clamp_min(1)) / p_off.clamp_min(1.0 / B)  # the gather test
     e_on = on_NB @ e_NB.T / n_N.unsqueeze(1).clamp_min(1)
     e_off = (1 - on_NB) @ e_NB.T / (B - n_N).unsqueeze(1).clamp_min(1)
     energy = e_on / e_off.clamp_min(1e-12)

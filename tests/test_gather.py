@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sasa.trainer import SAE, SAEConfig
-from sasa.trainer.gather import gather_due, gather_slices
+from sasa.trainer.gather import Block, gather_due, gather_slices, slice_components
 
 
 def feature_codes(gen, n: int, dim: int, p: float) -> torch.Tensor:
@@ -88,3 +88,38 @@ def test_gather_schedule():
         [False, False, True, True, True, True, False]
     off = SAEConfig(d_in=8, groups=2, rank=2, top_s=1, gather_every=25, consolidate="none")
     assert not any(gather_due(off, step, 1000) for step in range(1000))
+
+
+def test_slice_components_match_a_dense_reference():
+    """The per-token pair counts give the components a dense [N x N] on-ratio table and its
+    transitive closure give: 60 blocks in 20 groups, some of them slices that switch on
+    together (with noise), some on far more often than their feature, on 512 tokens."""
+    gen = torch.Generator().manual_seed(3)
+    B, N = 512, 60
+    feature_on = torch.rand(12, B, generator=gen) < 0.3
+    owner = torch.randint(0, 12, (N,), generator=gen)  # which feature each block slices
+    flip = torch.rand(N, B, generator=gen) < 0.05
+    on_NB = feature_on[owner] ^ flip
+    # Every fifth block is also on at half the other tokens: on whenever its feature is (so
+    # P(feature | block off) ~ 0) but often without it, so only one direction of the test holds.
+    on_NB[::5] |= torch.rand(N // 5, B, generator=gen) < 0.5
+    groups = torch.arange(N) // 3
+    items = [Block(int(g), torch.zeros(1, 4, dtype=torch.float64), on, on.double())
+             for g, on in zip(groups, on_NB)]
+    cfg = SAEConfig(d_in=8, groups=20, rank=4, top_s=2)
+
+    # Dense reference: the ratio table, the links, their transitive closure.
+    on = on_NB.double()
+    n_N, co_NN = on.sum(1), on @ on.T
+    p_off = (n_N.unsqueeze(0) - co_NN) / (B - n_N).unsqueeze(1).clamp_min(1)
+    r = (co_NN / n_N.unsqueeze(1).clamp_min(1)) / p_off.clamp_min(1.0 / B)
+    adj = ((r >= cfg.gather_ratio) & (r.T >= cfg.gather_ratio) & (co_NN >= cfg.merge_min)
+           & (groups.unsqueeze(1) != groups.unsqueeze(0))) | torch.eye(N, dtype=torch.bool)
+    for _ in range(6):
+        adj = (adj.double() @ adj.double()) > 0
+    first = adj.double().argmax(-1)
+    dense = [torch.nonzero(first == c).flatten().tolist() for c in first.unique().tolist()]
+    dense = [m for m in dense if len({int(groups[i]) for i in m}) >= 2]
+
+    got = slice_components(cfg, items)
+    assert got == dense and len(got) >= 5

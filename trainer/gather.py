@@ -32,8 +32,8 @@ ratios down to those of independent pairs; and where two groups kept together sh
 frequent features, their blocks are mixtures with no slices to link. On MiniLM (r = 4) held-out
 FVU 0.4-0.6% lower at 512k-1M tokens (bench/RESULTS_minilm.md). Off by default.
 
-Cost per call: the unpack step's block search, an [N x N] co-occurrence of the N blocks of the
-busy groups (N <= G r; at G r = 10^5 it would need a candidate filter first), and an SVD of
+Cost per call: the unpack step's block search, co-occurrence counts of the blocks on at each
+token (B (s r)^2 pairs at most, never an [N x N] table of the N <= G r blocks), and an SVD of
 at most r rows per gathered feature.
 """
 
@@ -100,23 +100,51 @@ def block_items(sae, z_BGR: torch.Tensor, keep_BG: torch.Tensor) -> list[Block]:
     return items
 
 
-def on_ratios(on_NB: torch.Tensor) -> torch.Tensor:
-    """[N, N] from N blocks' on-indicators (float): row K, column J = P(J | K) / P(J | not K)."""
-    B = on_NB.shape[1]
-    n_N = on_NB.sum(1)
-    co_NN = on_NB @ on_NB.T
-    p_off = (n_N.unsqueeze(0) - co_NN) / (B - n_N).unsqueeze(1).clamp_min(1)
-    return (co_NN / n_N.unsqueeze(1).clamp_min(1)) / p_off.clamp_min(1.0 / B)
+def slice_components(cfg, items: list[Block]) -> list[list[int]]:
+    """The sets of blocks linked, transitively, by the slice test (module docstring) and held
+    by two or more groups; each set's block indices ascending, sets by their first block.
 
-
-def slice_links(cfg, items: list[Block]) -> torch.Tensor:
-    """[N, N] bool: blocks of different groups that pass the slice test (module docstring)."""
-    on_NB = torch.stack([it.on_B for it in items]).double()
-    co_NN = on_NB @ on_NB.T
-    ratio = on_ratios(on_NB)
+    Co-occurrence counts come from the blocks on at each token (at most s r of them), never
+    from an [N x N] table, so memory stays ~ B (s r)^2 whatever the number of groups."""
+    on_NB = torch.stack([it.on_B for it in items])
+    N, B = on_NB.shape
+    n_N = on_NB.sum(1).double()
+    # Per token, the indices of the blocks on there (padded with N), then every pair i < j.
+    per_B = on_NB.sum(0)
+    M = int(per_B.max())
+    if M < 2:
+        return []
+    order_BN = (~on_NB.T).to(torch.int8).argsort(dim=1, stable=True)[:, :M]  # on blocks first
+    idx_BM = torch.where(torch.arange(M) < per_B.unsqueeze(1), order_BN, N)
+    i_BMM, j_BMM = idx_BM.unsqueeze(2).expand(B, M, M), idx_BM.unsqueeze(1).expand(B, M, M)
+    ok = (i_BMM < j_BMM) & (j_BMM < N)
+    pairs, co_P = torch.unique(i_BMM[ok] * N + j_BMM[ok], return_counts=True)
+    i_P, j_P, co_P = pairs // N, pairs % N, co_P.double()
     grp_N = torch.tensor([it.group for it in items])
-    return ((ratio >= cfg.gather_ratio) & (ratio.T >= cfg.gather_ratio) & (co_NN >= cfg.merge_min)
-            & (grp_N.unsqueeze(1) != grp_N.unsqueeze(0)))
+
+    def ratio(k, j):  # P(J | K) / P(J | not K) over the pairs, rows K
+        p_off = (n_N[j] - co_P) / (B - n_N[k]).clamp_min(1)
+        return (co_P / n_N[k].clamp_min(1)) / p_off.clamp_min(1.0 / B)
+
+    link = ((ratio(i_P, j_P) >= cfg.gather_ratio) & (ratio(j_P, i_P) >= cfg.gather_ratio)
+            & (co_P >= cfg.merge_min) & (grp_N[i_P] != grp_N[j_P]))
+    root = list(range(N))  # union-find over the linked pairs
+
+    def find(a: int) -> int:
+        while root[a] != a:
+            root[a] = root[root[a]]
+            a = root[a]
+        return a
+
+    for a, b in zip(i_P[link].tolist(), j_P[link].tolist()):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            root[max(ra, rb)] = min(ra, rb)
+    comps: dict[int, list[int]] = {}
+    for a in range(N):
+        comps.setdefault(find(a), []).append(a)
+    return [m for _, m in sorted(comps.items())
+            if len({items[i].group for i in m}) >= 2]
 
 
 @torch.no_grad()
@@ -131,12 +159,7 @@ def gather_slices(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
     items = block_items(sae, z_BGR, keep_BG)
     if len(items) < 2:
         return GatherReport([], 0)
-    adj = slice_links(cfg, items) | torch.eye(len(items), dtype=torch.bool)
-    for _ in range(max(1, (len(items) - 1).bit_length())):  # transitive closure
-        adj = (adj.double() @ adj.double()) > 0
-    comp_N = adj.double().argmax(-1)
-    comps = [torch.nonzero(comp_N == c).flatten().tolist() for c in comp_N.unique().tolist()]
-    comps = [m for m in comps if len({items[i].group for i in m}) >= 2]
+    comps = slice_components(cfg, items)
     comps.sort(key=lambda m: -sum(float(items[i].rows_KR.square().sum()) for i in m))
 
     donors = silent_groups(sae, keep_BG)
