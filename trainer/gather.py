@@ -32,9 +32,9 @@ ratios down to those of independent pairs; and where two groups kept together sh
 frequent features, their blocks are mixtures with no slices to link. On MiniLM (r = 4) held-out
 FVU 0.4-0.6% lower at 512k-1M tokens (bench/RESULTS_minilm.md). Off by default.
 
-Cost per call: the unpack step's block search, co-occurrence counts of the blocks on at each
-token (B (s r)^2 pairs at most, never an [N x N] table of the N <= G r blocks), and an SVD of
-at most r rows per gathered feature.
+Cost per call: the unpack step's block search, the blocks' [N, B] on-indicators (N <= r x the
+groups kept on >= 1% of the batch), co-occurrence counts of the blocks on at each token (B (s r)^2
+pairs at most, never an [N x N] table), and an SVD of at most r rows per gathered feature.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def slice_components(cfg, items: list[Block]) -> list[list[int]]:
     by two or more groups; each set's block indices ascending, sets by their first block.
 
     Co-occurrence counts come from the blocks on at each token (at most s r of them), never
-    from an [N x N] table, so memory stays ~ B (s r)^2 whatever the number of groups."""
+    from an [N x N] table: beside the blocks' own [N, B] on-indicators they take ~ B (s r)^2."""
     on_NB = torch.stack([it.on_B for it in items])
     N, B = on_NB.shape
     n_N = on_NB.sum(1).double()
@@ -114,8 +114,9 @@ def slice_components(cfg, items: list[Block]) -> list[list[int]]:
     M = int(per_B.max())
     if M < 2:
         return []
-    order_BN = (~on_NB.T).to(torch.int8).argsort(dim=1, stable=True)[:, :M]  # on blocks first
-    idx_BM = torch.where(torch.arange(M) < per_B.unsqueeze(1), order_BN, N)
+    tok, blk = torch.nonzero(on_NB.T, as_tuple=True)  # by token, then block
+    idx_BM = torch.full((B, M), N)
+    idx_BM[tok, torch.arange(len(tok)) - (per_B.cumsum(0) - per_B)[tok]] = blk
     i_BMM, j_BMM = idx_BM.unsqueeze(2).expand(B, M, M), idx_BM.unsqueeze(1).expand(B, M, M)
     ok = (i_BMM < j_BMM) & (j_BMM < N)
     pairs, co_P = torch.unique(i_BMM[ok] * N + j_BMM[ok], return_counts=True)
