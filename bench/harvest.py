@@ -106,24 +106,24 @@ def write_stages(repeats: int, d: int = 4096, seqs: int = 64, ctx: int = 128) ->
     import threading
     import zlib
     from sasa.store import create_cache, stats
-    from sasa.store import writer as W
     rows = seqs * ctx
     gen = torch.Generator().manual_seed(0)
     acts = [torch.randn(rows, d, generator=gen).to(torch.bfloat16) for _ in range(2)]
     raws = [a.view(torch.int16).numpy().view(np.uint16) for a in acts]
     tokens, keep = np.ones((seqs, ctx), np.int64), np.ones(rows, bool)
     gb = raws[0].nbytes / 1e9
-    parts = {  # (part, whether it touches the store): fn(writer, data index, shard index)
-        "zlib.crc32 (the shard's checksum)": (False, lambda w, i, k: zlib.crc32(raws[i])),
+    write_acts = lambda w, i, k: w._write_objects(  # noqa: E731
+        [(w._acts["h"], slice(k * rows, (k + 1) * rows), raws[i])])
+    whole = lambda w, i, k: w.write_shard(k, tokens, {"h": acts[i]})  # noqa: E731
+    # (whether it touches the store, the writer's direct_writes): fn(writer, data, shard index)
+    parts = {
+        "zlib.crc32 (the shard's checksum)": (False, True, lambda w, i, k: zlib.crc32(raws[i])),
         "statistics pass (stats.summarize_shard)":
-            (False, lambda w, i, k: stats.summarize_shard(raws[i], "bfloat16", keep)),
-        "zarr write of the activations (zarr's setitem)": (True, lambda w, i, k: W._write_all(
-            [(w._acts["h"], slice(k * rows, (k + 1) * rows), raws[i])])),
-        "the writer's write of the activations (store/direct.py)": (True, lambda w, i, k: w._write_all(
-            [(w._acts["h"], slice(k * rows, (k + 1) * rows), raws[i])])),
-        "whole write_shard, every object through zarr (direct_writes=False)":
-            (True, lambda w, i, k: w.write_shard(k, tokens, {"h": acts[i]})),
-        "whole write_shard": (True, lambda w, i, k: w.write_shard(k, tokens, {"h": acts[i]})),
+            (False, True, lambda w, i, k: stats.summarize_shard(raws[i], "bfloat16", keep)),
+        "zarr write of the activations (zarr's setitem)": (True, False, write_acts),
+        "the writer's write of the activations (store/direct.py)": (True, True, write_acts),
+        "whole write_shard, every object through zarr (direct_writes=False)": (True, False, whole),
+        "whole write_shard": (True, True, whole),
     }
 
     def two_at_once(*fns) -> None:
@@ -138,13 +138,13 @@ def write_stages(repeats: int, d: int = 4096, seqs: int = 64, ctx: int = 128) ->
     root = Path(tempfile.mkdtemp(prefix="sasa-stages-"))
     try:
         for where, base in (("memory://", "memory://sasa-stages"), ("local disk", str(root))):
-            for name, (stored, part) in parts.items():
+            for name, (stored, direct_writes, part) in parts.items():
                 if not stored and where != "memory://":
                     continue
                 url = f"{base}/{len(lines)}"
                 w = create_cache(url, hookpoints={"h": d}, ctx_len=ctx,
                                  n_seq=seqs * 3 * repeats, shard_seqs=seqs, dtype="bfloat16")
-                w.direct_writes = "direct_writes=False" not in name
+                w.direct_writes = direct_writes
                 shard = itertools.count()
                 one = best_of(repeats, lambda: part(w, 0, next(shard)))
                 two = best_of(repeats, lambda: two_at_once(lambda: part(w, 0, next(shard)),

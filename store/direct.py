@@ -34,7 +34,6 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec
 from zarr.core.buffer import default_buffer_prototype
-from zarr.storage import LocalStore
 
 from sasa.store.remote import CacheStore, fs_call
 
@@ -78,12 +77,6 @@ def chunk_puts(array: zarr.Array, rows: slice, data: np.ndarray) -> list[ChunkPu
     return [ChunkPut(f"{array.path}/{array.metadata.encode_chunk_key((c, *tail))}",
                      memoryview(data[(c - start // per) * per:(c - start // per + 1) * per]).cast("B"))
             for c in range(start // per, stop // per)]
-
-
-def local_root(store) -> Path | None:
-    """The folder of a cache on local disk (its store a LocalStore, wrapped or not), else None."""
-    inner = store._store if isinstance(store, CacheStore) else store
-    return Path(inner.root) if isinstance(inner, LocalStore) else None
 
 
 def put_local(url: str, root: Path, put: ChunkPut) -> None:

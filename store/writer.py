@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import zlib
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -83,7 +84,9 @@ class CacheWriter:
         self._norms = {hp: every(L.norms_path(hp)) for hp in layout.hookpoints}
         self._stats = {hp: {name: group[L.stats_path(hp, name)] for name in ("count", "mean", "m2")}
                        for hp in layout.hookpoints}
-        self._local_root = direct.local_root(group.store)
+        fs, root = url_fs(url, storage_options)
+        self._local_root = Path(root) if "file" in fs.protocol else None
+        """The cache's folder on a local disk (None on any other store)."""
         self.direct_writes = True
         """Store whole uncompressed chunks as their objects (``sasa.store.direct``); False sends
         every object through zarr's ``setitem`` (the same bytes, slower: the reference path the
@@ -105,9 +108,9 @@ class CacheWriter:
         (zarr's LocalStore writes ``<key>.<uuid>.partial`` and renames it). Call it only when
         no writer is running, e.g. once every shard is committed; object stores have none.
         Returns how many were removed."""
-        fs, root = url_fs(self.url, self.storage_options)
-        if "file" not in fs.protocol:
+        if self._local_root is None:
             return 0
+        fs, root = url_fs(self.url, self.storage_options)
         stray = [p for p in fs_call(self.url, "read", fs.find, root) if p.endswith(".partial")]
         for p in stray:
             fs_call(self.url, "write", fs.rm_file, p)
@@ -157,7 +160,7 @@ class CacheWriter:
             writes += [(self._acts[hp], rows, data), (self._norms[hp], rows, summaries[hp].norms),
                        (self._stats[hp]["count"], index, m.count),
                        (self._stats[hp]["mean"], index, m.mean), (self._stats[hp]["m2"], index, m.m2)]
-        self._write_all(writes)  # the shard's objects, all requests in flight at once
+        self._write_objects(writes)  # the shard's objects, all requests in flight at once
         extras.write_rows(self.group, lay, index, extra_rows)
         self._crc[index] = crc
         self._committed[index] = 1  # the commit: readers see the shard from here on
@@ -191,7 +194,7 @@ class CacheWriter:
         return stored
 
 
-    def _write_all(self, writes: list) -> None:
+    def _write_objects(self, writes: list) -> None:
         """``array[selection] = value`` for every (array, selection, value). Whole uncompressed
         chunks (a shard's activations and norms unless ``shard_objects``) are stored as their
         objects directly (``sasa.store.direct``): on local disk from this thread, before the rest;
