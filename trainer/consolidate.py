@@ -25,9 +25,9 @@ d = 32 shape B by 2M (1.18, 0.81x); seed by seed, all three seeds only on A (2M)
 of three keep a feature split on B and D. On the overlapping spherical 1-6-D shape C it cuts
 splitting from about 4 groups to 1.8-1.9 at 0.52-0.66x the oracle's FVU by 2M and to
 1.21-1.22 at 4-8M: there the most frequent features are on together in most tokens and stay
-shared between the groups kept with them (bench/SPLITTING.md, rounds 3 and 5). The s = 1 phase is short (10% of the run, ramp to
-30%) because a long one costs FVU on real activations (bench/SPLITTING.md, round 2; MiniLM in
-bench/RESULTS_minilm.md).
+shared between the groups kept with them (bench/SPLITTING.md, rounds 3 and 5). The s = 1
+phase is short (10% of the run, ramp to 30%) because a long one costs FVU on real activations
+(bench/SPLITTING.md, round 2; MiniLM in bench/RESULTS_minilm.md).
 
 ``revive_silent`` (off by default, ``revive_every``) re-seeds groups that no token kept at the
 residual; it removes silent groups but did not recover FVU on MiniLM (bench/SPLITTING.md).
@@ -51,9 +51,9 @@ from typing import NamedTuple
 
 import torch
 
+from sasa.trainer.gather import gather_due, gather_slices
 from sasa.trainer.sae_config import SAEConfig
 from sasa.trainer.surgery import kept_codes, periodic, reseed, reset_moments, set_group
-from sasa.trainer.gather import gather_due, gather_slices
 from sasa.trainer.unpack import unpack_due, unpack_packed
 
 

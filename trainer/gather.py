@@ -45,7 +45,8 @@ import torch
 
 from sasa.trainer.surgery import (kept_codes, periodic, reset_moments, residual_directions,
                                    silent_groups)
-from sasa.trainer.unpack import _fill, _take_over, independent_blocks
+from sasa.trainer.unpack import (_fill, _take_over, block_parts, busy_groups,
+                                  independent_blocks)
 
 
 class Block(NamedTuple):
@@ -79,20 +80,13 @@ def gather_due(cfg, step: int, steps: int) -> bool:
 def block_items(sae, z_BGR: torch.Tensor, keep_BG: torch.Tensor) -> list[Block]:
     """Every block of the groups kept on >= max(8, 1%) of the batch (gated codes ``z_BGR``)."""
     cfg = sae.cfg
-    B = z_BGR.shape[0]
-    busy = torch.nonzero(keep_BG.sum(0) >= max(8, B // 100)).flatten()
+    busy = busy_groups(keep_BG)
     if busy.numel() < 2:
         return []
     blocks = independent_blocks(z_BGR[:, busy], cfg.unpack_min_share, cfg.unpack_dep)
-    energy_AR = blocks.mix_GRR.square().sum(-1)
-    total_A = energy_AR.sum(-1).clamp_min(1e-30)
     items = []
     for a, g in enumerate(busy.tolist()):
-        labels = blocks.label_GR[a]
-        for b in labels.unique().tolist():
-            idx = torch.nonzero(labels == b).flatten()
-            if b < 0 or float(energy_AR[a, idx].sum()) < cfg.unpack_min_share * float(total_A[a]):
-                continue
+        for idx in block_parts(blocks, a, cfg.unpack_min_share):
             rows_KR = blocks.mix_GRR[a, idx]
             q_KR = torch.linalg.qr(rows_KR.T).Q.T  # orthonormal rows spanning the block
             e_B = (z_BGR[:, g].double() @ q_KR.T).square().sum(1)

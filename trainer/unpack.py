@@ -122,6 +122,22 @@ def independent_blocks(z_BGR: torch.Tensor, min_share: float, dep: float) -> Blo
     return Blocks(torch.cat(labels), torch.cat(mixes).double())
 
 
+def busy_groups(keep_BG: torch.Tensor) -> torch.Tensor:
+    """The groups kept on >= max(8, 1%) of the batch's tokens: on fewer there are too few
+    tokens to tell blocks apart."""
+    return torch.nonzero(keep_BG.sum(0) >= max(8, keep_BG.shape[0] // 100)).flatten()
+
+
+def block_parts(blocks: Blocks, a: int, min_share: float) -> list[list[int]]:
+    """The sources of each block of group ``a`` of ``blocks`` that holds at least ``min_share``
+    of the group's code energy, by label."""
+    energy_R = blocks.mix_GRR[a].square().sum(-1)
+    total = float(energy_R.sum().clamp_min(1e-30))
+    labels = blocks.label_GR[a]
+    parts = [torch.nonzero(labels == b).flatten().tolist() for b in labels.unique() if b >= 0]
+    return [p for p in parts if float(energy_R[p].sum()) >= min_share * total]
+
+
 @torch.no_grad()
 def unpack_packed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = None,
                   top_s: int | None = None) -> UnpackReport:
@@ -133,8 +149,7 @@ def unpack_packed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
     G, R, _ = sae.W_dec_GRD.shape
     x_BD, keep_BG, z_BGR = kept_codes(sae, x_BD, top_s)
     donors = silent_groups(sae, keep_BG)
-    # Groups kept on under 1% of the batch have too few tokens to tell blocks apart.
-    busy = torch.nonzero(keep_BG.sum(0) >= max(8, x_BD.shape[0] // 100)).flatten()
+    busy = busy_groups(keep_BG)
     if busy.numel() == 0:
         return UnpackReport([], 0)
     blocks = independent_blocks(z_BGR[:, busy], cfg.unpack_min_share, cfg.unpack_dep)
@@ -146,10 +161,7 @@ def unpack_packed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
     plans: list[tuple[float, int, int, list[list[int]]]] = []
     for a in torch.nonzero(starts_A >= 2).flatten().tolist():
         g = int(busy[a])
-        labels = blocks.label_GR[a]
-        parts = [torch.nonzero(labels == b).flatten().tolist() for b in labels.unique() if b >= 0]
-        parts = [p for p in parts if float(energy_AR[a, p].sum()) >= cfg.unpack_min_share
-                 * float(total_A[a])]
+        parts = block_parts(blocks, a, cfg.unpack_min_share)
         if len(parts) >= 2 and (not cfg.unpack_full or sum(map(len, parts)) >= R):
             parts.sort(key=lambda p: -float(energy_AR[a, p].sum()))
             plans.append((-float(total_A[a]), g, a, parts))
