@@ -144,7 +144,8 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
     if not (url / "zarr.json").exists():
         write_synthetic_cache(str(url), spec=spec, n_tokens=1 << 18, ctx_len=64, shard_seqs=256,
                               seed=seed, progress=False)
-    chosen = [m for m in members(shape, lr, variants) if m.name in keep or m.name in (variants or {})]
+    chosen = [m for m in members(shape, lr, variants)
+              if m.name in keep or m.name in (variants or {})]
     cfg = TrainConfig(cache=str(url), members=chosen, tokens=tokens,
                       batch_size=batch_size, seed=seed, log_every=50, checkpoint_every=0,
                       shuffle_rows=1 << 16, cpu_threads=threads, device="cpu")

@@ -3,10 +3,11 @@ round 6)
 
 Trains the default procedure in memory (bench/packing_probes.py's loop) on one planted shape
 and seed for ``STOP`` of its 1024 steps (or loads a saved SAE, ``--run``), then takes every
-block of every busy group on a fresh batch of 1024 (4096) planted samples (``sasa.trainer.gather``: FastICA blocks, a block "on" where its
-code energy exceeds ``gather_on`` of its mean over its group's kept tokens), names each by the
-planted feature whose subspace holds most of its decoder span, and prints, for the pairs of
-blocks in different groups, three statistics (the smaller of the two directions):
+block of every busy group on a fresh batch of 1024 (4096) planted samples
+(``sasa.trainer.gather``: FastICA blocks, a block "on" where its code energy exceeds
+``gather_on`` of its mean over its group's kept tokens), names each by the planted feature
+whose subspace holds most of its decoder span, and prints, for the pairs of blocks in
+different groups, three statistics (the smaller of the two directions):
 
 - lift: P(J and K) / P(J) P(K) (round 5's test; at most 1/p for a feature of probability p);
 - on-ratio: P(J on | K on) / P(J on | K off) (the gather step's test);

@@ -74,9 +74,10 @@ def chunk_puts(array: zarr.Array, rows: slice, data: np.ndarray) -> list[ChunkPu
         return None
     data = np.ascontiguousarray(data, dtype=array.dtype)
     tail = (0,) * (array.ndim - 1)
+    first = start // per
     return [ChunkPut(f"{array.path}/{array.metadata.encode_chunk_key((c, *tail))}",
-                     memoryview(data[(c - start // per) * per:(c - start // per + 1) * per]).cast("B"))
-            for c in range(start // per, stop // per)]
+                     memoryview(data[(c - first) * per:(c - first + 1) * per]).cast("B"))
+            for c in range(first, stop // per)]
 
 
 def put_local(url: str, root: Path, put: ChunkPut) -> None:

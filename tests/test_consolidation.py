@@ -199,8 +199,9 @@ def test_revive_step_reseeds_silent_groups_at_the_residual():
 
 def test_resumed_run_is_exact_through_the_schedules(cache_url, tmp_path):
     """Stopped inside the s ramp (10-30% of 80 steps) and resumed: the same weights, finite,
-    orthonormal blocks; with and without merge, revive, unpack and gather steps (loose merge thresholds
-    so merges happen; twice the groups for revive and unpack, so that some go silent)."""
+    orthonormal blocks; with and without merge, revive, unpack and gather steps (loose merge
+    thresholds so merges happen; twice the groups for revive and unpack, so that some go
+    silent)."""
     merge = {**SASA, "merge_every": 10, "merge_from": 0.0, "merge_jaccard": 0.05,
              "merge_tail": 0.8}
     wide = {**SASA, "groups": 2 * SASA["groups"], "unpack_every": 0}

@@ -26,9 +26,9 @@ Measured (bench/RESULTS_consolidation.md and bench/SPLITTING.md, round 6; four p
 three seeds, every 25 steps from 50% to 80% of the run, through the streaming trainer): every
 seed of the disjoint 1-4-D shape at one group per feature and <= 1.1x the planted oracle's FVU
 within 512k tokens (the default alone: 2M), no shape with a larger worst count or fewer
-seeds on target, the others as they were by 2M tokens. Where it fails: in a dense shape (sum d_i ~ d) a slice's block is "on" on many
-tokens where its feature is off (from the features packed beside it), which brings slices'
-ratios down to those of independent pairs; and where two groups kept together share several
+seeds on target, the others as they were by 2M tokens. Where it fails: in a dense shape
+(sum d_i ~ d) a slice's block is "on" on many tokens where its feature is off (from the
+features packed beside it), which brings slices' ratios down to those of independent pairs; and where two groups kept together share several
 frequent features, their blocks are mixtures with no slices to link. On MiniLM (r = 4) held-out
 FVU 0.4-0.6% lower at 512k-1M tokens (bench/RESULTS_minilm.md). Off by default.
 
