@@ -28,9 +28,10 @@ seed of the disjoint 1-4-D shape at one group per feature and <= 1.1x the plante
 within 512k tokens (the default alone: 2M), no shape with a larger worst count or fewer
 seeds on target, the others as they were by 2M tokens. Where it fails: in a dense shape
 (sum d_i ~ d) a slice's block is "on" on many tokens where its feature is off (from the
-features packed beside it), which brings slices' ratios down to those of independent pairs; and where two groups kept together share several
-frequent features, their blocks are mixtures with no slices to link. On MiniLM (r = 4) held-out
-FVU 0.4-0.6% lower at 512k-1M tokens (bench/RESULTS_minilm.md). Off by default.
+features packed beside it), which brings slices' ratios down to those of independent pairs;
+and where two groups kept together share several frequent features, their blocks are mixtures
+with no slices to link. On MiniLM (r = 4) held-out FVU 0.4-0.6% lower at 512k-1M tokens
+(bench/RESULTS_minilm.md). Off by default.
 
 Cost per call: the unpack step's block search, the blocks' [N, B] on-indicators (N <= r x the
 groups kept on >= 1% of the batch), co-occurrence counts of the blocks on at each token (B (s r)^2
