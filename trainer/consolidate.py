@@ -9,34 +9,35 @@ already removes it from the error (our reading of the probes in bench/SPLITTING.
 
 ``SAEConfig.consolidate = "anneal"`` (the default for sasa) adds two schedules, both pure
 functions of (step, steps), so a resumed run repeats them exactly and every sweep member
-follows its own config:
+follows its own config, and one periodic step:
 - ``top_s_at``: the s ramp. s = ``s_start`` (1) for the first 10% of the run, then linearly to
   the configured s at 30%. With fewer slots than features, what a kept group misses of its
   feature stays in the error, which pulls the group's spare dimensions onto it.
 - ``group_lasso_scale``: a group-sparsity penalty sum_g (||z_g|| / rms)^p, p = 1/2, at full
   weight for the first half and annealed to 0 at 80%, so the lr decay runs on the plain
   objective. It charges splits and copies and so keeps spare slots from being free.
-Measured through the streaming trainer (bench/RESULTS_consolidation.md, four planted shapes,
-three seeds, units per feature counted on inputs of one feature alone as issue 9 defines them):
-in the mean over seeds, one group per feature (every d_i <= 1.2) at or below the planted
-oracle's FVU on the disjoint 1-4-D shape A within 1M tokens (max 1.10, 0.96x; plain SASA 1.76
-and 3.1x), on the overlapping Gaussian 1-6-D shape D within 1M (1.18, 0.77x) and on the dense
-d = 32 shape B by 2M (1.18, 0.81x); seed by seed, all three seeds only on A (2M), one or two
-of three keep a feature split on B and D. On the overlapping spherical 1-6-D shape C it cuts
-splitting from about 4 groups to 1.8-1.9 at 0.52-0.66x the oracle's FVU by 2M and to
-1.21-1.22 at 4-8M: there the most frequent features are on together in most tokens and stay
-shared between the groups kept with them (bench/SPLITTING.md, rounds 3 and 5). The s = 1
-phase is short (10% of the run, ramp to 30%) because a long one costs FVU on real activations
-(bench/SPLITTING.md, round 2; MiniLM in bench/RESULTS_minilm.md).
+- ``sasa.trainer.gather.gather_slices`` (``gather_every`` 25, from 50% to 80% of the run):
+  blocks of different groups that are on only together are slices of one feature and move
+  into one group.
+Measured through the streaming trainer (bench/RESULTS_consolidation.md, rounds 5-7: four
+planted shapes, three seeds, units per feature counted on inputs of one feature alone as
+issue 9 defines them): every seed of the disjoint 1-4-D shape A at one group per feature
+(every d_i <= 1.2) below the planted oracle's FVU by 512k tokens (max 1.04, 0.78x; without
+the gather step 2M, plain SASA not by 2M), while TopK's FVU still falls 17x to 2M; in the mean
+over seeds the overlapping Gaussian 1-6-D shape D within 1M (1.16, 0.78x) and the dense d = 32
+shape B by 2M (1.18, 0.81x), but seed by seed one or two of three keep a feature split there.
+On the overlapping spherical 1-6-D shape C it cuts splitting from about 4 groups to 1.8-1.9
+at 0.52-0.66x the oracle's FVU by 2M (and, without the gather step, to 1.21-1.22 at 4-8M):
+there the most frequent features are on together in most tokens and stay shared between the
+groups kept with them (bench/SPLITTING.md, rounds 3 and 5). The s = 1 phase is short (10% of
+the run, ramp to 30%) because a long one costs FVU on real activations (bench/SPLITTING.md,
+round 2; MiniLM in bench/RESULTS_minilm.md).
 
 ``revive_silent`` (off by default, ``revive_every``) re-seeds groups that no token kept at the
 residual; it removes silent groups but did not recover FVU on MiniLM (bench/SPLITTING.md).
 
 ``sasa.trainer.unpack.unpack_packed`` (off by default, ``unpack_every``) takes groups that pack
 several co-occurring features apart; round 4 of bench/SPLITTING.md measures it.
-
-``sasa.trainer.gather.gather_slices`` (off by default, ``gather_every``) moves the slices of
-one feature held by different groups into one group; round 6 of bench/SPLITTING.md measures it.
 
 ``merge_and_reseed`` (off by default, ``merge_every``) is the explicit alternative: merge two
 co-firing groups whose joint contribution fits in r dimensions, re-seed the freed one at the
@@ -225,7 +226,7 @@ def revive_silent(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
 def after_step(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None, step: int,
                steps: int, top_s: int | None) -> None:
     """The periodic consolidation steps due after optimiser step ``step`` of ``steps`` (merge,
-    revive, unpack; each a no-op unless its ``*_every`` is set), on that step's batch."""
+    revive, unpack, gather; each a no-op unless its ``*_every`` is set), on that step's batch."""
     cfg = sae.cfg
     if merge_due(cfg, step, steps):
         merge_and_reseed(sae, x_BD, opt, top_s=top_s)

@@ -86,12 +86,14 @@ class SAEConfig:
     consolidate: str | None = None
     """How SASA training reaches the consolidated optimum (one group per multi-dimensional
     feature when r >= d_i; measured in bench/RESULTS_consolidation.md). "anneal": two
-    schedules over the run, both back to the plain objective before the lr decay: (1) the s
+    schedules over the run, both back to the plain objective before the lr decay, and a
+    periodic step: (1) the s
     ramp (``s_start``...): the gate keeps fewer groups than features early on, so a group that
     holds part of a feature leaves the rest in the error and turns its spare dimensions to it,
     instead of a spare slot letting a second group take it; (2) a group-sparsity penalty on the
     kept codes (``group_lasso``...), which makes a split or duplicated feature cost more than a
-    consolidated one. Optional periodic steps: merge (``merge_every``), revive
+    consolidated one; (3) the gather step (``gather_every``), which moves slices of one feature
+    held by different groups into one. Optional periodic steps: merge (``merge_every``), revive
     (``revive_every``), unpack (``unpack_every``). "none": the plain objective (Top-s, FVU +
     AuxK + rank penalty).
     Default: "anneal" for sasa, "none" for topk/relu (one-dimensional latents)."""
@@ -176,15 +178,14 @@ class SAEConfig:
     unpack_min_share: float = 0.05
     """Directions and blocks below this share of a group's code energy are ignored."""
 
-    gather_every: int = 0
+    gather_every: int = 25
     """Steps between gather steps (``sasa.trainer.gather.gather_slices``: blocks of different
     groups that are on only together are slices of one feature and move into one group); 0
-    disables (the default). At 25, through the streaming trainer on four planted shapes, three
-    seeds: every seed of the disjoint shape on target by 512k tokens (the default: by 2M), no
-    shape with a larger worst count or fewer seeds on target, the others as they were by 2M
-    (bench/RESULTS_consolidation.md, round 6); on MiniLM (r = 4) held-out FVU 0.4-0.6% lower
-    at 512k-1M tokens (bench/RESULTS_minilm.md). Off by default until the MiniLM sweep (every
-    r, 4M tokens) is re-measured with it."""
+    disables. Runs only under ``consolidate: anneal``. At 25, through the streaming trainer on
+    four planted shapes, three seeds: every seed of the disjoint shape on target by 512k tokens
+    (without it: by 2M), no shape with a larger worst count or fewer seeds on target, the
+    others as they were by 2M (bench/RESULTS_consolidation.md, round 6); MiniLM in
+    bench/RESULTS_minilm.md (round 7)."""
 
     gather_from: float = 0.5
     """Fraction of the run's steps before the first gather step."""
