@@ -30,8 +30,9 @@ seeds on target, the others as they were by 2M tokens. Where it fails: in a dens
 (sum d_i ~ d) a slice's block is "on" on many tokens where its feature is off (from the
 features packed beside it), which brings slices' ratios down to those of independent pairs;
 and where two groups kept together share several frequent features, their blocks are mixtures
-with no slices to link. On MiniLM (r = 4) held-out FVU 0.4-0.6% lower at 512k-1M tokens
-(bench/RESULTS_minilm.md). Off by default.
+with no slices to link. On MiniLM held-out FVU 0.6-0.8% lower at r = 2 / 4 / 8 and 1M tokens,
+r = 1 unchanged (bench/RESULTS_minilm.md, round 7). Part of ``consolidate: anneal`` from round
+7 (``gather_every`` 25; 0 turns it off).
 
 Cost per call: the unpack step's block search, the blocks' [N, B] on-indicators (N <= r x the
 groups kept on >= 1% of the batch), co-occurrence counts of the blocks on at each token (B (s r)^2
