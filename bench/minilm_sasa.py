@@ -19,6 +19,7 @@ over its subspace (one multi-dimensional feature), against Gaussian codes of the
 moment. ``table`` prints the markdown tables of bench/RESULTS_minilm.md from the JSONL.
 
     python bench/minilm_sasa.py train --cache C --hookpoint resid_post.4 --tokens 131072 --work W
+    python bench/minilm_sasa.py train ... --members sasa_r1 sasa_r4 --sasa '{"s_ramp_tokens": null}'
     python bench/minilm_sasa.py analyse --work W --heldout H --rows 262144:327680 --jsonl J
     python bench/minilm_sasa.py rays W/t1048576/sasa_r4 --heldout H --rows 262144:294912
     python bench/minilm_sasa.py table --jsonl J
@@ -30,6 +31,7 @@ CPU, one torch thread per process; on the shared 2-core VM a 7-member sweep took
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -45,6 +47,7 @@ from bench._common import parse_variants  # noqa: E402
 from sasa.trainer import MemberConfig, TrainConfig, load_sae, train
 
 WIDTH, COORDS, LR, BATCH = 1536, 32, 1e-3, 1024
+SASA_DEFAULT = ("sasa_r1", "sasa_r2", "sasa_r4", "sasa_r8")
 
 
 def members(hookpoint: str, extra: bool = False) -> list[MemberConfig]:
@@ -72,6 +75,9 @@ def cmd_train(a) -> None:
         out = Path(a.work) / f"t{tokens}"
         chosen = [m for m in members(a.hookpoint, extra=True) if m.name in a.members] \
             if a.members is not None else members(a.hookpoint)
+        over = json.loads(a.sasa) if a.sasa else {}  # into every sasa_r{1,2,4,8}
+        chosen = [dataclasses.replace(m, sae={**m.sae, **over}) if m.name in SASA_DEFAULT else m
+                  for m in chosen]
         chosen += [MemberConfig(a.hookpoint, {"arch": "sasa", "groups": WIDTH // 4, "rank": 4,
                                               "top_s": 8, **over}, lr=LR, name=name)
                    for name, over in parse_variants(a.variant).items()]
@@ -296,6 +302,8 @@ def main() -> None:
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--variant", nargs="*", help="extra members NAME=JSON: SASA r = 4, s = 8 with "
                    "these SAEConfig overrides (hypotheses in bench/SPLITTING.md)")
+    t.add_argument("--sasa", help="JSON of SAEConfig overrides for sasa_r1/r2/r4/r8 (the default "
+                   "procedure's members), e.g. '{\"s_ramp_tokens\": 1048576}'")
     t.add_argument("--members", nargs="*", help="only these members (default: all seven); a "
                    "subset sees the same batches in the same order (same seed)")
     e = sub.add_parser("analyse")

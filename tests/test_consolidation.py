@@ -14,9 +14,10 @@ import torch
 from sasa.analysis.splitting import splitting
 from sasa.analysis.synth import write_synthetic_cache
 from sasa.analysis.synthetic import SyntheticSpec, generate, generate_alone
+from sasa.errors import SasaError
 from sasa.trainer import SAE, SAEConfig, MemberConfig, TrainConfig, load_sae, train
 from sasa.trainer.consolidate import (group_lasso_scale, merge_and_reseed, revive_due,
-                                      revive_silent, top_s_at)
+                                      ramp_steps, revive_silent, top_s_at)
 from sasa.trainer.linalg import signfix_qr
 
 SPEC = SyntheticSpec(d=32, features_per_dim={1: 2, 2: 2, 3: 2, 4: 2}, mean_active=3.0, max_prob=0.5,
@@ -119,6 +120,33 @@ def test_schedules():
     assert top_s_at(plain, 0, steps) is None and group_lasso_scale(plain, 0, steps) == 0.0
 
 
+def test_the_s_ramp_spans_the_first_s_ramp_tokens():
+    cfg = SAEConfig(d_in=8, groups=8, rank=2, top_s=5, s_ramp_tokens=100 * 64)
+    assert ramp_steps(cfg, 400, 64) == 100  # a run 4x the ramp's span
+    assert ramp_steps(cfg, 50, 64) == 50  # a shorter run: all of it
+    assert ramp_steps(cfg, 400, 48) == 134  # 6400 tokens: rounded up to whole steps
+    whole = SAEConfig(d_in=8, groups=8, rank=2, top_s=5, s_ramp_tokens=None)
+    assert ramp_steps(whole, 400, 64) == 400
+    s = [top_s_at(cfg, t, ramp_steps(cfg, 400, 64)) for t in range(400)]
+    assert s[:10] == [1] * 10 and s[29] == 5 and s[30:] == [None] * 370
+    with pytest.raises(SasaError, match="s_ramp_tokens"):
+        SAEConfig(d_in=8, groups=8, rank=2, top_s=5, s_ramp_tokens=0)
+
+
+def test_a_run_longer_than_the_ramp_keeps_s_groups_after_it(cache_url, tmp_path):
+    """The trainer passes the ramp's span to the s ramp: with a span of 4 of 80 steps, s is back
+    at top_s from step 2 (30% of 4), so the first 8 logged steps keep ~s groups per token; over
+    the whole run, s = 1 would hold for those 8 steps."""
+    cfg = config(cache_url, {"whole": {**SASA, "s_ramp_tokens": None},
+                             "span": {**SASA, "s_ramp_tokens": 512 * 4}},
+                 tokens=512 * 80, log_every=8)
+    train(cfg, tmp_path / "run", progress=False)
+    first = {name: json.loads((tmp_path / "run" / name / "metrics.jsonl").read_text()
+                              .splitlines()[0]) for name in ("whole", "span")}
+    assert first["whole"]["l0_groups"] <= 1.0
+    assert first["span"]["l0_groups"] >= SASA["top_s"] - 1.5
+
+
 def test_dense_and_sparse_paths_agree_with_the_new_terms():
     torch.manual_seed(0)
     x = torch.randn(64, 16)
@@ -211,8 +239,10 @@ def test_resumed_run_is_exact_through_the_schedules(cache_url, tmp_path):
     unpack = {**wide, "unpack_every": 1, "unpack_from": 0.0, "unpack_dep": 100.0}
     # every step from the start, with a loose slice test (1.5 times more often on together)
     gather = {**wide, "gather_every": 1, "gather_from": 0.0, "gather_ratio": 1.5}
+    # an s ramp over 20 of the 80 steps: over before the stop at 17 (30% of 20 = 6)
+    span = {**SASA, "s_ramp_tokens": 512 * 20}
     members = {"new": SASA, "merge": merge, "wide": wide, "revive": revive, "unpack": unpack,
-               "gather": gather}
+               "gather": gather, "span": span}
     cfg = config(cache_url, members, tokens=512 * 80, checkpoint_every=10)
     full = train(cfg, tmp_path / "full", progress=False)
     part = train(cfg, tmp_path / "part", until_step=17, progress=False)
@@ -227,6 +257,6 @@ def test_resumed_run_is_exact_through_the_schedules(cache_url, tmp_path):
         assert torch.allclose(d_GDR.transpose(1, 2) @ d_GDR, eye, atol=1e-5)
     # same seed and schedule: only the merge (revive, unpack, gather) steps tell the twins apart
     for plain, name in (("new", "merge"), ("wide", "revive"), ("wide", "unpack"),
-                        ("wide", "gather")):
+                        ("wide", "gather"), ("new", "span")):
         assert not torch.equal(weights(full.saes[plain])["W_dec_GRD"],
                                weights(full.saes[name])["W_dec_GRD"])

@@ -11,8 +11,9 @@ already removes it from the error (our reading of the probes in bench/SPLITTING.
 functions of (step, steps), so a resumed run repeats them exactly and every sweep member
 follows its own config, and one periodic step:
 - ``top_s_at``: the s ramp. s = ``s_start`` (1) for the first 10% of the run, then linearly to
-  the configured s at 30%. With fewer slots than features, what a kept group misses of its
-  feature stays in the error, which pulls the group's spare dimensions onto it.
+  the configured s at 30% (of the first ``s_ramp_tokens``, 2M, of a longer run: ``ramp_steps``).
+  With fewer slots than features, what a kept group misses of its feature stays in the error,
+  which pulls the group's spare dimensions onto it.
 - ``group_lasso_scale``: a group-sparsity penalty sum_g (||z_g|| / rms)^p, p = 1/2, at full
   weight for the first half and annealed to 0 at 80%, so the lr decay runs on the plain
   objective. It charges splits and copies and so keeps spare slots from being free.
@@ -30,8 +31,8 @@ On the overlapping spherical 1-6-D shape C it cuts splitting from about 4 groups
 at 0.52-0.66x the oracle's FVU by 2M (and, without the gather step, to 1.21-1.22 at 4-8M):
 there the most frequent features are on together in most tokens and stay shared between the
 groups kept with them (bench/SPLITTING.md, rounds 3 and 5). The s = 1 phase is short (10% of
-the run, ramp to 30%) because a long one costs FVU on real activations (bench/SPLITTING.md,
-round 2; MiniLM in bench/RESULTS_minilm.md).
+the run, ramp to 30%, within the first 2M tokens) because a long one costs FVU on real
+activations (bench/SPLITTING.md, rounds 2 and 7; MiniLM in bench/RESULTS_minilm.md).
 
 ``revive_silent`` (off by default, ``revive_every``) re-seeds groups that no token kept at the
 residual; it removes silent groups but did not recover FVU on MiniLM (bench/SPLITTING.md).
@@ -58,8 +59,18 @@ from sasa.trainer.surgery import kept_codes, periodic, reseed, reset_moments, se
 from sasa.trainer.unpack import unpack_due, unpack_packed
 
 
+def ramp_steps(cfg: SAEConfig, steps: int, batch_size: int) -> int:
+    """The steps the s ramp spans in a run of ``steps`` batches of ``batch_size`` tokens: the
+    first ``cfg.s_ramp_tokens`` of them (rounded up to a whole step), or the whole run when
+    that is shorter or the field is None. ``top_s_at`` takes it as its ``steps``."""
+    if cfg.s_ramp_tokens is None:
+        return steps
+    return min(steps, -(-cfg.s_ramp_tokens // batch_size))
+
+
 def top_s_at(cfg: SAEConfig, step: int, steps: int) -> int | None:
-    """s at optimiser step ``step`` of ``steps`` under the s ramp (None: the configured s).
+    """s at optimiser step ``step`` under an s ramp of ``steps`` (``ramp_steps``; None: the
+    configured s).
 
     ``s_start`` until ``s_ramp_from`` of the run, then linearly (rounded) to ``top_s`` at
     ``s_ramp_to``."""
