@@ -22,7 +22,7 @@ member uses lr 3e-3 (bench/SPLITTING.md; the default rule gives 1.1e-3-1.4e-3 he
 
     python bench/consolidation.py --shapes A B C D --seeds 0 1 2 --tokens 1048576 2097152 \
         --work W --jsonl rows.jsonl
-    python bench/consolidation.py --shapes A --members new --variant 'nogather={"gather_every": 0}' \
+    python bench/consolidation.py --shapes A --members new --variant 'off={"gather_every": 0}' \
         --work W --jsonl more.jsonl             # a variant beside the default only: the rows
                                                 # equal a full sweep's (each member trains as alone)
     python bench/consolidation.py --summarize rows.jsonl    # means over seeds

@@ -21,18 +21,19 @@ follows its own config, and one periodic step:
   blocks of different groups that are on only together are slices of one feature and move
   into one group.
 Measured through the streaming trainer (bench/RESULTS_consolidation.md, rounds 5-7: four
-planted shapes, three seeds, units per feature counted on inputs of one feature alone as
-issue 9 defines them): every seed of the disjoint 1-4-D shape A at one group per feature
-(every d_i <= 1.2) below the planted oracle's FVU by 512k tokens (max 1.04, 0.78x; without
-the gather step 2M, plain SASA not by 2M), while TopK's FVU still falls 17x to 2M; in the mean
-over seeds the overlapping Gaussian 1-6-D shape D within 1M (1.16, 0.78x) and the dense d = 32
-shape B by 2M (1.18, 0.81x), but seed by seed one or two of three keep a feature split there.
-On the overlapping spherical 1-6-D shape C it cuts splitting from about 4 groups to 1.8-1.9
-at 0.52-0.66x the oracle's FVU by 2M (and, without the gather step, to 1.21-1.22 at 4-8M):
-there the most frequent features are on together in most tokens and stay shared between the
-groups kept with them (bench/SPLITTING.md, rounds 3 and 5). The s = 1 phase is short (10% of
-the run, ramp to 30%, within the first 2M tokens) because a long one costs FVU on real
-activations (bench/SPLITTING.md, rounds 2 and 7; MiniLM in bench/RESULTS_minilm.md).
+planted shapes, three seeds, units per feature counted on inputs of one feature alone as issue
+9 defines them): every seed of the disjoint 1-4-D shape A at one group per feature (every d_i
+<= 1.2) below the planted oracle's FVU by 512k tokens (max 1.04, 0.78x; without the gather step
+2M, plain SASA not by 2M), while TopK's FVU still falls 17x to 2M; in the mean over seeds the
+overlapping Gaussian 1-6-D shape D within 1M (1.16, 0.78x) and the dense d = 32 shape B by 2M
+(1.18, 0.81x), but seed by seed one or two of three keep a feature split there. On the
+overlapping spherical 1-6-D shape C it cuts splitting from about 4 groups to 1.8-1.9 at
+0.52-0.66x the oracle's FVU by 2M (round 5's default, with no gather step and the ramp over the
+whole run: 1.21-1.22 at 4-8M): there the most frequent features are on together in most tokens
+and stay shared between the groups kept with them (bench/SPLITTING.md, rounds 3 and 5). The s =
+1 phase is short (10% of the run, ramp to 30%, within the first 2M tokens) because a long one
+costs FVU on real activations (bench/SPLITTING.md, rounds 2 and 7; MiniLM in
+bench/RESULTS_minilm.md).
 
 ``revive_silent`` (off by default, ``revive_every``) re-seeds groups that no token kept at the
 residual; it removes silent groups but did not recover FVU on MiniLM (bench/SPLITTING.md).
@@ -72,7 +73,7 @@ def top_s_at(cfg: SAEConfig, step: int, steps: int) -> int | None:
     """s at optimiser step ``step`` under an s ramp of ``steps`` (``ramp_steps``; None: the
     configured s).
 
-    ``s_start`` until ``s_ramp_from`` of the run, then linearly (rounded) to ``top_s`` at
+    ``s_start`` until ``s_ramp_from`` of ``steps``, then linearly (rounded) to ``top_s`` at
     ``s_ramp_to``."""
     if cfg.consolidate == "none" or cfg.s_start is None or cfg.s_start >= cfg.top_s or steps <= 0:
         return None

@@ -85,17 +85,16 @@ class SAEConfig:
 
     consolidate: str | None = None
     """How SASA training reaches the consolidated optimum (one group per multi-dimensional
-    feature when r >= d_i; measured in bench/RESULTS_consolidation.md). "anneal": two
-    schedules over the run, both back to the plain objective before the lr decay, and a
-    periodic step: (1) the s
-    ramp (``s_start``...): the gate keeps fewer groups than features early on, so a group that
-    holds part of a feature leaves the rest in the error and turns its spare dimensions to it,
-    instead of a spare slot letting a second group take it; (2) a group-sparsity penalty on the
-    kept codes (``group_lasso``...), which makes a split or duplicated feature cost more than a
-    consolidated one; (3) the gather step (``gather_every``), which moves slices of one feature
-    held by different groups into one. Optional periodic steps: merge (``merge_every``), revive
-    (``revive_every``), unpack (``unpack_every``). "none": the plain objective (Top-s, FVU +
-    AuxK + rank penalty).
+    feature when r >= d_i; measured in bench/RESULTS_consolidation.md). "anneal": two schedules
+    over the run, both back to the plain objective before the lr decay, and a periodic step: (1)
+    the s ramp (``s_start``...): the gate keeps fewer groups than features early on, so a group
+    that holds part of a feature leaves the rest in the error and turns its spare dimensions to
+    it, instead of a spare slot letting a second group take it; (2) a group-sparsity penalty on
+    the kept codes (``group_lasso``...), which makes a split or duplicated feature cost more
+    than a consolidated one; (3) the gather step (``gather_every``), which moves slices of one
+    feature held by different groups into one. Optional periodic steps: merge (``merge_every``),
+    revive (``revive_every``), unpack (``unpack_every``). "none": the plain objective (Top-s,
+    FVU + AuxK + rank penalty).
     Default: "anneal" for sasa, "none" for topk/relu (one-dimensional latents)."""
 
     group_lasso: float = 0.1
@@ -128,7 +127,8 @@ class SAEConfig:
     """The s ramp's span: ``s_ramp_from`` and ``s_ramp_to`` are fractions of the run's first
     this many training tokens (all of a shorter run); None: of the whole run. The penalty and
     the periodic steps keep to fractions of the whole run. 2M is the longest budget at which
-    the planted benchmarks measured the whole-run ramp (runs up to it train as with None);
+    the planted benchmarks measured every shape with the whole-run ramp (runs up to it train
+    as with None);
     a longer run keeps its s = 1 phase short instead of at 10% of the run, which on MiniLM
     retires groups for good (bench/SPLITTING.md, rounds 2 and 7). Shorter spans put the ramp
     inside the lr warm-up: on MiniLM at 4.2M tokens a 1M span left 9-20% of the groups silent
