@@ -28,10 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.consolidation import shape_spec  # noqa: E402
+from bench.consolidation import SHAPES, shape_spec  # noqa: E402
 from bench.minilm_sasa import heldout  # noqa: E402
 from sasa.analysis.synthetic import generate  # noqa: E402
-from sasa.trainer import load_sae  # noqa: E402
+from sasa.trainer import SAE, SAEConfig, load_sae  # noqa: E402
+from sasa.trainer.schedule import lr_factor  # noqa: E402
+
+STEPS, AT = 1024, (25, 51, 102, 205)
 
 
 @torch.no_grad()
@@ -46,6 +49,30 @@ def slot_shares(sae, x_ND: torch.Tensor) -> tuple[float, float, float]:
             float((top_NS[:, s:].sum(1) / kept_N).mean()))
 
 
+def early(cfg: SAEConfig, lr: float, x_ND: torch.Tensor, x_eval: torch.Tensor,
+          seed: int) -> list[float]:
+    """The ``beyond`` share of plain SASA after each of AT steps (module docstring); inputs
+    normalised by the training rows' mean and rms norm / sqrt(d), as the trainer does."""
+    mean = x_ND.mean(0)
+    scale = float((x_ND - mean).square().sum(1).mean().div(x_ND.shape[1]).sqrt())
+    x_ND, x_eval = (x_ND - mean) / scale, (x_eval - mean) / scale
+    sae = SAE(cfg, seed=seed)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(STEPS, STEPS // 10, 0.2))
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for step in range(max(AT)):
+        loss = sae(x_ND[torch.randint(0, x_ND.shape[0], (1024,), generator=gen)]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        sae.post_step()
+        if step + 1 in AT:
+            out.append(slot_shares(sae, x_eval)[2])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--planted", nargs="*", default=[], help="SAE:SHAPE:SEED of a planted run")
@@ -53,8 +80,34 @@ def main() -> None:
     parser.add_argument("--heldout", help="cache holding the MiniLM held-out rows")
     parser.add_argument("--rows", help="held-out rows a:b")
     parser.add_argument("--hookpoint", default="resid_post.4")
+    parser.add_argument("--early", nargs="*", default=[], help="planted shapes for --early")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0])
+    parser.add_argument("--minilm-train", help="MiniLM training cache for --early")
     a = parser.parse_args()
     torch.set_num_threads(1)
+    if a.early or a.minilm_train:
+        print("| data | seed | " + " | ".join(f"beyond after {k} steps" for k in AT) + " |")
+        print("|---|---|" + "---|" * len(AT))
+        for name in a.early:
+            shape = SHAPES[name]
+            for seed in a.seeds:
+                spec = shape_spec(name, seed)
+                cfg = SAEConfig(d_in=spec.d, groups=shape.groups, rank=shape.rank,
+                                top_s=shape.top_s, consolidate="none")
+                x = torch.from_numpy(generate(spec, 1 << 18, seed=seed).x_ND)
+                x_eval = torch.from_numpy(generate(spec, 4000, seed=10**9 + seed).x_ND)
+                b = early(cfg, 3e-3, x, x_eval, seed)
+                print(f"| {name} | {seed} | " + " | ".join(f"{v:.3f}" for v in b) + " |")
+        if a.minilm_train:
+            from sasa.store import open_cache
+            n = open_cache(a.minilm_train).n_tokens  # every committed row but BOS/pad
+            x = heldout(a.minilm_train, a.hookpoint, f"0:{n}").float()
+            x_eval = heldout(a.heldout, a.hookpoint, a.rows).float()
+            cfg = SAEConfig(d_in=x.shape[1], groups=384, rank=4, top_s=8, consolidate="none")
+            for seed in a.seeds:
+                b = early(cfg, 1e-3, x, x_eval, seed)
+                print(f"| MiniLM | {seed} | " + " | ".join(f"{v:.3f}" for v in b) + " |")
+        return
     rows = []
     for item in a.planted:
         path, shape, seed = item.rsplit(":", 2)
