@@ -50,9 +50,12 @@ def register(subparsers) -> None:
     p.add_argument("--auxk-alpha", type=float, default=None, help=f"AuxK weight (default {SAE['auxk_alpha']:g})")
     p.add_argument("--dead-tokens", type=int, default=None, help=f"tokens without activation before a unit counts dead (default {SAE['dead_tokens']:,})")
     p.add_argument("--consolidate", default=None, choices=CONSOLIDATE,
-                   help="sasa training procedure: anneal (s ramp + group-sparsity schedule; "
+                   help="sasa training procedure: anneal (s ramp, group-sparsity schedule, gather step; "
                         "consolidates planted features, costs FVU on real activations) or none "
                         "(the plain objective); default anneal for sasa (docs/train.md)")
+    p.add_argument("--s-ramp-tokens", type=int, default=None,
+                   help="sasa: the s ramp spans the run's first N tokens; 0: the whole run "
+                        "(default 2,097,152; 1048576 for long runs on real activations, docs/train.md)")
     p.add_argument("--lr", type=float, default=None, help="Adam lr (default 2e-4 / sqrt(G*r / 2^14))")
     p.add_argument("--name", default=None, help="output subfolder name")
     _run_args(p)
@@ -101,6 +104,8 @@ def run_train(args) -> int:
     for key in ("rank", "codes", "l1_coeff", "auxk_alpha", "dead_tokens", "consolidate"):
         if getattr(args, key) is not None:
             sae[key] = getattr(args, key)
+    if args.s_ramp_tokens is not None:
+        sae["s_ramp_tokens"] = args.s_ramp_tokens or None
     member = MemberConfig(hookpoint=args.hookpoint, sae=sae, lr=args.lr, name=args.name)
     cfg = TrainConfig(cache=args.cache, members=[member],
                       storage_options=parse_storage_options(args.storage_options), **_overrides(args))
