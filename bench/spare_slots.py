@@ -52,7 +52,7 @@ def slot_shares(sae, x_ND: torch.Tensor) -> tuple[float, float, float]:
 def early(cfg: SAEConfig, lr: float, x_ND: torch.Tensor, x_eval: torch.Tensor,
           seed: int) -> list[float]:
     """The ``beyond`` share of plain SASA after each of AT steps (module docstring); inputs
-    normalised by the training rows' mean and rms norm / sqrt(d), as the trainer does."""
+    normalised by the training rows' mean and rms norm / sqrt(d) (as bench/packing_probes.py)."""
     mean = x_ND.mean(0)
     scale = float((x_ND - mean).square().sum(1).mean().div(x_ND.shape[1]).sqrt())
     x_ND, x_eval = (x_ND - mean) / scale, (x_eval - mean) / scale
