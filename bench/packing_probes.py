@@ -15,6 +15,9 @@ Variants (each a name below, or NAME=JSON of SAEConfig overrides):
   batch) until 30% / 10% of the run, the token gate after;
 - ``rank`` (round 3): the default with a rank ramp beside the s ramp: codes j >= k switched off
   (encoder rows zeroed after each step), k = 1 until 10% of the run, then up to r by 30%;
+- the JSON key ``"probe_init_seed": k`` (round 7) initialises the SAE with seed k instead of
+  the data's seed; "FVU at s = 1" is the mean batch FVU over steps 5-10% of the run (the
+  second half of the s = 1 phase);
 - the JSON key ``"probe_b_dec": "median"`` (round 5) starts the decoder bias at the
   coordinate-wise median of 16384 training rows instead of their mean.
 
@@ -54,10 +57,12 @@ def rank_at(frac: float, rank: int) -> int:
 
 
 def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
-                    stop: int = STEPS):
-    """(sae, mean, scale): the SAE of ``over`` (SAEConfig overrides, plus ``probe_b_dec``)
-    trained in memory for ``stop`` of the run's ``STEPS`` steps on the shape's 262,144 samples
-    normalised by (mean, scale); ``variant`` names the special runs of NAMED."""
+                    stop: int = STEPS, trace: dict | None = None):
+    """(sae, mean, scale): the SAE of ``over`` (SAEConfig overrides, plus ``probe_b_dec`` and
+    ``probe_init_seed``) trained in memory for ``stop`` of the run's ``STEPS`` steps on the
+    shape's 262,144 samples normalised by (mean, scale); ``variant`` names the special runs of
+    NAMED. ``trace`` gets "s1_fvu": the mean batch FVU over the second half of the s = 1 phase
+    (steps 5-10% of the run)."""
     shape = SHAPES[shape_name]
     spec = shape_spec(shape_name, seed)
     x = torch.from_numpy(generate(spec, 1 << 18, seed=seed).x_ND)
@@ -66,8 +71,9 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
     x_n = (x - mean) / scale
     over = dict(over)
     b_dec_init = over.pop("probe_b_dec", "mean")
+    init_seed = over.pop("probe_init_seed", seed)
     sae = SAE(SAEConfig(d_in=spec.d, groups=shape.groups, rank=shape.rank, top_s=shape.top_s,
-                        **over), seed=seed)
+                        **over), seed=init_seed)
     if b_dec_init == "median":  # the coordinate-wise median of 16384 training rows
         rows = torch.randperm(x_n.shape[0], generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
@@ -79,6 +85,7 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
     opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(STEPS, STEPS // 10, 0.2))
     gen = torch.Generator().manual_seed(seed)
+    s1_fvu = []
     for step in range(stop):
         sae.cfg.gate = "batch" if step / STEPS < GATE_UNTIL.get(variant, 0.0) else "token"
         idx = torch.randint(0, x_n.shape[0], (1024,), generator=gen)
@@ -90,18 +97,23 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
         sched.step()
         sae.post_step()
         after_step(sae, x_n[idx], opt, step, STEPS, top_s)
+        if STEPS // 20 <= step < STEPS // 10:
+            s1_fvu.append(float(out.fvu.detach()))
         if variant == "rank":
             k = rank_at(step / STEPS, shape.rank)
             with torch.no_grad():
                 sae.W_enc_GRD[:, k:, :] = 0
                 sae.b_enc_GR[:, k:] = 0
+    if trace is not None:
+        trace["s1_fvu"] = sum(s1_fvu) / max(1, len(s1_fvu))
     return sae, mean, scale
 
 
 def probe(shape_name: str, seed: int, variant: str, over: dict) -> str:
     test, alone = held_out(shape_spec(shape_name, seed), seed)
     t0 = time.perf_counter()
-    sae, mean, scale = train_in_memory(shape_name, seed, over, variant)
+    trace: dict = {}
+    sae, mean, scale = train_in_memory(shape_name, seed, over, variant, trace=trace)
     sae.cfg.gate = "token"
     sae.eval()
     sae.fold_normalisation(mean, scale)
@@ -116,7 +128,7 @@ def probe(shape_name: str, seed: int, variant: str, over: dict) -> str:
     return (f"| {shape_name} | {seed} | {variant} | {float(o.fvu):.4f} | "
             f"{' / '.join(f'{u:.2f}' for u in units_alone.values())} | "
             f"{' / '.join(f'{u:.2f}' for u in units.values())} | {packed} of {len(test.bases)} | "
-            f"{copies} | "
+            f"{copies} | {trace['s1_fvu']:.4f} | "
             f"{time.perf_counter() - t0:.0f} |")
 
 
@@ -124,8 +136,8 @@ def main() -> None:
     torch.set_num_threads(1)
     shape_name, seed, variants = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     print("| shape | seed | variant | held-out FVU | units alone by d_i | units in context by d_i "
-          "| packed | 1-D copies | s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| packed | 1-D copies | FVU at s = 1 (steps 5-10%) | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     custom = parse_variants([v for v in variants if "=" in v])
     for variant in variants:
         name = variant.split("=", 1)[0]
