@@ -236,7 +236,7 @@ def step_cost(shape_name: str, steps: int = 300, batch_size: int = 1024,
         for name, (sae, opt) in models.items():
             t0 = time.perf_counter()
             for step in range(block, block + 10):
-                top_s = top_s_at(sae.cfg, step, steps)
+                top_s = top_s_at(sae.cfg, step, steps, batch_size)
                 out = sae(x, gl_scale=group_lasso_scale(sae.cfg, step, steps), top_s=top_s)
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()

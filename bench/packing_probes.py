@@ -89,7 +89,7 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
     for step in range(stop):
         sae.cfg.gate = "batch" if step / STEPS < GATE_UNTIL.get(variant, 0.0) else "token"
         idx = torch.randint(0, x_n.shape[0], (1024,), generator=gen)
-        top_s = top_s_at(sae.cfg, step, STEPS)
+        top_s = top_s_at(sae.cfg, step, STEPS, 1024)
         out = sae(x_n[idx], gl_scale=group_lasso_scale(sae.cfg, step, STEPS), top_s=top_s)
         opt.zero_grad()
         out.loss.backward()

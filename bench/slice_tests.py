@@ -56,14 +56,14 @@ def pair_tests(on_NB: torch.Tensor, e_NB: torch.Tensor) -> dict[str, torch.Tenso
 
 
 def blocks_of(shape_name: str, seed: int, stop: int, over: dict, run: Path | None):
-    """(blocks, planted batch): the blocks on 1024 fresh planted samples (4096 with ``run``)
-    of the SAE trained in memory for ``stop`` steps, or of the saved SAE in ``run``."""
+    """(sae, blocks, planted batch): the blocks on 1024 fresh planted samples (4096 with
+    ``run``) of the SAE trained in memory for ``stop`` steps, or of the saved SAE in ``run``."""
     spec = shape_spec(shape_name, seed)
     if run is None:
         sae, mean, scale = train_in_memory(shape_name, seed, over, stop=stop)
         batch = generate(spec, 1024, seed=999)
         x_BD = (torch.from_numpy(batch.x_ND) - mean) / scale
-        top_s = top_s_at(sae.cfg, stop, 1024)
+        top_s = top_s_at(sae.cfg, stop, 1024, 1024)
     else:  # saved SAEs have the normalisation folded in: raw inputs, the final gate
         sae, top_s = load_sae(run), None
         batch = generate(spec, 4096, seed=999)

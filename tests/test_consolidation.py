@@ -111,13 +111,13 @@ def test_schedules():
     assert cfg.consolidate == "anneal"
     assert SAEConfig(d_in=8, groups=8, arch="topk").consolidate == "none"
     steps = 100
-    s = [top_s_at(cfg, t, steps) for t in range(steps)]
+    s = [top_s_at(cfg, t, steps, 64) for t in range(steps)]
     gl = [group_lasso_scale(cfg, t, steps) for t in range(steps)]
     assert s[0] == 1 and s[9] == 1 and s[-1] is None and s[29] == 5 and s[30] is None
     assert all(a <= b for a, b in zip(s[:30], s[1:30]))  # s only grows
     assert gl[0] == 1.0 and gl[49] == 1.0 and gl[80] == 0.0 and 0 < gl[65] < 1
     plain = SAEConfig(d_in=8, groups=8, rank=2, top_s=5, consolidate="none")
-    assert top_s_at(plain, 0, steps) is None and group_lasso_scale(plain, 0, steps) == 0.0
+    assert top_s_at(plain, 0, steps, 64) is None and group_lasso_scale(plain, 0, steps) == 0.0
 
 
 def test_the_s_ramp_spans_the_first_s_ramp_tokens():
@@ -127,7 +127,7 @@ def test_the_s_ramp_spans_the_first_s_ramp_tokens():
     assert ramp_steps(cfg, 400, 48) == 134  # 6400 tokens: rounded up to whole steps
     whole = SAEConfig(d_in=8, groups=8, rank=2, top_s=5, s_ramp_tokens=None)
     assert ramp_steps(whole, 400, 64) == 400
-    s = [top_s_at(cfg, t, ramp_steps(cfg, 400, 64)) for t in range(400)]
+    s = [top_s_at(cfg, t, 400, 64) for t in range(400)]
     assert s[:10] == [1] * 10 and s[29] == 5 and s[30:] == [None] * 370
     with pytest.raises(SasaError, match="s_ramp_tokens"):
         SAEConfig(d_in=8, groups=8, rank=2, top_s=5, s_ramp_tokens=0)

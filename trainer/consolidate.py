@@ -11,7 +11,7 @@ already removes it from the error (our reading of the probes in bench/SPLITTING.
 functions of (step, steps), so a resumed run repeats them exactly and every sweep member
 follows its own config, and one periodic step:
 - ``top_s_at``: the s ramp. s = ``s_start`` (1) for the first 10% of the run, then linearly to
-  the configured s at 30% (of the first ``s_ramp_tokens``, 2M, of a longer run: ``ramp_steps``).
+  the configured s at 30% (of the first ``s_ramp_tokens``, 2M, of a longer run).
   With fewer slots than features, what a kept group misses of its feature stays in the error,
   which pulls the group's spare dimensions onto it.
 - ``group_lasso_scale``: a group-sparsity penalty sum_g (||z_g|| / rms)^p, p = 1/2, at full
@@ -63,21 +63,21 @@ from sasa.trainer.unpack import unpack_due, unpack_packed
 def ramp_steps(cfg: SAEConfig, steps: int, batch_size: int) -> int:
     """The steps the s ramp spans in a run of ``steps`` batches of ``batch_size`` tokens: the
     first ``cfg.s_ramp_tokens`` of them (rounded up to a whole step), or the whole run when
-    that is shorter or the field is None. ``top_s_at`` takes it as its ``steps``."""
+    that is shorter or the field is None."""
     if cfg.s_ramp_tokens is None:
         return steps
     return min(steps, -(-cfg.s_ramp_tokens // batch_size))
 
 
-def top_s_at(cfg: SAEConfig, step: int, steps: int) -> int | None:
-    """s at optimiser step ``step`` under an s ramp of ``steps`` (``ramp_steps``; None: the
-    configured s).
+def top_s_at(cfg: SAEConfig, step: int, steps: int, batch_size: int) -> int | None:
+    """s at optimiser step ``step`` of a run of ``steps`` batches of ``batch_size`` tokens under
+    the s ramp (None: the configured s).
 
-    ``s_start`` until ``s_ramp_from`` of ``steps``, then linearly (rounded) to ``top_s`` at
-    ``s_ramp_to``."""
+    ``s_start`` until ``s_ramp_from`` of the ramp's span (``ramp_steps``), then linearly
+    (rounded) to ``top_s`` at ``s_ramp_to``."""
     if cfg.consolidate == "none" or cfg.s_start is None or cfg.s_start >= cfg.top_s or steps <= 0:
         return None
-    frac = step / steps
+    frac = step / ramp_steps(cfg, steps, batch_size)
     if frac >= cfg.s_ramp_to:
         return None
     if frac < cfg.s_ramp_from:

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from sasa.trainer.consolidate import after_step, group_lasso_scale, ramp_steps, top_s_at
+from sasa.trainer.consolidate import after_step, group_lasso_scale, top_s_at
 from sasa.trainer.sae import SAE
 from sasa.trainer.schedule import lr_factor
 
@@ -31,16 +31,15 @@ def train_in_memory(sae: SAE, x_ND: torch.Tensor, *, steps: int, batch_size: int
 
     ``warmup`` steps of linear lr warm-up and a linear decay to 0 over the last ``decay_frac``
     of the steps (``sasa.trainer.schedule``); the consolidation schedules follow the SAE's
-    config over ``steps`` (the s ramp over ``sasa.trainer.consolidate.ramp_steps``)."""
+    config over ``steps`` (``sasa.trainer.consolidate``)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(steps, warmup, decay_frac))
     sae.train()
     fvus: list[torch.Tensor] = []
-    ramp = ramp_steps(sae.cfg, steps, batch_size)
     for step in range(steps):
         idx = torch.randint(0, x_ND.shape[0], (batch_size,), generator=gen)
-        top_s = top_s_at(sae.cfg, step, ramp)
+        top_s = top_s_at(sae.cfg, step, steps, batch_size)
         out = sae(x_ND[idx], gl_scale=group_lasso_scale(sae.cfg, step, steps), top_s=top_s)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()

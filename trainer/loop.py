@@ -28,7 +28,7 @@ from sasa.store import open_cache
 from sasa.store.verify import refuse_damaged
 from sasa.trainer.config import MemberConfig, TrainConfig
 from sasa.trainer.outdir import claim
-from sasa.trainer.consolidate import after_step, group_lasso_scale, ramp_steps, top_s_at
+from sasa.trainer.consolidate import after_step, group_lasso_scale, top_s_at
 from sasa.trainer.persist import save_sae
 from sasa.trainer.sae import SAE
 from sasa.trainer.schedule import lr_factor
@@ -266,8 +266,7 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, member_ids: list[int] |
             xs[hp] = (raw.float() - norm[hp][0]) / norm[hp][1]
         nuc_scale = float(cfg.nuc_every) if step % cfg.nuc_every == 0 else 0.0
         for m in members:
-            ramp = ramp_steps(m.sae_cfg, cfg.steps, cfg.batch_size)
-            top_s = top_s_at(m.sae_cfg, step, ramp)  # the consolidation schedules
+            top_s = top_s_at(m.sae_cfg, step, cfg.steps, cfg.batch_size)  # the s ramp
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda and cfg.autocast):
                 o = m.sae(xs[m.cfg.hookpoint], nuc_scale=nuc_scale, top_s=top_s,
                           gl_scale=group_lasso_scale(m.sae_cfg, step, cfg.steps))
