@@ -32,7 +32,7 @@ from bench.consolidation import SHAPES, shape_spec  # noqa: E402
 from bench.minilm_sasa import heldout  # noqa: E402
 from sasa.analysis.synthetic import generate  # noqa: E402
 from sasa.trainer import SAE, SAEConfig, load_sae  # noqa: E402
-from sasa.trainer.schedule import lr_factor  # noqa: E402
+from sasa.trainer.in_memory import train_in_memory  # noqa: E402
 
 STEPS, AT = 1024, (25, 51, 102, 205)
 
@@ -52,24 +52,17 @@ def slot_shares(sae, x_ND: torch.Tensor) -> tuple[float, float, float]:
 def early(cfg: SAEConfig, lr: float, x_ND: torch.Tensor, x_eval: torch.Tensor,
           seed: int) -> list[float]:
     """The ``beyond`` share of plain SASA after each of AT steps (module docstring); inputs
-    normalised by the training rows' mean and rms norm / sqrt(d) (as bench/packing_probes.py)."""
+    normalised by the training rows' mean and rms norm / sqrt(d) (as bench/packing_probes.py).
+    One run per stop (the same batches, so each is the prefix of the longest)."""
     mean = x_ND.mean(0)
     scale = float((x_ND - mean).square().sum(1).mean().div(x_ND.shape[1]).sqrt())
     x_ND, x_eval = (x_ND - mean) / scale, (x_eval - mean) / scale
-    sae = SAE(cfg, seed=seed)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(STEPS, STEPS // 10, 0.2))
-    gen = torch.Generator().manual_seed(seed)
     out = []
-    for step in range(max(AT)):
-        loss = sae(x_ND[torch.randint(0, x_ND.shape[0], (1024,), generator=gen)]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        sae.post_step()
-        if step + 1 in AT:
-            out.append(slot_shares(sae, x_eval)[2])
+    for stop in AT:
+        sae = SAE(cfg, seed=seed)
+        train_in_memory(sae, x_ND, steps=STEPS, batch_size=1024, lr=lr, seed=seed,
+                        warmup=STEPS // 10, decay_frac=0.2, stop=stop)
+        out.append(slot_shares(sae, x_eval)[2])
     return out
 
 

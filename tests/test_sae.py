@@ -243,6 +243,20 @@ def test_train_in_memory_reduces_fvu():
     assert not sae.training
 
 
+def test_train_in_memory_stop_trains_a_prefix_of_the_run():
+    """``stop`` trains the first steps of the ``steps``-step run: its FVUs are that run's first
+    ones, while a run of only that many steps warms up faster and differs."""
+    x = rand_x(n=2048, d=16)
+    cfg = SAEConfig(d_in=16, groups=8, rank=2, top_s=4)
+    kw = {"batch_size": 128, "lr": 3e-3, "warmup": 20}
+    full, part, short = (SAE(cfg, seed=0) for _ in range(3))
+    full_log = train_in_memory(full, x, steps=40, **kw)
+    part_log = train_in_memory(part, x, steps=40, stop=10, **kw)
+    short_log = train_in_memory(short, x, steps=10, **kw)
+    assert part_log.fvu == full_log.fvu[:10]
+    assert part_log.fvu[1:] != short_log.fvu[1:]
+
+
 @pytest.mark.parametrize("nuc_on", ["map", "encoder", "decoder"])
 def test_nuclear_norm_rank1_shortcut_matches_plain_svd(nuc_on):
     sae = make_sae(rank=1, nuc_on=nuc_on, codes="relu")

@@ -26,18 +26,20 @@ class TrainLog(NamedTuple):
 
 def train_in_memory(sae: SAE, x_ND: torch.Tensor, *, steps: int, batch_size: int = 512,
                     lr: float = 1e-3, seed: int = 0, warmup: int = 0,
-                    decay_frac: float = 0.0, log_every: int = 0) -> TrainLog:
+                    decay_frac: float = 0.0, log_every: int = 0,
+                    stop: int | None = None) -> TrainLog:
     """Adam on random minibatches of an in-memory tensor (tests and toy experiments).
 
     ``warmup`` steps of linear lr warm-up and a linear decay to 0 over the last ``decay_frac``
     of the steps (``sasa.trainer.schedule``); the consolidation schedules follow the SAE's
-    config over ``steps`` (``sasa.trainer.consolidate``)."""
+    config over ``steps`` (``sasa.trainer.consolidate``). ``stop``: train only the first that
+    many of the ``steps`` (the schedules still span ``steps``)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(steps, warmup, decay_frac))
     sae.train()
     fvus: list[torch.Tensor] = []
-    for step in range(steps):
+    for step in range(steps if stop is None else min(stop, steps)):
         idx = torch.randint(0, x_ND.shape[0], (batch_size,), generator=gen)
         top_s = top_s_at(sae.cfg, step, steps, batch_size)
         out = sae(x_ND[idx], gl_scale=group_lasso_scale(sae.cfg, step, steps), top_s=top_s)
