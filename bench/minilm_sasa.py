@@ -75,9 +75,9 @@ def cmd_train(a) -> None:
         out = Path(a.work) / f"t{tokens}"
         chosen = [m for m in members(a.hookpoint, extra=True) if m.name in a.members] \
             if a.members is not None else members(a.hookpoint)
-        over = json.loads(a.sasa) if a.sasa else {}  # into every sasa_r{1,2,4,8}
-        chosen = [dataclasses.replace(m, sae={**m.sae, **over}) if m.name in SASA_DEFAULT else m
-                  for m in chosen]
+        sasa_over = json.loads(a.sasa) if a.sasa else {}  # into every sasa_r{1,2,4,8}
+        chosen = [dataclasses.replace(m, sae={**m.sae, **sasa_over}) if m.name in SASA_DEFAULT
+                  else m for m in chosen]
         chosen += [MemberConfig(a.hookpoint, {"arch": "sasa", "groups": WIDTH // 4, "rank": 4,
                                               "top_s": 8, **over}, lr=LR, name=name)
                    for name, over in parse_variants(a.variant).items()]
