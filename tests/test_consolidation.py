@@ -134,7 +134,7 @@ def test_the_s_ramp_spans_the_first_s_ramp_tokens():
 
 
 def test_a_run_longer_than_the_ramp_keeps_s_groups_after_it(cache_url, tmp_path):
-    """The trainer passes the ramp's span to the s ramp: with a span of 4 of 80 steps, s is back
+    """The trainer's s ramp spans s_ramp_tokens: with a span of 4 of 80 steps, s is back
     at top_s from step 2 (30% of 4), so the first 8 logged steps keep ~s groups per token; over
     the whole run, s = 1 would hold for those 8 steps."""
     cfg = config(cache_url, {"whole": {**SASA, "s_ramp_tokens": None},
