@@ -3,6 +3,7 @@
     python bench/harvest.py [--tokens 262144] [--repeats 2] [--out bench/RESULTS_harvest.md]
     python bench/harvest.py --stats-blocks   # the writer's statistics pass per block size
     python bench/harvest.py --stages         # the parts of the writer's work on one shard
+    python bench/harvest.py --page-cache     # how steady this machine's buffered writes are
 
 All rows run in one process on the same packed batches (MiniLM, built-in corpus, ctx 128,
 batch 32, resid_post.3, bf16 storage, workers=0 so Ray start-up is not in the numbers):
@@ -94,6 +95,31 @@ def stats_blocks(repeats: int) -> str:
     return "\n".join(lines)
 
 
+def two_pass_summary(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray):
+    """The statistics pass as it was before round 3 of issue 12 (bf16 widened by a cast and a
+    shift; each block's mean subtracted in a second float64 pass), kept here only so that
+    ``--stages`` measures the two side by side. bf16 data, every row kept."""
+    from sasa.store.stats import Moments, ShardSummary, merge
+    n, d = stored_ND.shape
+    block_rows = max(8, (1 << 18) // d)
+    norms, total = np.empty(n, np.float32), Moments(0, np.zeros(d), np.zeros(d))
+    buf, buf64 = np.empty((block_rows, d), np.float32), np.empty((block_rows, d), np.float64)
+    for start in range(0, n, block_rows):
+        block = stored_ND[start:start + block_rows]
+        m = len(block)
+        x, x64 = buf[:m], buf64[:m]
+        bits = x.view(np.uint32)
+        np.copyto(bits, block, casting="unsafe")
+        bits <<= 16
+        np.sqrt(np.einsum("ij,ij->i", x, x), out=norms[start:start + m])
+        np.copyto(x64, x)
+        mean = x64.sum(0) / m
+        x64 -= mean
+        np.square(x64, out=x64)
+        total = merge(total, Moments(m, mean, x64.sum(0)))
+    return ShardSummary(norms, total, 0)
+
+
 def write_stages(repeats: int, d: int = 4096, seqs: int = 64, ctx: int = 128) -> str:
     """GB/s (stored activation bytes) of each part of ``CacheWriter.write_shard`` for bf16
     shards of seqs * ctx rows of width d (64 MiB at the defaults): the checksum, the statistics
@@ -101,11 +127,15 @@ def write_stages(repeats: int, d: int = 4096, seqs: int = 64, ctx: int = 128) ->
     ``sasa.store.direct``) and the whole ``write_shard`` (every object through zarr, and as it
     is), into memory:// and into a local folder (the page cache); on one thread, and on two
     threads at once with two shards (as a harvest worker overlaps them). Where the writer's
-    time goes, and which parts run in parallel."""
+    time goes, and which parts run in parallel. The "before" rows are round 2's checksum
+    (the standard library's zlib) and statistics pass (``two_pass_summary``), also inside a
+    whole ``write_shard``."""
     import itertools
     import threading
     import zlib
     from sasa.store import create_cache, stats
+    from sasa.store import layout as L
+    from sasa.store import writer as W
     rows = seqs * ctx
     gen = torch.Generator().manual_seed(0)
     acts = [torch.randn(rows, d, generator=gen).to(torch.bfloat16) for _ in range(2)]
@@ -115,14 +145,26 @@ def write_stages(repeats: int, d: int = 4096, seqs: int = 64, ctx: int = 128) ->
     write_acts = lambda w, i, k: w._write_objects(  # noqa: E731
         [(w._acts["h"], slice(k * rows, (k + 1) * rows), raws[i])])
     whole = lambda w, i, k: w.write_shard(k, tokens, {"h": acts[i]})  # noqa: E731
+
+    def whole_before(w, i, k):  # write_shard with round 2's checksum and statistics pass
+        crc, summary = L.crc32, W.summarize_shard
+        L.crc32, W.summarize_shard = zlib.crc32, two_pass_summary
+        try:
+            whole(w, i, k)
+        finally:
+            L.crc32, W.summarize_shard = crc, summary
     # (whether it touches the store, the writer's direct_writes): fn(writer, data, shard index)
     parts = {
-        "zlib.crc32 (the shard's checksum)": (False, True, lambda w, i, k: zlib.crc32(raws[i])),
+        "checksum before: zlib.crc32 (standard library)": (False, True, lambda w, i, k: zlib.crc32(raws[i])),
+        "the shard's checksum (layout.crc32, zlib-ng)": (False, True, lambda w, i, k: L.crc32(raws[i])),
+        "statistics pass before (two_pass_summary)":
+            (False, True, lambda w, i, k: two_pass_summary(raws[i], "bfloat16", keep)),
         "statistics pass (stats.summarize_shard)":
             (False, True, lambda w, i, k: stats.summarize_shard(raws[i], "bfloat16", keep)),
         "zarr write of the activations (zarr's setitem)": (True, False, write_acts),
         "the writer's write of the activations (store/direct.py)": (True, True, write_acts),
         "whole write_shard, every object through zarr (direct_writes=False)": (True, False, whole),
+        "whole write_shard before (round 2's checksum and statistics)": (True, True, whole_before),
         "whole write_shard": (True, True, whole),
     }
 
@@ -211,6 +253,31 @@ def plain_write(folder: Path, total: int, file_bytes: int, sync: bool) -> float:
     return elapsed
 
 
+def page_cache_runs(runs: int = 5, files: int = 48, file_bytes: int = 16 << 20) -> str:
+    """GB/s of plain Python writing new files into the page cache, per 64 MiB, in ``runs``
+    back-to-back runs of ``files`` files each: how steady this machine's buffered write rate is
+    from one second to the next (the rate every local write, sasa's or not, meets)."""
+    lines = ["| run | GB/s per 64 MiB, in order |", "|---|---|"]
+    block = np.random.default_rng(0).integers(0, 255, file_bytes, dtype=np.uint8).tobytes()
+    per = max(1, (64 << 20) // file_bytes)
+    root = Path(tempfile.mkdtemp(prefix="sasa-pagecache-"))
+    try:
+        for run in range(runs):
+            rates = []
+            for i in range(0, files, per):
+                t0 = time.perf_counter()
+                for j in range(i, i + per):
+                    with open(root / f"{run}-{j:06d}", "wb") as f:
+                        f.write(block)
+                rates.append(per * file_bytes / (time.perf_counter() - t0) / 1e9)
+            lines.append(f"| {run + 1} | {' '.join(f'{r:.2f}' for r in rates)} |")
+            for p in root.iterdir():
+                p.unlink()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return "\n".join(lines)
+
+
 def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -230,6 +297,8 @@ def main() -> None:
                     help="only the write ceiling and the machine's own write rates")
     ap.add_argument("--stats-blocks", action="store_true",
                     help="only the writer's statistics pass (one thread) per block size")
+    ap.add_argument("--page-cache", action="store_true",
+                    help="only the machine's buffered write rate per 64 MiB, five runs in a row")
     ap.add_argument("--stages", action="store_true",
                     help="only the parts of the writer's work on a shard (one and two threads)")
     args = ap.parse_args()
@@ -238,6 +307,9 @@ def main() -> None:
         return
     if args.stages:
         print(write_stages(max(3, args.repeats)))
+        return
+    if args.page_cache:
+        print(page_cache_runs())
         return
     torch.set_num_threads(os.cpu_count() or 1)
     root = Path(tempfile.mkdtemp(prefix="sasa-bench-"))

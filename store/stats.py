@@ -10,6 +10,7 @@ shards beyond (``Cache.stats``), so opening a terabyte cache reads megabytes.
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -71,8 +72,17 @@ def non_finite(stored: np.ndarray, dtype: str) -> int:
 
 
 def summarize_shard(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> ShardSummary:
-    """Norms, exact float64 moments of the kept rows, and a NaN/Inf count, in one blocked pass
-    over the stored values (bf16 bits are widened to float32 exactly by a 16-bit shift).
+    """Norms, float64 moments of the kept rows, and a NaN/Inf count, in one blocked pass over
+    the stored values.
+
+    Per block: the values widened to float32 exactly (bf16 bits copied into the high halves of
+    a zeroed float32 buffer), the row norms, then float64 sums of x and x^2 per dimension, from
+    which the block's (count, mean, M2) follow (M2 = sum x^2 - mean * sum x) before Chan's merge.
+    The sums are exact for bf16 data unless a dimension's values span over ~15 binades; the
+    subtraction loses about log10(mean^2 / var) of float64's 16 digits (10 left at mean = 1000
+    standard deviations), far below what bf16 or float32 storage resolves. Against subtracting
+    the mean in a second float64 pass (the previous formulation) this saves a pass over each
+    block: ``python bench/harvest.py --stats-blocks`` compares the two (bench/RESULTS_harvest.md).
 
     Plain numpy, no BLAS or torch threads: the writer runs beside a model's forward, and
     oversubscribed OpenMP/BLAS threads spin."""
@@ -81,16 +91,16 @@ def summarize_shard(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> Sh
     norms = np.empty(n, np.float32)
     total = Moments(0, np.zeros(d), np.zeros(d))
     bad = 0
-    buf = np.empty((min(block_rows, n), d), np.float32)
-    buf64 = np.empty((min(block_rows, n), d), np.float64)
+    rows = min(block_rows, n)
+    buf = np.zeros((rows, d), np.float32)
+    buf64 = np.empty((rows, d), np.float64)
+    high = buf.view(np.uint16)[:, 1::2] if sys.byteorder == "little" else buf.view(np.uint16)[:, ::2]
     for start in range(0, n, block_rows):
         block = stored_ND[start:start + block_rows]
         m = len(block)
         x = buf[:m]
         if dtype == "bfloat16":
-            bits = x.view(np.uint32)
-            np.copyto(bits, block, casting="unsafe")
-            bits <<= 16
+            high[:m] = block  # the low halves stay zero: exactly the float32 of each bf16 value
         else:
             np.copyto(x, block)
         sq = np.einsum("ij,ij->i", x, x)
@@ -105,15 +115,14 @@ def summarize_shard(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> Sh
         if count:
             x64 = buf64[:m]
             np.copyto(x64, x)
-            mean = x64.sum(0)
+            s1 = x64.sum(0)
+            s2 = np.einsum("ij,ij->j", x64, x64)
             if len(masked):
-                mean -= x64[masked].sum(0)
-            mean /= count
-            x64 -= mean
-            np.square(x64, out=x64)
-            m2 = x64.sum(0)
-            if len(masked):
-                m2 -= x64[masked].sum(0)
+                off = x64[masked]
+                s1 -= off.sum(0)
+                s2 -= np.einsum("ij,ij->j", off, off)
+            mean = s1 / count
+            m2 = np.maximum(s2 - mean * s1, 0.0)
             total = merge(total, Moments(count, mean, m2))
     return ShardSummary(norms, total, bad)
 

@@ -8,7 +8,6 @@ tool a user runs to find damage.
 
 from __future__ import annotations
 
-import zlib
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -85,7 +84,7 @@ def verify(cache: Cache, progress: bool = True) -> list[str]:
                             f"{fix.format(s=s)}")
             continue
         for j, name in enumerate(names):
-            got = zlib.crc32(np.ascontiguousarray(blocks[name]))
+            got = L.crc32(np.ascontiguousarray(blocks[name]))
             if got != int(crc_table[s, j]):
                 problems.append(f"shard {s}: {name} checksum mismatch (stored {int(crc_table[s, j]):#010x}, "
                                 f"data {got:#010x}): its chunk objects were modified or corrupted; {fix.format(s=s)}")

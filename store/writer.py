@@ -10,25 +10,24 @@ temporary and renamed, so a crash leaves no torn object under a real key). Rewri
 it differs (a non-deterministic producer, or a config change that the fingerprint did not
 catch).
 
-Where a shard's write time goes (``python bench/harvest.py --stages``, 64 MiB bf16 shards at
-d = 4096 on this project's 2-core VM; tables in bench/RESULTS_harvest.md): the exact float64
-statistics pass is the largest part, the CRC-32 next; the activations and norms bypass zarr's
-codec pipeline (``sasa.store.direct``: their chunk objects are plain bytes), because through
-zarr every write of a process queued on its one event-loop thread, so two shards written from
-two threads gained nothing there. The activations' write alone is faster that way (on an
-idle VM 2.8-3.4 GB/s to local disk against zarr's 0.9-2.5 on one thread, 5-7x in memory), but a
-whole ``write_shard`` barely moves on an idle VM (local disk 0.39-0.47 GB/s against 0.43-0.44
-through zarr alone; 0.24-0.31 -> 0.33-0.46 at load 3-4): the statistics pass (0.84-1.02 GB/s)
-sets the CPU cost, and writing through this VM's page cache (plain buffered writes: 0.34-0.80
-GB/s in those runs) lowers the local ceiling further, far below the issue's 0.9 x the disk's
-fdatasync rate.
+Where a shard's write time goes (``python bench/harvest.py --stages``, 64 MiB bf16 shards at d
+= 4096 on this project's 2-core VM; tables in bench/RESULTS_harvest.md), costliest first: the
+statistics pass (1.1 GB/s on one thread, 2.4x the two-pass version it replaced), the
+activations' write (through the page cache), the CRC-32 (zlib-ng, 12 GB/s; zlib's was 3.3). The
+activations and norms bypass zarr's codec pipeline (``sasa.store.direct``: their chunk objects
+are plain bytes), because through zarr every write of a process queued on its one event-loop
+thread, so two shards written from two threads gained nothing there. Without a disk (memory://)
+the writer's CPU ceiling is 0.79-0.90 GB/s at d = 4096 (``--ceiling-only``). To a local disk on
+this VM the page cache sets the rate, and it swings between ~0.2 and ~4 GB/s from one second
+to the next for plain Python as much as for sasa (``--page-cache``; our reading: the VM's
+balloon reports freed memory to its host, so a write into pages freed a while ago pays a host
+fault), which bounds any local ceiling measured here, not the writer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -136,7 +135,7 @@ class CacheWriter:
         tokens = self._check_tokens(tokens)
         stored = self._check_acts(acts)
         extra_rows = extras.check_rows(self.group, lay, extra)
-        crc = np.array([zlib.crc32(tokens)] + [zlib.crc32(stored[hp]) for hp in lay.hookpoints],
+        crc = np.array([L.crc32(tokens)] + [L.crc32(stored[hp]) for hp in lay.hookpoints],
                        dtype=np.uint32)
         nbytes = sum(a.nbytes for a in stored.values())
         if self._committed[index]:

@@ -117,6 +117,17 @@ def test_reopen_resumes_and_different_config_is_refused(location):
 
 
 # -- statistics --------------------------------------------------------------------------
+def test_checksum_is_zlibs_crc32():
+    """``shards/crc32`` holds zlib's CRC-32 of the stored bytes (docs/FORMAT.md); the writer
+    computes it with zlib-ng, which must give the same values on every dtype and length."""
+    import zlib
+    from sasa.store import layout as L
+    rng = np.random.default_rng(0)
+    for a in (rng.integers(0, 1 << 16, 1, dtype=np.uint16), rng.integers(0, 1 << 16, 77777, dtype=np.uint16),
+              rng.normal(size=(300, 17)).astype(np.float32), np.zeros(0, np.int32)):
+        assert L.crc32(a) == zlib.crc32(a)
+
+
 def test_stats_equal_float64_numpy_over_all_kept_rows(location):
     url, so = location
     build(url, shards=[0, 2, 3], storage_options=so)
