@@ -2,7 +2,7 @@
 shared groups on the capped shapes, and does the unpack step undo it?
 
 One shape of bench/consolidation.py (capped at MAX_PROB), one seed, 262,144 training samples,
-1024 steps of batch 1024 (1M tokens), Adam lr 3e-3, 10% warm-up, 20% decay, the consolidation
+1024 steps of batch 1024 (1M tokens), Adam lr 3e-3 (unless ``probe_lr``), 10% warm-up, 20% decay, the consolidation
 schedules and periodic steps of the member's SAEConfig (``top_s_at``, ``group_lasso_scale``,
 ``after_step``); scored on the same held-out samples as the benchmark: FVU, units per feature
 by d_i alone and in context, and how many features share their main group with another
@@ -18,13 +18,24 @@ Variants (each a name below, or NAME=JSON of SAEConfig overrides):
 - the JSON key ``"probe_init_seed": k`` (round 7) initialises the SAE with seed k instead of
   the data's seed; "FVU at s = 1" is the mean batch FVU over steps 5-10% of the run (the
   second half of the s = 1 phase);
+- the JSON key ``"probe_lr": x`` (round 8) trains at peak lr x instead of 3e-3;
+- the JSON key ``"probe_pulse": [a, b, c]`` (round 8) adds a second s ramp: s = 1 from a to
+  b of the run, then linearly back to the configured s at c;
+- the JSON key ``"probe_stop": f`` (round 8) stops after the first f of the run's steps (the
+  schedules are the whole run's) and scores the SAE there;
 - the JSON key ``"probe_b_dec": "median"`` (round 5) starts the decoder bias at the
   coordinate-wise median of 16384 training rows instead of their mean.
+
+``--floors SHAPE SEED`` (round 8) trains the default once and scores it with a floor added to
+its gate at evaluation only: a kept group counts only where its code norm is at least tau x
+the token's largest (tau = 0 ... 0.4). If a split feature's second group held only small
+codes, its units would fall with tau.
 
 "1-D copies": the most groups whose subspace holds at least half of one 1-D feature's
 direction (its squared norm), over the 1-D features.
 
     python bench/packing_probes.py C 0 default oracle 'unpack={"unpack_every": 25}'
+    python bench/packing_probes.py --floors B 0
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import parse_variants  # noqa: E402
 from bench.consolidation import (SHAPES, energy_shares, held_out, oracle_weights,  # noqa: E402
                                  packed_groups, score, shape_spec)
-from sasa.analysis.splitting import unit_energies  # noqa: E402
+from sasa.analysis.splitting import splitting, unit_energies  # noqa: E402
 from sasa.analysis.synthetic import generate  # noqa: E402
 from sasa.trainer import SAE, SAEConfig  # noqa: E402
 from sasa.trainer.consolidate import after_step, group_lasso_scale, top_s_at  # noqa: E402
@@ -59,7 +70,7 @@ def rank_at(frac: float, rank: int) -> int:
 def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
                     stop: int = STEPS, trace: dict | None = None):
     """(sae, mean, scale): the SAE of ``over`` (SAEConfig overrides, plus ``probe_b_dec`` and
-    ``probe_init_seed``) trained in memory for ``stop`` of the run's ``STEPS`` steps on the
+    ``probe_init_seed``, ``probe_lr``) trained in memory for ``stop`` of the run's ``STEPS`` steps on the
     shape's 262,144 samples normalised by (mean, scale); ``variant`` names the special runs of
     NAMED. ``trace`` gets "s1_fvu": the mean batch FVU over the second half of the s = 1 phase
     (steps 5-10% of the run)."""
@@ -72,6 +83,8 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
     over = dict(over)
     b_dec_init = over.pop("probe_b_dec", "mean")
     init_seed = over.pop("probe_init_seed", seed)
+    lr = over.pop("probe_lr", 3e-3)
+    pulse = over.pop("probe_pulse", None)
     sae = SAE(SAEConfig(d_in=spec.d, groups=shape.groups, rank=shape.rank, top_s=shape.top_s,
                         **over), seed=init_seed)
     if b_dec_init == "median":  # the coordinate-wise median of 16384 training rows
@@ -82,7 +95,7 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
         state = sae.state_dict()
         oracle_weights(state, generate(spec, 0).bases, shape.rank, seed)
         sae.load_state_dict(state)
-    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(STEPS, STEPS // 10, 0.2))
     gen = torch.Generator().manual_seed(seed)
     s1_fvu = []
@@ -90,6 +103,9 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
         sae.cfg.gate = "batch" if step / STEPS < GATE_UNTIL.get(variant, 0.0) else "token"
         idx = torch.randint(0, x_n.shape[0], (1024,), generator=gen)
         top_s = top_s_at(sae.cfg, step, STEPS, 1024)
+        if pulse and pulse[0] <= step / STEPS < pulse[2]:
+            t = max(0.0, (step / STEPS - pulse[1]) / (pulse[2] - pulse[1]))
+            top_s = int(round(1 + t * (shape.top_s - 1)))
         out = sae(x_n[idx], gl_scale=group_lasso_scale(sae.cfg, step, STEPS), top_s=top_s)
         opt.zero_grad()
         out.loss.backward()
@@ -113,7 +129,9 @@ def probe(shape_name: str, seed: int, variant: str, over: dict) -> str:
     test, alone = held_out(shape_spec(shape_name, seed), seed)
     t0 = time.perf_counter()
     trace: dict = {}
-    sae, mean, scale = train_in_memory(shape_name, seed, over, variant, trace=trace)
+    over = dict(over)
+    stop = round(over.pop("probe_stop", 1.0) * STEPS)
+    sae, mean, scale = train_in_memory(shape_name, seed, over, variant, stop, trace)
     sae.cfg.gate = "token"
     sae.eval()
     sae.fold_normalisation(mean, scale)
@@ -132,8 +150,38 @@ def probe(shape_name: str, seed: int, variant: str, over: dict) -> str:
             f"{time.perf_counter() - t0:.0f} |")
 
 
+def floors(shape_name: str, seed: int, taus=(0.0, 0.1, 0.2, 0.3, 0.4)) -> None:
+    """The default trained once, scored with an evaluation-only floor on its gate (``--floors``)."""
+    test, alone = held_out(shape_spec(shape_name, seed), seed)
+    sae, mean, scale = train_in_memory(shape_name, seed, {})
+    sae.eval()
+    sae.fold_normalisation(mean, scale)
+    sae.requires_grad_(False)  # scoring only
+    print("| shape | seed | tau | held-out FVU | groups kept per row | units alone by d_i | groups "
+          "kept per row alone | units in context by d_i |")
+    print("|---|---|---|---|---|---|---|---|")
+    for tau in taus:
+        cells = []
+        for data in (test, alone):
+            x = torch.from_numpy(data.x_ND)
+            h_BGR = sae.pre_codes(x)
+            norm_BG = h_BGR.square().sum(-1).sqrt()
+            keep_BG = sae.gate(h_BGR) & (norm_BG >= tau * norm_BG.max(1, keepdim=True).values)
+            z_BGR = h_BGR * keep_BG.unsqueeze(-1)
+            fvu = float((x - sae.decode(z_BGR)).square().sum() / (x - x.mean(0)).square().sum())
+            units = splitting(z_BGR, sae.decoder_GDR, data.active_NF, data.bases).units_by_dim
+            cells.append((fvu, float(keep_BG.sum(1).float().mean()),
+                          " / ".join(f"{u:.2f}" for u in units.values())))
+        (fvu, l0, ctx), (_, l0_alone, units_alone) = cells
+        print(f"| {shape_name} | {seed} | {tau} | {fvu:.4f} | {l0:.2f} | {units_alone} | "
+              f"{l0_alone:.2f} | {ctx} |", flush=True)
+
+
 def main() -> None:
     torch.set_num_threads(1)
+    if sys.argv[1] == "--floors":
+        floors(sys.argv[2], int(sys.argv[3]))
+        return
     shape_name, seed, variants = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     print("| shape | seed | variant | held-out FVU | units alone by d_i | units in context by d_i "
           "| packed | 1-D copies | FVU at s = 1 (steps 5-10%) | s |")
