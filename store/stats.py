@@ -59,8 +59,8 @@ class ShardSummary(NamedTuple):
 
 #: Values per block of ``summarize_shard`` (rows = this // d): a block and its float64 copy
 #: (3 MB) stay in the CPU's cache, so the pass costs little beyond reading the data once. Sized
-#: in values, not rows: a fixed 1024 rows made 32 MB blocks at d = 4096, about 2x slower there
-#: (``python bench/harvest.py --stats-blocks``; table in bench/RESULTS_harvest.md).
+#: in values, not rows: a fixed 1024 rows made 32 MB blocks at d = 4096, 1.4x slower there
+#: (``python bench/harvest.py --stats-blocks``; table in bench/RESULTS_harvest.md, round 3).
 BLOCK_VALUES = 1 << 18
 
 
@@ -77,12 +77,13 @@ def summarize_shard(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> Sh
 
     Per block: the values widened to float32 exactly (bf16 bits copied into the high halves of
     a zeroed float32 buffer), the row norms, then float64 sums of x and x^2 per dimension, from
-    which the block's (count, mean, M2) follow (M2 = sum x^2 - mean * sum x) before Chan's merge.
-    The sums are exact for bf16 data unless a dimension's values span over ~15 binades; the
-    subtraction loses about log10(mean^2 / var) of float64's 16 digits (10 left at mean = 1000
-    standard deviations), far below what bf16 or float32 storage resolves. Against subtracting
-    the mean in a second float64 pass (the previous formulation) this saves a pass over each
-    block: ``python bench/harvest.py --stats-blocks`` compares the two (bench/RESULTS_harvest.md).
+    which the block's (count, mean, M2) follow (M2 = sum x^2 - mean * sum x) before Chan's
+    merge. The sums are exact for bf16 data unless a dimension's values span over ~15 binades;
+    the subtraction loses about log10(mean^2 / var) of float64's 16 digits (10 left at mean =
+    1000 standard deviations), far below what bf16 or float32 storage resolves. Against
+    subtracting the mean in a second float64 pass (the previous formulation) this saves a pass
+    over each block: ``python bench/harvest.py --stages`` times the two side by side
+    (bench/RESULTS_harvest.md).
 
     Plain numpy, no BLAS or torch threads: the writer runs beside a model's forward, and
     oversubscribed OpenMP/BLAS threads spin."""

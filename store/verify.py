@@ -8,7 +8,6 @@ tool a user runs to find damage.
 
 from __future__ import annotations
 
-
 import numpy as np
 from tqdm.auto import tqdm
 

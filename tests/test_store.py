@@ -116,7 +116,6 @@ def test_reopen_resumes_and_different_config_is_refused(location):
     assert w.pending_shards() == [0, 1, 2, 3] and open_cache(url, so).ctx_len == 16
 
 
-# -- statistics --------------------------------------------------------------------------
 def test_checksum_is_zlibs_crc32():
     """``shards/crc32`` holds zlib's CRC-32 of the stored bytes (docs/FORMAT.md); the writer
     computes it with zlib-ng, which must give the same values on every dtype and length."""
@@ -128,6 +127,7 @@ def test_checksum_is_zlibs_crc32():
         assert L.crc32(a) == zlib.crc32(a)
 
 
+# -- statistics --------------------------------------------------------------------------
 def test_stats_equal_float64_numpy_over_all_kept_rows(location):
     url, so = location
     build(url, shards=[0, 2, 3], storage_options=so)
