@@ -98,7 +98,8 @@ def stats_blocks(repeats: int) -> str:
 def two_pass_summary(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray):
     """The statistics pass as it was before round 3 of issue 12 (bf16 widened by a cast and a
     shift; each block's mean subtracted in a second float64 pass), kept here only so that
-    ``--stages`` measures the two side by side. bf16 data, every row kept."""
+    ``--stages`` measures the two side by side. ``summarize_shard``'s signature, for bf16 data
+    with every row kept (``dtype`` and ``keep_N`` are not read)."""
     from sasa.store.stats import Moments, ShardSummary, merge
     n, d = stored_ND.shape
     block_rows = max(8, (1 << 18) // d)
