@@ -156,8 +156,10 @@ def write_stages(repeats: int, d: int = 4096, seqs: int = 64, ctx: int = 128) ->
             L.crc32, W.summarize_shard = crc, summary
     # (whether it touches the store, the writer's direct_writes): fn(writer, data, shard index)
     parts = {
-        "checksum before: zlib.crc32 (standard library)": (False, True, lambda w, i, k: zlib.crc32(raws[i])),
-        "the shard's checksum (layout.crc32, zlib-ng)": (False, True, lambda w, i, k: L.crc32(raws[i])),
+        "checksum before: zlib.crc32 (standard library)":
+            (False, True, lambda w, i, k: zlib.crc32(raws[i])),
+        "the shard's checksum (layout.crc32, zlib-ng)":
+            (False, True, lambda w, i, k: L.crc32(raws[i])),
         "statistics pass before (two_pass_summary)":
             (False, True, lambda w, i, k: two_pass_summary(raws[i], "bfloat16", keep)),
         "statistics pass (stats.summarize_shard)":

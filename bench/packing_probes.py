@@ -3,10 +3,10 @@ shared groups on the capped shapes, and does the unpack step undo it?
 
 One shape of bench/consolidation.py (capped at MAX_PROB), one seed, 262,144 training samples,
 1024 steps of batch 1024 (1M tokens), Adam lr 3e-3 (unless ``probe_lr``), 10% warm-up, 20%
-decay, the consolidation schedules and periodic steps of the member's SAEConfig (``top_s_at``, ``group_lasso_scale``,
-``after_step``); scored on the same held-out samples as the benchmark: FVU, units per feature
-by d_i alone and in context, and how many features share their main group with another
-("packed").
+decay, the consolidation schedules and periodic steps of the member's SAEConfig (``top_s_at``,
+``group_lasso_scale``, ``after_step``); scored on the same held-out samples as the benchmark:
+FVU, units per feature by d_i alone and in context, and how many features share their main
+group with another ("packed").
 Variants (each a name below, or NAME=JSON of SAEConfig overrides):
 
 - ``default``: the default procedure (s ramp and group penalty), in memory;
@@ -69,11 +69,11 @@ def rank_at(frac: float, rank: int) -> int:
 
 def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
                     stop: int = STEPS, trace: dict | None = None):
-    """(sae, mean, scale): the SAE of ``over`` (SAEConfig overrides, plus the ``probe_*`` keys of
-    the module docstring but ``probe_stop``) trained in memory for ``stop`` of the run's
-    ``STEPS`` steps on the shape's 262,144 samples normalised by (mean, scale); ``variant`` names the special runs of
-    NAMED. ``trace`` gets "s1_fvu": the mean batch FVU over the second half of the s = 1 phase
-    (steps 5-10% of the run)."""
+    """(sae, mean, scale): the SAE of ``over`` (SAEConfig overrides, plus the ``probe_*`` keys
+    of the module docstring but ``probe_stop``) trained in memory for ``stop`` of the run's
+    ``STEPS`` steps on the shape's 262,144 samples normalised by (mean, scale); ``variant``
+    names the special runs of NAMED. ``trace`` gets "s1_fvu": the mean batch FVU over the
+    second half of the s = 1 phase (steps 5-10% of the run)."""
     shape = SHAPES[shape_name]
     spec = shape_spec(shape_name, seed)
     x = torch.from_numpy(generate(spec, 1 << 18, seed=seed).x_ND)

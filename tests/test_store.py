@@ -122,7 +122,8 @@ def test_checksum_is_zlibs_crc32():
     import zlib
     from sasa.store import layout as L
     rng = np.random.default_rng(0)
-    for a in (rng.integers(0, 1 << 16, 1, dtype=np.uint16), rng.integers(0, 1 << 16, 77777, dtype=np.uint16),
+    for a in (rng.integers(0, 1 << 16, 1, dtype=np.uint16),
+              rng.integers(0, 1 << 16, 77777, dtype=np.uint16),
               rng.normal(size=(300, 17)).astype(np.float32), np.zeros(0, np.int32)):
         assert L.crc32(a) == zlib.crc32(a)
 
