@@ -186,10 +186,6 @@ class SAEConfig:
     disjoint planted shape on target at 1M tokens, but worse on two others
     (bench/RESULTS_consolidation.md, round 5)."""
 
-    unpack_big: float = 0.0
-    """PROTOTYPE (round 8): unpack a group only when its largest block holds at least this
-    fraction of r dimensions (a large feature squeezed by small ones packed beside it)."""
-
     unpack_min_share: float = 0.05
     """Directions and blocks below this share of a group's code energy are ignored."""
 

@@ -162,9 +162,7 @@ def unpack_packed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
     for a in torch.nonzero(starts_A >= 2).flatten().tolist():
         g = int(busy[a])
         parts = block_parts(blocks, a, cfg.unpack_min_share)
-        full = sum(map(len, parts)) >= R
-        big = max(map(len, parts)) >= cfg.unpack_big * R
-        if len(parts) >= 2 and (not cfg.unpack_full or full) and big:
+        if len(parts) >= 2 and (not cfg.unpack_full or sum(map(len, parts)) >= R):
             parts.sort(key=lambda p: -float(energy_AR[a, p].sum()))
             plans.append((-float(total_A[a]), g, a, parts))
     plans.sort()
