@@ -23,6 +23,8 @@ Variants (each a name below, or NAME=JSON of SAEConfig overrides):
   b of the run, then linearly back to the configured s at c;
 - the JSON key ``"probe_stop": f`` (round 8) stops after the first f of the run's steps (the
   schedules are the whole run's) and scores the SAE there;
+- the JSON key ``"probe_groups": m`` (round 8) trains round(m x G) groups instead of the
+  shape's G (same r and s);
 - the JSON key ``"probe_data_init": true`` (round 8) starts the SAE with
   ``SAE.init_from_data`` on 16384 training rows (each group spans r centred samples);
 - the JSON key ``"probe_b_dec": "median"`` (round 5) starts the decoder bias at the
@@ -88,7 +90,8 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
     lr = over.pop("probe_lr", 3e-3)
     pulse = over.pop("probe_pulse", None)
     data_init = over.pop("probe_data_init", False)
-    sae = SAE(SAEConfig(d_in=spec.d, groups=shape.groups, rank=shape.rank, top_s=shape.top_s,
+    groups = round(over.pop("probe_groups", 1.0) * shape.groups)
+    sae = SAE(SAEConfig(d_in=spec.d, groups=groups, rank=shape.rank, top_s=shape.top_s,
                         **over), seed=init_seed)
     if data_init:
         sae.init_from_data(x_n[:16384], seed=init_seed)
