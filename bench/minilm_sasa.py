@@ -31,7 +31,6 @@ CPU, one torch thread per process; on the shared 2-core VM a 7-member sweep took
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -47,15 +46,16 @@ from bench._common import parse_variants  # noqa: E402
 from sasa.trainer import MemberConfig, TrainConfig, load_sae, train
 
 WIDTH, COORDS, LR, BATCH = 1536, 32, 1e-3, 1024
-SASA_DEFAULT = ("sasa_r1", "sasa_r2", "sasa_r4", "sasa_r8")
 
 
-def members(hookpoint: str, extra: bool = False) -> list[MemberConfig]:
-    """The seven members; ``extra`` adds sasa_r{1,2,8}_plain (``consolidate="none"``)."""
+def members(hookpoint: str, extra: bool = False, sasa: dict | None = None) -> list[MemberConfig]:
+    """The seven members; ``extra`` adds sasa_r{1,2,8}_plain (``consolidate="none"``); ``sasa``:
+    SAEConfig overrides for sasa_r{1,2,4,8}, the default procedure's members."""
     out = []
     for r in (1, 2, 4, 8):
         out.append(MemberConfig(hookpoint, {"arch": "sasa", "groups": WIDTH // r, "rank": r,
-                                            "top_s": COORDS // r}, lr=LR, name=f"sasa_r{r}"))
+                                            "top_s": COORDS // r, **(sasa or {})}, lr=LR,
+                                name=f"sasa_r{r}"))
     out.append(MemberConfig(hookpoint, {"arch": "sasa", "groups": WIDTH // 4, "rank": 4, "top_s": 8,
                                         "consolidate": "none"}, lr=LR, name="sasa_r4_plain"))
     out.append(MemberConfig(hookpoint, {"arch": "topk", "groups": WIDTH, "top_s": COORDS}, lr=LR,
@@ -73,11 +73,9 @@ def cmd_train(a) -> None:
     torch.set_num_threads(a.threads)
     for tokens in a.tokens:
         out = Path(a.work) / f"t{tokens}"
-        chosen = [m for m in members(a.hookpoint, extra=True) if m.name in a.members] \
-            if a.members is not None else members(a.hookpoint)
-        sasa_over = json.loads(a.sasa) if a.sasa else {}  # into every sasa_r{1,2,4,8}
-        chosen = [dataclasses.replace(m, sae={**m.sae, **sasa_over}) if m.name in SASA_DEFAULT
-                  else m for m in chosen]
+        sasa = json.loads(a.sasa) if a.sasa else None
+        chosen = [m for m in members(a.hookpoint, True, sasa) if m.name in a.members] \
+            if a.members is not None else members(a.hookpoint, sasa=sasa)
         chosen += [MemberConfig(a.hookpoint, {"arch": "sasa", "groups": WIDTH // 4, "rank": 4,
                                               "top_s": 8, **over}, lr=LR, name=name)
                    for name, over in parse_variants(a.variant).items()]
