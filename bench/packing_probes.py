@@ -19,8 +19,8 @@ Variants (each a name below, or NAME=JSON of SAEConfig overrides):
   the data's seed; "FVU at s = 1" is the mean batch FVU over steps 5-10% of the run (the
   second half of the s = 1 phase);
 - the JSON key ``"probe_lr": x`` (round 8) trains at peak lr x instead of 3e-3;
-- the JSON key ``"probe_pulse": [a, b, c]`` (round 8) adds a second s ramp: s = 1 from a to
-  b of the run, then linearly back to the configured s at c;
+- the JSON key ``"probe_pulse": [a, b, c]`` (round 8) runs the s ramp (``top_s_at``) a
+  second time: s = 1 from a to b of the run, then linearly back to the configured s at c;
 - the JSON key ``"probe_stop": f`` (round 8) stops after the first f of the run's steps (the
   schedules are the whole run's) and scores the SAE there;
 - the JSON key ``"probe_groups": m`` (round 8) trains round(m x G) groups instead of the
@@ -44,6 +44,7 @@ direction (its squared norm), over the 1-D features.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -103,6 +104,9 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
         state = sae.state_dict()
         oracle_weights(state, generate(spec, 0).bases, shape.rank, seed)
         sae.load_state_dict(state)
+    if pulse:  # s = s_start from pulse[0] (the caller's test), ramp over pulse[1]..pulse[2]
+        pulse_cfg = dataclasses.replace(sae.cfg, s_ramp_from=pulse[1], s_ramp_to=pulse[2],
+                                        s_ramp_tokens=None)
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(STEPS, STEPS // 10, 0.2))
     gen = torch.Generator().manual_seed(seed)
@@ -111,9 +115,8 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
         sae.cfg.gate = "batch" if step / STEPS < GATE_UNTIL.get(variant, 0.0) else "token"
         idx = torch.randint(0, x_n.shape[0], (1024,), generator=gen)
         top_s = top_s_at(sae.cfg, step, STEPS, 1024)
-        if pulse and pulse[0] <= step / STEPS < pulse[2]:
-            t = max(0.0, (step / STEPS - pulse[1]) / (pulse[2] - pulse[1]))
-            top_s = int(round(1 + t * (shape.top_s - 1)))
+        if pulse and pulse[0] <= step / STEPS < pulse[2]:  # the s ramp again, over the pulse
+            top_s = top_s_at(pulse_cfg, step, STEPS, 1024)
         out = sae(x_n[idx], gl_scale=group_lasso_scale(sae.cfg, step, STEPS), top_s=top_s)
         opt.zero_grad()
         out.loss.backward()
