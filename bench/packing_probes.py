@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import parse_variants  # noqa: E402
 from bench.consolidation import (SHAPES, energy_shares, held_out, oracle_weights,  # noqa: E402
                                  packed_groups, score, shape_spec)
+from sasa.analysis import metrics  # noqa: E402
 from sasa.analysis.splitting import splitting, unit_energies  # noqa: E402
 from sasa.analysis.synthetic import generate  # noqa: E402
 from sasa.trainer import SAE, SAEConfig  # noqa: E402
@@ -179,7 +180,7 @@ def floors(shape_name: str, seed: int, taus=(0.0, 0.1, 0.2, 0.3, 0.4)) -> None:
             norm_BG = h_BGR.square().sum(-1).sqrt()
             keep_BG = sae.gate(h_BGR) & (norm_BG >= tau * norm_BG.max(1, keepdim=True).values)
             z_BGR = h_BGR * keep_BG.unsqueeze(-1)
-            fvu = float((x - sae.decode(z_BGR)).square().sum() / (x - x.mean(0)).square().sum())
+            fvu = metrics.fvu(x, sae.decode(z_BGR))
             units = splitting(z_BGR, sae.decoder_GDR, data.active_NF, data.bases).units_by_dim
             cells.append((fvu, float(keep_BG.sum(1).float().mean()),
                           " / ".join(f"{u:.2f}" for u in units.values())))
