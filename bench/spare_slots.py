@@ -93,9 +93,7 @@ def main() -> None:
                 print(f"| {name} | {seed} | " + " | ".join(f"{v:.3f}" for v in b) + " |")
         if a.minilm_train:
             from sasa.store import open_cache
-            # rows [0, n_tokens): n_tokens counts rows without BOS/pad, so this leaves out the
-            # cache's last ~n_tokens / ctx_len rows (as every --early figure was measured)
-            n = open_cache(a.minilm_train).n_tokens
+            n = open_cache(a.minilm_train).n_tokens  # every committed row but BOS/pad
             x = heldout(a.minilm_train, a.hookpoint, f"0:{n}").float()
             x_eval = heldout(a.heldout, a.hookpoint, a.rows).float()
             cfg = SAEConfig(d_in=x.shape[1], groups=384, rank=4, top_s=8, consolidate="none")
