@@ -133,8 +133,10 @@ def oracle_weights(state: dict, bases: list[np.ndarray], rank: int, seed: int) -
 
 def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | None,
                batch_size: int, threads: int, variants: dict[str, dict] | None = None,
-               max_prob: float = MAX_PROB, keep: tuple[str, ...] = MEMBERS) -> list[dict]:
-    """One sweep: the ``keep`` members of MEMBERS and the ``variants``; its rows."""
+               max_prob: float = MAX_PROB, keep: tuple[str, ...] = MEMBERS,
+               warmup_steps: int | None = None) -> list[dict]:
+    """One sweep: the ``keep`` members of MEMBERS and the ``variants``; its rows.
+    ``warmup_steps``: the run's lr warm-up (None: the trainer's default, capped at 10%)."""
     shape = SHAPES[shape_name]
     spec = shape_spec(shape_name, seed, max_prob)
     capped = "" if max_prob == MAX_PROB else f"-p{max_prob:g}"  # other caps: other folders
@@ -148,9 +150,11 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
               if m.name in keep or m.name in (variants or {})]
     cfg = TrainConfig(cache=str(url), members=chosen, tokens=tokens,
                       batch_size=batch_size, seed=seed, log_every=50, checkpoint_every=0,
-                      shuffle_rows=1 << 16, cpu_threads=threads, device="cpu")
+                      shuffle_rows=1 << 16, cpu_threads=threads, device="cpu",
+                      **({} if warmup_steps is None else {"warmup_steps": warmup_steps}))
     only = "" if tuple(keep) == MEMBERS else "-only-" + "-".join(keep)
-    out = work / (f"run-{shape_name}-{seed}-{tokens}{capped}{only}"
+    warm = "" if warmup_steps is None else f"-w{warmup_steps}"
+    out = work / (f"run-{shape_name}-{seed}-{tokens}{capped}{warm}{only}"
                   + "".join(f"-{v}" for v in variants or {}))
     t0 = time.perf_counter()
     if "oracle" in keep:
@@ -297,6 +301,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--default-lr", action="store_true", help="the trainer's lr rule")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="lr warm-up steps (default: the trainer's, 1000 capped at 10%% of "
+                        "the run); a run at a user-scale warm-up share, e.g. 82 of 2048 steps")
     parser.add_argument("--max-prob", type=float, default=MAX_PROB,
                         help="cap on feature frequencies (rounds 1-2 of bench/SPLITTING.md: 1)")
     parser.add_argument("--work", type=Path, default=None, help="folder for caches and runs")
@@ -350,7 +357,8 @@ def main() -> None:
         for seed in args.seeds:
             for tokens in args.tokens:
                 for row in run_budget(shape, seed, tokens, work, lr, args.batch_size, args.threads,
-                                      variants, args.max_prob, tuple(args.members)):
+                                      variants, args.max_prob, tuple(args.members),
+                                      args.warmup_steps):
                     alone, ctx = (" / ".join(f"{u:.2f}" for u in _by_dim(row[key]))
                                   for key in ("units_alone", "units"))
                     print(f"| {shape} | {seed} | {tokens} | {row['model']} | {row['fvu']:.4f} | "
