@@ -64,10 +64,12 @@ class Shape:
     top_s: int
 
 
-# Four planted shapes: disjoint Gaussian 1-4-D; overlapping spherical 1-4-D in d = 32 (dense:
+# Five planted shapes: disjoint Gaussian 1-4-D; overlapping spherical 1-4-D in d = 32 (dense:
 # sum d_i = 29); overlapping spherical 1-6-D with r = 6; overlapping Gaussian 1-6-D in d = 96
-# with ~5 features on. Feature probabilities are capped at --max-prob (0.5; SyntheticSpec.max_prob):
-# an always-on feature is the mean, not a feature (bench/SPLITTING.md, round 3).
+# with ~5 features on; overlapping spherical 1-5-D in d = 128 with ~6 on (E, round 9, fixed
+# before its first run: the upper end of the 2-8 features per row). Feature
+# probabilities are capped at --max-prob (0.5; SyntheticSpec.max_prob): an always-on feature
+# is the mean, not a feature (bench/SPLITTING.md, round 3).
 SHAPES = {
     "A": Shape(SyntheticSpec(d=48, features_per_dim={1: 4, 2: 4, 3: 4, 4: 3}, mean_active=4.0,
                              subspaces="disjoint", coords="gaussian"),
@@ -79,6 +81,8 @@ SHAPES = {
     "D": Shape(SyntheticSpec(d=96, features_per_dim={1: 3, 2: 3, 3: 3, 4: 3, 5: 2, 6: 2},
                              mean_active=5.0, coords="gaussian"),
                rank=6, groups=32, top_s=8),
+    "E": Shape(SyntheticSpec(d=128, features_per_dim={1: 4, 2: 4, 3: 4, 4: 3, 5: 3},
+                             mean_active=6.0), rank=5, groups=48, top_s=8),
 }
 #: Cap on feature frequencies (SyntheticSpec.max_prob). Rounds 1-2 of bench/SPLITTING.md ran
 #: uncapped (--max-prob 1).

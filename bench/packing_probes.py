@@ -27,6 +27,8 @@ Variants (each a name below, or NAME=JSON of SAEConfig overrides):
   shape's G (same r and s);
 - the JSON key ``"probe_data_init": true`` (round 8) starts the SAE with
   ``SAE.init_from_data`` on 16384 training rows (each group spans r centred samples);
+- the JSON key ``"probe_warmup": f`` (round 9) warms the lr up over the first f of the run
+  instead of 10% (the streaming trainer caps its warm-up at 10%);
 - the JSON key ``"probe_b_dec": "median"`` (round 5) starts the decoder bias at the
   coordinate-wise median of 16384 training rows instead of their mean.
 
@@ -93,6 +95,7 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
     pulse = over.pop("probe_pulse", None)
     data_init = over.pop("probe_data_init", False)
     groups = round(over.pop("probe_groups", 1.0) * shape.groups)
+    warmup = round(over.pop("probe_warmup", 0.1) * STEPS)
     sae = SAE(SAEConfig(d_in=spec.d, groups=groups, rank=shape.rank, top_s=shape.top_s,
                         **over), seed=init_seed)
     if data_init:
@@ -109,7 +112,7 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
         pulse_cfg = dataclasses.replace(sae.cfg, s_ramp_from=pulse[1], s_ramp_to=pulse[2],
                                         s_ramp_tokens=None)
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(STEPS, STEPS // 10, 0.2))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(STEPS, warmup, 0.2))
     gen = torch.Generator().manual_seed(seed)
     s1_fvu = []
     for step in range(stop):

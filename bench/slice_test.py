@@ -1,0 +1,96 @@
+"""The gather step's slice test on a trained SAE, against the planted truth (round 9).
+
+`sasa.trainer.gather` links blocks of different groups as slices of one feature when each is
+on at least ``gather_ratio`` (4) times as often while the other is on as while it is off. Which
+pairs does the test miss? Here every block of the busy groups (``gather.block_items``, on 1024
+fresh rows of the shape) is named by the planted feature its code energy follows most (mean
+energy where the feature is on over where it is off), and the on-ratios of every two blocks in
+different groups are printed: pairs named by one feature (slices the step should link) and the
+largest of the others (independent pairs it must not link). Also the silent groups (the step's
+targets). At each on-threshold given (``gather_on``, the default 0.1).
+
+    python bench/slice_test.py D 2 --run W/run-D-2-2097152-ga --model ga     # a saved SAE
+    python bench/slice_test.py D 2                # the in-memory default of packing_probes, 1M
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.consolidation import shape_spec  # noqa: E402
+from sasa.analysis.synthetic import generate  # noqa: E402
+from sasa.trainer import load_sae  # noqa: E402
+from sasa.trainer.gather import block_items  # noqa: E402
+from sasa.trainer.surgery import kept_codes, silent_groups  # noqa: E402
+
+
+def on_ratio(k_B: torch.Tensor, j_B: torch.Tensor) -> float:
+    """P(J on | K on) / P(J on | K off), as the slice test counts it."""
+    p_k = (k_B & j_B).double().sum() / k_B.double().sum().clamp_min(1)
+    p_off = (j_B & ~k_B).double().sum() / (~k_B).double().sum().clamp_min(1)
+    return float(p_k / p_off.clamp_min(1.0 / len(k_B)))
+
+
+def report(sae, shape: str, seed: int, thresholds: list[float]) -> None:
+    """Print the test's view of ``sae`` (folded: it takes raw inputs) on 1024 fresh rows."""
+    spec = shape_spec(shape, seed)
+    rows = generate(spec, 1024, seed=10**9 + 7 * seed + 1)
+    x = torch.from_numpy(rows.x_ND).to(sae.W_dec_GRD.dtype)
+    on_NF = torch.from_numpy(rows.active_NF)
+    dims = [b.shape[1] for b in rows.bases]
+    with torch.no_grad():
+        _, keep_BG, z_BGR = kept_codes(sae, x, None)
+    print(f"{shape}, seed {seed}: {len(silent_groups(sae, keep_BG))} silent groups of "
+          f"{keep_BG.shape[1]} on this batch")
+    for gather_on in thresholds:
+        sae.cfg = dataclasses.replace(sae.cfg, gather_on=gather_on)
+        items = block_items(sae, z_BGR, keep_BG)
+        name = [int(np.argmax([float(it.energy_B[on_NF[:, f]].mean()
+                                     / (it.energy_B[~on_NF[:, f]].mean() + 1e-12))
+                               for f in range(on_NF.shape[1])])) for it in items]
+        slices, other = [], 0.0
+        for i, a in enumerate(items):
+            for j in range(i + 1, len(items)):
+                b = items[j]
+                if a.group == b.group:
+                    continue
+                r = (on_ratio(a.on_B, b.on_B), on_ratio(b.on_B, a.on_B))
+                if name[i] == name[j]:
+                    slices.append(f"feature {name[i]} ({dims[name[i]]}-D): g{a.group} "
+                                  f"{a.rows_KR.shape[0]}-D + g{b.group} {b.rows_KR.shape[0]}-D "
+                                  f"{r[0]:.2f} / {r[1]:.2f}")
+                else:
+                    other = max(other, min(r))
+        print(f"  gather_on {gather_on}: {len(items)} blocks; largest independent pair "
+              f"{other:.2f}; slices of one feature: " + ("; ".join(slices) or "none"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("shape")
+    parser.add_argument("seed", type=int)
+    parser.add_argument("--run", type=Path, default=None, help="a bench/consolidation.py run folder")
+    parser.add_argument("--model", default="new", help="the member of --run")
+    parser.add_argument("--on", type=float, nargs="*", default=[0.1, 0.3, 0.5])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.run is not None:
+        sae = load_sae(args.run / args.model)
+    else:
+        from bench.packing_probes import train_in_memory
+        sae, mean, scale = train_in_memory(args.shape, args.seed, {})
+        sae.eval()
+        sae.fold_normalisation(mean, scale)
+    report(sae, args.shape, args.seed, args.on)
+
+
+if __name__ == "__main__":
+    main()
