@@ -5,9 +5,9 @@ on at least ``gather_ratio`` (4) times as often while the other is on as while i
 pairs does the test miss? Here every block of the busy groups (``gather.block_items``, on 1024
 fresh rows of the shape) is named by the planted feature its code energy follows most (mean
 energy where the feature is on over where it is off), and the on-ratios of every two blocks in
-different groups are printed: pairs named by one feature (slices the step should link) and the
-largest of the others (independent pairs it must not link). Also the silent groups (the step's
-targets). At each on-threshold given (``gather_on``, the default 0.1).
+different groups are printed: pairs named by one feature (slices the step should link; with
+the share of the rows each group is kept on) and the largest of the others (independent pairs
+it must not link). Also the silent groups (the step's targets). At each on-threshold given (``gather_on``, the default 0.1).
 
     python bench/slice_test.py D 2 --run W/run-D-2-2097152-ga --model ga     # a saved SAE
     python bench/slice_test.py D 2                # the in-memory default of packing_probes, 1M
@@ -48,6 +48,7 @@ def report(sae, shape: str, seed: int, thresholds: list[float]) -> None:
     dims = [b.shape[1] for b in rows.bases]
     with torch.no_grad():
         _, keep_BG, z_BGR = kept_codes(sae, x, None)
+    kept_G = keep_BG.double().mean(0).tolist()
     print(f"{shape}, seed {seed}: {len(silent_groups(sae, keep_BG))} silent groups of "
           f"{keep_BG.shape[1]} on this batch")
     for gather_on in thresholds:
@@ -64,8 +65,9 @@ def report(sae, shape: str, seed: int, thresholds: list[float]) -> None:
                     continue
                 r = (on_ratio(a.on_B, b.on_B), on_ratio(b.on_B, a.on_B))
                 if name[i] == name[j]:
-                    slices.append(f"feature {name[i]} ({dims[name[i]]}-D): g{a.group} "
-                                  f"{a.rows_KR.shape[0]}-D + g{b.group} {b.rows_KR.shape[0]}-D "
+                    part = [f"g{it.group} {it.rows_KR.shape[0]}-D (kept on {kept_G[it.group]:.2f})"
+                            for it in (a, b)]
+                    slices.append(f"feature {name[i]} ({dims[name[i]]}-D): {part[0]} + {part[1]}: "
                                   f"{r[0]:.2f} / {r[1]:.2f}")
                 else:
                     other = max(other, min(r))
