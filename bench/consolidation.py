@@ -28,6 +28,8 @@ member uses lr 3e-3 (bench/SPLITTING.md; the default rule gives 1.1e-3-1.4e-3 he
     python bench/consolidation.py --summarize rows.jsonl    # means over seeds
     python bench/consolidation.py --cost                     # seconds per step, plain vs new
     python bench/consolidation.py --diagnose W/run-D-0-2097152 --shapes D --seeds 0  # per feature
+    python bench/consolidation.py --shapes D --tokens 4194304 --members new oracle \
+        --score-at 0.5 0.8 --work W --jsonl at.jsonl   # also scored at 50% and 80% of each run
 
 CPU, one torch thread per process (``--threads``); ~2-6 min per (shape, seed, budget) here.
 """
@@ -52,7 +54,9 @@ from bench._common import parse_variants  # noqa: E402
 from sasa.analysis.splitting import splitting, unit_energies
 from sasa.analysis.synth import write_synthetic_cache
 from sasa.analysis.synthetic import SyntheticSpec, generate, generate_alone
-from sasa.trainer import MemberConfig, TrainConfig, load_sae, train
+from sasa.store import open_cache
+from sasa.trainer import SAE, MemberConfig, TrainConfig, load_sae, train
+from sasa.trainer.loop import _normaliser
 from sasa.trainer.linalg import signfix_qr
 
 
@@ -138,9 +142,11 @@ def oracle_weights(state: dict, bases: list[np.ndarray], rank: int, seed: int) -
 def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | None,
                batch_size: int, threads: int, variants: dict[str, dict] | None = None,
                max_prob: float = MAX_PROB, keep: tuple[str, ...] = MEMBERS,
-               warmup_steps: int | None = None) -> list[dict]:
+               warmup_steps: int | None = None, score_at: tuple[float, ...] = ()) -> list[dict]:
     """One sweep: the ``keep`` members of MEMBERS and the ``variants``; its rows.
-    ``warmup_steps``: the run's lr warm-up (None: the trainer's default, capped at 10%)."""
+    ``warmup_steps``: the run's lr warm-up (None: the trainer's default, capped at 10%).
+    ``score_at``: fractions of the run at which the members are also scored (the run stops
+    there with a checkpoint and resumes; rows with "at")."""
     shape = SHAPES[shape_name]
     spec = shape_spec(shape_name, seed, max_prob)
     capped = "" if max_prob == MAX_PROB else f"-p{max_prob:g}"  # other caps: other folders
@@ -167,17 +173,39 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
         ckpt = torch.load(ckpt_path, weights_only=True)
         oracle_weights(ckpt["members"]["oracle"]["sae"], generate(spec, 0).bases, shape.rank, seed)
         torch.save(ckpt, ckpt_path)
-    result = train(cfg, out, resume=(out / "checkpoints").exists(), progress=False)
-    seconds = time.perf_counter() - t0
-
     held = held_out(spec, seed)
     rows = []
+    for frac in sorted(score_at):
+        train(cfg, out, resume=(out / "checkpoints").exists(), progress=False,
+              until_step=round(frac * cfg.steps))
+        for name, sae in checkpoint_saes(cfg, out).items():
+            o, units, units_alone = score(sae, *held)
+            rows.append({"shape": shape_name, "seed": seed, "tokens": tokens, "model": name,
+                         "at": frac, "fvu": float(o.fvu), "units": units,
+                         "units_alone": units_alone})
+    result = train(cfg, out, resume=(out / "checkpoints").exists(), progress=False)
+    seconds = time.perf_counter() - t0
     for name in [*keep, *(variants or {})]:
         o, units, units_alone = score(load_sae(result.saes[name]), *held)
         rows.append({"shape": shape_name, "seed": seed, "tokens": tokens, "model": name,
                      "fvu": float(o.fvu), "units": units, "units_alone": units_alone,
                      "sweep_seconds": seconds})
     return rows
+
+
+def checkpoint_saes(cfg: TrainConfig, out: Path) -> dict:
+    """{member: its SAE in ``out``'s checkpoint, normalisation folded in as in a saved SAE}."""
+    ckpt = torch.load(out / "checkpoints" / "worker-0.pt", weights_only=True)
+    cache = open_cache(cfg.cache)
+    saes = {}
+    for m in cfg.members:
+        mean, scale = _normaliser(cache, m.hookpoint, "cpu")
+        sae = SAE(m.sae_config(len(mean)))
+        sae.load_state_dict(ckpt["members"][m.name]["sae"])
+        sae.eval()
+        sae.fold_normalisation(mean, scale)
+        saes[m.name] = sae
+    return saes
 
 
 def held_out(spec: SyntheticSpec, seed: int) -> tuple:
@@ -227,7 +255,7 @@ def step_cost(shape_name: str, steps: int = 300, batch_size: int = 1024,
     overrides}): forward, backward, Adam, constraint, and the schedules and periodic steps of
     a ``steps``-step run, timed in interleaved blocks of 10 steps so that load from other
     processes hits every model alike."""
-    from sasa.trainer import SAE, SAEConfig
+    from sasa.trainer import SAEConfig
     from sasa.trainer.consolidate import after_step, group_lasso_scale, top_s_at
 
     shape = SHAPES[shape_name]
@@ -263,13 +291,14 @@ def summarize(paths: list[Path]) -> None:
     """Mean over seeds per (shape, tokens, model) of the rows in the given JSONL files (rows
     from before the alone count show "-" there), and how many seeds meet both targets."""
     rows = [json.loads(line) for p in paths for line in p.read_text().splitlines() if line]
-    keys = sorted({(r["shape"], r["tokens"]) for r in rows})
+    keys = sorted({(r["shape"], r["tokens"], r.get("at", 1.0)) for r in rows})  # --score-at
     print("| shape | tokens | model | seeds | held-out FVU (mean, min-max) | FVU / oracle "
           "| units alone by d_i (mean over seeds) | max alone | units in context by d_i | "
           "max in context | seeds on target |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for shape, tokens in keys:
-        sel = [r for r in rows if r["shape"] == shape and r["tokens"] == tokens]
+    for shape, tokens, at in keys:
+        sel = [r for r in rows
+               if r["shape"] == shape and r["tokens"] == tokens and r.get("at", 1.0) == at]
         oracle = {r["seed"]: r["fvu"] for r in sel if r["model"] == "oracle"}
         for model in [*MEMBERS, *sorted({r["model"] for r in sel} - set(MEMBERS))]:
             rs = [r for r in sel if r["model"] == model]
@@ -292,7 +321,8 @@ def summarize(paths: list[Path]) -> None:
                           and r["fvu"] <= 1.1 * oracle[r["seed"]]
                           for r in rs if r["seed"] in oracle)
                 hit = f"{met} of {len(rs)}"
-            print(f"| {shape} | {tokens:,} | {model} | {len(rs)} | {fvu.mean():.4f} "
+            when = f"{tokens:,}" + (f" at {at:g}" if at < 1 else "")
+            print(f"| {shape} | {when} | {model} | {len(rs)} | {fvu.mean():.4f} "
                   f"({fvu.min():.4f}-{fvu.max():.4f}) | {ratio:.2f} | " + " | ".join(cells)
                   + f" | {hit} |")
 
@@ -305,6 +335,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--default-lr", action="store_true", help="the trainer's lr rule")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--score-at", type=float, nargs="*", default=[],
+                        help="also score the members at these fractions of each run (rows "
+                        "with \"at\"; --jsonl), e.g. 0.5 0.8")
     parser.add_argument("--warmup-steps", type=int, default=None,
                         help="lr warm-up steps (default: the trainer's, 1000 capped at 10%% of "
                         "the run); a run at a user-scale warm-up share, e.g. 82 of 2048 steps")
@@ -362,11 +395,12 @@ def main() -> None:
             for tokens in args.tokens:
                 for row in run_budget(shape, seed, tokens, work, lr, args.batch_size, args.threads,
                                       variants, args.max_prob, tuple(args.members),
-                                      args.warmup_steps):
+                                      args.warmup_steps, tuple(args.score_at)):
                     alone, ctx = (" / ".join(f"{u:.2f}" for u in _by_dim(row[key]))
                                   for key in ("units_alone", "units"))
-                    print(f"| {shape} | {seed} | {tokens} | {row['model']} | {row['fvu']:.4f} | "
-                          f"{alone} | {ctx} | {row['sweep_seconds']:.0f} |", flush=True)
+                    at = f" at {row['at']:g}" if "at" in row else ""
+                    print(f"| {shape} | {seed} | {tokens}{at} | {row['model']} | {row['fvu']:.4f} | "
+                          f"{alone} | {ctx} | {row.get('sweep_seconds', 0):.0f} |", flush=True)
                     if args.jsonl:
                         with open(args.jsonl, "a") as f:
                             f.write(json.dumps(row) + "\n")
