@@ -56,7 +56,7 @@ from sasa.analysis.synth import write_synthetic_cache
 from sasa.analysis.synthetic import SyntheticSpec, generate, generate_alone
 from sasa.store import open_cache
 from sasa.trainer import SAE, MemberConfig, TrainConfig, load_sae, train
-from sasa.trainer.loop import _normaliser
+from sasa.trainer.loop import normaliser
 from sasa.trainer.linalg import signfix_qr
 
 
@@ -199,7 +199,7 @@ def checkpoint_saes(cfg: TrainConfig, out: Path) -> dict:
     cache = open_cache(cfg.cache)
     saes = {}
     for m in cfg.members:
-        mean, scale = _normaliser(cache, m.hookpoint, "cpu")
+        mean, scale = normaliser(cache, m.hookpoint, "cpu")
         sae = SAE(m.sae_config(len(mean)))
         sae.load_state_dict(ckpt["members"][m.name]["sae"])
         sae.eval()

@@ -95,7 +95,7 @@ class Member:
         self.sched.load_state_dict(state["sched"])
 
 
-def _normaliser(cache, hookpoint: str, device):
+def normaliser(cache, hookpoint: str, device):
     """(mean_D, scale) such that (x - mean) / scale has E||.||^2 = d (docs/sasa.md)."""
     st = cache.stats(hookpoint)
     if st.count == 0:
@@ -198,7 +198,7 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, member_ids: list[int] |
     ids = list(range(len(cfg.members))) if member_ids is None else list(member_ids)
     members = [Member(cfg.members[i], i, cfg, cache.hookpoints[cfg.members[i].hookpoint], device) for i in ids]
     hookpoints = sorted({m.cfg.hookpoint for m in members})
-    norm = {hp: _normaliser(cache, hp, device) for hp in hookpoints}
+    norm = {hp: normaliser(cache, hp, device) for hp in hookpoints}
 
     ckpt_path = out / "checkpoints" / f"worker-{worker}.pt"
     step, reader_state = 0, None
