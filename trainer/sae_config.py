@@ -133,8 +133,8 @@ class SAEConfig:
     the ramp inside the lr warm-up: on MiniLM at 4.2M tokens a 1M span left 9-20% of the groups
     silent (2M: 33-56%) and 6-14% lower FVU at every r, but on planted data at 2M it kept
     features split on more seeds (round 7). Above 2M the span costs planted data nothing
-    measurable: shape D at 4M, 3 of 9 seeds on target against 2 of 9 with None; shape E, 3 of 3
-    against 2 of 3 (round 9)."""
+    measurable: shape D at 4M, 3 of 9 seeds on target against 2 of 9 with None; shape E (seeds
+    0-2), 3 of 3 against 2 of 3 (round 9)."""
 
     revive_every: int = 0
     """Steps between revive steps (``sasa.trainer.consolidate.revive_silent``): groups kept on
