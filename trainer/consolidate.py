@@ -26,7 +26,9 @@ planted shapes, three seeds, units per feature counted on inputs of one feature 
 <= 1.2) below the planted oracle's FVU by 512k tokens (max 1.04, 0.78x; without the gather step
 2M, plain SASA not by 2M), while TopK's FVU still falls 17x to 2M; in the mean over seeds the
 overlapping Gaussian 1-6-D shape D within 1M (1.16, 0.78x) and the dense d = 32 shape B by 2M
-(1.18, 0.81x), but seed by seed one or two of three keep a feature split there. On the
+(1.18, 0.81x), but seed by seed one or two of three keep a feature split there (round 9, nine
+seeds: D on target on 6 of 9 at 2M and 3 of 9 at 4M; a fifth shape, overlapping spherical
+1-5-D with ~6 features on, in the mean at 2-4M and on 5 of 9 seeds at 4M). On the
 overlapping spherical 1-6-D shape C it cuts splitting from about 4 groups to 1.8-1.9 at
 0.52-0.66x the oracle's FVU by 2M (round 5's default, with no gather step and the ramp over the
 whole run: 1.21-1.22 at 4-8M): there the most frequent features are on together in most tokens
