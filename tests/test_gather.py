@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sasa.errors import SasaError
 from sasa.trainer import SAE, SAEConfig
 from sasa.trainer.gather import Block, gather_due, gather_slices, slice_components
 
@@ -123,3 +124,34 @@ def test_slice_components_match_a_dense_reference():
 
     got = slice_components(cfg, items)
     assert got == dense and len(got) >= 5
+
+
+def test_energy_test_links_slices_whose_on_indicators_are_noisy():
+    """``gather_energy``: two blocks of one feature whose thresholded on-indicators are noisy
+    (each flipped on 15% of the tokens, as a thin Gaussian slice's is) miss the on-ratio test
+    (ratios between 2 and 4) but follow the feature in their code energy; the energy test
+    links them, the on-test alone does not, and an independent block is linked by neither."""
+    gen = torch.Generator().manual_seed(5)
+    B = 4096
+    f_on, g_on = (torch.rand(B, generator=gen) < 0.4 for _ in range(2))
+    noisy = lambda on: on ^ (torch.rand(B, generator=gen) < 0.15)  # noqa: E731
+    energy = lambda on: on.double() * torch.rand(B, generator=gen, dtype=torch.float64) + 0.01  # noqa: E731
+    items = [Block(0, torch.zeros(1, 4, dtype=torch.float64), noisy(f_on), energy(f_on)),
+             Block(1, torch.zeros(1, 4, dtype=torch.float64), noisy(f_on), energy(f_on)),
+             Block(2, torch.zeros(1, 4, dtype=torch.float64), noisy(g_on), energy(g_on))]
+
+    def ratios(k: Block, j: Block) -> tuple[float, float]:  # on-ratio, energy ratio; rows K
+        on = float(j.on_B[k.on_B].double().mean() / j.on_B[~k.on_B].double().mean())
+        e = float(j.energy_B[k.on_B].mean() / j.energy_B[~k.on_B].mean())
+        return on, e
+
+    for k, j in ((items[0], items[1]), (items[1], items[0])):  # the premise
+        on, e = ratios(k, j)
+        assert 2.0 <= on < 4.0 and e >= 3.0
+    assert max(ratios(items[0], items[2])[0], ratios(items[2], items[0])[0]) < 2.0
+
+    assert slice_components(SAEConfig(d_in=8, groups=3, rank=4, top_s=2), items) == []
+    linked = SAEConfig(d_in=8, groups=3, rank=4, top_s=2, gather_energy=3.0)
+    assert slice_components(linked, items) == [[0, 1]]
+    with pytest.raises(SasaError, match="gather_energy"):
+        SAEConfig(d_in=8, groups=3, rank=4, top_s=2, gather_energy=-1.0)

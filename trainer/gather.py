@@ -34,9 +34,18 @@ with no slices to link. On MiniLM held-out FVU 0.6-0.8% lower at r = 2 / 4 / 8 a
 r = 1 unchanged (bench/RESULTS_minilm.md, round 7). Part of ``consolidate: anneal`` from round
 7 (``gather_every`` 25; 0 turns it off).
 
+``gather_energy`` (> 0; off by default) also links blocks whose on-ratios are both >= 2 when
+each one's mean code energy while the other is on is at least that multiple of its mean
+while the other is off. A thin slice of a Gaussian feature (one dimension of six carries
+chi-square(1) energy) falls below the on-threshold on part of its feature's tokens and picks
+up leakage elsewhere, so its on-ratios stay at 2-4 (bench/slice_test.py); its energy still
+follows the feature. Round 9 (bench/RESULTS_consolidation.md): at 3, planted D and E 8 and 6
+of 9 seeds on target at 2M tokens against 6 and 3, A-C unchanged, more 1-D features split.
+
 Cost per call: the unpack step's block search, the blocks' [N, B] on-indicators (N <= r x the
 groups kept on >= 1% of the batch), co-occurrence counts of the blocks on at each token (B (s r)^2
-pairs at most, never an [N x N] table), and an SVD of at most r rows per gathered feature.
+pairs at most, never an [N x N] table), and an SVD of at most r rows per gathered feature;
+``gather_energy`` adds a [P, B] product over the P pairs with both on-ratios in [2, 4).
 """
 
 from __future__ import annotations
@@ -123,8 +132,21 @@ def slice_components(cfg, items: list[Block]) -> list[list[int]]:
         p_off = (n_N[j] - co_P) / (B - n_N[k]).clamp_min(1)
         return (co_P / n_N[k].clamp_min(1)) / p_off.clamp_min(1.0 / B)
 
-    link = ((ratio(i_P, j_P) >= cfg.gather_ratio) & (ratio(j_P, i_P) >= cfg.gather_ratio)
-            & (co_P >= cfg.merge_min) & (grp_N[i_P] != grp_N[j_P]))
+    r_ij, r_ji = ratio(i_P, j_P), ratio(j_P, i_P)
+    link = (r_ij >= cfg.gather_ratio) & (r_ji >= cfg.gather_ratio)
+    if cfg.gather_energy > 0:  # or on-ratios >= 2 and code energies that follow each other
+        cand = torch.nonzero(~link & (r_ij >= 2) & (r_ji >= 2)).flatten()
+        e_NB = torch.stack([it.energy_B for it in items])
+        on_NB = on_NB.double()
+
+        def e_ratio(k, j):  # E[e_J | K on] / E[e_J | K off], over the candidate pairs
+            e_on = (on_NB[k] * e_NB[j]).sum(1) / n_N[k].clamp_min(1)
+            e_off = ((1 - on_NB[k]) * e_NB[j]).sum(1) / (B - n_N[k]).clamp_min(1)
+            return e_on / e_off.clamp_min(1e-30)
+        i_C, j_C = i_P[cand], j_P[cand]
+        link[cand] = ((e_ratio(i_C, j_C) >= cfg.gather_energy)
+                      & (e_ratio(j_C, i_C) >= cfg.gather_energy))
+    link &= (co_P >= cfg.merge_min) & (grp_N[i_P] != grp_N[j_P])
     root = list(range(N))  # union-find over the linked pairs
 
     def find(a: int) -> int:

@@ -213,6 +213,15 @@ class SAEConfig:
     """A block is on where its code energy exceeds this fraction of its mean over the tokens
     where its group is kept."""
 
+    gather_energy: float = 0.0
+    """> 0: the gather step also links two blocks whose on-ratios are both >= 2 (not 4) when
+    each one's mean code energy while the other is on is at least this multiple of that while
+    it is off: a thin slice of a Gaussian feature is "off" on part of its feature's tokens, but
+    its energy still follows the feature. 0 disables (the default). At 3, through the streaming
+    trainer at 2M tokens: planted shapes D and E (nine seeds) 8 and 6 of 9 seeds on target
+    against the default's 6 and 3, A-C unchanged in seeds on target, but more 1-D features
+    split (bench/RESULTS_consolidation.md, round 9); MiniLM in bench/RESULTS_minilm.md."""
+
     def __post_init__(self) -> None:
         check_fields(self)  # YAML / CLI values: one-line errors naming the field and its type
         if self.arch not in ARCHS:
@@ -277,6 +286,8 @@ class SAEConfig:
             raise SasaError(f"group_lasso must be >= 0 (got {self.group_lasso})")
         if self.s_start is not None and not 1 <= self.s_start:
             raise SasaError(f"s_start must be >= 1 (got {self.s_start})")
+        if self.gather_energy < 0:
+            raise SasaError(f"gather_energy must be >= 0 (0: off; got {self.gather_energy})")
         if not 0 <= self.s_ramp_from <= self.s_ramp_to <= 1:
             raise SasaError("need 0 <= s_ramp_from <= s_ramp_to <= 1 (got "
                             f"{self.s_ramp_from}, {self.s_ramp_to})")
