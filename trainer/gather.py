@@ -45,7 +45,7 @@ of 9 seeds on target at 2M tokens against 6 and 3, A-C unchanged, more 1-D featu
 Cost per call: the unpack step's block search, the blocks' [N, B] on-indicators (N <= r x the
 groups kept on >= 1% of the batch), co-occurrence counts of the blocks on at each token (B (s r)^2
 pairs at most, never an [N x N] table), and an SVD of at most r rows per gathered feature;
-``gather_energy`` adds a [P, B] product over the P pairs with both on-ratios in [2, 4).
+``gather_energy`` adds a [P, B] product over the P pairs with both on-ratios in [2, gather_ratio).
 """
 
 from __future__ import annotations
