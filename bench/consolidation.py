@@ -399,8 +399,9 @@ def main() -> None:
                     alone, ctx = (" / ".join(f"{u:.2f}" for u in _by_dim(row[key]))
                                   for key in ("units_alone", "units"))
                     at = f" at {row['at']:g}" if "at" in row else ""
-                    print(f"| {shape} | {seed} | {tokens}{at} | {row['model']} | {row['fvu']:.4f} | "
-                          f"{alone} | {ctx} | {row.get('sweep_seconds', 0):.0f} |", flush=True)
+                    print(f"| {shape} | {seed} | {tokens}{at} | {row['model']} | "
+                          f"{row['fvu']:.4f} | {alone} | {ctx} | "
+                          f"{row.get('sweep_seconds', 0):.0f} |", flush=True)
                     if args.jsonl:
                         with open(args.jsonl, "a") as f:
                             f.write(json.dumps(row) + "\n")

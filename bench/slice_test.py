@@ -7,7 +7,8 @@ fresh rows of the shape) is named by the planted feature its code energy follows
 energy where the feature is on over where it is off), and the on-ratios of every two blocks in
 different groups are printed: pairs named by one feature (slices the step should link; with
 the share of the rows each group is kept on) and the largest of the others (independent pairs
-it must not link). Also the silent groups (the step's targets). At each on-threshold given (``gather_on``, the default 0.1).
+it must not link). Also the silent groups (the step's targets). At each on-threshold given
+(``gather_on``, the default 0.1).
 
     python bench/slice_test.py D 2 --run W/run-D-2-2097152-ga --model ga     # a saved SAE
     python bench/slice_test.py D 2                # the in-memory default of packing_probes, 1M
@@ -79,7 +80,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("shape")
     parser.add_argument("seed", type=int)
-    parser.add_argument("--run", type=Path, default=None, help="a bench/consolidation.py run folder")
+    parser.add_argument("--run", type=Path, default=None,
+                        help="a bench/consolidation.py run folder")
     parser.add_argument("--model", default="new", help="the member of --run")
     parser.add_argument("--on", type=float, nargs="*", default=[0.1, 0.3, 0.5])
     args = parser.parse_args()

@@ -134,8 +134,11 @@ def test_energy_test_links_slices_whose_on_indicators_are_noisy():
     gen = torch.Generator().manual_seed(5)
     B = 4096
     f_on, g_on = (torch.rand(B, generator=gen) < 0.4 for _ in range(2))
-    noisy = lambda on: on ^ (torch.rand(B, generator=gen) < 0.15)  # noqa: E731
-    energy = lambda on: on.double() * torch.rand(B, generator=gen, dtype=torch.float64) + 0.01  # noqa: E731
+    def noisy(on):  # the on-indicator, flipped on 15% of the tokens
+        return on ^ (torch.rand(B, generator=gen) < 0.15)
+
+    def energy(on):  # code energy: present where the feature is on, a trace elsewhere
+        return on.double() * torch.rand(B, generator=gen, dtype=torch.float64) + 0.01
     items = [Block(0, torch.zeros(1, 4, dtype=torch.float64), noisy(f_on), energy(f_on)),
              Block(1, torch.zeros(1, 4, dtype=torch.float64), noisy(f_on), energy(f_on)),
              Block(2, torch.zeros(1, 4, dtype=torch.float64), noisy(g_on), energy(g_on))]
