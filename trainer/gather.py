@@ -40,7 +40,8 @@ while the other is off. A thin slice of a Gaussian feature (one dimension of six
 chi-square(1) energy) falls below the on-threshold on part of its feature's tokens and picks
 up leakage elsewhere, so its on-ratios stay at 2-4 (bench/slice_test.py); its energy still
 follows the feature. Round 9 (bench/RESULTS_consolidation.md): at 3, planted D and E 8 and 6
-of 9 seeds on target at 2M tokens against 6 and 3, A-C unchanged, more 1-D features split.
+of 9 seeds on target at 2M tokens against 6 and 3, A-C unchanged, more 1-D features split;
+on MiniLM at 4.2M tokens r = 4 10% higher held-out FVU (bench/RESULTS_minilm.md). Off.
 
 Cost per call: the unpack step's block search, the blocks' [N, B] on-indicators (N <= r x the
 groups kept on >= 1% of the batch), co-occurrence counts of the blocks on at each token (B (s r)^2

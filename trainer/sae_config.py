@@ -220,7 +220,8 @@ class SAEConfig:
     its energy still follows the feature. 0 disables (the default). At 3, through the streaming
     trainer at 2M tokens: planted shapes D and E (nine seeds) 8 and 6 of 9 seeds on target
     against the default's 6 and 3, A-C unchanged in seeds on target, but more 1-D features
-    split (bench/RESULTS_consolidation.md, round 9); MiniLM in bench/RESULTS_minilm.md."""
+    split (bench/RESULTS_consolidation.md, round 9); on MiniLM at 4.2M tokens r = 4 10% higher
+    held-out FVU (bench/RESULTS_minilm.md, round 9)."""
 
     def __post_init__(self) -> None:
         check_fields(self)  # YAML / CLI values: one-line errors naming the field and its type
