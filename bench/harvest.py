@@ -148,8 +148,6 @@ def write_stages(repeats: int, d: int = 4096, seqs: int = 64, ctx: int = 128) ->
         [(w._acts["h"], slice(k * rows, (k + 1) * rows), raws[i])])
     whole = lambda w, i, k: w.write_shard(k, tokens, {"h": acts[i]})  # noqa: E731
 
-    before = "whole write_shard before (round 2's checksum and statistics)"
-
     @contextlib.contextmanager
     def round2_writer():
         """The writer with round 2's checksum and statistics pass, for the whole measurement
@@ -160,21 +158,25 @@ def write_stages(repeats: int, d: int = 4096, seqs: int = 64, ctx: int = 128) ->
             yield
         finally:
             L.crc32, W.summarize_shard = crc, summary
-    # (whether it touches the store, the writer's direct_writes): fn(writer, data, shard index)
+    # (whether it touches the store, the writer's direct_writes, fn(writer, data, shard index),
+    # the context the row is measured in)
+    same = contextlib.nullcontext
     parts = {
         "checksum before: zlib.crc32 (standard library)":
-            (False, True, lambda w, i, k: zlib.crc32(raws[i])),
+            (False, True, lambda w, i, k: zlib.crc32(raws[i]), same),
         "the shard's checksum (layout.crc32, zlib-ng)":
-            (False, True, lambda w, i, k: L.crc32(raws[i])),
+            (False, True, lambda w, i, k: L.crc32(raws[i]), same),
         "statistics pass before (two_pass_summary)":
-            (False, True, lambda w, i, k: two_pass_summary(raws[i], "bfloat16", keep)),
+            (False, True, lambda w, i, k: two_pass_summary(raws[i], "bfloat16", keep), same),
         "statistics pass (stats.summarize_shard)":
-            (False, True, lambda w, i, k: stats.summarize_shard(raws[i], "bfloat16", keep)),
-        "zarr write of the activations (zarr's setitem)": (True, False, write_acts),
-        "the writer's write of the activations (store/direct.py)": (True, True, write_acts),
-        "whole write_shard, every object through zarr (direct_writes=False)": (True, False, whole),
-        before: (True, True, whole),
-        "whole write_shard": (True, True, whole),
+            (False, True, lambda w, i, k: stats.summarize_shard(raws[i], "bfloat16", keep), same),
+        "zarr write of the activations (zarr's setitem)": (True, False, write_acts, same),
+        "the writer's write of the activations (store/direct.py)": (True, True, write_acts, same),
+        "whole write_shard, every object through zarr (direct_writes=False)":
+            (True, False, whole, same),
+        "whole write_shard before (round 2's checksum and statistics)":
+            (True, True, whole, round2_writer),
+        "whole write_shard": (True, True, whole, same),
     }
 
     def two_at_once(*fns) -> None:
@@ -189,7 +191,7 @@ def write_stages(repeats: int, d: int = 4096, seqs: int = 64, ctx: int = 128) ->
     root = Path(tempfile.mkdtemp(prefix="sasa-stages-"))
     try:
         for where, base in (("memory://", "memory://sasa-stages"), ("local disk", str(root))):
-            for name, (stored, direct_writes, part) in parts.items():
+            for name, (stored, direct_writes, part, context) in parts.items():
                 if not stored and where != "memory://":
                     continue
                 url = f"{base}/{len(lines)}"
@@ -197,7 +199,7 @@ def write_stages(repeats: int, d: int = 4096, seqs: int = 64, ctx: int = 128) ->
                                  n_seq=seqs * 3 * repeats, shard_seqs=seqs, dtype="bfloat16")
                 w.direct_writes = direct_writes
                 shard = itertools.count()
-                with round2_writer() if name == before else contextlib.nullcontext():
+                with context():
                     one = best_of(repeats, lambda: part(w, 0, next(shard)))
                     two = best_of(repeats, lambda: two_at_once(lambda: part(w, 0, next(shard)),
                                                                lambda: part(w, 1, next(shard))))
