@@ -169,7 +169,7 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
     t0 = time.perf_counter()
     if "oracle" in keep:
         train(cfg, out, until_step=0, progress=False)  # step 0: write the oracle's init
-        ckpt_path = out / "checkpoints" / "worker-0.pt"
+        ckpt_path = checkpoint_path(out)
         ckpt = torch.load(ckpt_path, weights_only=True)
         oracle_weights(ckpt["members"]["oracle"]["sae"], generate(spec, 0).bases, shape.rank, seed)
         torch.save(ckpt, ckpt_path)
@@ -193,13 +193,19 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
     return rows
 
 
+def checkpoint_path(out: Path) -> Path:
+    """The checkpoint of a one-worker run in ``out`` (the trainer's worker 0)."""
+    return out / "checkpoints" / "worker-0.pt"
+
+
 def checkpoint_saes(cfg: TrainConfig, out: Path) -> dict:
     """{member: its SAE in ``out``'s checkpoint, normalisation folded in as in a saved SAE}."""
-    ckpt = torch.load(out / "checkpoints" / "worker-0.pt", weights_only=True)
+    ckpt = torch.load(checkpoint_path(out), weights_only=True)
     cache = open_cache(cfg.cache)
+    norm = {hp: normaliser(cache, hp, "cpu") for hp in cfg.hookpoints}
     saes = {}
     for m in cfg.members:
-        mean, scale = normaliser(cache, m.hookpoint, "cpu")
+        mean, scale = norm[m.hookpoint]
         sae = SAE(m.sae_config(len(mean)))
         sae.load_state_dict(ckpt["members"][m.name]["sae"])
         sae.eval()
