@@ -135,14 +135,16 @@ def slice_components(cfg, items: list[Block]) -> list[list[int]]:
 
     r_ij, r_ji = ratio(i_P, j_P), ratio(j_P, i_P)
     link = (r_ij >= cfg.gather_ratio) & (r_ji >= cfg.gather_ratio)
-    if cfg.gather_energy > 0:  # or on-ratios >= 2 and code energies that follow each other
-        cand = torch.nonzero(~link & (r_ij >= 2) & (r_ji >= 2)).flatten()
+    # gather_energy: or on-ratios >= 2 and code energies that follow each other
+    cand = torch.nonzero(~link & (r_ij >= 2) & (r_ji >= 2)).flatten() \
+        if cfg.gather_energy > 0 else torch.zeros(0, dtype=torch.long)
+    if cand.numel():
         e_NB = torch.stack([it.energy_B for it in items])
-        on_NB = on_NB.double()
+        onf_NB = on_NB.double()
 
         def e_ratio(k, j):  # E[e_J | K on] / E[e_J | K off], over the candidate pairs
-            e_on = (on_NB[k] * e_NB[j]).sum(1) / n_N[k].clamp_min(1)
-            e_off = ((1 - on_NB[k]) * e_NB[j]).sum(1) / (B - n_N[k]).clamp_min(1)
+            e_on = (onf_NB[k] * e_NB[j]).sum(1) / n_N[k].clamp_min(1)
+            e_off = ((1 - onf_NB[k]) * e_NB[j]).sum(1) / (B - n_N[k]).clamp_min(1)
             return e_on / e_off.clamp_min(1e-30)
         i_C, j_C = i_P[cand], j_P[cand]
         link[cand] = ((e_ratio(i_C, j_C) >= cfg.gather_energy)
