@@ -29,15 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.consolidation import shape_spec  # noqa: E402
 from sasa.analysis.synthetic import generate  # noqa: E402
 from sasa.trainer import load_sae  # noqa: E402
-from sasa.trainer.gather import block_items  # noqa: E402
+from sasa.trainer.gather import block_items, on_ratio  # noqa: E402
 from sasa.trainer.surgery import kept_codes, silent_groups  # noqa: E402
 
 
-def on_ratio(k_B: torch.Tensor, j_B: torch.Tensor) -> float:
-    """P(J on | K on) / P(J on | K off), as the slice test counts it."""
-    p_k = (k_B & j_B).double().sum() / k_B.double().sum().clamp_min(1)
-    p_off = (j_B & ~k_B).double().sum() / (~k_B).double().sum().clamp_min(1)
-    return float(p_k / p_off.clamp_min(1.0 / len(k_B)))
+def indicator_ratio(k_B: torch.Tensor, j_B: torch.Tensor) -> float:
+    """The slice test's on-ratio (``gather.on_ratio``) of two on-indicators."""
+    n = lambda on: on.double().sum()  # noqa: E731
+    return float(on_ratio(n(k_B & j_B), n(k_B), n(j_B), len(k_B)))
 
 
 def report(sae, shape: str, seed: int, thresholds: list[float]) -> None:
@@ -64,7 +63,7 @@ def report(sae, shape: str, seed: int, thresholds: list[float]) -> None:
                 b = items[j]
                 if a.group == b.group:
                     continue
-                r = (on_ratio(a.on_B, b.on_B), on_ratio(b.on_B, a.on_B))
+                r = (indicator_ratio(a.on_B, b.on_B), indicator_ratio(b.on_B, a.on_B))
                 if name[i] == name[j]:
                     part = [f"g{it.group} {it.rows_KR.shape[0]}-D (kept on {kept_G[it.group]:.2f})"
                             for it in (a, b)]

@@ -106,6 +106,13 @@ def block_items(sae, z_BGR: torch.Tensor, keep_BG: torch.Tensor) -> list[Block]:
     return items
 
 
+def on_ratio(co, n_k, n_j, B: int):
+    """P(J on | K on) / P(J on | K off) from counts over B tokens: ``co`` with both on, ``n_k``
+    and ``n_j`` with K or J on (float tensors, elementwise)."""
+    p_off = (n_j - co) / (B - n_k).clamp_min(1)
+    return (co / n_k.clamp_min(1)) / p_off.clamp_min(1.0 / B)
+
+
 def slice_components(cfg, items: list[Block]) -> list[list[int]]:
     """The sets of blocks linked, transitively, by the slice test (module docstring) and held
     by two or more groups; each set's block indices ascending, sets by their first block.
@@ -129,11 +136,7 @@ def slice_components(cfg, items: list[Block]) -> list[list[int]]:
     i_P, j_P, co_P = pairs // N, pairs % N, co_P.double()
     grp_N = torch.tensor([it.group for it in items])
 
-    def ratio(k, j):  # P(J | K) / P(J | not K) over the pairs, rows K
-        p_off = (n_N[j] - co_P) / (B - n_N[k]).clamp_min(1)
-        return (co_P / n_N[k].clamp_min(1)) / p_off.clamp_min(1.0 / B)
-
-    r_ij, r_ji = ratio(i_P, j_P), ratio(j_P, i_P)
+    r_ij, r_ji = on_ratio(co_P, n_N[i_P], n_N[j_P], B), on_ratio(co_P, n_N[j_P], n_N[i_P], B)
     link = (r_ij >= cfg.gather_ratio) & (r_ji >= cfg.gather_ratio)
     # gather_energy: or on-ratios >= 2 and code energies that follow each other
     cand = torch.nonzero(~link & (r_ij >= 2) & (r_ji >= 2)).flatten() \
