@@ -55,7 +55,7 @@ from sasa.analysis.splitting import splitting, unit_energies
 from sasa.analysis.synth import write_synthetic_cache
 from sasa.analysis.synthetic import SyntheticSpec, generate, generate_alone
 from sasa.store import open_cache
-from sasa.trainer import SAE, MemberConfig, TrainConfig, load_sae, train
+from sasa.trainer import SAE, MemberConfig, SAEConfig, TrainConfig, load_sae, train
 from sasa.trainer.loop import normaliser
 from sasa.trainer.linalg import signfix_qr
 
@@ -261,7 +261,6 @@ def step_cost(shape_name: str, steps: int = 300, batch_size: int = 1024,
     overrides}): forward, backward, Adam, constraint, and the schedules and periodic steps of
     a ``steps``-step run, timed in interleaved blocks of 10 steps so that load from other
     processes hits every model alike."""
-    from sasa.trainer import SAEConfig
     from sasa.trainer.consolidate import after_step, group_lasso_scale, top_s_at
 
     shape = SHAPES[shape_name]
