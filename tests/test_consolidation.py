@@ -104,6 +104,14 @@ def test_consolidation_moves_training_to_the_planted_optimum(cache_url, held_out
     assert fvu_new <= 1.1 * fvu_oracle and fvu_new < 0.5 * fvu_plain
     assert max(max(units_new[k], alone_new[k]) for k in (1, 2, 3)) <= 1.2
     assert sum(units_new[k] for k in (2, 3, 4)) < sum(units_plain[k] for k in (2, 3, 4)) - 0.5
+    # The metrics log what the gather step changed: features gathered since the previous line,
+    # only on lines covering its window (50-80% of the 1000 steps), none for the plain objective.
+    lines = {name: [json.loads(line) for line in (tmp_path / "run" / name / "metrics.jsonl")
+                    .read_text().splitlines()] for name in ("plain", "new")}
+    assert not any("gathered" in line for line in lines["plain"])
+    inside = [line["gathered"] for line in lines["new"] if 500 <= line["step"] < 850]
+    assert sum(inside) >= 1 and all(line["gathered"] == 0 for line in lines["new"]
+                                    if not 500 <= line["step"] < 850)
 
 
 def test_schedules():

@@ -237,16 +237,30 @@ def revive_silent(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
     return silent
 
 
+def periodic_steps(cfg: SAEConfig) -> list[str]:
+    """The names ``after_step`` reports under for the periodic steps switched on in ``cfg``."""
+    if cfg.arch != "sasa" or cfg.consolidate == "none":
+        return []
+    every = {"merged": cfg.merge_every, "revived": cfg.revive_every,
+             "unpacked": cfg.unpack_every, "gathered": cfg.gather_every}
+    return [name for name, n in every.items() if n > 0]
+
+
 def after_step(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None, step: int,
-               steps: int, top_s: int | None) -> None:
+               steps: int, top_s: int | None) -> dict[str, int]:
     """The periodic consolidation steps due after optimiser step ``step`` of ``steps`` (merge,
-    revive, unpack, gather; each a no-op unless its ``*_every`` is set), on that step's batch."""
+    revive, unpack, gather; each a no-op unless its ``*_every`` is set), on that step's batch.
+
+    Returns, for each step that ran, how much it changed: group pairs merged, groups revived,
+    blocks moved out of packed groups, features gathered (the trainer logs their sums)."""
     cfg = sae.cfg
+    changed = {}
     if merge_due(cfg, step, steps):
-        merge_and_reseed(sae, x_BD, opt, top_s=top_s)
+        changed["merged"] = len(merge_and_reseed(sae, x_BD, opt, top_s=top_s).merged)
     if revive_due(cfg, step, steps):
-        revive_silent(sae, x_BD, opt, top_s=top_s)
+        changed["revived"] = len(revive_silent(sae, x_BD, opt, top_s=top_s))
     if unpack_due(cfg, step, steps):
-        unpack_packed(sae, x_BD, opt, top_s=top_s)
+        changed["unpacked"] = len(unpack_packed(sae, x_BD, opt, top_s=top_s).moved)
     if gather_due(cfg, step, steps):
-        gather_slices(sae, x_BD, opt, top_s=top_s)
+        changed["gathered"] = len(gather_slices(sae, x_BD, opt, top_s=top_s).gathered)
+    return changed

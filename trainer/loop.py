@@ -28,7 +28,7 @@ from sasa.store import open_cache
 from sasa.store.verify import refuse_damaged
 from sasa.trainer.config import MemberConfig, TrainConfig
 from sasa.trainer.outdir import claim
-from sasa.trainer.consolidate import after_step, group_lasso_scale, top_s_at
+from sasa.trainer.consolidate import after_step, group_lasso_scale, periodic_steps, top_s_at
 from sasa.trainer.persist import save_sae
 from sasa.trainer.sae import SAE
 from sasa.trainer.schedule import lr_factor
@@ -67,6 +67,8 @@ class Member:
     def reset_sums(self):
         self.sums = None
         self.n = 0
+        self.changed = dict.fromkeys(periodic_steps(self.sae_cfg), 0)
+        """What the periodic consolidation steps changed since the last metrics line."""
 
     def accumulate(self, out) -> None:
         vals = torch.stack([out.loss.detach(), out.fvu.detach(), out.l0_groups.detach(),
@@ -76,6 +78,7 @@ class Member:
 
     def metrics(self, step: int, tokens: int) -> dict:
         loss, fvu, l0g, l0c, nuc_term = (self.sums / max(self.n, 1)).tolist()
+        changed = self.changed
         with torch.no_grad():
             ranks = self.sae.effective_ranks()
             hist = torch.bincount(ranks.threshold_G.cpu(), minlength=self.sae_cfg.rank + 1).tolist()
@@ -84,7 +87,8 @@ class Member:
         return {"step": step, "tokens": tokens, "loss": loss, "fvu": fvu, "l0_groups": l0g,
                 "l0_coords": l0c, "dead_fraction": float(self.sae.dead_mask().float().mean()),
                 "nuclear_norm": nuc, "nuc_term": nuc_term, "lr": self.sched.get_last_lr()[0],
-                "eff_rank_hist": hist, "eff_rank_entropy_mean": float(ranks.entropy_G.mean())}
+                "eff_rank_hist": hist, "eff_rank_entropy_mean": float(ranks.entropy_G.mean()),
+                **changed}
 
     def state(self) -> dict:
         return {"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
@@ -275,7 +279,9 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, member_ids: list[int] |
             m.opt.step()
             m.sched.step()
             m.sae.post_step()
-            after_step(m.sae, xs[m.cfg.hookpoint], m.opt, step, cfg.steps, top_s)
+            for name, n in after_step(m.sae, xs[m.cfg.hookpoint], m.opt, step, cfg.steps,
+                                      top_s).items():
+                m.changed[name] += n
             m.accumulate(o)
         step += 1
         bar.update(cfg.batch_size)
