@@ -12,6 +12,13 @@ it must not link). Also the silent groups (the step's targets). At each on-thres
 
     python bench/slice_test.py D 2 --run W/run-D-2-2097152-ga --model ga     # a saved SAE
     python bench/slice_test.py D 2                # the in-memory default of packing_probes, 1M
+
+On real activations (no planted truth, round 10) it prints what the test links on 1024 rows
+of a cache, by itself and with ``gather_energy``: for each set linked only with it, the
+blocks' dimensions and on-rates, their on- and energy ratios, and whether their joint span
+has fewer dimensions than the blocks together (copies of one direction, not slices):
+
+    python bench/slice_test.py --real /tmp/heldout_tf --run M4/t4194304 --model sasa_r4
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.consolidation import shape_spec  # noqa: E402
 from sasa.analysis.synthetic import generate  # noqa: E402
 from sasa.trainer import load_sae  # noqa: E402
-from sasa.trainer.gather import block_items, on_ratio  # noqa: E402
+from sasa.trainer.gather import Block, block_items, on_ratio, slice_components  # noqa: E402
 from sasa.trainer.surgery import kept_codes, silent_groups  # noqa: E402
 
 
@@ -75,16 +82,59 @@ def report(sae, shape: str, seed: int, thresholds: list[float]) -> None:
               f"{other:.2f}; slices of one feature: " + ("; ".join(slices) or "none"))
 
 
+def energy_ratio(k: Block, j: Block) -> float:
+    """E[energy of j | k on] / E[energy of j | k off] (the gather step's energy test)."""
+    return float(j.energy_B[k.on_B].mean() / j.energy_B[~k.on_B].mean().clamp_min(1e-30))
+
+
+def real_report(sae, x_BD: torch.Tensor, energy: float) -> None:
+    """Print the sets the slice test links on real inputs ``x_BD`` with ``gather_energy``
+    ``energy`` and not without it, each described as the gather step would see it."""
+    with torch.no_grad():
+        _, keep_BG, z_BGR = kept_codes(sae, x_BD, None)
+    items = block_items(sae, z_BGR, keep_BG)
+    cfg = sae.cfg
+    base = slice_components(dataclasses.replace(cfg, gather_energy=0.0), items)
+    loose = slice_components(dataclasses.replace(cfg, gather_energy=energy), items)
+    R = sae.W_dec_GRD.shape[1]
+    print(f"{len(silent_groups(sae, keep_BG))} silent groups of {keep_BG.shape[1]}; "
+          f"{len(items)} blocks; linked sets: {len(base)} by the on-test, {len(loose)} with "
+          f"gather_energy {energy}")
+    extra = [m for m in loose if m not in base]
+    for m in extra:
+        blocks = [items[i] for i in m]
+        spans = torch.cat([b.rows_KR @ sae.W_dec_GRD[b.group].double() for b in blocks])
+        sv = torch.linalg.svdvals(spans.T).square()
+        joint = int((sv >= cfg.unpack_min_share * sv.sum()).sum())
+        dims = [b.rows_KR.shape[0] for b in blocks]
+        pairs = [(a, b) for a in blocks for b in blocks if a.group < b.group]
+        on = min(indicator_ratio(a.on_B, b.on_B) for a, b in pairs)
+        en = min(min(energy_ratio(a, b), energy_ratio(b, a)) for a, b in pairs)
+        rates = "/".join(f"{float(b.on_B.double().mean()):.2f}" for b in blocks)
+        print(f"  groups {sorted({b.group for b in blocks})}: blocks {dims}-D, on {rates}; "
+              f"joint span {joint}-D{' > r' if joint > R else ''}; smallest on-ratio {on:.2f}, "
+              f"energy ratio {en:.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("shape")
-    parser.add_argument("seed", type=int)
+    parser.add_argument("shape", nargs="?")
+    parser.add_argument("seed", type=int, nargs="?")
+    parser.add_argument("--real", help="a cache of real activations (then --rows, --run)")
+    parser.add_argument("--rows", default="0:1024", help="its rows a:b")
+    parser.add_argument("--hookpoint", default="resid_post.4")
+    parser.add_argument("--energy", type=float, default=3.0, help="gather_energy, --real")
     parser.add_argument("--run", type=Path, default=None,
                         help="a bench/consolidation.py run folder")
     parser.add_argument("--model", default="new", help="the member of --run")
     parser.add_argument("--on", type=float, nargs="*", default=[0.1, 0.3, 0.5])
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.real is not None:
+        from bench.minilm_sasa import heldout
+        sae = load_sae(args.run / args.model)
+        real_report(sae, heldout(args.real, args.hookpoint, args.rows).float(), args.energy)
+        return
     if args.run is not None:
         sae = load_sae(args.run / args.model)
     else:
