@@ -92,38 +92,49 @@ def test_gather_schedule():
 
 
 def test_slice_components_match_a_dense_reference():
-    """The per-token pair counts give the components a dense [N x N] on-ratio table and its
-    transitive closure give: 60 blocks in 20 groups, some of them slices that switch on
-    together (with noise), some on far more often than their feature, on 512 tokens."""
+    """The per-token pair counts give the components a dense [N x N] on-ratio table (and
+    energy-ratio table, for ``gather_energy``) and its transitive closure give: 60 blocks in
+    20 groups, some of them slices that switch on together (with noise), some on far more often
+    than their feature, on 512 tokens; with the energy test (the default) and without it."""
     gen = torch.Generator().manual_seed(3)
     B, N = 512, 60
     feature_on = torch.rand(12, B, generator=gen) < 0.3
     owner = torch.randint(0, 12, (N,), generator=gen)  # which feature each block slices
     flip = torch.rand(N, B, generator=gen) < 0.05
     on_NB = feature_on[owner] ^ flip
-    # Every fifth block is also on at half the other tokens: on whenever its feature is (so
+    # Every fifth block is also on at 40% of the other tokens: on whenever its feature is (so
     # P(feature | block off) ~ 0) but often without it, so only one direction of the test holds.
-    on_NB[::5] |= torch.rand(N // 5, B, generator=gen) < 0.5
+    on_NB[::5] |= torch.rand(N // 5, B, generator=gen) < 0.4
+    energy_NB = feature_on[owner].double() * torch.rand(N, B, generator=gen, dtype=torch.float64) \
+        + 0.05 * on_NB.double()
     groups = torch.arange(N) // 3
-    items = [Block(int(g), torch.zeros(1, 4, dtype=torch.float64), on, on.double())
-             for g, on in zip(groups, on_NB)]
-    cfg = SAEConfig(d_in=8, groups=20, rank=4, top_s=2)
+    items = [Block(int(g), torch.zeros(1, 4, dtype=torch.float64), on, e)
+             for g, on, e in zip(groups, on_NB, energy_NB)]
 
-    # Dense reference: the ratio table, the links, their transitive closure.
-    on = on_NB.double()
-    n_N, co_NN = on.sum(1), on @ on.T
-    p_off = (n_N.unsqueeze(0) - co_NN) / (B - n_N).unsqueeze(1).clamp_min(1)
-    r = (co_NN / n_N.unsqueeze(1).clamp_min(1)) / p_off.clamp_min(1.0 / B)
-    adj = ((r >= cfg.gather_ratio) & (r.T >= cfg.gather_ratio) & (co_NN >= cfg.merge_min)
-           & (groups.unsqueeze(1) != groups.unsqueeze(0))) | torch.eye(N, dtype=torch.bool)
-    for _ in range(6):
-        adj = (adj.double() @ adj.double()) > 0
-    first = adj.double().argmax(-1)
-    dense = [torch.nonzero(first == c).flatten().tolist() for c in first.unique().tolist()]
-    dense = [m for m in dense if len({int(groups[i]) for i in m}) >= 2]
+    def dense(cfg) -> list[list[int]]:  # the ratio tables, the links, their transitive closure
+        on = on_NB.double()
+        n_N, co_NN = on.sum(1), on @ on.T
+        p_off = (n_N.unsqueeze(0) - co_NN) / (B - n_N).unsqueeze(1).clamp_min(1)
+        r = (co_NN / n_N.unsqueeze(1).clamp_min(1)) / p_off.clamp_min(1.0 / B)  # [K, J]
+        e_on = (on @ energy_NB.T) / n_N.unsqueeze(1).clamp_min(1)
+        e_off = ((1 - on) @ energy_NB.T) / (B - n_N).unsqueeze(1).clamp_min(1)
+        e = e_on / e_off.clamp_min(1e-30)
+        by_energy = (r >= 2) & (r.T >= 2) & (e >= cfg.gather_energy) & (e.T >= cfg.gather_energy)
+        link = (r >= cfg.gather_ratio) & (r.T >= cfg.gather_ratio)
+        link |= by_energy if cfg.gather_energy > 0 else torch.zeros_like(link)
+        adj = (link & (co_NN >= cfg.merge_min) & (groups.unsqueeze(1) != groups.unsqueeze(0))
+               | torch.eye(N, dtype=torch.bool))
+        for _ in range(6):
+            adj = (adj.double() @ adj.double()) > 0
+        first = adj.double().argmax(-1)
+        comps = [torch.nonzero(first == c).flatten().tolist() for c in first.unique().tolist()]
+        return [m for m in comps if len({int(groups[i]) for i in m}) >= 2]
 
-    got = slice_components(cfg, items)
-    assert got == dense and len(got) >= 5
+    on_test = SAEConfig(d_in=8, groups=20, rank=4, top_s=2, gather_energy=0.0)
+    energy = SAEConfig(d_in=8, groups=20, rank=4, top_s=2)
+    got = slice_components(on_test, items)
+    assert got == dense(on_test) and len(got) >= 5
+    assert slice_components(energy, items) == dense(energy) != got  # the energy test links more
 
 
 def test_energy_test_links_slices_whose_on_indicators_are_noisy():
@@ -153,8 +164,9 @@ def test_energy_test_links_slices_whose_on_indicators_are_noisy():
         assert 2.0 <= on < 4.0 and e >= 3.0
     assert max(ratios(items[0], items[2])[0], ratios(items[2], items[0])[0]) < 2.0
 
-    assert slice_components(SAEConfig(d_in=8, groups=3, rank=4, top_s=2), items) == []
-    linked = SAEConfig(d_in=8, groups=3, rank=4, top_s=2, gather_energy=3.0)
-    assert slice_components(linked, items) == [[0, 1]]
+    on_test = SAEConfig(d_in=8, groups=3, rank=4, top_s=2, gather_energy=0.0)
+    assert slice_components(on_test, items) == []
+    linked = SAEConfig(d_in=8, groups=3, rank=4, top_s=2)  # the default, gather_energy 3
+    assert linked.gather_energy == 3.0 and slice_components(linked, items) == [[0, 1]]
     with pytest.raises(SasaError, match="gather_energy"):
         SAEConfig(d_in=8, groups=3, rank=4, top_s=2, gather_energy=-1.0)

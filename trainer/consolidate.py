@@ -18,19 +18,18 @@ follows its own config, and one periodic step:
   weight for the first half and annealed to 0 at 80%, so the lr decay runs on the plain
   objective. It charges splits and copies and so keeps spare slots from being free.
 - ``sasa.trainer.gather.gather_slices`` (``gather_every`` 25, from 50% to 80% of the run):
-  blocks of different groups that are on only together are slices of one feature and move
-  into one group.
-Measured through the streaming trainer (bench/RESULTS_consolidation.md, rounds 5-7: four
-planted shapes, three seeds, units per feature counted on inputs of one feature alone as issue
-9 defines them): every seed of the disjoint 1-4-D shape A at one group per feature (every d_i
-<= 1.2) below the planted oracle's FVU by 512k tokens (max 1.04, 0.78x; without the gather step
-2M, plain SASA not by 2M), while TopK's FVU still falls 17x to 2M; in the mean over seeds the
-overlapping Gaussian 1-6-D shape D within 1M (1.16, 0.78x) and the dense d = 32 shape B by 2M
-(1.18, 0.81x), but seed by seed one or two of three keep a feature split there (round 9, nine
-seeds: D on target on 6 of 9 at 2M and 3 of 9 at 4M; a fifth shape, overlapping spherical
-1-5-D with ~6 features on, in the mean at 2-4M and on 5 of 9 seeds at 4M). On the
-overlapping spherical 1-6-D shape C it cuts splitting from about 4 groups to 1.8-1.9 at
-0.52-0.66x the oracle's FVU by 2M (round 5's default, with no gather step and the ramp over the
+  blocks of different groups that are on only together, or whose code energies follow each
+  other (``gather_energy``), are slices of one feature and move into one group.
+Measured through the streaming trainer (bench/RESULTS_consolidation.md, rounds 5-10: five
+planted shapes, three seeds, nine on D and E, units per feature counted on inputs of one
+feature alone as issue 9 defines them): every seed of the disjoint 1-4-D shape A at one group
+per feature (every d_i <= 1.2) below the planted oracle's FVU by 512k tokens (max 1.05, 0.93x;
+plain SASA not by 2M), while TopK's FVU still falls 17x to 2M; the overlapping Gaussian 1-6-D
+shape D in the mean over seeds by 1M (1.17, 0.81x) and on 8 of 9 seeds at 2M, 7 of 9 at 4M;
+the overlapping spherical 1-5-D shape E with ~6 features on in the mean at 2-4M and on 6 and
+5 of 9 seeds; the dense d = 32 shape B in the mean by 2M (1.20, 0.86x) but on 1 of 3 seeds.
+On the overlapping spherical 1-6-D shape C it cuts splitting from about 4 groups to 1.8 at
+0.66x the oracle's FVU by 2M (round 5's default, with no gather step and the ramp over the
 whole run: 1.21-1.22 at 4-8M): there the most frequent features are on together in most tokens
 and stay shared between the groups kept with them (bench/SPLITTING.md, rounds 3 and 5). The s =
 1 phase is short (10% of the run, ramp to 30%, within the first 2M tokens) because a long one

@@ -132,9 +132,9 @@ class SAEConfig:
     on MiniLM retires groups for good (bench/SPLITTING.md, rounds 2 and 7). Shorter spans put
     the ramp inside the lr warm-up: on MiniLM at 4.2M tokens a 1M span left 9-20% of the groups
     silent (2M: 33-56%) and 6-14% lower FVU at every r, but on planted data at 2M it kept
-    features split on more seeds (round 7). Above 2M the span costs planted data nothing
-    measurable: shape D at 4M, 3 of 9 seeds on target against 2 of 9 with None; shape E (seeds
-    0-2), 3 of 3 against 2 of 3 (round 9)."""
+    features split on more seeds (round 7). Above 2M the span cost planted data nothing
+    measurable with ``gather_energy`` 0: shape D at 4M, 3 of 9 seeds on target against 2 of 9
+    with None; shape E (seeds 0-2), 3 of 3 against 2 of 3 (round 9)."""
 
     revive_every: int = 0
     """Steps between revive steps (``sasa.trainer.consolidate.revive_silent``): groups kept on
@@ -213,15 +213,13 @@ class SAEConfig:
     """A block is on where its code energy exceeds this fraction of its mean over the tokens
     where its group is kept."""
 
-    gather_energy: float = 0.0
+    gather_energy: float = 3.0
     """> 0: the gather step also links two blocks whose on-ratios are both >= 2 (not 4) when
     each one's mean code energy while the other is on is at least this multiple of that while
     it is off: a thin slice of a Gaussian feature is "off" on part of its feature's tokens, but
-    its energy still follows the feature. 0 disables (the default). At 3, through the streaming
-    trainer at 2M tokens: planted shapes D and E (nine seeds) 8 and 6 of 9 seeds on target
-    against the default's 6 and 3, A-C unchanged in seeds on target, but more 1-D features
-    split (bench/RESULTS_consolidation.md, round 9); on MiniLM at 4.2M tokens r = 4 10% higher
-    held-out FVU (bench/RESULTS_minilm.md, round 9)."""
+    its energy still follows the feature. 0: the on-test alone (the default before round 10 of
+    bench/SPLITTING.md). What 3 gains on planted data and costs on MiniLM: the module
+    docstring of ``sasa.trainer.gather``."""
 
     def __post_init__(self) -> None:
         check_fields(self)  # YAML / CLI values: one-line errors naming the field and its type
