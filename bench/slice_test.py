@@ -46,6 +46,11 @@ def indicator_ratio(k_B: torch.Tensor, j_B: torch.Tensor) -> float:
     return float(on_ratio(n(k_B & j_B), n(k_B), n(j_B), len(k_B)))
 
 
+def energy_ratio(k: Block, j: Block) -> float:
+    """E[energy of j | k on] / E[energy of j | k off] (the gather step's energy test)."""
+    return float(j.energy_B[k.on_B].mean() / j.energy_B[~k.on_B].mean().clamp_min(1e-30))
+
+
 def report(sae, shape: str, seed: int, thresholds: list[float]) -> None:
     """Print the test's view of ``sae`` (folded: it takes raw inputs) on 1024 fresh rows."""
     spec = shape_spec(shape, seed)
@@ -74,17 +79,13 @@ def report(sae, shape: str, seed: int, thresholds: list[float]) -> None:
                 if name[i] == name[j]:
                     part = [f"g{it.group} {it.rows_KR.shape[0]}-D (kept on {kept_G[it.group]:.2f})"
                             for it in (a, b)]
+                    en = min(energy_ratio(a, b), energy_ratio(b, a))
                     slices.append(f"feature {name[i]} ({dims[name[i]]}-D): {part[0]} + {part[1]}: "
-                                  f"{r[0]:.2f} / {r[1]:.2f}")
+                                  f"{r[0]:.2f} / {r[1]:.2f}, energy ratio {en:.1f}")
                 else:
                     other = max(other, min(r))
         print(f"  gather_on {gather_on}: {len(items)} blocks; largest independent pair "
               f"{other:.2f}; slices of one feature: " + ("; ".join(slices) or "none"))
-
-
-def energy_ratio(k: Block, j: Block) -> float:
-    """E[energy of j | k on] / E[energy of j | k off] (the gather step's energy test)."""
-    return float(j.energy_B[k.on_B].mean() / j.energy_B[~k.on_B].mean().clamp_min(1e-30))
 
 
 def real_report(sae, x_BD: torch.Tensor, energy: float) -> None:
