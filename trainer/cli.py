@@ -56,6 +56,10 @@ def register(subparsers) -> None:
     p.add_argument("--s-ramp-tokens", type=int, default=None,
                    help="sasa: the s ramp spans the run's first N tokens; 0: the whole run "
                         "(default 2,097,152; 1048576 for long runs on real activations, docs/train.md)")
+    p.add_argument("--gather-energy", type=float, default=None,
+                   help="sasa: the gather step also links slices whose code energies follow "
+                        "each other this strongly; 0: the on-test alone (default "
+                        f"{SAE['gather_energy']:g}, docs/train.md)")
     p.add_argument("--lr", type=float, default=None, help="Adam lr (default 2e-4 / sqrt(G*r / 2^14))")
     p.add_argument("--name", default=None, help="output subfolder name")
     _run_args(p)
@@ -101,7 +105,8 @@ def run_train(args) -> int:
 
     sae = {"arch": args.arch, "groups": args.groups, "top_s": args.top_s, "nuc_lambda": args.nuc_lambda,
            "nuc_on": args.nuc_on, "gate": args.gate}
-    for key in ("rank", "codes", "l1_coeff", "auxk_alpha", "dead_tokens", "consolidate"):
+    for key in ("rank", "codes", "l1_coeff", "auxk_alpha", "dead_tokens", "consolidate",
+                "gather_energy"):
         if getattr(args, key) is not None:
             sae[key] = getattr(args, key)
     if args.s_ramp_tokens is not None:

@@ -67,8 +67,8 @@ class Member:
     def reset_sums(self):
         self.sums = None
         self.n = 0
+        # what the periodic consolidation steps changed since the last metrics line
         self.changed = dict.fromkeys(periodic_steps(self.sae_cfg), 0)
-        """What the periodic consolidation steps changed since the last metrics line."""
 
     def accumulate(self, out) -> None:
         vals = torch.stack([out.loss.detach(), out.fvu.detach(), out.l0_groups.detach(),
