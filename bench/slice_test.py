@@ -130,6 +130,10 @@ def main() -> None:
     parser.add_argument("--model", default="new", help="the member of --run")
     parser.add_argument("--on", type=float, nargs="*", default=[0.1, 0.3, 0.5])
     args = parser.parse_args()
+    if args.real is not None and args.run is None:
+        parser.error("--real needs --run (and --model): the SAE to test")
+    if args.real is None and args.seed is None:
+        parser.error("give SHAPE SEED (planted), or --real CACHE --run RUN")
     torch.set_num_threads(1)
     if args.real is not None:
         from bench.minilm_sasa import heldout
