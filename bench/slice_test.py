@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.consolidation import shape_spec  # noqa: E402
 from sasa.analysis.synthetic import generate  # noqa: E402
 from sasa.trainer import load_sae  # noqa: E402
-from sasa.trainer.gather import Block, block_items, on_ratio, slice_components  # noqa: E402
+from sasa.trainer.gather import (Block, block_items, joint_span, on_ratio,  # noqa: E402
+                                 slice_components)
 from sasa.trainer.surgery import kept_codes, silent_groups  # noqa: E402
 
 
@@ -105,8 +106,7 @@ def real_report(sae, x_BD: torch.Tensor, energy: float) -> None:
     for m in extra:
         blocks = [items[i] for i in m]
         spans = torch.cat([b.rows_KR @ sae.W_dec_GRD[b.group].double() for b in blocks])
-        sv = torch.linalg.svdvals(spans.T).square()
-        joint = int((sv >= cfg.unpack_min_share * sv.sum()).sum())
+        joint = joint_span(spans, cfg.unpack_min_share)[2]
         dims = [b.rows_KR.shape[0] for b in blocks]
         pairs = [(a, b) for a in blocks for b in blocks if a.group < b.group]
         on = min(indicator_ratio(a.on_B, b.on_B) for a, b in pairs)

@@ -176,6 +176,14 @@ def slice_components(cfg, items: list[Block]) -> list[list[int]]:
             if len({items[i].group for i in m}) >= 2]
 
 
+def joint_span(spans_KD: torch.Tensor, min_share: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The feature that blocks' decoder spans ``spans_KD`` (rows) make up: its directions
+    ``u_DK`` and singular values, and its dimensions, the directions above ``min_share`` of the
+    joint span's energy."""
+    u_DK, sv_K, _ = torch.linalg.svd(spans_KD.T, full_matrices=False)
+    return u_DK, sv_K, int((sv_K.square() >= min_share * sv_K.square().sum()).sum())
+
+
 @torch.no_grad()
 def gather_slices(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = None,
                   top_s: int | None = None) -> GatherReport:
@@ -205,9 +213,7 @@ def gather_slices(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
                    sae.b_enc_GR[g].double().clone()) for g in hosts}
         spans = {g: torch.cat([items[i].rows_KR @ old[g][0] for i in members
                                if items[i].group == g]) for g in hosts}
-        # The feature's dimensions: the joint span's directions above min_share of its energy.
-        u_DK, sv_K, _ = torch.linalg.svd(torch.cat(list(spans.values())).T, full_matrices=False)
-        dims = int((sv_K.square() >= cfg.unpack_min_share * sv_K.square().sum()).sum())
+        u_DK, sv_K, dims = joint_span(torch.cat(list(spans.values())), cfg.unpack_min_share)
         if dims > R:
             continue
         all_KD = (u_DK[:, :dims] * sv_K[:dims]).T
