@@ -71,10 +71,9 @@ def run(args: argparse.Namespace) -> int:
     result = harvest(config)
     print(f"harvested {result.n_tokens:,} tokens ({result.n_shards} shards, {result.shards_run} "
           f"run now, {result.tokens_per_s:,.0f} tokens/s) into {result.url}")
-    asked = config.tokens // config.ctx_len * config.ctx_len
-    if result.n_tokens < asked:
-        print(f"  the dataset ran out: {result.n_tokens:,} of the {asked:,} tokens asked for; "
-              "pass a larger --dataset for more")
+    if result.n_tokens < result.tokens_asked:
+        print(f"  the dataset ran out: {result.n_tokens:,} of the {result.tokens_asked:,} tokens "
+              "asked for; pass a larger --dataset for more")
     for hp, st in result.stats.items():
         print(f"  {hp}: mean norm {st.mean_norm:.3f} over {st.count:,} tokens")
     return 0

@@ -38,6 +38,7 @@ class HarvestResult(NamedTuple):
     seconds: float
     tokens_per_s: float      # over the shards run by this call
     stats: dict              # {hookpoint: sasa.store.HookpointStats}
+    tokens_asked: int        # what the dataset was asked for: --tokens in whole shards
 
 
 class Plan(NamedTuple):
@@ -45,6 +46,7 @@ class Plan(NamedTuple):
     tokens_NC: np.ndarray
     shard_seqs: int
     attrs: dict
+    seqs_asked: int          # sequences asked of the dataset (fewer in tokens_NC: it ran out)
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
@@ -89,9 +91,10 @@ def plan(config: HarvestConfig, *, gpus: bool | None = None) -> Plan:
         raise SasaError(f"--tokens {config.tokens} is less than one sequence of ctx_len="
                         f"{config.ctx_len}; ask for more tokens")
     shard_seqs = min(config.shard_seqs or max(1, SHARD_TOKENS // config.ctx_len), n_seq)
-    packed = packing.pack_source(source, tokenizer, ctx_len=config.ctx_len,
-                                 n_seq=n_seq // shard_seqs * shard_seqs, shard_seqs=shard_seqs,
-                                 policy=config.bos, progress=config.progress)
+    asked = n_seq // shard_seqs * shard_seqs
+    packed = packing.pack_source(source, tokenizer, ctx_len=config.ctx_len, n_seq=asked,
+                                 shard_seqs=shard_seqs, policy=config.bos,
+                                 progress=config.progress)
 
     if gpus is None:
         gpus = resolve_device(config.device).type == "cuda"
@@ -123,7 +126,7 @@ def plan(config: HarvestConfig, *, gpus: bool | None = None) -> Plan:
                       batch_size=config.batch_size, device=config.device,
                       revision=config.revision, trust_remote_code=config.trust_remote_code,
                       storage_options=dict(config.storage_options))
-    return Plan(spec, packed.tokens_NC, packed.shard_seqs, attrs)
+    return Plan(spec, packed.tokens_NC, packed.shard_seqs, attrs, asked)
 
 
 def _cluster_has_gpus(config: HarvestConfig) -> bool:
@@ -178,7 +181,8 @@ def harvest(config: HarvestConfig) -> HarvestResult:
     writer.remove_stray_temporaries()  # left by workers killed mid-write; nothing runs now
     stats = {hp: cache.stats(hp) for hp in cache.hookpoints}  # merges the shards' moments
     return HarvestResult(config.out, cache.n_tokens, cache.n_shards, len(pending),
-                         time.perf_counter() - t0, len(pending) * S * C / max(run_s, 1e-9), stats)
+                         time.perf_counter() - t0, len(pending) * S * C / max(run_s, 1e-9), stats,
+                         p.seqs_asked * C)
 
 
 def run_local(spec: WorkerSpec, tokens_NC: np.ndarray, shard_seqs: int, pending: list[int],

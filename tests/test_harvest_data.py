@@ -226,9 +226,13 @@ def test_cli_harvest_and_one_line_errors(tmp_path, gpt2, capsys):
     out = capsys.readouterr().out
     assert "harvested 256 tokens" in out and "ran out" not in out
     # the same files, asked for more tokens than they hold (argparse keeps the last value)
-    assert main(args + ["--out", str(tmp_path / "all"), "--tokens", str(10**6)]) == 0
+    assert main(args + ["--out", str(tmp_path / "all"), "--tokens", str(1 << 20)]) == 0
     n = open_cache(str(tmp_path / "all")).n_tokens
-    assert f"the dataset ran out: {n:,} of the 1,000,000 tokens asked for" in capsys.readouterr().out
+    assert f"the dataset ran out: {n:,} of the 1,048,576 tokens asked for" in capsys.readouterr().out
+    # --tokens rounded down to whole shards (8 sequences, shards of 3: 6) is not running out
+    assert main(args + ["--out", str(tmp_path / "whole"), "--shard-seqs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "harvested 192 tokens" in out and "ran out" not in out
     assert main(args[:-2] + ["--workers", "0", "--hookpoints", "resid_post.9"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sasa: error: hookpoint resid_post.9: layer 9 is out of range")
