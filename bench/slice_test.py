@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.consolidation import shape_spec  # noqa: E402
 from sasa.analysis.synthetic import generate  # noqa: E402
 from sasa.trainer import load_sae  # noqa: E402
-from sasa.trainer.gather import (Block, block_items, joint_span, on_ratio,  # noqa: E402
-                                 slice_components)
+from sasa.trainer.gather import (Block, block_items, energy_ratio, joint_span,  # noqa: E402
+                                 on_ratio, slice_components)
 from sasa.trainer.surgery import kept_codes, silent_groups  # noqa: E402
 
 
@@ -47,9 +47,10 @@ def indicator_ratio(k_B: torch.Tensor, j_B: torch.Tensor) -> float:
     return float(on_ratio(n(k_B & j_B), n(k_B), n(j_B), len(k_B)))
 
 
-def energy_ratio(k: Block, j: Block) -> float:
-    """E[energy of j | k on] / E[energy of j | k off] (the gather step's energy test)."""
-    return float(j.energy_B[k.on_B].mean() / j.energy_B[~k.on_B].mean().clamp_min(1e-30))
+def block_energy_ratio(k: Block, j: Block) -> float:
+    """The gather step's energy ratio (``gather.energy_ratio``) of two blocks, rows K."""
+    on = k.on_B.double()
+    return float(energy_ratio(on, j.energy_B, on.sum(), len(on)))
 
 
 def report(sae, shape: str, seed: int, thresholds: list[float]) -> None:
@@ -80,7 +81,7 @@ def report(sae, shape: str, seed: int, thresholds: list[float]) -> None:
                 if name[i] == name[j]:
                     part = [f"g{it.group} {it.rows_KR.shape[0]}-D (kept on {kept_G[it.group]:.2f})"
                             for it in (a, b)]
-                    en = min(energy_ratio(a, b), energy_ratio(b, a))
+                    en = min(block_energy_ratio(a, b), block_energy_ratio(b, a))
                     slices.append(f"feature {name[i]} ({dims[name[i]]}-D): {part[0]} + {part[1]}: "
                                   f"{r[0]:.2f} / {r[1]:.2f}, energy ratio {en:.1f}")
                 else:
@@ -110,7 +111,7 @@ def real_report(sae, x_BD: torch.Tensor, energy: float) -> None:
         dims = [b.rows_KR.shape[0] for b in blocks]
         pairs = [(a, b) for a in blocks for b in blocks if a.group < b.group]
         on = min(indicator_ratio(a.on_B, b.on_B) for a, b in pairs)
-        en = min(min(energy_ratio(a, b), energy_ratio(b, a)) for a, b in pairs)
+        en = min(min(block_energy_ratio(a, b), block_energy_ratio(b, a)) for a, b in pairs)
         rates = "/".join(f"{float(b.on_B.double().mean()):.2f}" for b in blocks)
         print(f"  groups {sorted({b.group for b in blocks})}: blocks {dims}-D, on {rates}; "
               f"joint span {joint}-D{' > r' if joint > R else ''}; smallest on-ratio {on:.2f}, "

@@ -117,6 +117,14 @@ def on_ratio(co, n_k, n_j, B: int):
     return (co / n_k.clamp_min(1)) / p_off.clamp_min(1.0 / B)
 
 
+def energy_ratio(on_KB, e_JB, n_k, B: int):
+    """E[e_J | K on] / E[e_J | K off] over B tokens: ``on_KB`` K's on-indicators (float),
+    ``e_JB`` J's code energies, ``n_k`` the tokens with K on (rows elementwise)."""
+    e_on = (on_KB * e_JB).sum(-1) / n_k.clamp_min(1)
+    e_off = ((1 - on_KB) * e_JB).sum(-1) / (B - n_k).clamp_min(1)
+    return e_on / e_off.clamp_min(1e-30)
+
+
 def slice_components(cfg, items: list[Block]) -> list[list[int]]:
     """The sets of blocks linked, transitively, by the slice test (module docstring) and held
     by two or more groups; each set's block indices ascending, sets by their first block.
@@ -148,14 +156,9 @@ def slice_components(cfg, items: list[Block]) -> list[list[int]]:
     if cand.numel():
         e_NB = torch.stack([it.energy_B for it in items])
         onf_NB = on_NB.double()
-
-        def e_ratio(k, j):  # E[e_J | K on] / E[e_J | K off], over the candidate pairs
-            e_on = (onf_NB[k] * e_NB[j]).sum(1) / n_N[k].clamp_min(1)
-            e_off = ((1 - onf_NB[k]) * e_NB[j]).sum(1) / (B - n_N[k]).clamp_min(1)
-            return e_on / e_off.clamp_min(1e-30)
         i_C, j_C = i_P[cand], j_P[cand]
-        link[cand] = ((e_ratio(i_C, j_C) >= cfg.gather_energy)
-                      & (e_ratio(j_C, i_C) >= cfg.gather_energy))
+        link[cand] = ((energy_ratio(onf_NB[i_C], e_NB[j_C], n_N[i_C], B) >= cfg.gather_energy)
+                      & (energy_ratio(onf_NB[j_C], e_NB[i_C], n_N[j_C], B) >= cfg.gather_energy))
     link &= (co_P >= cfg.merge_min) & (grp_N[i_P] != grp_N[j_P])
     root = list(range(N))  # union-find over the linked pairs
 
