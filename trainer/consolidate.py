@@ -237,8 +237,9 @@ def revive_silent(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
 
 
 def periodic_steps(cfg: SAEConfig) -> list[str]:
-    """The names ``after_step`` reports under for the periodic steps switched on in ``cfg``."""
-    if cfg.arch != "sasa" or cfg.consolidate == "none":
+    """The names ``after_step`` reports under for the periodic steps switched on in ``cfg``
+    (none under ``consolidate: none``, which every arch but sasa has)."""
+    if cfg.consolidate == "none":
         return []
     every = {"merged": cfg.merge_every, "revived": cfg.revive_every,
              "unpacked": cfg.unpack_every, "gathered": cfg.gather_every}
