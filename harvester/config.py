@@ -39,8 +39,9 @@ class HarvestConfig:
     ``mlp_out.L`` with L a block index from 0."""
 
     tokens: int = 1 << 20
-    """How many tokens to harvest (rounded down to whole sequences); fewer if the dataset
-    runs out first."""
+    """How many tokens to harvest, rounded down to whole shards (``shard_seqs`` sequences;
+    a request below one shard is one shard of what it asks); fewer if the dataset runs out
+    first, which ``sasa harvest`` reports."""
 
     ctx_len: int = 128
     """Tokens per sequence; at most the model's maximum position count."""
