@@ -10,8 +10,12 @@ library (read with ``ast``, never imported; test suites and ``>>>`` examples ski
 the language reference
 in ``pydoc_data.topics``, then the docstrings of numpy and torch (sasa's own dependencies).
 Together that is well over a million MiniLM tokens; it is read lazily in that order and stops
-as soon as enough tokens are packed. Its contents depend on the versions of Python, numpy and
-torch, so those versions are recorded as the dataset's revision.
+as soon as enough tokens are packed. Its contents depend on the installed Python, numpy and
+torch, so the dataset's revision records their versions and a fingerprint of the files read
+(every path and size, and the topics' lengths): two installs with the same version strings can
+still differ (one measured machine yielded 2.2M tokens where another had given over 4.3M,
+bench/RESULTS_minilm.md round 10), and a resumed harvest or a comparison of caches must see it.
+Computing it stats each file once and reads none.
 """
 
 from __future__ import annotations
@@ -198,21 +202,26 @@ def _package_dir(name: str) -> Path | None:
     return Path(spec.origin).parent if spec and spec.origin else None
 
 
-def _docstrings(root: Path) -> Iterator[str]:
-    """Module, class and function docstrings under ``root``, files in sorted order."""
+def _py_files(root: Path) -> Iterator[Path]:
+    """The ``.py`` files under ``root`` that the corpus reads, in its (sorted) order."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
         for fn in sorted(filenames):
-            if not fn.endswith(".py"):
-                continue
-            try:
-                tree = ast.parse(Path(dirpath, fn).read_text(encoding="utf-8"))
-            except (SyntaxError, UnicodeDecodeError, ValueError):
-                continue  # a few stdlib files are deliberately broken examples
-            for node in _definitions(tree):
-                doc = _prose(ast.get_docstring(node) or "")
-                if len(doc) >= 40:  # skip one-line stubs
-                    yield doc
+            if fn.endswith(".py"):
+                yield Path(dirpath, fn)
+
+
+def _docstrings(root: Path) -> Iterator[str]:
+    """Module, class and function docstrings under ``root``, files in sorted order."""
+    for path in _py_files(root):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue  # a few stdlib files are deliberately broken examples
+        for node in _definitions(tree):
+            doc = _prose(ast.get_docstring(node) or "")
+            if len(doc) >= 40:  # skip one-line stubs
+                yield doc
 
 
 _DEFS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
@@ -243,19 +252,42 @@ def _prose(doc: str) -> str:
     return "\n".join(keep).strip()
 
 
+def _builtin_roots() -> list[tuple[str, Path]]:
+    """(name, folder) of every package tree the corpus reads, in its order."""
+    roots = [("stdlib", Path(sysconfig.get_paths()["stdlib"]))]
+    for pkg in ("numpy", "torch"):
+        root = _package_dir(pkg)
+        if root is not None:
+            roots.append((pkg, root))
+    return roots
+
+
 def _builtin_documents() -> Iterator[str]:
-    yield from _docstrings(Path(sysconfig.get_paths()["stdlib"]))
+    (_, stdlib), *packages = _builtin_roots()
+    yield from _docstrings(stdlib)
     import pydoc_data.topics
     topics = pydoc_data.topics.topics
     for key in sorted(topics):
         yield topics[key]
-    for pkg in ("numpy", "torch"):
-        root = _package_dir(pkg)
-        if root is not None:
-            yield from _docstrings(root)
+    for _, root in packages:
+        yield from _docstrings(root)
+
+
+def files_fingerprint(roots: list[tuple[str, Path]], extra: str = "") -> str:
+    """12 hex digits of a hash over every file the corpus would read under ``roots`` (its
+    root's name, path relative to the root, size) and ``extra``: any file added, removed or
+    resized changes it, with one ``stat`` per file and no reads."""
+    h = hashlib.sha256(extra.encode())
+    for name, root in roots:
+        for path in _py_files(root):
+            h.update(f"{name}/{path.relative_to(root).as_posix()}:{path.stat().st_size}\n"
+                     .encode())
+    return h.hexdigest()[:12]
 
 
 def builtin_revision() -> str:
+    """The installed versions the corpus comes from and ``files_fingerprint`` of what it reads
+    (the topics' keys and lengths as ``extra``)."""
     parts = [f"python-{platform.python_version()}"]
     for pkg in ("numpy", "torch"):
         try:
@@ -263,6 +295,10 @@ def builtin_revision() -> str:
             parts.append(f"{pkg}-{mod.__version__}")
         except ImportError:
             parts.append(f"{pkg}-absent")
+    import pydoc_data.topics
+    topics = pydoc_data.topics.topics
+    extra = "".join(f"{key}:{len(topics[key])}\n" for key in sorted(topics))
+    parts.append(f"files-{files_fingerprint(_builtin_roots(), extra)}")
     return ",".join(parts)
 
 

@@ -92,6 +92,29 @@ def test_input_ids_outside_vocab_are_refused(tmp_path, mistral):
         _pack(corpus.open_dataset(str(tmp_path / "bad.jsonl")), load_tokenizer(mistral))
 
 
+def test_builtin_revision_fingerprints_the_files_read(tmp_path):
+    """Equal version strings do not pin the built-in corpus: the revision also hashes every
+    file the corpus reads (path and size), and only those."""
+    root = tmp_path / "pkg"
+    (root / "sub").mkdir(parents=True)
+    (root / "tests").mkdir()
+    (root / "a.py").write_text('"""A module docstring long enough to count as prose."""\n')
+    (root / "sub" / "b.py").write_text("x = 1\n")
+    digest = corpus.files_fingerprint([("pkg", root)])
+    assert digest == corpus.files_fingerprint([("pkg", root)])
+    (root / "tests" / "t.py").write_text("skipped = True\n")  # a folder the corpus skips
+    (root / "notes.txt").write_text("not python\n")
+    assert corpus.files_fingerprint([("pkg", root)]) == digest
+    (root / "sub" / "b.py").write_text("x = 12\n")  # one file resized
+    resized = corpus.files_fingerprint([("pkg", root)])
+    assert resized != digest
+    (root / "sub" / "c.py").write_text("x = 12\n")  # one file added
+    assert corpus.files_fingerprint([("pkg", root)]) not in (digest, resized)
+    assert corpus.files_fingerprint([("other", root)]) != corpus.files_fingerprint([("pkg", root)])
+    revision = corpus.builtin_corpus().revision
+    assert revision.startswith("python-3") and ",files-" in revision
+
+
 @pytest.mark.slow  # tokenises a million tokens: ~12 s idle, over a minute on a busy machine
 def test_builtin_corpus_is_large_real_text():
     """The offline default: over a million MiniLM tokens of English prose, same order always."""
