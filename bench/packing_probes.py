@@ -2,11 +2,11 @@
 shared groups on the capped shapes, and does the unpack step undo it?
 
 One shape of bench/consolidation.py (capped at MAX_PROB), one seed, 262,144 training samples,
-1024 steps of batch 1024 (1M tokens), Adam lr 3e-3 (unless ``probe_lr``), 10% warm-up, 20%
-decay, the consolidation schedules and periodic steps of the member's SAEConfig (``top_s_at``,
-``group_lasso_scale``, ``after_step``); scored on the same held-out samples as the benchmark:
-FVU, units per feature by d_i alone and in context, and how many features share their main
-group with another ("packed").
+1024 steps (``--steps N``: N) of batch 1024 (1M tokens), Adam lr 3e-3 (unless ``probe_lr``),
+10% warm-up, 20% decay, the consolidation schedules and periodic steps of the member's
+SAEConfig (``top_s_at``, ``group_lasso_scale``, ``after_step``); scored on the same held-out
+samples as the benchmark: FVU, units per feature by d_i alone and in context, and how many
+features share their main group with another ("packed").
 Variants (each a name below, or NAME=JSON of SAEConfig overrides):
 
 - ``default``: the default procedure (s ramp and group penalty), in memory;
@@ -30,7 +30,11 @@ Variants (each a name below, or NAME=JSON of SAEConfig overrides):
 - the JSON key ``"probe_warmup": f`` (round 9) warms the lr up over the first f of the run
   instead of 10% (the streaming trainer caps its warm-up at 10%);
 - the JSON key ``"probe_b_dec": "median"`` (round 5) starts the decoder bias at the
-  coordinate-wise median of 16384 training rows instead of their mean.
+  coordinate-wise median of 16384 training rows instead of their mean;
+- the JSON keys ``"probe_ecov": w``, ``"probe_ecov_form"``, ``"probe_ecov_from"`` and
+  ``"probe_ecov_until"`` (round 11) add w x ``energy_cov`` (the form named: "cov", "var",
+  "varpos", "lift" or "balance") to the loss while the group penalty is on, from/until those
+  shares of the run (default 0 and 1), scaled by the penalty's schedule.
 
 ``--floors SHAPE SEED`` (round 8) trains the default once and scores it with a floor added to
 its gate at evaluation only: a kept group counts only where its code norm is at least tau x
@@ -42,6 +46,7 @@ direction (its squared norm), over the 1-D features.
 
     python bench/packing_probes.py C 0 default oracle 'unpack={"unpack_every": 25}'
     python bench/packing_probes.py --floors B 0
+    python bench/packing_probes.py --steps 2048 C 0 default    # 2M tokens instead of 1M
 """
 
 from __future__ import annotations
@@ -75,8 +80,39 @@ def rank_at(frac: float, rank: int) -> int:
     return 1 if frac < 0.1 else rank if frac >= 0.3 else 1 + int((rank - 1) * (frac - 0.1) / 0.2)
 
 
+def energy_cov(x_BD: torch.Tensor, z_BGR: torch.Tensor, form: str) -> torch.Tensor:
+    """Round 11, hypotheses 31-32: terms on the batch covariance C of the groups' code energies
+    e_g = ||z_g||^2 / rms^2 (rms: the batch's, detached). Slices of one feature switch on
+    together (C_gh > 0); groups holding whole independent features have C_gh = 0.
+
+    - "cov": sum of the positive C_gh, g != h;
+    - "var": sum_{g != h} C_gh / sum_{g, h} C_gh (the total's variance, detached), i.e.
+      1 - sum_g Var(e_g) / Var(sum_g e_g): scale-free, negative C_gh lower it;
+    - "varpos": the same with only the positive C_gh;
+    - "lift": sum of the positive C_gh / (m_g m_h), m the mean energies (detached);
+    - "balance" (32, a load-balancing term as mixture-of-experts routers use):
+      G sum_g m_g^2 / (sum_g m_g)^2 - 1, zero when every group's mean energy is equal."""
+    rms2 = (x_BD - x_BD.mean(0)).square().sum(1).mean().detach()
+    e_BG = z_BGR.square().sum(-1) / rms2
+    m_G = e_BG.mean(0)
+    if form == "balance":
+        return m_G.numel() * m_G.square().sum() / m_G.sum().square().clamp_min(1e-12) - 1
+    c_BG = e_BG - m_G
+    cov_GG = c_BG.T @ c_BG / e_BG.shape[0]
+    if form == "lift":
+        m = m_G.detach().clamp_min(1e-6)
+        cov_GG = cov_GG / (m[:, None] * m[None, :])
+    if form in ("cov", "lift", "varpos"):
+        cross = cov_GG.clamp_min(0).sum() - cov_GG.diagonal().clamp_min(0).sum()
+    else:
+        cross = cov_GG.sum() - cov_GG.diagonal().sum()
+    if form in ("var", "varpos"):
+        return cross / cov_GG.sum().detach().clamp_min(1e-12)
+    return cross
+
+
 def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
-                    stop: int = STEPS, trace: dict | None = None):
+                    stop: int | None = None, trace: dict | None = None):
     """(sae, mean, scale): the SAE of ``over`` (SAEConfig overrides, plus the ``probe_*`` keys
     of the module docstring but ``probe_stop``) trained in memory for ``stop`` of the run's
     ``STEPS`` steps on the shape's 262,144 samples normalised by (mean, scale); ``variant``
@@ -96,6 +132,10 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
     data_init = over.pop("probe_data_init", False)
     groups = round(over.pop("probe_groups", 1.0) * shape.groups)
     warmup = round(over.pop("probe_warmup", 0.1) * STEPS)
+    ecov = over.pop("probe_ecov", 0.0)
+    ecov_form = over.pop("probe_ecov_form", "cov")
+    ecov_from = over.pop("probe_ecov_from", 0.0)
+    ecov_until = over.pop("probe_ecov_until", 1.0)
     sae = SAE(SAEConfig(d_in=spec.d, groups=groups, rank=shape.rank, top_s=shape.top_s,
                         **over), seed=init_seed)
     if data_init:
@@ -115,15 +155,19 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(STEPS, warmup, 0.2))
     gen = torch.Generator().manual_seed(seed)
     s1_fvu = []
-    for step in range(stop):
+    for step in range(STEPS if stop is None else stop):
         sae.cfg.gate = "batch" if step / STEPS < GATE_UNTIL.get(variant, 0.0) else "token"
         idx = torch.randint(0, x_n.shape[0], (1024,), generator=gen)
         top_s = top_s_at(sae.cfg, step, STEPS, 1024)
         if pulse and pulse[0] <= step / STEPS < pulse[2]:  # the s ramp again, over the pulse
             top_s = top_s_at(pulse_cfg, step, STEPS, 1024)
-        out = sae(x_n[idx], gl_scale=group_lasso_scale(sae.cfg, step, STEPS), top_s=top_s)
+        gl_scale = group_lasso_scale(sae.cfg, step, STEPS)
+        out = sae(x_n[idx], gl_scale=gl_scale, top_s=top_s)
+        loss = out.loss
+        if ecov and gl_scale > 0 and ecov_from * STEPS <= step < ecov_until * STEPS:
+            loss = loss + ecov * gl_scale * energy_cov(x_n[idx], out.codes_BGR, ecov_form)
         opt.zero_grad()
-        out.loss.backward()
+        loss.backward()
         opt.step()
         sched.step()
         sae.post_step()
@@ -193,7 +237,11 @@ def floors(shape_name: str, seed: int, taus=(0.0, 0.1, 0.2, 0.3, 0.4)) -> None:
 
 
 def main() -> None:
+    global STEPS
     torch.set_num_threads(1)
+    if sys.argv[1] == "--steps":  # round 11: runs of another length (batch 1024 each)
+        STEPS = int(sys.argv[2])
+        del sys.argv[1:3]
     if sys.argv[1] == "--floors":
         floors(sys.argv[2], int(sys.argv[3]))
         return

@@ -158,17 +158,57 @@ def test_a_run_longer_than_the_ramp_keeps_s_groups_after_it(cache_url, tmp_path)
 def test_dense_and_sparse_paths_agree_with_the_new_terms():
     torch.manual_seed(0)
     x = torch.randn(64, 16)
-    cfgs = [SAEConfig(d_in=16, groups=32, rank=2, top_s=3, decode=d) for d in ("dense", "sparse")]
+    cfgs = [SAEConfig(d_in=16, groups=32, rank=2, top_s=3, decode=d, energy_cov=0.5)
+            for d in ("dense", "sparse")]
     saes = [SAE(c, seed=1) for c in cfgs]
     outs = [sae(x, gl_scale=0.7, top_s=2) for sae in saes]
     assert float(outs[0].group_lasso_term.detach()) > 0
     assert torch.allclose(outs[0].group_lasso_term, outs[1].group_lasso_term, rtol=1e-5)
+    assert abs(float(outs[0].energy_cov_term.detach())) > 1e-3
+    assert torch.allclose(outs[0].energy_cov_term, outs[1].energy_cov_term, rtol=1e-4)
     assert torch.allclose(outs[0].loss, outs[1].loss, rtol=1e-5)
     assert float(outs[0].l0_groups) == 2.0 and float(outs[1].l0_groups) == 2.0
     for o, sae in zip(outs, saes):
         o.loss.backward()
     for a, b in zip(*(list(s.parameters()) for s in saes)):
         assert torch.allclose(a.grad, b.grad, atol=1e-5)
+
+
+def test_energy_cross_share_matches_a_covariance_table():
+    """The O(pairs + G) form equals sum_{g != h} Cov(e_g, e_h) / Var(sum_g e_g) computed from
+    the full G x G covariance of the energies in float64, from dense and from pair inputs;
+    two slices of one feature (energies that switch on together) raise it, independent
+    groups leave it near 0."""
+    from sasa.trainer.consolidate import KeptEnergy, energy_cross_share
+    gen = torch.Generator().manual_seed(0)
+    B, G, s = 512, 10, 3
+    group_BS = torch.rand(B, G, generator=gen).argsort(1)[:, :s]
+    keep_BG = torch.zeros(B, G, dtype=torch.bool).scatter_(1, group_BS, True)
+    e_BG = torch.rand(B, G, generator=gen, dtype=torch.float64) * keep_BG
+
+    def reference(e_BG):
+        c_BG = e_BG - e_BG.mean(0)
+        cov_GG = c_BG.T @ c_BG / B
+        return float((cov_GG.sum() - cov_GG.diagonal().sum()) / cov_GG.sum())
+
+    token_P = torch.arange(B).repeat_interleave(s)
+    group_P = group_BS.reshape(-1)
+    dense = float(energy_cross_share(KeptEnergy(e_BG, keep_BG), B, G))
+    pairs = float(energy_cross_share(KeptEnergy(e_BG[token_P, group_P], None, token_P, group_P),
+                                     B, G))
+    assert dense == pytest.approx(reference(e_BG), rel=1e-5)
+    assert pairs == pytest.approx(reference(e_BG), rel=1e-5)
+    # Independent features, one per group, each on a quarter of the tokens: about 0; the same
+    # with feature 0 split evenly over groups 0 and 1 (group 1's own feature gone): positive.
+    B, G = 4096, 4
+    on_BG = torch.rand(B, G, generator=gen) < 0.25
+    whole_BG = torch.rand(B, G, generator=gen, dtype=torch.float64) * on_BG
+    split_BG = whole_BG.clone()
+    split_BG[:, :2] = whole_BG[:, :1] / 2
+    ones = torch.ones(B, G, dtype=torch.bool)
+    independent = float(energy_cross_share(KeptEnergy(whole_BG, ones), B, G))
+    split = float(energy_cross_share(KeptEnergy(split_BG, ones), B, G))
+    assert abs(independent) < 0.03 and split > 0.1
 
 
 def test_merge_step_keeps_blocks_orthonormal_and_finite():

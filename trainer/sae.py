@@ -50,7 +50,7 @@ from torch import nn
 
 from sasa.errors import SasaError
 from sasa.trainer.auxk import auxk_loss
-from sasa.trainer.consolidate import group_sparsity
+from sasa.trainer.consolidate import KeptEnergy, energy_cross_share, group_sparsity
 from sasa.trainer.linalg import EffectiveRanks, batch_fvu, effective_ranks, signfix_qr, svdvals_GR
 from sasa.trainer.sae_config import SAEConfig
 from sasa.trainer.sparse import GatherCodes, Kept, kept_pairs
@@ -78,8 +78,11 @@ class ForwardOutput(NamedTuple):
     group_lasso_term: torch.Tensor
     """group_lasso * gl_scale * mean_b sum_g (||z_bg|| / rms)^p over kept groups (see
     ``SAEConfig.group_lasso``; 0 when consolidate="none")."""
+    energy_cov_term: torch.Tensor
+    """energy_cov * gl_scale * the between-group share of the code energy's variance (see
+    ``SAEConfig.energy_cov``; 0 when consolidate="none")."""
     loss: torch.Tensor
-    """fvu + auxk_alpha * auxk_loss + nuc_term + l1_term + group_lasso_term."""
+    """fvu + auxk_alpha * auxk_loss + nuc_term + l1_term + group_lasso_term + energy_cov_term."""
     l0_groups: torch.Tensor
     """Mean active groups (units) per token."""
     l0_coords: torch.Tensor
@@ -220,6 +223,13 @@ class SAE(nn.Module):
         cfg = self.cfg
         return cfg.group_lasso * gl_scale if cfg.consolidate != "none" else 0.0
 
+    def _ec_weight(self, gl_scale: float) -> float:
+        cfg = self.cfg
+        return cfg.energy_cov * gl_scale if cfg.consolidate != "none" else 0.0
+
+    def _wants_energy(self, gl_scale: float) -> bool:
+        return self._gl_weight(gl_scale) > 0 or self._ec_weight(gl_scale) > 0
+
     def _forward_dense(self, x_BD: torch.Tensor, nuc_scale: float = 1.0,
                        gl_scale: float = 0.0, top_s: int | None = None) -> ForwardOutput:
         """The reference: every code of every token goes through dense matmuls."""
@@ -235,8 +245,8 @@ class SAE(nn.Module):
             auxk = auxk_loss(self, x_BD - x_hat_BD.detach(), h_BGR)
         l0_coords = (codes_BGR != 0).sum((1, 2)).to(x_BD.dtype).mean()
         sq = None
-        if self._gl_weight(gl_scale) > 0:  # squared group norms; unkept groups masked in _finish
-            sq = (codes_BGR.square().sum(-1), keep_BG)
+        if self._wants_energy(gl_scale):  # squared group norms (zero where not kept)
+            sq = KeptEnergy(codes_BGR.square().sum(-1), keep_BG)
         return self._finish(x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords, nuc_scale,
                             gl_scale, sq)
 
@@ -283,8 +293,8 @@ class SAE(nn.Module):
         if cfg.auxk_alpha > 0:
             auxk = auxk_loss(self, x_BD - x_hat_BD.detach(), h_BGR, take=take)
         sq = None
-        if self._gl_weight(gl_scale) > 0:  # a kept group's R coordinates are contiguous pairs
-            sq = (vals_P.view(-1, R).square().sum(-1), None)
+        if self._wants_energy(gl_scale):  # a kept group's R coordinates are contiguous pairs
+            sq = KeptEnergy(vals_P.view(-1, R).square().sum(-1), None, token_K, group_K)
         return self._finish(x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords, nuc_scale,
                             gl_scale, sq)
 
@@ -296,9 +306,8 @@ class SAE(nn.Module):
 
     def _finish(self, x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords, nuc_scale=1.0,
                 gl_scale=1.0, sq=None) -> ForwardOutput:
-        """The loss terms and bookkeeping shared by both paths. ``sq``: (squared norms
-        ||z_bg||^2, mask of the kept ones or None when every entry is kept) for the
-        group-sparsity term."""
+        """The loss terms and bookkeeping shared by both paths. ``sq``: the kept groups'
+        squared code norms (``KeptEnergy``) for the consolidation terms."""
         cfg = self.cfg
         fvu = batch_fvu(x_BD, x_hat_BD)
         zero = x_BD.new_zeros(())
@@ -309,8 +318,14 @@ class SAE(nn.Module):
         if cfg.arch == "relu" and cfg.l1_coeff > 0:
             norms_GR = self.W_dec_GRD.norm(dim=-1)
             l1_term = cfg.l1_coeff * (codes_BGR.abs() * norms_GR).sum((1, 2)).mean()
-        gl_term = zero if sq is None else group_sparsity(cfg, x_BD, *sq, self._gl_weight(gl_scale))
-        loss = fvu + cfg.auxk_alpha * auxk + nuc_term + l1_term + gl_term
+        gl_term = ec_term = zero
+        if sq is not None and self._gl_weight(gl_scale) > 0:
+            gl_term = group_sparsity(cfg, x_BD, sq, self._gl_weight(gl_scale))
+        if sq is not None and self._ec_weight(gl_scale) > 0:
+            G = self.W_dec_GRD.shape[0]
+            share = energy_cross_share(sq, x_BD.shape[0], G)
+            ec_term = self._ec_weight(gl_scale) * share.to(x_BD.dtype)
+        loss = fvu + cfg.auxk_alpha * auxk + nuc_term + l1_term + gl_term + ec_term
 
         if self.training:
             with torch.no_grad():
@@ -319,7 +334,8 @@ class SAE(nn.Module):
 
         return ForwardOutput(
             x_hat_BD=x_hat_BD, codes_BGR=codes_BGR, active_BG=active_BG, fvu=fvu,
-            auxk_loss=auxk, nuc_term=nuc_term, l1_term=l1_term, group_lasso_term=gl_term, loss=loss,
+            auxk_loss=auxk, nuc_term=nuc_term, l1_term=l1_term, group_lasso_term=gl_term,
+            energy_cov_term=ec_term, loss=loss,
             l0_groups=active_BG.sum(1).to(x_BD.dtype).mean(), l0_coords=l0_coords,
         )
 

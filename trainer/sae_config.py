@@ -113,6 +113,14 @@ class SAEConfig:
     group_lasso_end: float = 0.8
     """Fraction of the run's steps by which that weight has been annealed linearly to 0."""
 
+    energy_cov: float = 0.0
+    """Weight of the between-group energy term (``consolidate.energy_cross_share``): the share
+    of the variance of a token's code energy sum_g ||z_g||^2 that lies between groups,
+    sum_{g != h} Cov(||z_g||^2, ||z_h||^2) / Var(sum_g ||z_g||^2) over the batch, on the
+    group-sparsity penalty's schedule (``group_lasso_hold``, ``group_lasso_end``). Slices of
+    one feature in two groups switch on together, so the term charges them; whole independent
+    features, packed into one group or not, cost nothing. 0 disables."""
+
     s_start: int | None = 1
     """s ramp: the gate keeps ``s_start`` groups per token until ``s_ramp_from`` of the ramp's
     span, then s grows linearly (rounded) to ``top_s`` at ``s_ramp_to``. None: no ramp."""
@@ -285,6 +293,8 @@ class SAEConfig:
             raise SasaError(f"group_lasso must be >= 0 (got {self.group_lasso})")
         if self.s_start is not None and not 1 <= self.s_start:
             raise SasaError(f"s_start must be >= 1 (got {self.s_start})")
+        if self.energy_cov < 0:
+            raise SasaError(f"energy_cov must be >= 0 (0: off; got {self.energy_cov})")
         if self.gather_energy < 0:
             raise SasaError(f"gather_energy must be >= 0 (0: off; got {self.gather_energy})")
         if not 0 <= self.s_ramp_from <= self.s_ramp_to <= 1:
