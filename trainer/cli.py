@@ -60,6 +60,9 @@ def register(subparsers) -> None:
                    help="sasa: the gather step also links slices whose code energies follow "
                         "each other this strongly; 0: the on-test alone (default "
                         f"{SAE['gather_energy']:g}, docs/train.md)")
+    p.add_argument("--energy-cov", type=float, default=None,
+                   help="sasa: weight of the term on covariance between groups' code energies; "
+                        f"0: off (default {SAE['energy_cov']:g}, docs/train.md)")
     p.add_argument("--lr", type=float, default=None, help="Adam lr (default 2e-4 / sqrt(G*r / 2^14))")
     p.add_argument("--name", default=None, help="output subfolder name")
     _run_args(p)
@@ -106,7 +109,7 @@ def run_train(args) -> int:
     sae = {"arch": args.arch, "groups": args.groups, "top_s": args.top_s, "nuc_lambda": args.nuc_lambda,
            "nuc_on": args.nuc_on, "gate": args.gate}
     for key in ("rank", "codes", "l1_coeff", "auxk_alpha", "dead_tokens", "consolidate",
-                "gather_energy"):
+                "gather_energy", "energy_cov"):
         if getattr(args, key) is not None:
             sae[key] = getattr(args, key)
     if args.s_ramp_tokens is not None:

@@ -113,13 +113,15 @@ class SAEConfig:
     group_lasso_end: float = 0.8
     """Fraction of the run's steps by which that weight has been annealed linearly to 0."""
 
-    energy_cov: float = 0.0
+    energy_cov: float = 0.03
     """Weight of the between-group energy term (``consolidate.energy_cross_share``): the share
     of the variance of a token's code energy sum_g ||z_g||^2 that lies between groups,
     sum_{g != h} Cov(||z_g||^2, ||z_h||^2) / Var(sum_g ||z_g||^2) over the batch, on the
     group-sparsity penalty's schedule (``group_lasso_hold``, ``group_lasso_end``). Slices of
     one feature in two groups switch on together, so the term charges them; whole independent
-    features, packed into one group or not, cost nothing. 0 disables."""
+    features, packed into one group or not, cost nothing; groups never kept together have
+    negative covariance, so while s is small it also spreads the tokens over the groups.
+    0 disables (the default before round 11 of bench/SPLITTING.md, which measures it)."""
 
     s_start: int | None = 1
     """s ramp: the gate keeps ``s_start`` groups per token until ``s_ramp_from`` of the ramp's
