@@ -7,9 +7,9 @@ leaves such a split only through a slow saddle escape: a group's spare dimension
 the missing part of its feature only if that part shows up in the error, and a second group
 already removes it from the error (our reading of the probes in bench/SPLITTING.md).
 
-``SAEConfig.consolidate = "anneal"`` (the default for sasa) adds two schedules, both pure
-functions of (step, steps), so a resumed run repeats them exactly and every sweep member
-follows its own config, and one periodic step:
+``SAEConfig.consolidate = "anneal"`` (the default for sasa) adds two schedules and a term on
+the second one's schedule, all pure functions of (step, steps) and the batch, so a resumed run
+repeats them exactly and every sweep member follows its own config, and one periodic step:
 - ``top_s_at``: the s ramp. s = ``s_start`` (1) for the first 10% of the run, then linearly to
   the configured s at 30% (of the first ``s_ramp_tokens``, 2M, of a longer run).
   With fewer slots than features, what a kept group misses of its feature stays in the error,
@@ -17,24 +17,27 @@ follows its own config, and one periodic step:
 - ``group_lasso_scale``: a group-sparsity penalty sum_g (||z_g|| / rms)^p, p = 1/2, at full
   weight for the first half and annealed to 0 at 80%, so the lr decay runs on the plain
   objective. It charges splits and copies and so keeps spare slots from being free.
+- ``energy_cross_share`` (``energy_cov`` 0.03, on that schedule): the share of the variance of
+  a token's code energy that lies between groups. Slices of one feature switch on together;
+  groups holding whole independent features do not covary, whatever the features' frequency,
+  so it separates the cuts of two always-kept groups' joint subspace that the penalty cannot.
 - ``sasa.trainer.gather.gather_slices`` (``gather_every`` 25, from 50% to 80% of the run):
   blocks of different groups that are on only together, or whose code energies follow each
   other (``gather_energy``), are slices of one feature and move into one group.
-Measured through the streaming trainer (bench/RESULTS_consolidation.md, rounds 5-10: five
+Measured through the streaming trainer (bench/RESULTS_consolidation.md, rounds 5-11: five
 planted shapes, three seeds, nine on D and E, units per feature counted on inputs of one
-feature alone as issue 9 defines them): every seed of the disjoint 1-4-D shape A at one group
-per feature (every d_i <= 1.2) below the planted oracle's FVU by 512k tokens (max 1.05, 0.93x;
-plain SASA not by 2M), while TopK's FVU still falls 17x to 2M; the overlapping Gaussian 1-6-D
-shape D in the mean over seeds by 1M (1.17, 0.81x) and on 8 of 9 seeds at 2M, 7 of 9 at 4M;
-the overlapping spherical 1-5-D shape E with ~6 features on in the mean at 2-4M and on 6 and
-5 of 9 seeds; the dense d = 32 shape B in the mean by 2M (1.20, 0.86x) but on 1 of 3 seeds.
-On the overlapping spherical 1-6-D shape C it cuts splitting from about 4 groups to 1.8 at
-0.66x the oracle's FVU by 2M (round 5's default, with no gather step and the ramp over the
-whole run: 1.21-1.22 at 4-8M): there the most frequent features are on together in most tokens
-and stay shared between the groups kept with them (bench/SPLITTING.md, rounds 3 and 5). The s =
-1 phase is short (10% of the run, ramp to 30%, within the first 2M tokens) because a long one
-costs FVU on real activations (bench/SPLITTING.md, rounds 2 and 7; MiniLM in
-bench/RESULTS_minilm.md).
+feature alone as issue 9 defines them; round 11's default): every seed of the disjoint 1-4-D
+shape A at one group per feature (every d_i <= 1.2) below the planted oracle's FVU by 512k
+tokens (max 1.05, 0.87x; plain SASA not by 2M), while TopK's FVU still falls 17x to 2M; the
+overlapping Gaussian 1-6-D shape D on 2 of 3 seeds at 1M, 7 of 9 at 2M and 5 of 9 at 4M (mean
+over seeds 1.15-1.20); the overlapping spherical 1-5-D shape E with ~6 features on in the mean
+at 2-4M (1.07, 1.13) and on 6 and 5 of 9 seeds; the dense d = 32 shape B on 1 of 3 seeds at 2M.
+On the overlapping spherical 1-6-D shape C, where the most frequent features are on together
+in most tokens, every multi-dimensional feature within 1.2 groups in the mean over seeds at 2M
+(round 10, without the energy term: 1.82 on 6-D), its 1-D features at 1.48. The s = 1 phase is
+short (10% of the run, ramp to 30%, within the first 2M tokens) because a long one costs FVU on
+real activations (bench/SPLITTING.md, rounds 2 and 7; MiniLM in bench/RESULTS_minilm.md, where
+the energy term lowers r = 4's held-out FVU by 4-5% at 4.2M tokens, round 11).
 
 ``revive_silent`` (off by default, ``revive_every``) re-seeds groups that no token kept at the
 residual; it removes silent groups but did not recover FVU on MiniLM (bench/SPLITTING.md).

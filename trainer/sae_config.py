@@ -91,7 +91,8 @@ class SAEConfig:
     that holds part of a feature leaves the rest in the error and turns its spare dimensions to
     it, instead of a spare slot letting a second group take it; (2) a group-sparsity penalty on
     the kept codes (``group_lasso``...), which makes a split or duplicated feature cost more
-    than a consolidated one; (3) the gather step (``gather_every``), which moves slices of one
+    than a consolidated one, and on its schedule a term on the covariance of the groups' code
+    energies (``energy_cov``); (3) the gather step (``gather_every``), which moves slices of one
     feature held by different groups into one. Optional periodic steps: merge (``merge_every``),
     revive (``revive_every``), unpack (``unpack_every``). "none": the plain objective (Top-s,
     FVU + AuxK + rank penalty).
