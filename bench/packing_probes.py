@@ -34,7 +34,11 @@ Variants (each a name below, or NAME=JSON of SAEConfig overrides):
 - the JSON keys ``"probe_ecov": w``, ``"probe_ecov_form"``, ``"probe_ecov_from"`` and
   ``"probe_ecov_until"`` (round 11) add w x ``energy_cov`` (the form named: "cov", "var",
   "varpos", "lift" or "balance") to the loss while the group penalty is on, from/until those
-  shares of the run (default 0 and 1), scaled by the penalty's schedule.
+  shares of the run (default 0 and 1), scaled by the penalty's schedule. Round 11's rows ran
+  at commit 9259c01, before ``energy_cov`` 0.03 became the default and with the probe's own
+  covariance-table form of "var" (``git checkout 9259c01 -- bench/packing_probes.py trainer/``
+  reproduces them digit for digit; at HEAD add ``"energy_cov": 0.0``, and "var" calls the
+  trainer's closed form, equal up to float rounding: C seed 0's largest count 1.34 against 1.37).
 
 ``--floors SHAPE SEED`` (round 8) trains the default once and scores it with a floor added to
 its gate at evaluation only: a kept group counts only where its code norm is at least tau x
@@ -67,7 +71,8 @@ from sasa.analysis import metrics  # noqa: E402
 from sasa.analysis.splitting import splitting, unit_energies  # noqa: E402
 from sasa.analysis.synthetic import generate  # noqa: E402
 from sasa.trainer import SAE, SAEConfig  # noqa: E402
-from sasa.trainer.consolidate import after_step, group_lasso_scale, top_s_at  # noqa: E402
+from sasa.trainer.consolidate import (KeptEnergy, after_step, energy_cross_share,  # noqa: E402
+                                      group_lasso_scale, top_s_at)
 from sasa.trainer.schedule import lr_factor  # noqa: E402
 
 STEPS = 1024
@@ -87,13 +92,17 @@ def energy_cov(x_BD: torch.Tensor, z_BGR: torch.Tensor, form: str) -> torch.Tens
 
     - "cov": sum of the positive C_gh, g != h;
     - "var": sum_{g != h} C_gh / sum_{g, h} C_gh (the total's variance, detached), i.e.
-      1 - sum_g Var(e_g) / Var(sum_g e_g): scale-free, negative C_gh lower it;
+      1 - sum_g Var(e_g) / Var(sum_g e_g): scale-free, negative C_gh lower it; the trainer's
+      ``energy_cross_share``, which round 11 made the default (``energy_cov`` 0.03);
     - "varpos": the same with only the positive C_gh;
     - "lift": sum of the positive C_gh / (m_g m_h), m the mean energies (detached);
     - "balance" (32, a load-balancing term as mixture-of-experts routers use):
       G sum_g m_g^2 / (sum_g m_g)^2 - 1, zero when every group's mean energy is equal."""
     rms2 = (x_BD - x_BD.mean(0)).square().sum(1).mean().detach()
     e_BG = z_BGR.square().sum(-1) / rms2
+    if form == "var":  # the trainer's term (SAEConfig.energy_cov, round 11's default)
+        B, G = e_BG.shape
+        return energy_cross_share(KeptEnergy(e_BG, e_BG != 0), B, G)
     m_G = e_BG.mean(0)
     if form == "balance":
         return m_G.numel() * m_G.square().sum() / m_G.sum().square().clamp_min(1e-12) - 1
@@ -102,11 +111,8 @@ def energy_cov(x_BD: torch.Tensor, z_BGR: torch.Tensor, form: str) -> torch.Tens
     if form == "lift":
         m = m_G.detach().clamp_min(1e-6)
         cov_GG = cov_GG / (m[:, None] * m[None, :])
-    if form in ("cov", "lift", "varpos"):
-        cross = cov_GG.clamp_min(0).sum() - cov_GG.diagonal().clamp_min(0).sum()
-    else:
-        cross = cov_GG.sum() - cov_GG.diagonal().sum()
-    if form in ("var", "varpos"):
+    cross = cov_GG.clamp_min(0).sum() - cov_GG.diagonal().clamp_min(0).sum()
+    if form == "varpos":
         return cross / cov_GG.sum().detach().clamp_min(1e-12)
     return cross
 
