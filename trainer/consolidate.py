@@ -34,7 +34,8 @@ over seeds 1.15-1.20); the overlapping spherical 1-5-D shape E with ~6 features 
 at 2-4M (1.07, 1.13) and on 6 and 5 of 9 seeds; the dense d = 32 shape B on 1 of 3 seeds at 2M.
 On the overlapping spherical 1-6-D shape C, where the most frequent features are on together
 in most tokens, every multi-dimensional feature within 1.2 groups in the mean over seeds at 2M
-(round 10, without the energy term: 1.82 on 6-D), its 1-D features at 1.48. The s = 1 phase is
+(round 10, without the energy term: 1.82 on 6-D), its 1-D features at 1.48; at 8M on 2 of 3
+seeds (the planted-init oracle on none). The s = 1 phase is
 short (10% of the run, ramp to 30%, within the first 2M tokens) because a long one costs FVU on
 real activations (bench/SPLITTING.md, rounds 2 and 7; MiniLM in bench/RESULTS_minilm.md, where
 the energy term lowers r = 4's held-out FVU by 4-5% at 4.2M tokens, round 11).
