@@ -11,8 +11,8 @@ the language reference
 in ``pydoc_data.topics``, then the docstrings of numpy and torch (sasa's own dependencies).
 Together that is well over a million MiniLM tokens; it is read lazily in that order and stops
 as soon as enough tokens are packed. Its contents depend on the installed Python, numpy and
-torch, so the dataset's revision records their versions and a fingerprint of the files read
-(every path and size, and the topics' lengths): two installs with the same version strings can
+torch, so the dataset's revision records their versions and a fingerprint of every file it
+can read (path and size, and the topics' lengths): two installs with the same version strings can
 still differ (one measured machine yielded 2.2M tokens where another had given over 4.3M,
 bench/RESULTS_minilm.md round 10), and a resumed harvest or a comparison of caches must see it.
 Computing it stats each file once and reads none.
@@ -262,13 +262,17 @@ def _builtin_roots() -> list[tuple[str, Path]]:
     return roots
 
 
+def _topics() -> list[tuple[str, str]]:
+    """The language reference's topics in ``pydoc_data.topics``, (key, text) by key."""
+    import pydoc_data.topics
+    return sorted(pydoc_data.topics.topics.items())
+
+
 def _builtin_documents() -> Iterator[str]:
     (_, stdlib), *packages = _builtin_roots()
     yield from _docstrings(stdlib)
-    import pydoc_data.topics
-    topics = pydoc_data.topics.topics
-    for key in sorted(topics):
-        yield topics[key]
+    for _, text in _topics():
+        yield text
     for _, root in packages:
         yield from _docstrings(root)
 
@@ -295,9 +299,7 @@ def builtin_revision() -> str:
             parts.append(f"{pkg}-{mod.__version__}")
         except ImportError:
             parts.append(f"{pkg}-absent")
-    import pydoc_data.topics
-    topics = pydoc_data.topics.topics
-    extra = "".join(f"{key}:{len(topics[key])}\n" for key in sorted(topics))
+    extra = "".join(f"{key}:{len(text)}\n" for key, text in _topics())
     parts.append(f"files-{files_fingerprint(_builtin_roots(), extra)}")
     return ",".join(parts)
 

@@ -140,7 +140,7 @@ def energy_cross_share(kept: KeptEnergy, B: int, G: int) -> torch.Tensor:
     indifferent to packing independent ones (the criterion of independent subspace analysis).
     Scale-free. O(pairs + G), never a G x G table: sum_{g != h} E[e_g e_h] = E[T^2 - sum_g
     e_g^2] and sum_{g != h} m_g m_h = (sum_g m_g)^2 - sum_g m_g^2 (m the groups' means)."""
-    e = kept.sq.float()
+    e = kept.sq.to(torch.promote_types(kept.sq.dtype, torch.float32))  # half -> float32 only
     if kept.keep_BG is not None:
         T_B, Q_B, m_G = e.sum(1), e.square().sum(1), e.mean(0)
     else:

@@ -219,16 +219,12 @@ class SAE(nn.Module):
             return self._forward_sparse(x_BD, nuc_scale, gl_scale, top_s)
         return self._forward_dense(x_BD, nuc_scale, gl_scale, top_s)
 
-    def _gl_weight(self, gl_scale: float) -> float:
+    def _term_weights(self, gl_scale: float) -> tuple[float, float]:
+        """This step's weights of the group-sparsity and energy terms (0 without consolidation)."""
         cfg = self.cfg
-        return cfg.group_lasso * gl_scale if cfg.consolidate != "none" else 0.0
-
-    def _ec_weight(self, gl_scale: float) -> float:
-        cfg = self.cfg
-        return cfg.energy_cov * gl_scale if cfg.consolidate != "none" else 0.0
-
-    def _wants_energy(self, gl_scale: float) -> bool:
-        return self._gl_weight(gl_scale) > 0 or self._ec_weight(gl_scale) > 0
+        if cfg.consolidate == "none":
+            return 0.0, 0.0
+        return cfg.group_lasso * gl_scale, cfg.energy_cov * gl_scale
 
     def _forward_dense(self, x_BD: torch.Tensor, nuc_scale: float = 1.0,
                        gl_scale: float = 0.0, top_s: int | None = None) -> ForwardOutput:
@@ -245,7 +241,7 @@ class SAE(nn.Module):
             auxk = auxk_loss(self, x_BD - x_hat_BD.detach(), h_BGR)
         l0_coords = (codes_BGR != 0).sum((1, 2)).to(x_BD.dtype).mean()
         sq = None
-        if self._wants_energy(gl_scale):  # squared group norms (zero where not kept)
+        if max(self._term_weights(gl_scale)) > 0:  # squared group norms (zero where not kept)
             sq = KeptEnergy(codes_BGR.square().sum(-1), keep_BG)
         return self._finish(x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords, nuc_scale,
                             gl_scale, sq)
@@ -293,7 +289,7 @@ class SAE(nn.Module):
         if cfg.auxk_alpha > 0:
             auxk = auxk_loss(self, x_BD - x_hat_BD.detach(), h_BGR, take=take)
         sq = None
-        if self._wants_energy(gl_scale):  # a kept group's R coordinates are contiguous pairs
+        if max(self._term_weights(gl_scale)) > 0:  # a kept group's R coordinates: contiguous
             sq = KeptEnergy(vals_P.view(-1, R).square().sum(-1), None, token_K, group_K)
         return self._finish(x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords, nuc_scale,
                             gl_scale, sq)
@@ -319,12 +315,12 @@ class SAE(nn.Module):
             norms_GR = self.W_dec_GRD.norm(dim=-1)
             l1_term = cfg.l1_coeff * (codes_BGR.abs() * norms_GR).sum((1, 2)).mean()
         gl_term = ec_term = zero
-        if sq is not None and self._gl_weight(gl_scale) > 0:
-            gl_term = group_sparsity(cfg, x_BD, sq, self._gl_weight(gl_scale))
-        if sq is not None and self._ec_weight(gl_scale) > 0:
-            G = self.W_dec_GRD.shape[0]
-            share = energy_cross_share(sq, x_BD.shape[0], G)
-            ec_term = self._ec_weight(gl_scale) * share.to(x_BD.dtype)
+        gl_w, ec_w = self._term_weights(gl_scale)  # both 0 when sq is None
+        if gl_w > 0:
+            gl_term = group_sparsity(cfg, x_BD, sq, gl_w)
+        if ec_w > 0:
+            share = energy_cross_share(sq, x_BD.shape[0], self.W_dec_GRD.shape[0])
+            ec_term = ec_w * share.to(x_BD.dtype)
         loss = fvu + cfg.auxk_alpha * auxk + nuc_term + l1_term + gl_term + ec_term
 
         if self.training:
