@@ -34,18 +34,19 @@ with no slices to link. On MiniLM held-out FVU 0.6-0.8% lower at r = 2 / 4 / 8 a
 r = 1 unchanged (bench/RESULTS_minilm.md, round 7). Part of ``consolidate: anneal`` from round
 7 (``gather_every`` 25; 0 turns it off).
 
-``gather_energy`` (default 3; 0: the on-test alone) also links blocks whose on-ratios are
-both >= 2 when each one's mean code energy while the other is on is at least that multiple of
-its mean while the other is off. A thin slice of a Gaussian feature (one dimension of six
-carries chi-square(1) energy) falls below the on-threshold on part of its feature's tokens and
-picks up leakage elsewhere, so its on-ratios stay at 2-4 (bench/slice_test.py); its energy
-still follows the feature. Against 0, through the streaming trainer (bench/SPLITTING.md, rounds
-9-10): planted D and E 8 and 6 of 9 seeds on target at 2M tokens against 6 and 3, D 7 of 9
-against 3 at 4M (E 5 of 9 both), A-C unchanged, a few more 1-D features split; on MiniLM at
-4.2M tokens held-out FVU +1.0-1.2% at r = 4 in one epoch of other text (three seeds; r = 2
--0.4%), -0.4 to +0.9% over two epochs of the built-in corpus (three seeds), +10% on one seed
-of round 9's cache (bench/RESULTS_minilm.md). It gathers 1-3 features per call there,
-0.84-1.49x as many as the on-test alone (the metrics' ``gathered``).
+``gather_energy`` (default 3; 0: the on-test alone) also links blocks whose on-ratios are both
+>= 2 when each one's mean code energy while the other is on is at least that multiple of its
+mean while the other is off. A thin slice of a Gaussian feature (one dimension of six carries
+chi-square(1) energy) falls below the on-threshold on part of its feature's tokens and picks up
+leakage elsewhere, so its on-ratios stay at 2-4 (bench/slice_test.py); its energy still follows
+the feature. Against 0, through the streaming trainer and before round 11's energy term
+(``energy_cov`` 0; bench/SPLITTING.md, rounds 9-10): planted D and E 8 and 6 of 9 seeds on
+target at 2M tokens against 6 and 3, D 7 of 9 against 3 at 4M (E 5 of 9 both), A-C unchanged, a
+few more 1-D features split; on MiniLM at 4.2M tokens held-out FVU +1.0-1.2% at r = 4 in one
+epoch of other text (three seeds; r = 2 -0.4%), -0.4 to +0.9% over two epochs of the built-in
+corpus (three seeds), +10% on one seed of round 9's cache (bench/RESULTS_minilm.md). It gathers
+1-3 features per call there, 0.84-1.49x as many as the on-test alone (the metrics'
+``gathered``).
 
 Cost per call: the unpack step's block search, the blocks' [N, B] on-indicators (N <= r x the
 groups kept on >= 1% of the batch), co-occurrence counts of the blocks on at each token (B (s r)^2
