@@ -277,7 +277,7 @@ def test_resumed_run_is_exact_through_the_schedules(cache_url, tmp_path):
     """Stopped inside the s ramp (10-30% of 80 steps) and resumed: the same weights, finite,
     orthonormal blocks; with and without merge, revive, unpack and gather steps (loose merge
     thresholds so merges happen; twice the groups for revive and unpack, so that some go
-    silent)."""
+    silent), and with the batch gate from 10% of the run."""
     merge = {**SASA, "merge_every": 10, "merge_from": 0.0, "merge_jaccard": 0.05,
              "merge_tail": 0.8}
     wide = {**SASA, "groups": 2 * SASA["groups"], "unpack_every": 0}
@@ -289,8 +289,10 @@ def test_resumed_run_is_exact_through_the_schedules(cache_url, tmp_path):
     gather = {**wide, "gather_every": 1, "gather_from": 0.0, "gather_ratio": 1.5}
     # an s ramp over 20 of the 80 steps: over before the stop at 17 (30% of 20 = 6)
     span = {**SASA, "s_ramp_tokens": 512 * 20}
+    # the batch gate from step 8: the stop at 17 falls inside its threshold's running mean
+    batch = {**SASA, "batch_gate_from": 0.1}
     members = {"new": SASA, "merge": merge, "wide": wide, "revive": revive, "unpack": unpack,
-               "gather": gather, "span": span}
+               "gather": gather, "span": span, "batch": batch}
     cfg = config(cache_url, members, tokens=512 * 80, checkpoint_every=10)
     full = train(cfg, tmp_path / "full", progress=False)
     part = train(cfg, tmp_path / "part", until_step=17, progress=False)
@@ -305,6 +307,6 @@ def test_resumed_run_is_exact_through_the_schedules(cache_url, tmp_path):
         assert torch.allclose(d_GDR.transpose(1, 2) @ d_GDR, eye, atol=1e-5)
     # same seed and schedule: only the merge (revive, unpack, gather) steps tell the twins apart
     for plain, name in (("new", "merge"), ("wide", "revive"), ("wide", "unpack"),
-                        ("wide", "gather"), ("new", "span")):
+                        ("wide", "gather"), ("new", "span"), ("new", "batch")):
         assert not torch.equal(weights(full.saes[plain])["W_dec_GRD"],
                                weights(full.saes[name])["W_dec_GRD"])

@@ -150,7 +150,7 @@ def test_cli_train_and_sweep(cache_url, tmp_path):
     out = run("train", "--cache", cache_url, "--hookpoint", "synthetic", "--arch", "sasa", "--groups", "8",
               "--rank", "2", "--top-s", "2", "--nuc-lambda", "1e-3", "--consolidate", "none",
               "--s-ramp-tokens", "0", "--gather-energy", "0", "--energy-cov", "0.5",
-              "--tokens", "1024",
+              "--batch-gate-from", "0.5", "--tokens", "1024",
               "--batch-size", "128",
               "--log-every", "4", "--out", str(tmp_path / "t"))
     assert out.returncode == 0, out.stderr
@@ -160,6 +160,7 @@ def test_cli_train_and_sweep(cache_url, tmp_path):
     assert trained.s_ramp_tokens is None  # 0 on the command line: the whole run
     assert trained.gather_energy == 0.0  # the default, 3, is SAEConfig's (test_gather.py)
     assert trained.energy_cov == 0.5
+    assert trained.batch_gate_from == 0.5
     (tmp_path / "s.yaml").write_text(
         f"cache: {cache_url}\ntokens: 1024\nbatch_size: 128\nlog_every: 4\n"
         "defaults: {hookpoint: synthetic, lr: 0.003}\n"

@@ -46,6 +46,10 @@ def register(subparsers) -> None:
     p.add_argument("--nuc-on", default=SAE["nuc_on"], choices=NUC_ON, help="(default %(default)s)")
     p.add_argument("--codes", default=None, choices=CODES, help="(default: signed for sasa, relu otherwise)")
     p.add_argument("--gate", default=SAE["gate"], choices=GATES, help="(default %(default)s)")
+    p.add_argument("--batch-gate-from", type=float, default=None,
+                   help="fraction of the run from which the gate keeps the top s*B groups over "
+                        "the batch; evaluated with the threshold it learns (default: never, "
+                        "docs/train.md)")
     p.add_argument("--l1-coeff", type=float, default=None, help=f"L1 weight (relu; default {SAE['l1_coeff']:g})")
     p.add_argument("--auxk-alpha", type=float, default=None, help=f"AuxK weight (default {SAE['auxk_alpha']:g})")
     p.add_argument("--dead-tokens", type=int, default=None, help=f"tokens without activation before a unit counts dead (default {SAE['dead_tokens']:,})")
@@ -109,7 +113,7 @@ def run_train(args) -> int:
     sae = {"arch": args.arch, "groups": args.groups, "top_s": args.top_s, "nuc_lambda": args.nuc_lambda,
            "nuc_on": args.nuc_on, "gate": args.gate}
     for key in ("rank", "codes", "l1_coeff", "auxk_alpha", "dead_tokens", "consolidate",
-                "gather_energy", "energy_cov"):
+                "gather_energy", "energy_cov", "batch_gate_from"):
         if getattr(args, key) is not None:
             sae[key] = getattr(args, key)
     if args.s_ramp_tokens is not None:

@@ -91,6 +91,14 @@ def top_s_at(cfg: SAEConfig, step: int, steps: int, batch_size: int) -> int | No
     return int(round(cfg.s_start + t * (cfg.top_s - cfg.s_start)))
 
 
+def gate_at(cfg: SAEConfig, step: int, steps: int) -> str | None:
+    """The gate at optimiser step ``step`` of ``steps``: "batch" from ``batch_gate_from`` of
+    the run on, else None (the configured gate)."""
+    if cfg.batch_gate_from is None or step < cfg.batch_gate_from * steps:
+        return None
+    return "batch"
+
+
 def group_lasso_scale(cfg: SAEConfig, step: int, steps: int) -> float:
     """Multiplier (0..1) of ``cfg.group_lasso`` at optimiser step ``step`` (0-based) of ``steps``."""
     if cfg.consolidate == "none" or steps <= 0:

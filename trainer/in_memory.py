@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from sasa.trainer.consolidate import after_step, group_lasso_scale, top_s_at
+from sasa.trainer.consolidate import after_step, gate_at, group_lasso_scale, top_s_at
 from sasa.trainer.sae import SAE
 from sasa.trainer.schedule import lr_factor
 
@@ -42,7 +42,8 @@ def train_in_memory(sae: SAE, x_ND: torch.Tensor, *, steps: int, batch_size: int
     for step in range(steps if stop is None else min(stop, steps)):
         idx = torch.randint(0, x_ND.shape[0], (batch_size,), generator=gen)
         top_s = top_s_at(sae.cfg, step, steps, batch_size)
-        out = sae(x_ND[idx], gl_scale=group_lasso_scale(sae.cfg, step, steps), top_s=top_s)
+        out = sae(x_ND[idx], gl_scale=group_lasso_scale(sae.cfg, step, steps), top_s=top_s,
+                  gate=gate_at(sae.cfg, step, steps))
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()

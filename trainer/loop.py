@@ -28,7 +28,8 @@ from sasa.store import open_cache
 from sasa.store.verify import refuse_damaged
 from sasa.trainer.config import MemberConfig, TrainConfig
 from sasa.trainer.outdir import claim
-from sasa.trainer.consolidate import after_step, group_lasso_scale, periodic_steps, top_s_at
+from sasa.trainer.consolidate import (after_step, gate_at, group_lasso_scale, periodic_steps,
+                                      top_s_at)
 from sasa.trainer.persist import save_sae
 from sasa.trainer.sae import SAE
 from sasa.trainer.schedule import lr_factor
@@ -273,7 +274,8 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, member_ids: list[int] |
             top_s = top_s_at(m.sae_cfg, step, cfg.steps, cfg.batch_size)  # the s ramp
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda and cfg.autocast):
                 o = m.sae(xs[m.cfg.hookpoint], nuc_scale=nuc_scale, top_s=top_s,
-                          gl_scale=group_lasso_scale(m.sae_cfg, step, cfg.steps))
+                          gl_scale=group_lasso_scale(m.sae_cfg, step, cfg.steps),
+                          gate=gate_at(m.sae_cfg, step, cfg.steps))
             m.opt.zero_grad(set_to_none=True)
             o.loss.backward()
             m.opt.step()

@@ -55,7 +55,9 @@ def save_sae(sae: SAE, directory: str | Path) -> Path:
 
 
 def load_sae(path: str | Path, *, device=None) -> SAE:
-    """Load an SAE written by ``save_sae`` from its directory (or its config.json)."""
+    """Load an SAE written by ``save_sae`` from its directory (or its config.json), in eval
+    mode (what inference wants: a batch-gated SAE gates by its threshold; ``.train()`` to
+    train it further)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -88,9 +90,11 @@ def load_sae(path: str | Path, *, device=None) -> SAE:
     if "W_enc_GRD" not in tensors:
         raise SasaError(f"{weights_file} holds no SAE weights (no W_enc_GRD); retrain the SAE or restore the file")
     sae = SAE(cfg, dtype=tensors["W_enc_GRD"].dtype)
+    tensors.setdefault("gate_threshold", sae.gate_threshold)  # saved before the batch gate's
     try:
         sae.load_state_dict(tensors)
     except RuntimeError as err:
         raise SasaError(f"{weights_file} does not match {cfg_file} ({str(err).splitlines()[0]}); "
                         "the folder mixes two SAEs, retrain it") from None
+    sae.eval()
     return sae.to(device) if device is not None else sae

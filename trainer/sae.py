@@ -57,6 +57,10 @@ from sasa.trainer.sparse import GatherCodes, Kept, kept_pairs
 
 __all__ = ["SAE", "SAEConfig", "ForwardOutput", "EffectiveRanks"]
 
+#: Decay of the running mean of the batch gate's smallest kept score (``SAE.gate_threshold``):
+#: a memory of ~100 steps, short next to the 20% of a run the batch gate usually spans.
+THRESHOLD_DECAY = 0.99
+
 
 class ForwardOutput(NamedTuple):
     """Everything one training step or one evaluation needs. Scalars are 0-d tensors."""
@@ -109,6 +113,9 @@ class SAE(nn.Module):
         # Tokens since each unit was last active; starts at 0 so nothing is dead at init.
         self.register_buffer("tokens_since_fired_G",
                              torch.zeros(G, dtype=torch.long, device=device))
+        # Running mean of the smallest score the batch gate kept; > 0 once it has run, and then
+        # the eval-mode gate (SAEConfig.batch_gate_from).
+        self.register_buffer("gate_threshold", torch.zeros((), **factory))
         self.reset_parameters(seed)
 
     # ----------------------------------------------------------------------------- init
@@ -126,6 +133,7 @@ class SAE(nn.Module):
         self.b_enc_GR.zero_()
         self.b_dec_D.zero_()
         self.tokens_since_fired_G.zero_()
+        self.gate_threshold.zero_()
 
     @torch.no_grad()
     def init_from_data(self, x_ND: torch.Tensor, *, seed: int = 0) -> None:
@@ -169,19 +177,41 @@ class SAE(nn.Module):
             h_BGR = F.relu(h_BGR)
         return h_BGR
 
-    def gate(self, h_BGR: torch.Tensor, top_s: int | None = None) -> torch.Tensor:
-        """bool [B, G]: the groups kept (all of them for relu). ``top_s`` overrides s."""
+    def gate_mode(self, gate: str | None = None) -> str:
+        """The rule the gate applies now: "threshold" in eval mode once a batch gate has set
+        ``gate_threshold``, else ``gate`` (this step's schedule) or ``cfg.gate``."""
+        if not self.training and self.cfg.arch != "relu" and bool(self.gate_threshold > 0):
+            return "threshold"
+        return gate or self.cfg.gate
+
+    def gate(self, h_BGR: torch.Tensor, top_s: int | None = None,
+             gate: str | None = None) -> torch.Tensor:
+        """bool [B, G]: the groups kept (all of them for relu). ``top_s`` overrides s and
+        ``gate`` the configured gate (``consolidate.gate_at``)."""
         B, G, _ = h_BGR.shape
         if self.cfg.arch == "relu":
             return torch.ones(B, G, dtype=torch.bool, device=h_BGR.device)
         score_BG = h_BGR.detach().square().sum(-1)
         s = self.cfg.top_s if top_s is None else top_s
-        if self.cfg.gate == "token":
+        mode = self.gate_mode(gate)
+        if mode == "threshold":
+            return score_BG >= self.gate_threshold
+        if mode == "token":
             idx_BS = score_BG.topk(s, dim=1, sorted=False).indices
             return torch.zeros_like(score_BG, dtype=torch.bool).scatter_(1, idx_BS, True)
-        idx = score_BG.flatten().topk(s * B, sorted=False).indices
+        top = score_BG.flatten().topk(s * B, sorted=False)
+        self._track_threshold(top.values)
         keep = torch.zeros(B * G, dtype=torch.bool, device=h_BGR.device)
-        return keep.scatter_(0, idx, True).view(B, G)
+        return keep.scatter_(0, top.indices, True).view(B, G)
+
+    @torch.no_grad()
+    def _track_threshold(self, kept_scores: torch.Tensor) -> None:
+        """Training under the batch gate: fold this batch's smallest kept score into the running
+        mean ``gate_threshold`` (decay THRESHOLD_DECAY; no host sync)."""
+        if self.training:
+            low = kept_scores.min().to(self.gate_threshold.dtype)
+            t = self.gate_threshold
+            t.copy_(torch.where(t > 0, THRESHOLD_DECAY * t + (1 - THRESHOLD_DECAY) * low, low))
 
     def encode(self, x_BD: torch.Tensor, top_s: int | None = None) -> torch.Tensor:
         """Gated codes z [B, G, r] (zero outside the kept groups); ``top_s`` overrides s."""
@@ -207,17 +237,18 @@ class SAE(nn.Module):
             return True
         return x_BD.device.type == "cpu" and 8 * cfg.top_s * cfg.rank <= cfg.n_coords
 
-    def forward(self, x_BD: torch.Tensor, *, nuc_scale: float = 1.0,
-                gl_scale: float = 0.0, top_s: int | None = None) -> ForwardOutput:
+    def forward(self, x_BD: torch.Tensor, *, nuc_scale: float = 1.0, gl_scale: float = 0.0,
+                top_s: int | None = None, gate: str | None = None) -> ForwardOutput:
         """``nuc_scale`` multiplies the nuclear-norm term; 0 skips its SVDs. A trainer that
         applies the penalty every k-th step with scale k keeps its average weight (see
         ``TrainConfig.nuc_every``). ``gl_scale`` multiplies the group-sparsity term: 0 (the
         default: the plain objective, as evaluation wants) unless a trainer passes the
         consolidation schedule, ``sasa.trainer.consolidate.group_lasso_scale``. ``top_s``
-        overrides s for this step (the consolidation's s ramp, ``consolidate.top_s_at``)."""
+        overrides s for this step (the consolidation's s ramp, ``consolidate.top_s_at``) and
+        ``gate`` the configured gate (``consolidate.gate_at``)."""
         if self.uses_sparse_decode(x_BD):
-            return self._forward_sparse(x_BD, nuc_scale, gl_scale, top_s)
-        return self._forward_dense(x_BD, nuc_scale, gl_scale, top_s)
+            return self._forward_sparse(x_BD, nuc_scale, gl_scale, top_s, gate)
+        return self._forward_dense(x_BD, nuc_scale, gl_scale, top_s, gate)
 
     def _term_weights(self, gl_scale: float) -> tuple[float, float]:
         """This step's weights of the group-sparsity and energy terms (0 without consolidation)."""
@@ -226,12 +257,12 @@ class SAE(nn.Module):
             return 0.0, 0.0
         return cfg.group_lasso * gl_scale, cfg.energy_cov * gl_scale
 
-    def _forward_dense(self, x_BD: torch.Tensor, nuc_scale: float = 1.0,
-                       gl_scale: float = 0.0, top_s: int | None = None) -> ForwardOutput:
+    def _forward_dense(self, x_BD: torch.Tensor, nuc_scale: float = 1.0, gl_scale: float = 0.0,
+                       top_s: int | None = None, gate: str | None = None) -> ForwardOutput:
         """The reference: every code of every token goes through dense matmuls."""
         cfg = self.cfg
         h_BGR = self.pre_codes(x_BD)
-        keep_BG = self.gate(h_BGR, top_s)
+        keep_BG = self.gate(h_BGR, top_s, gate)
         codes_BGR = h_BGR * keep_BG.unsqueeze(-1)
         x_hat_BD = self.decode(codes_BGR)
 
@@ -246,8 +277,8 @@ class SAE(nn.Module):
         return self._finish(x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords, nuc_scale,
                             gl_scale, sq)
 
-    def _forward_sparse(self, x_BD: torch.Tensor, nuc_scale: float = 1.0,
-                        gl_scale: float = 0.0, top_s: int | None = None) -> ForwardOutput:
+    def _forward_sparse(self, x_BD: torch.Tensor, nuc_scale: float = 1.0, gl_scale: float = 0.0,
+                        top_s: int | None = None, gate: str | None = None) -> ForwardOutput:
         """Same results as ``_forward_dense``; one dense matmul (the encoder forward) per step."""
         cfg = self.cfg
         G, R, D = self.W_enc_GRD.shape
@@ -261,14 +292,19 @@ class SAE(nn.Module):
             if cfg.codes == "relu":
                 h_BGR = F.relu(h_BGR)
             score_BG = h_BGR.square().sum(-1)
-            if cfg.gate == "token":
-                s = cfg.top_s if top_s is None else top_s
+            s = cfg.top_s if top_s is None else top_s
+            mode = self.gate_mode(gate)
+            if mode == "token":
                 group_K = score_BG.topk(s, dim=1, sorted=False).indices.reshape(-1)
                 token_K = torch.arange(B, device=x_BD.device).repeat_interleave(s)
                 offsets_B = torch.arange(0, B * s * R, s * R, device=x_BD.device)
-            else:
-                s = cfg.top_s if top_s is None else top_s
-                flat_K = score_BG.flatten().topk(s * B, sorted=False).indices.sort().values
+            else:  # any number of groups per token, the pairs sorted by token
+                if mode == "threshold":
+                    flat_K = (score_BG.flatten() >= self.gate_threshold).nonzero().squeeze(1)
+                else:
+                    top = score_BG.flatten().topk(s * B, sorted=False)
+                    self._track_threshold(top.values)
+                    flat_K = top.indices.sort().values
                 token_K, group_K, offsets_B = flat_K // G, flat_K % G, None
             kept = kept_pairs(token_K, group_K, R, B, offsets_B)
 
@@ -391,6 +427,7 @@ class SAE(nn.Module):
         mean_t = torch.as_tensor(mean_D, dtype=self.b_dec_D.dtype, device=self.b_dec_D.device)
         self.b_dec_D.copy_(mean_t + scale_t * self.b_dec_D)
         self.b_enc_GR.mul_(scale_t)
+        self.gate_threshold.mul_(scale_t.square())  # the gate's scores are squared codes
         if self.cfg.arch == "relu":
             # Codes grew by `scale`; keep the L1 term's value for the same raw reconstruction.
             self.cfg.l1_coeff = self.cfg.l1_coeff / float(scale_t)

@@ -49,6 +49,16 @@ class SAEConfig:
     """"token": Top-s groups per token. "batch": Top s*B groups over the whole batch of B tokens
     (a token may get more or fewer than s; the average is s)."""
 
+    batch_gate_from: float | None = None
+    """Fraction of the run from which the gate is "batch" (the top s*B groups over the batch,
+    as BatchTopK keeps latents) instead of ``gate``; None: ``gate`` throughout. A token whose
+    features outnumber s then keeps more groups and a sparse one fewer, so no group needs a
+    spare copy of a frequent feature for the tokens where slots run out. An SAE trained with
+    the batch gate (here or with ``gate="batch"``) keeps a running mean of the smallest score
+    it kept (``SAE.gate_threshold``) and in eval mode keeps every group whose squared code norm
+    reaches it: a rule per token, at s groups per token on average (bench/SPLITTING.md, round
+    12, measures it)."""
+
     nuc_lambda: float = 0.0
     """Weight of the nuclear-norm penalty sum_g ||.||_* (0 disables it and skips the SVDs)."""
 
@@ -261,6 +271,10 @@ class SAEConfig:
                             f"top_s must be >= 1 (got {self.top_s})")
         if self.gate not in GATES:
             raise SasaError(f"unknown gate {self.gate!r}; use 'token' or 'batch'")
+        if self.batch_gate_from is not None and not (
+                self.arch != "relu" and 0 <= self.batch_gate_from <= 1):
+            raise SasaError("batch_gate_from must be a fraction of the run in [0, 1] (or None), "
+                            f"for sasa or topk (got {self.batch_gate_from}, arch {self.arch})")
         if self.nuc_lambda < 0:
             raise SasaError(f"nuc_lambda must be >= 0 (got {self.nuc_lambda})")
         if self.nuc_on not in NUC_ON:
