@@ -9,8 +9,10 @@ group g owning latents g*r .. g*r + r - 1. Which architecture:
 
 - ReLU -> ``standard``; TopK (ReLU codes, per-token gate) -> ``topk`` (k = s; SAELens takes the
   top k pre-activations then ReLU, we ReLU then take the top k: the same codes);
-- SASA, and TopK with signed codes or the batch gate -> ``sasa``, the architecture that
-  ``sasa.interop.saelens_sasa`` registers with SAELens (import it before ``SAE.load_from_disk``).
+- SASA, and TopK with signed codes or the batch gate (also late in training,
+  ``batch_gate_from``: its threshold is the ``gate_threshold`` field) -> ``sasa``, the
+  architecture that ``sasa.interop.saelens_sasa`` registers with SAELens (import it before
+  ``SAE.load_from_disk``).
 
 Import reads ``standard``, ``topk``, ``jumprelu``, ``batchtopk`` (a training checkpoint; its
 ``topk_threshold`` becomes the JumpReLU threshold of every latent, as SAELens itself does when it
@@ -50,7 +52,8 @@ def saelens_architecture(cfg) -> str:
     """The SAELens architecture an SAE of ours exports to (see the module docstring)."""
     if cfg.arch == "relu":
         return "standard"
-    if cfg.arch == "topk" and cfg.codes == "relu" and cfg.gate == "token":
+    if (cfg.arch == "topk" and cfg.codes == "relu" and cfg.gate == "token"
+            and cfg.batch_gate_from is None):
         return "topk"
     return "sasa"
 
@@ -81,7 +84,8 @@ def export_saelens(sae, out: str | Path, prov: Provenance) -> Path:
     if arch == "topk":
         config.update(k=cfg.top_s, rescale_acts_by_decoder_norm=False)
     elif arch == "sasa":
-        config.update(rank=R, top_s=cfg.top_s, codes=cfg.codes, gate=cfg.gate, sasa_arch=cfg.arch)
+        config.update(rank=R, top_s=cfg.top_s, codes=cfg.codes, gate=cfg.gate,
+                      gate_threshold=float(sae.gate_threshold), sasa_arch=cfg.arch)
     config["architecture"] = arch
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,6 +171,8 @@ def import_saelens(folder: str | Path):
         sae.b_dec_D.copy_(b_dec)
         if threshold is not None:
             sae.threshold_GR.copy_(threshold.reshape(G, 1))
+        if arch == "sasa":
+            sae.gate_threshold.fill_(float(cfg.get("gate_threshold", 0.0)))
     return sae, f"saelens:{arch}"
 
 

@@ -8,6 +8,7 @@ g*r .. g*r + r - 1:
 
     h = (x - b_dec) @ W_enc + b_enc                     [..., G*r]  (ReLU'd if codes == "relu")
     keep the s groups with the largest ||h_g||^2        per token ("token") or s*B over the batch
+        (or, with gate_threshold > 0, every group whose ||h_g||^2 reaches it)
     z = h on kept groups, 0 elsewhere (signed codes)    -> hook_sae_acts_post
     x_hat = z @ W_dec + b_dec
 
@@ -40,6 +41,9 @@ class SASASAEConfig(SAEConfig):
     """"signed" (no nonlinearity) or "relu"."""
     gate: str = "token"
     """"token" (Top-s groups per token) or "batch" (Top s*B groups over B tokens)."""
+    gate_threshold: float = 0.0
+    """> 0: keep every group whose squared code norm reaches it instead (what an SAE trained
+    with the batch gate does in eval mode, ``sasa.trainer.SAEConfig.batch_gate_from``)."""
     sasa_arch: str = "sasa"
     """The sasa architecture it was exported from ("sasa", or "topk" with r = 1)."""
 
@@ -81,7 +85,9 @@ class SASASAE(SAE[SASASAEConfig]):
         G, R, s = self.cfg.groups, self.cfg.rank, self.cfg.top_s
         score_BG = h.detach().reshape(-1, G, R).square().sum(-1)
         B = score_BG.shape[0]
-        if self.cfg.gate == "token":
+        if self.cfg.gate_threshold > 0:
+            keep_BG = score_BG >= self.cfg.gate_threshold
+        elif self.cfg.gate == "token":
             idx = score_BG.topk(s, dim=1, sorted=False).indices
             keep_BG = torch.zeros_like(score_BG, dtype=torch.bool).scatter_(1, idx, True)
         else:

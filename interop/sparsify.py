@@ -6,8 +6,9 @@ x_hat = W_dec^T z + b_dec, stored by ``SparseCoder.save_to_disk`` as ``encoder.w
 [d_in], with ``cfg.json`` = ``SparseCoderConfig.to_dict()`` plus ``d_in``. That is exactly our
 TopK SAE with ReLU codes and the per-token gate (rank 1: our [G, 1, d] tensors squeeze to
 [G, d]), so both directions copy weights unchanged. SASA (r >= 2 subspaces, signed codes), ReLU
-+ L1 (no k) and the batch gate have no sparsify form: export refuses them in one line (export to
-SAELens instead). Import refuses transcoders, skip connections and ``groupmax``.
++ L1 (no k) and the batch gate (also late in training, ``batch_gate_from``) have no sparsify
+form: export refuses them in one line (export to SAELens instead). Import refuses transcoders,
+skip connections and ``groupmax``.
 
 ``cfg.json`` holds exactly the keys sparsify writes. Our full config, hookpoint, model and
 cache go in the safetensors header's metadata (key ``sasa``), which sparsify never reads, so a
@@ -38,6 +39,9 @@ def sparsify_refusal(cfg) -> str | None:
     if cfg.codes != "relu" or cfg.gate != "token":
         return (f"sparsify's TopK is per token on ReLU codes (this SAE has codes={cfg.codes}, "
                 f"gate={cfg.gate}); use --to saelens")
+    if cfg.batch_gate_from is not None:
+        return ("this SAE keeps the groups above a threshold (it trained with the batch gate "
+                "late in the run, batch_gate_from); sparsify's TopK is per token: use --to saelens")
     return None
 
 

@@ -23,16 +23,20 @@ torch.set_num_threads(1)
 D = 16
 SPEC = SyntheticSpec(d=D, features_per_dim={1: 4, 2: 4}, mean_active=2.0)
 
-# name -> our config; every exportable kind: SASA (token and batch gate), TopK (the native
-# SAELens/sparsify one, and the batch-gate one that needs the sasa architecture), ReLU.
+# name -> our config; every exportable kind: SASA (token and batch gate, and the threshold a
+# batch gate late in training leaves), TopK (the native SAELens/sparsify one, and the batch-gate
+# and threshold ones that need the sasa architecture), ReLU.
 OURS = {
     "sasa": dict(arch="sasa", groups=6, rank=3, top_s=2),
     "sasa-batch": dict(arch="sasa", groups=6, rank=2, top_s=2, gate="batch", codes="relu"),
     "topk": dict(arch="topk", groups=24, top_s=4, nuc_lambda=1e-3, auxk_alpha=0.05),
     "topk-batch": dict(arch="topk", groups=24, top_s=4, gate="batch"),
+    "sasa-late": dict(arch="sasa", groups=6, rank=3, top_s=2, batch_gate_from=0.8),
+    "topk-late": dict(arch="topk", groups=24, top_s=4, batch_gate_from=0.8),
     "relu": dict(arch="relu", groups=24, l1_coeff=3e-3),
 }
-SAELENS_ARCH = {"sasa": "sasa", "sasa-batch": "sasa", "topk": "topk", "topk-batch": "sasa", "relu": "standard"}
+SAELENS_ARCH = {"sasa": "sasa", "sasa-batch": "sasa", "topk": "topk", "topk-batch": "sasa",
+                "sasa-late": "sasa", "topk-late": "sasa", "relu": "standard"}
 
 
 class Ran(NamedTuple):
@@ -59,6 +63,9 @@ def make_ours(name: str, folder: Path, seed: int = 0) -> Path:
         sae.b_enc_GR.copy_(0.1 * torch.randn(sae.b_enc_GR.shape, generator=gen))
         sae.W_enc_GRD.add_(0.3 * torch.randn(sae.W_enc_GRD.shape, generator=gen))
         sae.tokens_since_fired_G.copy_(torch.arange(sae.cfg.groups))
+        if sae.cfg.batch_gate_from is not None:  # trained: a threshold some groups reach
+            score = sae.pre_codes(x_random()).square().sum(-1)
+            sae.gate_threshold.fill_(float(score.flatten().quantile(0.8)))
     save_sae(sae, folder)
     (folder / "train.json").write_text(json.dumps({"member": {"name": folder.name, "hookpoint": "resid_post.2"}}))
     return folder
@@ -128,12 +135,13 @@ def test_export_then_import_round_trip_is_exact(to, names, tmp_path):
         assert back.sae.cfg == ours.cfg and type(back.sae) is SAE
         assert back.info["member"]["hookpoint"] == "resid_post.2"
         theirs, mine = back.sae.state_dict(), ours.state_dict()
-        for key in ("W_enc_GRD", "b_enc_GR", "W_dec_GRD", "b_dec_D"):
+        for key in ("W_enc_GRD", "b_enc_GR", "W_dec_GRD", "b_dec_D", "gate_threshold"):
             assert torch.equal(theirs[key], mine[key]), (name, key)
 
 
 def test_sparsify_refuses_what_it_cannot_express_in_one_line(tmp_path, cli):
-    for name, word in (("sasa", "SASA"), ("relu", "TopK only"), ("topk-batch", "gate=batch")):
+    for name, word in (("sasa", "SASA"), ("relu", "TopK only"), ("topk-batch", "gate=batch"),
+                       ("topk-late", "batch_gate_from")):
         folder = make_ours(name, tmp_path / name)
         with pytest.raises(SasaError, match=word):
             export_sae(folder, "sparsify", tmp_path / "out" / name)
