@@ -114,17 +114,19 @@ def packed_groups(share_FG: np.ndarray) -> dict[int, list[int]]:
     return {g: fs for g, fs in held.items() if len(fs) > 1}
 
 
-def members(shape: Shape, lr: float | None, variants: dict[str, dict] | None = None
-            ) -> list[MemberConfig]:
-    """The four members, plus ``variants``: {name: SAEConfig overrides of the SASA member}."""
+def members(shape: Shape, lr: float | None, variants: dict[str, dict] | None = None,
+            over: dict[str, dict] | None = None) -> list[MemberConfig]:
+    """The four members, plus ``variants``: {name: SAEConfig overrides of the SASA member};
+    ``over``: {member: SAEConfig overrides of one of the four} (``--over``)."""
     sasa = {"arch": "sasa", "groups": shape.groups, "rank": shape.rank, "top_s": shape.top_s}
     topk = {"arch": "topk", "groups": shape.groups * shape.rank, "top_s": shape.top_s * shape.rank}
-    return [MemberConfig("synthetic", topk, lr=lr, name="topk"),
-            MemberConfig("synthetic", {**sasa, "consolidate": "none"}, lr=lr, name="plain"),
-            MemberConfig("synthetic", sasa, lr=lr, name="new"),
-            MemberConfig("synthetic", {**sasa, "consolidate": "none"}, lr=lr, name="oracle"),
-            *(MemberConfig("synthetic", {**sasa, **over}, lr=lr, name=name)
-              for name, over in (variants or {}).items())]
+    plain = {**sasa, "consolidate": "none"}
+    over = over or {}
+    return [*(MemberConfig("synthetic", {**sae, **over.get(name, {})}, lr=lr, name=name)
+              for name, sae in (("topk", topk), ("plain", plain), ("new", sasa),
+                                ("oracle", plain))),
+            *(MemberConfig("synthetic", {**sasa, **o}, lr=lr, name=name)
+              for name, o in (variants or {}).items())]
 
 
 def oracle_weights(state: dict, bases: list[np.ndarray], rank: int, seed: int) -> None:
@@ -142,8 +144,10 @@ def oracle_weights(state: dict, bases: list[np.ndarray], rank: int, seed: int) -
 def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | None,
                batch_size: int, threads: int, variants: dict[str, dict] | None = None,
                max_prob: float = MAX_PROB, keep: tuple[str, ...] = MEMBERS,
-               warmup_steps: int | None = None, score_at: tuple[float, ...] = ()) -> list[dict]:
-    """One sweep: the ``keep`` members of MEMBERS and the ``variants``; its rows.
+               warmup_steps: int | None = None, score_at: tuple[float, ...] = (),
+               over: dict[str, dict] | None = None) -> list[dict]:
+    """One sweep: the ``keep`` members of MEMBERS (``over``: overrides of some of them) and
+    the ``variants``; its rows.
     ``warmup_steps``: the run's lr warm-up (None: the trainer's default, capped at 10%).
     ``score_at``: fractions of the run at which the members are also scored (the run stops
     there with a checkpoint and resumes; rows with "at")."""
@@ -156,7 +160,7 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
     if not (url / "zarr.json").exists():
         write_synthetic_cache(str(url), spec=spec, n_tokens=1 << 18, ctx_len=64, shard_seqs=256,
                               seed=seed, progress=False)
-    chosen = [m for m in members(shape, lr, variants)
+    chosen = [m for m in members(shape, lr, variants, over)
               if m.name in keep or m.name in (variants or {})]
     cfg = TrainConfig(cache=str(url), members=chosen, tokens=tokens,
                       batch_size=batch_size, seed=seed, log_every=50, checkpoint_every=0,
@@ -164,7 +168,9 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
                       **({} if warmup_steps is None else {"warmup_steps": warmup_steps}))
     only = "" if tuple(keep) == MEMBERS else "-only-" + "-".join(keep)
     warm = "" if warmup_steps is None else f"-w{warmup_steps}"
-    out = work / (f"run-{shape_name}-{seed}-{tokens}{capped}{warm}{only}"
+    changed = "".join(f"-{m}{hashlib.sha1(json.dumps(o, sort_keys=True).encode()).hexdigest()[:6]}"
+                      for m, o in sorted((over or {}).items()))
+    out = work / (f"run-{shape_name}-{seed}-{tokens}{capped}{warm}{only}{changed}"
                   + "".join(f"-{v}" for v in variants or {}))
     t0 = time.perf_counter()
     if "oracle" in keep:
@@ -363,6 +369,10 @@ def main() -> None:
                         help="train only these of the four members (beside --variant): every "
                         "member trains as it would alone, so the rows equal a full sweep's and "
                         "--summarize can join them with an earlier run's oracle rows")
+    parser.add_argument("--over", nargs="*", default=[], metavar="MEMBER=JSON",
+                        help="SAEConfig overrides of some of the four members, e.g. "
+                        "'oracle={\"batch_gate_from\": 0.8}' (round 12: the oracle and TopK "
+                        "trained the way a variant is)")
     parser.add_argument("--models", nargs="*", default=["new", "oracle"],
                         help="members to --diagnose")
     parser.add_argument("--variant", nargs="*", default=[], metavar="NAME=JSON",
@@ -400,7 +410,8 @@ def main() -> None:
             for tokens in args.tokens:
                 for row in run_budget(shape, seed, tokens, work, lr, args.batch_size, args.threads,
                                       variants, args.max_prob, tuple(args.members),
-                                      args.warmup_steps, tuple(args.score_at)):
+                                      args.warmup_steps, tuple(args.score_at),
+                                      parse_variants(args.over)):
                     alone, ctx = (" / ".join(f"{u:.2f}" for u in _by_dim(row[key]))
                                   for key in ("units_alone", "units"))
                     at = f" at {row['at']:g}" if "at" in row else ""

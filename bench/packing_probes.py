@@ -40,6 +40,16 @@ Variants (each a name below, or NAME=JSON of SAEConfig overrides):
   reproduces them digit for digit; at HEAD add ``"energy_cov": 0.0``, and "var" calls the
   trainer's closed form, equal up to float rounding: C seed 0's largest count 1.34 against 1.37).
 
+- the JSON keys of round 12: ``"probe_b_dec": "origin"`` starts the decoder bias at the raw
+  origin (where every planted feature is off) and ``"probe_b_dec_frozen": true`` keeps it
+  there; ``"probe_oracle": true`` starts any variant at the planted subspaces (as ``oracle``);
+  ``"probe_floor": tau`` drops, in training and evaluation, the kept groups whose code norm is
+  below tau x the token's largest; ``"probe_batch_gate": true`` trains with the batch gate
+  (from ``"probe_batch_from": f`` of the run, the token gate before) and evaluates with the
+  mean smallest kept score of the last 20% of steps as a threshold, the rule
+  ``SAEConfig.batch_gate_from`` later put in the trainer ("(7.91/row)": groups kept per
+  held-out row). The three keys that change the gate run the dense path.
+
 ``--floors SHAPE SEED`` (round 8) trains the default once and scores it with a floor added to
 its gate at evaluation only: a kept group counts only where its code norm is at least tau x
 the token's largest (tau = 0 ... 0.4). If a split feature's second group held only small
@@ -132,6 +142,11 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
     x_n = (x - mean) / scale
     over = dict(over)
     b_dec_init = over.pop("probe_b_dec", "mean")
+    b_dec_frozen = over.pop("probe_b_dec_frozen", False)
+    planted = over.pop("probe_oracle", False) or variant == "oracle"
+    floor = over.pop("probe_floor", 0.0)
+    batch_gate = over.pop("probe_batch_gate", False)
+    batch_from = over.pop("probe_batch_from", 0.0)
     init_seed = over.pop("probe_init_seed", seed)
     lr = over.pop("probe_lr", 3e-3)
     pulse = over.pop("probe_pulse", None)
@@ -142,15 +157,39 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
     ecov_form = over.pop("probe_ecov_form", "cov")
     ecov_from = over.pop("probe_ecov_from", 0.0)
     ecov_until = over.pop("probe_ecov_until", 1.0)
-    sae = SAE(SAEConfig(d_in=spec.d, groups=groups, rank=shape.rank, top_s=shape.top_s,
-                        **over), seed=init_seed)
+    over = {"rank": shape.rank, "top_s": shape.top_s, **over}
+    sae = SAE(SAEConfig(d_in=spec.d, groups=groups, **over), seed=init_seed)
     if data_init:
         sae.init_from_data(x_n[:16384], seed=init_seed)
     if b_dec_init == "median":  # the coordinate-wise median of 16384 training rows
         rows = torch.randperm(x_n.shape[0], generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
             sae.b_dec_D.copy_(x_n[rows[:16384]].double().median(0).values.to(sae.b_dec_D.dtype))
-    if variant == "oracle":
+    if floor:  # the gate drops kept groups whose code norm is below floor x the token's largest
+        top_s_gate = sae.gate
+
+        def floored_gate(h_BGR, top_s=None):
+            score_BG = h_BGR.detach().square().sum(-1)
+            return top_s_gate(h_BGR, top_s) & (score_BG >= floor ** 2 * score_BG.amax(1, True))
+        sae.gate = floored_gate
+        sae.cfg.decode = "dense"  # the sparse path has its own gate
+    if batch_gate:  # BatchTopK's rule for groups; the threshold for evaluation (round 12)
+        sae.cfg.decode = "dense"
+        sae.cfg.gate = "batch"
+        batch_gate_fn, kept_min = sae.gate, []
+
+        def recording_gate(h_BGR, top_s=None):
+            keep_BG = batch_gate_fn(h_BGR, top_s)
+            if sae.training and sae.cfg.gate == "batch":
+                kept_min.append(float(h_BGR.detach().square().sum(-1)[keep_BG].min()))
+            return keep_BG
+        sae.gate = recording_gate
+    if b_dec_init == "origin":  # the raw origin, where every planted feature is off
+        with torch.no_grad():
+            sae.b_dec_D.copy_((-mean / scale).to(sae.b_dec_D.dtype))
+    if b_dec_frozen:
+        sae.b_dec_D.requires_grad_(False)
+    if planted:
         state = sae.state_dict()
         oracle_weights(state, generate(spec, 0).bases, shape.rank, seed)
         sae.load_state_dict(state)
@@ -162,7 +201,10 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
     gen = torch.Generator().manual_seed(seed)
     s1_fvu = []
     for step in range(STEPS if stop is None else stop):
-        sae.cfg.gate = "batch" if step / STEPS < GATE_UNTIL.get(variant, 0.0) else "token"
+        if batch_gate:
+            sae.cfg.gate = "batch" if step >= batch_from * STEPS else "token"
+        if variant in GATE_UNTIL:
+            sae.cfg.gate = "batch" if step / STEPS < GATE_UNTIL[variant] else "token"
         idx = torch.randint(0, x_n.shape[0], (1024,), generator=gen)
         top_s = top_s_at(sae.cfg, step, STEPS, 1024)
         if pulse and pulse[0] <= step / STEPS < pulse[2]:  # the s ramp again, over the pulse
@@ -187,6 +229,11 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
                 sae.b_enc_GR[:, k:] = 0
     if trace is not None:
         trace["s1_fvu"] = sum(s1_fvu) / max(1, len(s1_fvu))
+    if batch_gate:  # evaluate with the mean smallest kept score of the last 20% of steps
+        theta = sum(kept_min[-len(kept_min) // 5:]) / max(1, len(kept_min) // 5)
+        sae.gate = lambda h_BGR, top_s=None: (h_BGR.detach().square().sum(-1)
+                                              >= theta * sae.probe_theta_scale)
+        sae.probe_theta_scale = 1.0
     return sae, mean, scale
 
 
@@ -197,9 +244,12 @@ def probe(shape_name: str, seed: int, variant: str, over: dict) -> str:
     over = dict(over)
     stop = round(over.pop("probe_stop", 1.0) * STEPS)
     sae, mean, scale = train_in_memory(shape_name, seed, over, variant, stop, trace)
-    sae.cfg.gate = "token"
+    if sae.cfg.gate != "batch":
+        sae.cfg.gate = "token"
     sae.eval()
     sae.fold_normalisation(mean, scale)
+    if hasattr(sae, "probe_theta_scale"):  # folding multiplies every code by scale
+        sae.probe_theta_scale = scale ** 2
     o, units, units_alone = score(sae, test, alone)
     share_FG = energy_shares(unit_energies(o.codes_BGR, sae.decoder_GDR, test.bases,
                                            test.active_NF), test.active_NF)
@@ -208,6 +258,8 @@ def probe(shape_name: str, seed: int, variant: str, over: dict) -> str:
     dec_GDR = sae.decoder_GDR.detach().double()
     copies = max((int(((dec_GDR.transpose(1, 2) @ torch.from_numpy(b[:, 0])).square().sum(1)
                        >= 0.5).sum()) for b in test.bases if b.shape[1] == 1), default=0)
+    if sae.cfg.gate == "batch":  # the threshold decides how many groups a row keeps
+        variant += f" ({float((o.codes_BGR.abs().amax(-1) > 0).sum(1).float().mean()):.2f}/row)"
     return (f"| {shape_name} | {seed} | {variant} | {float(o.fvu):.4f} | "
             f"{' / '.join(f'{u:.2f}' for u in units_alone.values())} | "
             f"{' / '.join(f'{u:.2f}' for u in units.values())} | {packed} of {len(test.bases)} | "
