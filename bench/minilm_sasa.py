@@ -7,11 +7,13 @@ batch 1024, width G*r = 1536 = 4 d:
 - ``sasa_r{1,2,4,8}``: SASA at s*r = 32 active coordinates, ``consolidate="anneal"`` (default);
 - ``sasa_r4_plain``: SASA r = 4, s = 8 with ``consolidate="none"`` (the plain objective);
 - ``topk_k32``: TopK at equal active coordinates; ``topk_k8``: TopK at equal active units
-  with SASA r = 4, s = 8.
+  with SASA r = 4, s = 8 (``--topk``: SAEConfig overrides for both).
 
-``analyse`` scores every saved SAE on held-out rows (raw activations, BOS/pad excluded): FVU,
-and for SASA the effective ranks of each group's map (``SAE.effective_ranks``) and of the codes
-the group actually emits (eigenvalues of sum z_g z_g^T over the tokens where g fires), and the
+``analyse`` scores every saved SAE on held-out rows (raw activations, BOS/pad excluded) with its
+own gate (``--batch-gate``: s*B groups over each scoring batch instead, so that an SAE trained
+with ``batch_gate_from`` is scored at s groups per token on average too): FVU, and for SASA
+the effective ranks of each group's map (``SAE.effective_ranks``) and of the codes the group
+actually emits (eigenvalues of sum z_g z_g^T over the tokens where g fires), and the
 FVU after truncating every fired group's code to its top-k principal directions (k = 1, 2,
 r/2 below r): how much of the reconstruction needs a second dimension at all. ``rays`` asks
 whether a group's codes lie on a few lines (several 1-D features sharing the group) or spread
@@ -48,9 +50,11 @@ from sasa.trainer import MemberConfig, TrainConfig, load_sae, train
 WIDTH, COORDS, LR, BATCH = 1536, 32, 1e-3, 1024
 
 
-def members(hookpoint: str, extra: bool = False, sasa: dict | None = None) -> list[MemberConfig]:
+def members(hookpoint: str, extra: bool = False, sasa: dict | None = None,
+            topk: dict | None = None) -> list[MemberConfig]:
     """The seven members; ``extra`` adds sasa_r{1,2,8}_plain (``consolidate="none"``); ``sasa``:
-    SAEConfig overrides for sasa_r{1,2,4,8}, the default procedure's members."""
+    SAEConfig overrides for sasa_r{1,2,4,8}, the default procedure's members; ``topk``: for
+    topk_k32 and topk_k8."""
     out = []
     for r in (1, 2, 4, 8):
         out.append(MemberConfig(hookpoint, {"arch": "sasa", "groups": WIDTH // r, "rank": r,
@@ -58,10 +62,9 @@ def members(hookpoint: str, extra: bool = False, sasa: dict | None = None) -> li
                                 name=f"sasa_r{r}"))
     out.append(MemberConfig(hookpoint, {"arch": "sasa", "groups": WIDTH // 4, "rank": 4, "top_s": 8,
                                         "consolidate": "none"}, lr=LR, name="sasa_r4_plain"))
-    out.append(MemberConfig(hookpoint, {"arch": "topk", "groups": WIDTH, "top_s": COORDS}, lr=LR,
-                            name="topk_k32"))
-    out.append(MemberConfig(hookpoint, {"arch": "topk", "groups": WIDTH, "top_s": 8}, lr=LR,
-                            name="topk_k8"))
+    for k in (COORDS, 8):
+        out.append(MemberConfig(hookpoint, {"arch": "topk", "groups": WIDTH, "top_s": k,
+                                            **(topk or {})}, lr=LR, name=f"topk_k{k}"))
     if extra:
         out += [MemberConfig(hookpoint, {"arch": "sasa", "groups": WIDTH // r, "rank": r,
                                          "top_s": COORDS // r, "consolidate": "none"}, lr=LR,
@@ -74,8 +77,9 @@ def cmd_train(a) -> None:
     for tokens in a.tokens:
         out = Path(a.work) / f"t{tokens}"
         sasa = json.loads(a.sasa) if a.sasa else None
-        chosen = [m for m in members(a.hookpoint, True, sasa) if m.name in a.members] \
-            if a.members is not None else members(a.hookpoint, sasa=sasa)
+        topk = json.loads(a.topk) if a.topk else None
+        chosen = [m for m in members(a.hookpoint, True, sasa, topk) if m.name in a.members] \
+            if a.members is not None else members(a.hookpoint, sasa=sasa, topk=topk)
         chosen += [MemberConfig(a.hookpoint, {"arch": "sasa", "groups": WIDTH // 4, "rank": 4,
                                               "top_s": 8, **over}, lr=LR, name=name)
                    for name, over in parse_variants(a.variant).items()]
@@ -225,9 +229,13 @@ def cmd_analyse(a) -> None:
                 continue
             for folder in sorted(p for p in run.iterdir() if (p / "sae.safetensors").exists()):
                 info = json.loads((folder / "train.json").read_text())
+                sae = load_sae(folder).float().eval()
+                if a.batch_gate and sae.cfg.arch != "relu":  # s*B over each scoring batch
+                    sae.gate_threshold.zero_()
+                    sae.cfg.gate = "batch"
                 row = {"tokens": info["tokens"], "member": folder.name, "heldout_rows": a.rows,
                        "heldout_tokens": len(x_ND), "final_train_fvu": info["final"]["fvu"],
-                       **score(load_sae(folder).float().eval(), x_ND)}
+                       **({"eval_gate": "batch"} if a.batch_gate else {}), **score(sae, x_ND)}
                 f.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
 
@@ -302,6 +310,8 @@ def main() -> None:
                    "these SAEConfig overrides (hypotheses in bench/SPLITTING.md)")
     t.add_argument("--sasa", help="JSON of SAEConfig overrides for sasa_r1/r2/r4/r8 (the default "
                    "procedure's members), e.g. '{\"s_ramp_tokens\": 1048576}'")
+    t.add_argument("--topk", help="JSON of SAEConfig overrides for topk_k32 and topk_k8, e.g. "
+                   "'{\"batch_gate_from\": 0.8}'")
     t.add_argument("--members", nargs="*", help="only these members (default: all seven); a "
                    "subset sees the same batches in the same order (same seed)")
     e = sub.add_parser("analyse")
@@ -311,6 +321,9 @@ def main() -> None:
     e.add_argument("--hookpoint", default="resid_post.4")
     e.add_argument("--jsonl", required=True)
     e.add_argument("--tokens", type=int, nargs="*", help="only these budgets (default: all)")
+    e.add_argument("--batch-gate", action="store_true", help="score every SAE with the batch "
+                   "gate (s*B groups over each batch of 4096 held-out tokens: s per token on "
+                   "average, whatever threshold a batch-gated SAE learned; rows get eval_gate)")
     e.add_argument("--threads", type=int, default=1)
     y = sub.add_parser("rays")
     y.add_argument("saes", nargs="+", help="SASA folders (r >= 2)")

@@ -168,9 +168,10 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
     if floor:  # the gate drops kept groups whose code norm is below floor x the token's largest
         top_s_gate = sae.gate
 
-        def floored_gate(h_BGR, top_s=None):
+        def floored_gate(h_BGR, top_s=None, gate=None):
             score_BG = h_BGR.detach().square().sum(-1)
-            return top_s_gate(h_BGR, top_s) & (score_BG >= floor ** 2 * score_BG.amax(1, True))
+            return (top_s_gate(h_BGR, top_s, gate)
+                    & (score_BG >= floor ** 2 * score_BG.amax(1, True)))
         sae.gate = floored_gate
         sae.cfg.decode = "dense"  # the sparse path has its own gate
     if batch_gate:  # BatchTopK's rule for groups; the threshold for evaluation (round 12)
@@ -178,8 +179,8 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
         sae.cfg.gate = "batch"
         batch_gate_fn, kept_min = sae.gate, []
 
-        def recording_gate(h_BGR, top_s=None):
-            keep_BG = batch_gate_fn(h_BGR, top_s)
+        def recording_gate(h_BGR, top_s=None, gate=None):
+            keep_BG = batch_gate_fn(h_BGR, top_s, gate)
             if sae.training and sae.cfg.gate == "batch":
                 kept_min.append(float(h_BGR.detach().square().sum(-1)[keep_BG].min()))
             return keep_BG
@@ -231,8 +232,8 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
         trace["s1_fvu"] = sum(s1_fvu) / max(1, len(s1_fvu))
     if batch_gate:  # evaluate with the mean smallest kept score of the last 20% of steps
         theta = sum(kept_min[-len(kept_min) // 5:]) / max(1, len(kept_min) // 5)
-        sae.gate = lambda h_BGR, top_s=None: (h_BGR.detach().square().sum(-1)
-                                              >= theta * sae.probe_theta_scale)
+        sae.gate = lambda h_BGR, top_s=None, gate=None: (h_BGR.detach().square().sum(-1)
+                                                         >= theta * sae.probe_theta_scale)
         sae.probe_theta_scale = 1.0
     return sae, mean, scale
 
