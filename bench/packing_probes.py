@@ -50,6 +50,8 @@ Variants (each a name below, or NAME=JSON of SAEConfig overrides):
   ``SAEConfig.batch_gate_from`` later put in the trainer ("(7.91/row)": groups kept per
   held-out row). The three keys that change the gate run the dense path.
 
+``--overflow`` (round 12) prints, per shape, the share of rows with more features on than s.
+
 ``--floors SHAPE SEED`` (round 8) trains the default once and scores it with a floor added to
 its gate at evaluation only: a kept group counts only where its code norm is at least tau x
 the token's largest (tau = 0 ... 0.4). If a split feature's second group held only small
@@ -295,12 +297,25 @@ def floors(shape_name: str, seed: int, taus=(0.0, 0.1, 0.2, 0.3, 0.4)) -> None:
               f"{l0_alone:.2f} | {ctx} |", flush=True)
 
 
+def overflow(seeds=(0, 1, 2), rows: int = 20_000) -> None:
+    """Round 12 (``--overflow``): per shape, the share of rows with more features on than s
+    (``rows`` rows of each seed's data, mean over the seeds)."""
+    print("| shape | s | rows with more features on than s |\n|---|---|---|")
+    for name, shape in SHAPES.items():
+        share = [float((generate(shape_spec(name, seed), rows, seed=seed).active_NF.sum(1)
+                        > shape.top_s).mean()) for seed in seeds]
+        print(f"| {name} | {shape.top_s} | {100 * sum(share) / len(share):.1f}% |")
+
+
 def main() -> None:
     global STEPS
     torch.set_num_threads(1)
     if sys.argv[1] == "--steps":  # round 11: runs of another length (batch 1024 each)
         STEPS = int(sys.argv[2])
         del sys.argv[1:3]
+    if sys.argv[1] == "--overflow":
+        overflow()
+        return
     if sys.argv[1] == "--floors":
         floors(sys.argv[2], int(sys.argv[3]))
         return
