@@ -30,6 +30,15 @@ def test_bf16_autocast_forward_backward_close_to_fp32(kw, decode):
     out_amp.loss.backward()
     assert torch.isfinite(out_amp.loss) and all(torch.isfinite(p.grad).all() for p in amp.parameters())
     assert out_amp.fvu.detach().item() == pytest.approx(out_ref.fvu.detach().item(), rel=0.05, abs=0.01)
+    if kw.get("gate") == "batch":  # the threshold stays fp32 and gates the eval-mode pass
+        assert amp.gate_threshold.dtype == torch.float32
+        assert float(amp.gate_threshold) == pytest.approx(float(ref.gate_threshold), rel=0.05)
+        ref.eval(), amp.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            ev_amp = amp(x)
+        ev_ref = ref(x)
+        assert ev_amp.fvu.item() == pytest.approx(ev_ref.fvu.item(), rel=0.05, abs=0.01)
+        assert ev_amp.l0_groups.item() == pytest.approx(ev_ref.l0_groups.item(), rel=0.1)
     amp.post_step()  # the constraint step runs in fp32 on bf16-autocast weights too
     if kw["arch"] == "sasa":
         d = amp.decoder_GDR
