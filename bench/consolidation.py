@@ -30,6 +30,8 @@ member uses lr 3e-3 (bench/SPLITTING.md; the default rule gives 1.1e-3-1.4e-3 he
     python bench/consolidation.py --diagnose W/run-D-0-2097152 --shapes D --seeds 0  # per feature
     python bench/consolidation.py --shapes D --tokens 4194304 --members new oracle \
         --score-at 0.5 0.8 --work W --jsonl at.jsonl   # also scored at 50% and 80% of each run
+    python bench/consolidation.py --shapes E --members topk oracle \
+        --over 'oracle={"batch_gate_from": 0.8}' --work W --jsonl late.jsonl  # members changed
 
 CPU, one torch thread per process (``--threads``); ~2-6 min per (shape, seed, budget) here.
 """
