@@ -26,6 +26,8 @@ member uses lr 3e-3 (bench/SPLITTING.md; the default rule gives 1.1e-3-1.4e-3 he
         --work W --jsonl more.jsonl             # a variant beside the default only: the rows
                                                 # equal a full sweep's (each member trains as alone)
     python bench/consolidation.py --summarize rows.jsonl    # means over seeds
+    python bench/consolidation.py --summarize s1.jsonl L:s2.jsonl --oracle-of bg8=L:oracle \
+        --per-seed      # L: prefixes s2's members; bg8 against s2's oracle; per seed
     python bench/consolidation.py --cost                     # seconds per step, plain vs new
     python bench/consolidation.py --diagnose W/run-D-0-2097152 --shapes D --seeds 0  # per feature
     python bench/consolidation.py --shapes D --tokens 4194304 --members new oracle \
@@ -301,22 +303,64 @@ def _by_dim(units: dict) -> list[float]:
     return [units[k] for k in sorted(units, key=int)]
 
 
-def summarize(paths: list[Path]) -> None:
+def read_rows(specs: list[str]) -> list[dict]:
+    """The rows of JSONL files; ``PREFIX:FILE`` prefixes the four members' names in that file
+    (``L:s2.jsonl``: its oracle becomes "L:oracle"), so that runs of one member trained two
+    ways can be summarised together."""
+    rows = []
+    for spec in specs:
+        head, _, tail = spec.partition(":")
+        prefix, path = ("", spec) if Path(spec).exists() else (head + ":", tail)
+        for line in Path(path).read_text().splitlines():
+            if line:
+                r = json.loads(line)
+                if r["model"] in MEMBERS:
+                    r["model"] = prefix + r["model"]
+                rows.append(r)
+    return rows
+
+
+def summarize(specs: list[str], oracle_of: dict[str, str] | None = None,
+              per_seed: bool = False) -> None:
     """Mean over seeds per (shape, tokens, model) of the rows in the given JSONL files (rows
-    from before the alone count show "-" there), and how many seeds meet both targets."""
-    rows = [json.loads(line) for p in paths for line in p.read_text().splitlines() if line]
+    from before the alone count show "-" there), and how many seeds meet both targets, each
+    model against the oracle ``oracle_of`` names for it ("oracle" unless named). ``per_seed``:
+    instead, per model, each seed's largest units-alone mean over d_i (with "(1.14x)", its FVU
+    over the seed's oracle's, where above 1.1) and the seeds on target."""
+    rows = read_rows(specs)
     keys = sorted({(r["shape"], r["tokens"], r.get("at", 1.0)) for r in rows})  # --score-at
-    print("| shape | tokens | model | seeds | held-out FVU (mean, min-max) | FVU / oracle "
-          "| units alone by d_i (mean over seeds) | max alone | units in context by d_i | "
-          "max in context | seeds on target |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    if per_seed:
+        print("| shape | tokens | model | largest units-alone mean per seed | seeds on target |")
+        print("|---|---|---|---|---|")
+    else:
+        print("| shape | tokens | model | seeds | held-out FVU (mean, min-max) | FVU / oracle "
+              "| units alone by d_i (mean over seeds) | max alone | units in context by d_i | "
+              "max in context | seeds on target |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
     for shape, tokens, at in keys:
         sel = [r for r in rows
                if r["shape"] == shape and r["tokens"] == tokens and r.get("at", 1.0) == at]
-        oracle = {r["seed"]: r["fvu"] for r in sel if r["model"] == "oracle"}
         for model in [*MEMBERS, *sorted({r["model"] for r in sel} - set(MEMBERS))]:
-            rs = [r for r in sel if r["model"] == model]
+            rs = sorted((r for r in sel if r["model"] == model), key=lambda r: r["seed"])
             if not rs:
+                continue
+            name = (oracle_of or {}).get(model, "oracle")
+            oracle = {r["seed"]: r["fvu"] for r in sel if r["model"] == name}
+            when = f"{tokens:,}" + (f" at {at:g}" if at < 1 else "")
+            # Seeds that meet both of the issue's targets on their own: every d_i <= 1.2 units
+            # alone, FVU <= 1.1x the same seed's oracle.
+            hit = "-"
+            if all("units_alone" in r for r in rs):
+                met = sum(max(r["units_alone"].values()) <= 1.2
+                          and r["fvu"] <= 1.1 * oracle[r["seed"]]
+                          for r in rs if r["seed"] in oracle)
+                hit = f"{met} of {len(rs)}"
+            if per_seed:
+                cells = [f"{max(r['units_alone'].values()):.2f}" + (
+                    f" ({r['fvu'] / oracle[r['seed']]:.2f}x)"
+                    if r["seed"] in oracle and r["fvu"] > 1.1 * oracle[r["seed"]] else "")
+                    for r in rs if "units_alone" in r]
+                print(f"| {shape} | {when} | {model} | {' / '.join(cells)} | {hit} |")
                 continue
             fvu = np.array([r["fvu"] for r in rs])
             ratio = np.mean([r["fvu"] / oracle[r["seed"]] for r in rs if r["seed"] in oracle])
@@ -327,15 +371,6 @@ def summarize(paths: list[Path]) -> None:
                     continue
                 units = np.mean([_by_dim(r[key]) for r in rs], axis=0)
                 cells += [" / ".join(f"{u:.2f}" for u in units), f"{units.max():.2f}"]
-            # Seeds that meet both of the issue's targets on their own: every d_i <= 1.2 units
-            # alone, FVU <= 1.1x the same seed's oracle.
-            hit = "-"
-            if cells[0] != "-":
-                met = sum(max(r["units_alone"].values()) <= 1.2
-                          and r["fvu"] <= 1.1 * oracle[r["seed"]]
-                          for r in rs if r["seed"] in oracle)
-                hit = f"{met} of {len(rs)}"
-            when = f"{tokens:,}" + (f" at {at:g}" if at < 1 else "")
             print(f"| {shape} | {when} | {model} | {len(rs)} | {fvu.mean():.4f} "
                   f"({fvu.min():.4f}-{fvu.max():.4f}) | {ratio:.2f} | " + " | ".join(cells)
                   + f" | {hit} |")
@@ -359,7 +394,7 @@ def main() -> None:
                         help="cap on feature frequencies (rounds 1-2 of bench/SPLITTING.md: 1)")
     parser.add_argument("--work", type=Path, default=None, help="folder for caches and runs")
     parser.add_argument("--jsonl", type=Path, default=None, help="append every row here")
-    parser.add_argument("--summarize", type=Path, nargs="*", default=None,
+    parser.add_argument("--summarize", nargs="*", default=None, metavar="[PREFIX:]JSONL",
                         help="print mean tables from these JSONL files and exit")
     parser.add_argument("--cost", action="store_true",
                         help="time plain vs new (and --variant) steps and exit")
@@ -376,6 +411,11 @@ def main() -> None:
                         help="SAEConfig overrides of some of the four members, e.g. "
                         "'oracle={\"batch_gate_from\": 0.8}' (round 12: the oracle and TopK "
                         "trained the way a variant is)")
+    parser.add_argument("--oracle-of", nargs="*", default=[], metavar="MODEL=ORACLE",
+                        help="--summarize: score MODEL against ORACLE's rows, e.g. "
+                        "'bg8=L:oracle' (default: \"oracle\")")
+    parser.add_argument("--per-seed", action="store_true",
+                        help="--summarize: each seed's largest units-alone mean, not means")
     parser.add_argument("--models", nargs="*", default=["new", "oracle"],
                         help="members to --diagnose")
     parser.add_argument("--variant", nargs="*", default=[], metavar="NAME=JSON",
@@ -390,7 +430,7 @@ def main() -> None:
         diagnose(args.shapes[0], args.seeds[0], args.diagnose, args.models, args.max_prob)
         return
     if args.summarize is not None:
-        summarize(args.summarize)
+        summarize(args.summarize, dict(o.split("=", 1) for o in args.oracle_of), args.per_seed)
         return
     variants = parse_variants(args.variant)
     if args.cost:
