@@ -363,7 +363,8 @@ def summarize(specs: list[str], oracle_of: dict[str, str] | None = None,
                 print(f"| {shape} | {when} | {model} | {' / '.join(cells)} | {hit} |")
                 continue
             fvu = np.array([r["fvu"] for r in rs])
-            ratio = np.mean([r["fvu"] / oracle[r["seed"]] for r in rs if r["seed"] in oracle])
+            ratios = [r["fvu"] / oracle[r["seed"]] for r in rs if r["seed"] in oracle]
+            ratio = f"{np.mean(ratios):.2f}" if ratios else "-"
             cells = []
             for key in ("units_alone", "units"):
                 if not all(key in r for r in rs):
@@ -372,7 +373,7 @@ def summarize(specs: list[str], oracle_of: dict[str, str] | None = None,
                 units = np.mean([_by_dim(r[key]) for r in rs], axis=0)
                 cells += [" / ".join(f"{u:.2f}" for u in units), f"{units.max():.2f}"]
             print(f"| {shape} | {when} | {model} | {len(rs)} | {fvu.mean():.4f} "
-                  f"({fvu.min():.4f}-{fvu.max():.4f}) | {ratio:.2f} | " + " | ".join(cells)
+                  f"({fvu.min():.4f}-{fvu.max():.4f}) | {ratio} | " + " | ".join(cells)
                   + f" | {hit} |")
 
 
