@@ -56,8 +56,8 @@ class SAEConfig:
     spare copy of a frequent feature for the tokens where slots run out. An SAE trained with
     the batch gate (here or with ``gate="batch"``) keeps a running mean of the smallest score
     it kept (``SAE.gate_threshold``) and in eval mode keeps every group whose squared code norm
-    reaches it: a rule per token, at s groups per token on average (bench/SPLITTING.md, round
-    12, measures it)."""
+    reaches it: a rule per token, at s groups per token on average on data like the training
+    data (on other text more or fewer; bench/SPLITTING.md, round 12, measures it)."""
 
     nuc_lambda: float = 0.0
     """Weight of the nuclear-norm penalty sum_g ||.||_* (0 disables it and skips the SVDs)."""
