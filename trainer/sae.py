@@ -194,15 +194,21 @@ class SAE(nn.Module):
         score_BG = h_BGR.detach().square().sum(-1)
         s = self.cfg.top_s if top_s is None else top_s
         mode = self.gate_mode(gate)
-        if mode == "threshold":
-            return score_BG >= self.gate_threshold
         if mode == "token":
             idx_BS = score_BG.topk(s, dim=1, sorted=False).indices
             return torch.zeros_like(score_BG, dtype=torch.bool).scatter_(1, idx_BS, True)
-        top = score_BG.flatten().topk(s * B, sorted=False)
-        self._track_threshold(top.values)
         keep = torch.zeros(B * G, dtype=torch.bool, device=h_BGR.device)
-        return keep.scatter_(0, top.indices, True).view(B, G)
+        return keep.scatter_(0, self._kept_flat(score_BG, s, mode), True).view(B, G)
+
+    def _kept_flat(self, score_BG: torch.Tensor, s: int, mode: str) -> torch.Tensor:
+        """The kept (token, group) pairs as sorted flat indices b * G + g under the rules that
+        keep any number of groups per token: "batch" (the top s*B scores of the batch; tracks
+        ``gate_threshold`` in training) or "threshold" (every score reaching it)."""
+        if mode == "threshold":
+            return (score_BG.flatten() >= self.gate_threshold).nonzero().squeeze(1)
+        top = score_BG.flatten().topk(s * score_BG.shape[0], sorted=False)
+        self._track_threshold(top.values)
+        return top.indices.sort().values
 
     @torch.no_grad()
     def _track_threshold(self, kept_scores: torch.Tensor) -> None:
@@ -299,12 +305,7 @@ class SAE(nn.Module):
                 token_K = torch.arange(B, device=x_BD.device).repeat_interleave(s)
                 offsets_B = torch.arange(0, B * s * R, s * R, device=x_BD.device)
             else:  # any number of groups per token, the pairs sorted by token
-                if mode == "threshold":
-                    flat_K = (score_BG.flatten() >= self.gate_threshold).nonzero().squeeze(1)
-                else:
-                    top = score_BG.flatten().topk(s * B, sorted=False)
-                    self._track_threshold(top.values)
-                    flat_K = top.indices.sort().values
+                flat_K = self._kept_flat(score_BG, s, mode)
                 token_K, group_K, offsets_B = flat_K // G, flat_K % G, None
             kept = kept_pairs(token_K, group_K, R, B, offsets_B)
 
