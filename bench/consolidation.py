@@ -271,7 +271,7 @@ def step_cost(shape_name: str, steps: int = 300, batch_size: int = 1024,
     overrides}): forward, backward, Adam, constraint, and the schedules and periodic steps of
     a ``steps``-step run, timed in interleaved blocks of 10 steps so that load from other
     processes hits every model alike."""
-    from sasa.trainer.consolidate import after_step, gate_at, group_lasso_scale, top_s_at
+    from sasa.trainer.consolidate import after_step, schedule_at
 
     shape = SHAPES[shape_name]
     x = torch.from_numpy(generate(shape_spec(shape_name), batch_size, seed=1).x_ND)
@@ -287,14 +287,13 @@ def step_cost(shape_name: str, steps: int = 300, batch_size: int = 1024,
         for name, (sae, opt) in models.items():
             t0 = time.perf_counter()
             for step in range(block, block + 10):
-                top_s = top_s_at(sae.cfg, step, steps, batch_size)
-                out = sae(x, gl_scale=group_lasso_scale(sae.cfg, step, steps), top_s=top_s,
-                          gate=gate_at(sae.cfg, step, steps))
+                plan = schedule_at(sae.cfg, step, steps, batch_size)
+                out = sae(x, **plan._asdict())
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
                 opt.step()
                 sae.post_step()
-                after_step(sae, x, opt, step, steps, top_s)
+                after_step(sae, x, opt, step, steps, plan.top_s)
             spent[name] += time.perf_counter() - t0
     return {name: t / steps for name, t in spent.items()}
 

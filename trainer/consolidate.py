@@ -112,6 +112,25 @@ def group_lasso_scale(cfg: SAEConfig, step: int, steps: int) -> float:
     return (end - frac) / (end - hold)
 
 
+class StepSchedule(NamedTuple):
+    """What the schedules set for one optimiser step, named as ``SAE.forward``'s arguments:
+    ``sae(x, **schedule_at(...)._asdict())``."""
+
+    top_s: int | None
+    """The s ramp's s (``top_s_at``; None: the configured s)."""
+    gl_scale: float
+    """The group penalty's and energy term's multiplier (``group_lasso_scale``)."""
+    gate: str | None
+    """The gate (``gate_at``; None: the configured gate)."""
+
+
+def schedule_at(cfg: SAEConfig, step: int, steps: int, batch_size: int) -> StepSchedule:
+    """Every schedule of ``cfg`` at optimiser step ``step`` of a run of ``steps`` batches of
+    ``batch_size`` tokens."""
+    return StepSchedule(top_s_at(cfg, step, steps, batch_size),
+                        group_lasso_scale(cfg, step, steps), gate_at(cfg, step, steps))
+
+
 class KeptEnergy(NamedTuple):
     """Squared code norms ||z_bg||^2 of the kept groups, as the two forward paths hold them:
     dense ([B, G] with the mask of the kept entries, zero elsewhere) or as the kept pairs."""

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from sasa.trainer.consolidate import after_step, gate_at, group_lasso_scale, top_s_at
+from sasa.trainer.consolidate import after_step, schedule_at
 from sasa.trainer.sae import SAE
 from sasa.trainer.schedule import lr_factor
 
@@ -41,15 +41,14 @@ def train_in_memory(sae: SAE, x_ND: torch.Tensor, *, steps: int, batch_size: int
     fvus: list[torch.Tensor] = []
     for step in range(steps if stop is None else min(stop, steps)):
         idx = torch.randint(0, x_ND.shape[0], (batch_size,), generator=gen)
-        top_s = top_s_at(sae.cfg, step, steps, batch_size)
-        out = sae(x_ND[idx], gl_scale=group_lasso_scale(sae.cfg, step, steps), top_s=top_s,
-                  gate=gate_at(sae.cfg, step, steps))
+        plan = schedule_at(sae.cfg, step, steps, batch_size)
+        out = sae(x_ND[idx], **plan._asdict())
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
         sched.step()
         sae.post_step()
-        after_step(sae, x_ND[idx], opt, step, steps, top_s)
+        after_step(sae, x_ND[idx], opt, step, steps, plan.top_s)
         fvus.append(out.fvu.detach())
         if log_every and (step + 1) % log_every == 0:
             print(f"step {step + 1}: fvu {float(out.fvu):.4f} l0 {float(out.l0_groups):.2f}")

@@ -28,8 +28,7 @@ from sasa.store import open_cache
 from sasa.store.verify import refuse_damaged
 from sasa.trainer.config import MemberConfig, TrainConfig
 from sasa.trainer.outdir import claim
-from sasa.trainer.consolidate import (after_step, gate_at, group_lasso_scale, periodic_steps,
-                                      top_s_at)
+from sasa.trainer.consolidate import after_step, periodic_steps, schedule_at
 from sasa.trainer.persist import save_sae
 from sasa.trainer.sae import SAE
 from sasa.trainer.schedule import lr_factor
@@ -271,18 +270,16 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, member_ids: list[int] |
             xs[hp] = (raw.float() - norm[hp][0]) / norm[hp][1]
         nuc_scale = float(cfg.nuc_every) if step % cfg.nuc_every == 0 else 0.0
         for m in members:
-            top_s = top_s_at(m.sae_cfg, step, cfg.steps, cfg.batch_size)  # the s ramp
+            plan = schedule_at(m.sae_cfg, step, cfg.steps, cfg.batch_size)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda and cfg.autocast):
-                o = m.sae(xs[m.cfg.hookpoint], nuc_scale=nuc_scale, top_s=top_s,
-                          gl_scale=group_lasso_scale(m.sae_cfg, step, cfg.steps),
-                          gate=gate_at(m.sae_cfg, step, cfg.steps))
+                o = m.sae(xs[m.cfg.hookpoint], nuc_scale=nuc_scale, **plan._asdict())
             m.opt.zero_grad(set_to_none=True)
             o.loss.backward()
             m.opt.step()
             m.sched.step()
             m.sae.post_step()
             for name, n in after_step(m.sae, xs[m.cfg.hookpoint], m.opt, step, cfg.steps,
-                                      top_s).items():
+                                      plan.top_s).items():
                 m.changed[name] += n
             m.accumulate(o)
         step += 1
