@@ -4,7 +4,7 @@ shared groups on the capped shapes, and does the unpack step undo it?
 One shape of bench/consolidation.py (capped at MAX_PROB), one seed, 262,144 training samples,
 1024 steps (``--steps N``: N) of batch 1024 (1M tokens), Adam lr 3e-3 (unless ``probe_lr``),
 10% warm-up, 20% decay, the consolidation schedules and periodic steps of the member's
-SAEConfig (``top_s_at``, ``group_lasso_scale``, ``after_step``); scored on the same held-out
+SAEConfig (``schedule_at``, ``after_step``); scored on the same held-out
 samples as the benchmark: FVU, units per feature by d_i alone and in context, and how many
 features share their main group with another ("packed").
 Variants (each a name below, or NAME=JSON of SAEConfig overrides):
@@ -44,11 +44,16 @@ Variants (each a name below, or NAME=JSON of SAEConfig overrides):
   origin (where every planted feature is off) and ``"probe_b_dec_frozen": true`` keeps it
   there; ``"probe_oracle": true`` starts any variant at the planted subspaces (as ``oracle``);
   ``"probe_floor": tau`` drops, in training and evaluation, the kept groups whose code norm is
-  below tau x the token's largest; ``"probe_batch_gate": true`` trains with the batch gate
-  (from ``"probe_batch_from": f`` of the run, the token gate before) and evaluates with the
-  mean smallest kept score of the last 20% of steps as a threshold, the rule
-  ``SAEConfig.batch_gate_from`` later put in the trainer ("(7.91/row)": groups kept per
-  held-out row). The three keys that change the gate run the dense path.
+  below tau x the token's largest (the dense path); ``"probe_batch_gate": true`` trains with
+  the batch gate from ``"probe_batch_from": f`` of the run (``SAEConfig.batch_gate_from``)
+  and so evaluates with the threshold it learned ("(7.91/row)": groups kept per held-out row).
+  Round 12's rows ran at commit 022e2ef with the probe's own copy of that gate, whose
+  threshold was the mean of the smallest kept scores over the last 20% of the steps (the
+  trainer's: a running mean, decay 0.99); ``git checkout 022e2ef -- bench/packing_probes.py
+  trainer/`` reproduces them (E seed 0's ``bg8`` row checked digit for digit). At HEAD the
+  trainer's threshold keeps slightly fewer groups: E seed 0 ``obg`` / ``bg8`` the same units
+  and FVU at 7.88 / 7.72 groups per row (against 7.91 / 7.84), B seed 0 ``bg8`` 1.84 on 4-D
+  features and FVU 0.0072 at 3.70 per row (against 1.88, 0.0068 at 4.02).
 
 ``--overflow`` (round 12) prints, per shape, the share of rows with more features on than s.
 
@@ -84,7 +89,7 @@ from sasa.analysis.splitting import splitting, unit_energies  # noqa: E402
 from sasa.analysis.synthetic import generate  # noqa: E402
 from sasa.trainer import SAE, SAEConfig  # noqa: E402
 from sasa.trainer.consolidate import (KeptEnergy, after_step, energy_cross_share,  # noqa: E402
-                                      group_lasso_scale, top_s_at)
+                                      schedule_at, top_s_at)
 from sasa.trainer.schedule import lr_factor  # noqa: E402
 
 STEPS = 1024
@@ -147,8 +152,8 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
     b_dec_frozen = over.pop("probe_b_dec_frozen", False)
     planted = over.pop("probe_oracle", False) or variant == "oracle"
     floor = over.pop("probe_floor", 0.0)
-    batch_gate = over.pop("probe_batch_gate", False)
-    batch_from = over.pop("probe_batch_from", 0.0)
+    if over.pop("probe_batch_gate", False):  # the trainer's SAEConfig.batch_gate_from
+        over["batch_gate_from"] = over.pop("probe_batch_from", 0.0)
     init_seed = over.pop("probe_init_seed", seed)
     lr = over.pop("probe_lr", 3e-3)
     pulse = over.pop("probe_pulse", None)
@@ -176,17 +181,6 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
                     & (score_BG >= floor ** 2 * score_BG.amax(1, True)))
         sae.gate = floored_gate
         sae.cfg.decode = "dense"  # the sparse path has its own gate
-    if batch_gate:  # BatchTopK's rule for groups; the threshold for evaluation (round 12)
-        sae.cfg.decode = "dense"
-        sae.cfg.gate = "batch"
-        batch_gate_fn, kept_min = sae.gate, []
-
-        def recording_gate(h_BGR, top_s=None, gate=None):
-            keep_BG = batch_gate_fn(h_BGR, top_s, gate)
-            if sae.training and sae.cfg.gate == "batch":
-                kept_min.append(float(h_BGR.detach().square().sum(-1)[keep_BG].min()))
-            return keep_BG
-        sae.gate = recording_gate
     if b_dec_init == "origin":  # the raw origin, where every planted feature is off
         with torch.no_grad():
             sae.b_dec_D.copy_((-mean / scale).to(sae.b_dec_D.dtype))
@@ -204,16 +198,13 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
     gen = torch.Generator().manual_seed(seed)
     s1_fvu = []
     for step in range(STEPS if stop is None else stop):
-        if batch_gate:
-            sae.cfg.gate = "batch" if step >= batch_from * STEPS else "token"
         if variant in GATE_UNTIL:
             sae.cfg.gate = "batch" if step / STEPS < GATE_UNTIL[variant] else "token"
         idx = torch.randint(0, x_n.shape[0], (1024,), generator=gen)
-        top_s = top_s_at(sae.cfg, step, STEPS, 1024)
+        top_s, gl_scale, gate = schedule_at(sae.cfg, step, STEPS, 1024)
         if pulse and pulse[0] <= step / STEPS < pulse[2]:  # the s ramp again, over the pulse
             top_s = top_s_at(pulse_cfg, step, STEPS, 1024)
-        gl_scale = group_lasso_scale(sae.cfg, step, STEPS)
-        out = sae(x_n[idx], gl_scale=gl_scale, top_s=top_s)
+        out = sae(x_n[idx], gl_scale=gl_scale, top_s=top_s, gate=gate)
         loss = out.loss
         if ecov and gl_scale > 0 and ecov_from * STEPS <= step < ecov_until * STEPS:
             loss = loss + ecov * gl_scale * energy_cov(x_n[idx], out.codes_BGR, ecov_form)
@@ -232,11 +223,6 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
                 sae.b_enc_GR[:, k:] = 0
     if trace is not None:
         trace["s1_fvu"] = sum(s1_fvu) / max(1, len(s1_fvu))
-    if batch_gate:  # evaluate with the mean smallest kept score of the last 20% of steps
-        theta = sum(kept_min[-len(kept_min) // 5:]) / max(1, len(kept_min) // 5)
-        sae.gate = lambda h_BGR, top_s=None, gate=None: (h_BGR.detach().square().sum(-1)
-                                                         >= theta * sae.probe_theta_scale)
-        sae.probe_theta_scale = 1.0
     return sae, mean, scale
 
 
@@ -247,12 +233,11 @@ def probe(shape_name: str, seed: int, variant: str, over: dict) -> str:
     over = dict(over)
     stop = round(over.pop("probe_stop", 1.0) * STEPS)
     sae, mean, scale = train_in_memory(shape_name, seed, over, variant, stop, trace)
-    if sae.cfg.gate != "batch":
-        sae.cfg.gate = "token"
+    sae.cfg.gate = "token"  # a batch-gated SAE gates by its threshold in eval mode
+    if variant in GATE_UNTIL:  # round 3 scored these with the token gate
+        sae.gate_threshold.zero_()
     sae.eval()
     sae.fold_normalisation(mean, scale)
-    if hasattr(sae, "probe_theta_scale"):  # folding multiplies every code by scale
-        sae.probe_theta_scale = scale ** 2
     o, units, units_alone = score(sae, test, alone)
     share_FG = energy_shares(unit_energies(o.codes_BGR, sae.decoder_GDR, test.bases,
                                            test.active_NF), test.active_NF)
@@ -261,7 +246,7 @@ def probe(shape_name: str, seed: int, variant: str, over: dict) -> str:
     dec_GDR = sae.decoder_GDR.detach().double()
     copies = max((int(((dec_GDR.transpose(1, 2) @ torch.from_numpy(b[:, 0])).square().sum(1)
                        >= 0.5).sum()) for b in test.bases if b.shape[1] == 1), default=0)
-    if sae.cfg.gate == "batch":  # the threshold decides how many groups a row keeps
+    if float(sae.gate_threshold) > 0:  # the threshold decides how many groups a row keeps
         variant += f" ({float((o.codes_BGR.abs().amax(-1) > 0).sum(1).float().mean()):.2f}/row)"
     return (f"| {shape_name} | {seed} | {variant} | {float(o.fvu):.4f} | "
             f"{' / '.join(f'{u:.2f}' for u in units_alone.values())} | "
