@@ -145,6 +145,11 @@ def oracle_weights(state: dict, bases: list[np.ndarray], rank: int, seed: int) -
     state["b_enc_GR"].zero_()
 
 
+def _digest(obj) -> str:
+    """A stable hex digest of a JSON-able object (folder names that change with it)."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
 def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | None,
                batch_size: int, threads: int, variants: dict[str, dict] | None = None,
                max_prob: float = MAX_PROB, keep: tuple[str, ...] = MEMBERS,
@@ -159,8 +164,7 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
     spec = shape_spec(shape_name, seed, max_prob)
     capped = "" if max_prob == MAX_PROB else f"-p{max_prob:g}"  # other caps: other folders
     # The spec's hash in the name: a cache left in --work by another spec is never reused.
-    key = hashlib.sha1(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()).hexdigest()
-    url = work / f"cache-{shape_name}-{seed}-{key[:8]}"
+    url = work / f"cache-{shape_name}-{seed}-{_digest(dataclasses.asdict(spec))[:8]}"
     if not (url / "zarr.json").exists():
         write_synthetic_cache(str(url), spec=spec, n_tokens=1 << 18, ctx_len=64, shard_seqs=256,
                               seed=seed, progress=False)
@@ -172,8 +176,7 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
                       **({} if warmup_steps is None else {"warmup_steps": warmup_steps}))
     only = "" if tuple(keep) == MEMBERS else "-only-" + "-".join(keep)
     warm = "" if warmup_steps is None else f"-w{warmup_steps}"
-    changed = "".join(f"-{m}{hashlib.sha1(json.dumps(o, sort_keys=True).encode()).hexdigest()[:6]}"
-                      for m, o in sorted((over or {}).items()))
+    changed = "".join(f"-{m}{_digest(o)[:6]}" for m, o in sorted((over or {}).items()))
     out = work / (f"run-{shape_name}-{seed}-{tokens}{capped}{warm}{only}{changed}"
                   + "".join(f"-{v}" for v in variants or {}))
     t0 = time.perf_counter()
