@@ -31,7 +31,6 @@ shuffle whenever a window is smaller than the cache. ``shuffle_quality`` measure
 from __future__ import annotations
 
 import sys
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -109,6 +108,8 @@ class Window(NamedTuple):
     """[n_kept] int64 indices into ``arrays`` in this window's (shuffled) order; masked rows left out."""
     rows: np.ndarray
     """[n_kept] int64 cache row of each entry of ``take``."""
+    n_chunks: int
+    """Chunks read for this window."""
 
 
 def _as_rows(a: np.ndarray) -> np.ndarray:
@@ -163,7 +164,8 @@ class BatchStream:
             raise SasaError(f"read_concurrency must be positive, got {read_concurrency}")
         self.read_concurrency = int(read_concurrency)
         self.chunks_read = 0
-        self._lock = threading.Lock()
+        """Chunks of the windows taken so far. A read-ahead window the consumer never reached is
+        not counted, so the count depends on the batches taken, not on thread timing."""
 
         self.shards = list(resume["shards"]) if resume else cache.committed_shards()
         self.chunks = np.array([c for s in self.shards for c in self.layout.shard_chunks(s)], dtype=np.int64)
@@ -258,8 +260,6 @@ class BatchStream:
                      for hp, a in arrays.items()]
         for job in jobs:
             job.result()
-        with self._lock:
-            self.chunks_read += n
         window_rows = (chunks[:, None] * lay.chunk_rows + np.arange(lay.chunk_rows)).reshape(-1)
         take = np.flatnonzero(self.cache.row_mask(tokens.reshape(-1), self.exclude,
                                                   hookpoints=self.hookpoints, rows=window_rows))
@@ -267,7 +267,7 @@ class BatchStream:
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch, window, self.rank, self.world_size]).permutation(len(take))
             take, rows = take[order], rows[order]
-        return Window(arrays, take, rows)
+        return Window(arrays, take, rows, n)
 
     def _new_batch(self, size: int) -> dict:
         return {"acts": {hp: np.empty((size, self.cache.hookpoints[hp]), self.layout.storage_dtype)
@@ -313,6 +313,7 @@ class BatchStream:
             batch, have = self._new_batch(self.batch_size), 0
             while True:
                 win = pending.result()
+                self.chunks_read += win.n_chunks
                 nxt = self._next(epoch, window)
                 if not self._done(nxt[0]):
                     # Fill the other buffer set while this window is consumed; batches copy rows
