@@ -128,6 +128,9 @@ def test_schedules():
     cfg = SAEConfig(d_in=8, groups=8, rank=2, top_s=5)
     assert cfg.consolidate == "anneal"
     assert SAEConfig(d_in=8, groups=8, arch="topk").consolidate == "none"
+    # r = 1: one direction per group, nothing to consolidate; the plain objective's schedule
+    one = SAEConfig(d_in=8, groups=8, rank=1, top_s=5)
+    assert top_s_at(one, 0, 100, 64) is None and group_lasso_scale(one, 0, 100) == 0.0
     steps = 100
     s = [top_s_at(cfg, t, steps, 64) for t in range(steps)]
     gl = [group_lasso_scale(cfg, t, steps) for t in range(steps)]
