@@ -79,21 +79,16 @@ def top_s_at(cfg: SAEConfig, step: int, steps: int, batch_size: int) -> int | No
     the s ramp (None: the configured s).
 
     ``s_start`` until ``s_ramp_from`` of the ramp's span (``ramp_steps``), then linearly
-    (rounded) to the token phase's s at ``s_ramp_to``: ``token_phase_slots`` x ``top_s`` before
-    the batch gate (``gate_at``) where set, else ``top_s``."""
-    top = cfg.top_s
-    if cfg.token_phase_slots is not None and gate_at(cfg, step, steps) is None:
-        top = min(cfg.groups, int(round(cfg.token_phase_slots * cfg.top_s)))
-    plateau = None if top == cfg.top_s else top
-    if cfg.consolidate == "none" or cfg.s_start is None or cfg.s_start >= top or steps <= 0:
-        return plateau
+    (rounded) to ``top_s`` at ``s_ramp_to``."""
+    if cfg.consolidate == "none" or cfg.s_start is None or cfg.s_start >= cfg.top_s or steps <= 0:
+        return None
     frac = step / ramp_steps(cfg, steps, batch_size)
     if frac >= cfg.s_ramp_to:
-        return plateau
+        return None
     if frac < cfg.s_ramp_from:
         return cfg.s_start
     t = (frac - cfg.s_ramp_from) / (cfg.s_ramp_to - cfg.s_ramp_from)
-    return int(round(cfg.s_start + t * (top - cfg.s_start)))
+    return int(round(cfg.s_start + t * (cfg.top_s - cfg.s_start)))
 
 
 def gate_at(cfg: SAEConfig, step: int, steps: int) -> str | None:

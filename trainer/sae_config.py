@@ -59,12 +59,6 @@ class SAEConfig:
     reaches it: a rule per token, at s groups per token on average on data like the training
     data (on other text more or fewer; bench/SPLITTING.md, round 12, measures it)."""
 
-    token_phase_slots: float | None = None
-    """With ``batch_gate_from``: s in the token-gate phase before it is this multiple of
-    ``top_s`` (rounded, at most ``groups``; the s ramp rises to it), so rows with more features
-    than ``top_s`` need no packed or copied groups there; the batch gate then keeps ``top_s``
-    groups per token on average. None: ``top_s`` throughout."""
-
     nuc_lambda: float = 0.0
     """Weight of the nuclear-norm penalty sum_g ||.||_* (0 disables it and skips the SVDs)."""
 
@@ -284,10 +278,6 @@ class SAEConfig:
                 self.arch != "relu" and 0 <= self.batch_gate_from <= 1):
             raise SasaError("batch_gate_from must be a fraction of the run in [0, 1] (or None), "
                             f"for sasa or topk (got {self.batch_gate_from}, arch {self.arch})")
-        if self.token_phase_slots is not None and not (
-                self.batch_gate_from is not None and self.token_phase_slots >= 1):
-            raise SasaError(f"token_phase_slots must be >= 1 and needs batch_gate_from (got "
-                            f"{self.token_phase_slots}, batch_gate_from {self.batch_gate_from})")
         if self.nuc_lambda < 0:
             raise SasaError(f"nuc_lambda must be >= 0 (got {self.nuc_lambda})")
         if self.nuc_on not in NUC_ON:
