@@ -41,6 +41,20 @@ def test_threshold_is_the_running_mean_of_the_smallest_kept_score(decode):
     torch.testing.assert_close(sae.gate_threshold, want, rtol=1e-12, atol=0)
 
 
+def test_a_short_batch_phase_leaves_a_threshold_that_keeps_s_groups_per_token():
+    """The scores move under the lr decay; a running mean with a long memory (0.99: ~100
+    steps, the whole batch phase here) lags them and keeps 9% fewer groups than s."""
+    from sasa.analysis.synthetic import SyntheticSpec, generate
+    spec = SyntheticSpec(d=32, features_per_dim={1: 4, 2: 4, 3: 2}, mean_active=3.0)
+    x = torch.from_numpy(generate(spec, 8192, seed=0).x_ND)
+    x = (x - x.mean(0)) / x.std()
+    sae = SAE(SAEConfig(d_in=32, groups=24, rank=3, top_s=4, batch_gate_from=0.5), seed=0)
+    train_in_memory(sae, x, steps=200, batch_size=256, lr=3e-3, decay_frac=0.2)
+    with torch.no_grad():
+        kept = sae(x).active_BG.sum(1).float().mean()  # eval mode: the threshold
+    assert abs(float(kept) - 4) <= 0.03 * 4
+
+
 def _with_threshold(decode: str) -> SAE:
     sae = make_sae(dtype=torch.float64, rank=2, top_s=3, decode=decode)
     with torch.no_grad():

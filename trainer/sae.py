@@ -58,8 +58,11 @@ from sasa.trainer.sparse import GatherCodes, Kept, kept_pairs
 __all__ = ["SAE", "SAEConfig", "ForwardOutput", "EffectiveRanks"]
 
 #: Decay of the running mean of the batch gate's smallest kept score (``SAE.gate_threshold``):
-#: a memory of ~100 steps, short next to the 20% of a run the batch gate usually spans.
-THRESHOLD_DECAY = 0.99
+#: a memory of ~10 steps, so the threshold follows the scores as they move under the lr decay.
+#: 0.99 (~100 steps, as long as the whole batch phase of a 524k-token run at batch 1024) kept
+#: 12-39% fewer groups than s even on the training text; 0.9 keeps 4-6% more
+#: (bench/SPLITTING.md, round 13).
+THRESHOLD_DECAY = 0.9
 
 
 class ForwardOutput(NamedTuple):
