@@ -41,7 +41,8 @@ def register(subparsers) -> None:
 def sweep_yaml(cache: str, tokens: int, batch_size: int, width: int, active: int) -> str:
     """SASA at r = 1, 2, 4, 8 and TopK at equal active coordinates, and ReLU + L1 (its L0 is
     whatever the L1 weight gives), on the deeper hookpoint; one TopK on the shallower one shows a
-    sweep can span hookpoints."""
+    sweep can span hookpoints. A second TopK on the deeper one trains with the batch gate for
+    the last 20%, as SASA's default procedure does at r >= 2, to compare like with like."""
     lines = [f"cache: {cache}", f"tokens: {tokens}", f"batch_size: {batch_size}", "log_every: 20",
              "checkpoint_every: 200", "defaults: {lr: 0.001, dead_tokens: 200000}", "saes:"]
     deep, shallow = HOOKPOINTS[1], HOOKPOINTS[0]
@@ -49,6 +50,8 @@ def sweep_yaml(cache: str, tokens: int, batch_size: int, width: int, active: int
         if active % r == 0 and width % r == 0:
             lines.append(f"  - {{hookpoint: {deep}, arch: sasa, rank: {r}, groups: {width // r}, top_s: {active // r}}}")
     lines.append(f"  - {{hookpoint: {deep}, arch: topk, groups: {width}, top_s: {active}}}")
+    lines.append(f"  - {{hookpoint: {deep}, arch: topk, groups: {width}, top_s: {active}, "
+                 f"batch_gate_from: 0.8, name: topk-{deep}-G{width}-s{active}-late}}")
     lines.append(f"  - {{hookpoint: {deep}, arch: relu, groups: {width}, l1_coeff: 0.015}}")
     lines.append(f"  - {{hookpoint: {shallow}, arch: topk, groups: {width}, top_s: {active}}}")
     return "\n".join(lines) + "\n"

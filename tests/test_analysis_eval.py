@@ -48,7 +48,9 @@ def cache_url(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(cache_url, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    members = [MemberConfig("synthetic", {"arch": "sasa", "groups": 8, "rank": 2, "top_s": 2}, lr=3e-3),
+    # The token gate throughout (not the default's late batch gate), so eval's L0 is exactly s
+    sasa = {"arch": "sasa", "groups": 8, "rank": 2, "top_s": 2, "batch_gate_from": None}
+    members = [MemberConfig("synthetic", sasa, lr=3e-3),
                MemberConfig("synthetic", {"arch": "topk", "groups": 16, "top_s": 4}, lr=3e-3)]
     train(TrainConfig(cache=cache_url, members=members, tokens=24 * 128, batch_size=128, log_every=4,
                       shuffle_rows=1024), out, progress=False)

@@ -5,6 +5,7 @@ paths, folding, saving, the schedule and the command line."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from sasa.errors import SasaError
 from sasa.trainer import SAE, SAEConfig, load_sae, save_sae
 from sasa.trainer.consolidate import gate_at
 from sasa.trainer.in_memory import train_in_memory
-from sasa.trainer.persist import WEIGHTS_NAME
+from sasa.trainer.persist import CONFIG_NAME, WEIGHTS_NAME
 from sasa.trainer.sae import THRESHOLD_DECAY
 
 
@@ -106,8 +107,13 @@ def test_saved_threshold_comes_back_and_older_files_load_without_one(tmp_path):
     tensors = load_file(str(weights))
     del tensors["gate_threshold"]  # a folder written before the threshold existed
     save_file(tensors, str(weights))
+    config = tmp_path / "sae" / CONFIG_NAME
+    meta = json.loads(config.read_text())
+    del meta["config"]["batch_gate_from"]  # ... and of its field, whose default is now "auto"
+    config.write_text(json.dumps(meta))
     old = load_sae(tmp_path / "sae")
     assert float(old.gate_threshold) == 0.0 and old.gate_mode() == "batch"
+    assert old.cfg.batch_gate_from is None  # trained without it, as every such folder was
 
 
 def test_batch_gate_from_switches_the_gate_late_in_the_run():

@@ -161,6 +161,12 @@ def test_cli_train_and_sweep(cache_url, tmp_path):
     assert trained.gather_energy == 0.0  # the default, 3, is SAEConfig's (test_gather.py)
     assert trained.energy_cov == 0.5
     assert trained.batch_gate_from == 0.5
+    out = run("train", "--cache", cache_url, "--hookpoint", "synthetic", "--arch", "sasa",
+              "--groups", "8", "--rank", "2", "--top-s", "2", "--batch-gate-from", "none",
+              "--tokens", "256", "--batch-size", "128", "--out", str(tmp_path / "n"))
+    assert out.returncode == 0, out.stderr
+    trained = load_sae(tmp_path / "n" / "sasa-synthetic-G8-r2-s2").cfg
+    assert trained.consolidate == "anneal" and trained.batch_gate_from is None  # default: 0.8
     (tmp_path / "s.yaml").write_text(
         f"cache: {cache_url}\ntokens: 1024\nbatch_size: 128\nlog_every: 4\n"
         "defaults: {hookpoint: synthetic, lr: 0.003}\n"

@@ -12,6 +12,12 @@ RUN = {f: v.default for f, v in TrainConfig.__dataclass_fields__.items()}
 SAE = {f: v.default for f, v in SAEConfig.__dataclass_fields__.items()}
 
 
+def _gate_from(text: str) -> float | str | None:
+    """--batch-gate-from: a fraction of the run, "none" or "auto"."""
+    low = text.lower()
+    return low if low == "auto" else None if low == "none" else float(text)
+
+
 def _run_args(p) -> None:
     p.add_argument("--out", required=True, help="output folder: one subfolder per SAE, checkpoints/, run.json")
     p.add_argument("--tokens", type=int, default=None, help=f"training tokens per SAE (default {RUN['tokens']:,})")
@@ -46,9 +52,10 @@ def register(subparsers) -> None:
     p.add_argument("--nuc-on", default=SAE["nuc_on"], choices=NUC_ON, help="(default %(default)s)")
     p.add_argument("--codes", default=None, choices=CODES, help="(default: signed for sasa, relu otherwise)")
     p.add_argument("--gate", default=SAE["gate"], choices=GATES, help="(default %(default)s)")
-    p.add_argument("--batch-gate-from", type=float, default=None,
+    p.add_argument("--batch-gate-from", type=_gate_from, default="auto",
                    help="fraction of the run from which the gate keeps the top s*B groups over "
-                        "the batch; evaluated with the threshold it learns (default: never, "
+                        "the batch, evaluated with the threshold it learns; none: never "
+                        "(default auto: 0.8 for sasa with consolidate anneal, else never; "
                         "docs/train.md)")
     p.add_argument("--l1-coeff", type=float, default=None, help=f"L1 weight (relu; default {SAE['l1_coeff']:g})")
     p.add_argument("--auxk-alpha", type=float, default=None, help=f"AuxK weight (default {SAE['auxk_alpha']:g})")
@@ -113,9 +120,10 @@ def run_train(args) -> int:
     sae = {"arch": args.arch, "groups": args.groups, "top_s": args.top_s, "nuc_lambda": args.nuc_lambda,
            "nuc_on": args.nuc_on, "gate": args.gate}
     for key in ("rank", "codes", "l1_coeff", "auxk_alpha", "dead_tokens", "consolidate",
-                "gather_energy", "energy_cov", "batch_gate_from"):
+                "gather_energy", "energy_cov"):
         if getattr(args, key) is not None:
             sae[key] = getattr(args, key)
+    sae["batch_gate_from"] = args.batch_gate_from
     if args.s_ramp_tokens is not None:
         sae["s_ramp_tokens"] = args.s_ramp_tokens or None
     member = MemberConfig(hookpoint=args.hookpoint, sae=sae, lr=args.lr, name=args.name)

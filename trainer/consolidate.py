@@ -15,8 +15,13 @@ repeats them exactly and every sweep member follows its own config, and one peri
   With fewer slots than features, what a kept group misses of its feature stays in the error,
   which pulls the group's spare dimensions onto it.
 - ``group_lasso_scale``: a group-sparsity penalty sum_g (||z_g|| / rms)^p, p = 1/2, at full
-  weight for the first half and annealed to 0 at 80%, so the lr decay runs on the plain
-  objective. It charges splits and copies and so keeps spare slots from being free.
+  weight for the first half and annealed to 0 by the end of the run (by 80% with the token gate
+  throughout, so that lr decay runs on the plain objective). It charges splits and copies and
+  so keeps spare slots from being free.
+- ``gate_at``: the batch gate (the top s*B groups of a batch of B tokens) from 80% of the run
+  (``batch_gate_from``): a token with more features than s keeps more groups, so the copies of
+  frequent features that the token gate's optimum keeps for such tokens are no longer needed,
+  and the penalty, still on, charges them.
 - ``energy_cross_share`` (``energy_cov`` 0.03, on that schedule): the share of the variance of
   a token's code energy that lies between groups. Slices of one feature switch on together;
   groups holding whole independent features do not covary, whatever the features' frequency,
@@ -24,9 +29,13 @@ repeats them exactly and every sweep member follows its own config, and one peri
 - ``sasa.trainer.gather.gather_slices`` (``gather_every`` 25, from 50% to 80% of the run):
   blocks of different groups that are on only together, or whose code energies follow each
   other (``gather_energy``), are slices of one feature and move into one group.
-Measured through the streaming trainer (bench/RESULTS_consolidation.md, rounds 5-11: five
+Measured through the streaming trainer (bench/RESULTS_consolidation.md, rounds 5-13: five
 planted shapes, three seeds, nine on D and E, units per feature counted on inputs of one
-feature alone as issue 9 defines them; round 11's default): every seed of the disjoint 1-4-D
+feature alone as issue 9 defines them). Round 13's default (with the late batch gate) at 2M
+tokens: 19 of 27 seeds at one group per feature within 1.1x the FVU of the planted-init oracle
+trained the same way (A 3 of 3, B 0, C 1, D 8 of 9, E 7 of 9; with the token gate throughout 17
+of 27) at 0.23-0.94x the held-out FVU. Round 11's default (the token gate throughout), which the
+rest of this paragraph describes: every seed of the disjoint 1-4-D
 shape A at one group per feature (every d_i <= 1.2) below the planted oracle's FVU by 512k
 tokens (max 1.05, 0.87x; plain SASA not by 2M), while TopK's FVU still falls 17x to 2M; the
 overlapping Gaussian 1-6-D shape D on 2 of 3 seeds at 1M, 7 of 9 at 2M and 5 of 9 at 4M (mean

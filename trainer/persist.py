@@ -81,7 +81,8 @@ def load_sae(path: str | Path, *, device=None) -> SAE:
     if unknown:
         raise SasaError(f"{cfg_file} has unknown config fields {sorted(unknown)}; "
                         "upgrade sasa to read it")
-    cfg = SAEConfig(**meta["config"])
+    # Folders written before the batch gate existed trained without it (no "auto").
+    cfg = SAEConfig(**{"batch_gate_from": None, **meta["config"]})
     try:
         tensors = load_file(str(weights_file))
     except Exception as err:  # safetensors raises its own error type for a torn file

@@ -49,15 +49,17 @@ class SAEConfig:
     """"token": Top-s groups per token. "batch": Top s*B groups over the whole batch of B tokens
     (a token may get more or fewer than s; the average is s)."""
 
-    batch_gate_from: float | None = None
+    batch_gate_from: float | str | None = "auto"
     """Fraction of the run from which the gate is "batch" (the top s*B groups over the batch,
-    as BatchTopK keeps latents) instead of ``gate``; None: ``gate`` throughout. A token whose
+    as BatchTopK keeps latents) instead of ``gate``; None: ``gate`` throughout; "auto" (the
+    default): 0.8 under ``consolidate: anneal`` (sasa, r >= 2), else None. A token whose
     features outnumber s then keeps more groups and a sparse one fewer, so no group needs a
     spare copy of a frequent feature for the tokens where slots run out. An SAE trained with
     the batch gate (here or with ``gate="batch"``) keeps a running mean of the smallest score
     it kept (``SAE.gate_threshold``) and in eval mode keeps every group whose squared code norm
     reaches it: a rule per token, at s groups per token on average on data like the training
-    data (on other text more or fewer; bench/SPLITTING.md, round 12, measures it)."""
+    data (on other text more or fewer: report the L0 beside the FVU). Why 0.8 by default, and
+    why not earlier: docs/train.md, "The batch gate late in the run"."""
 
     nuc_lambda: float = 0.0
     """Weight of the nuclear-norm penalty sum_g ||.||_* (0 disables it and skips the SVDs)."""
@@ -124,8 +126,12 @@ class SAEConfig:
     group_lasso_hold: float = 0.5
     """Fraction of the run's steps with the full group-sparsity weight."""
 
-    group_lasso_end: float = 0.8
-    """Fraction of the run's steps by which that weight has been annealed linearly to 0."""
+    group_lasso_end: float | None = None
+    """Fraction of the run's steps by which that weight has been annealed linearly to 0. None
+    (the default): 1.0 (the end of the run) when the batch gate runs late (``batch_gate_from``),
+    where it charges the copies the token phase grew, which the batch gate no longer needs;
+    else 0.8, so a token-gate run's lr decay runs on the plain objective (bench/SPLITTING.md,
+    rounds 8, 12 and 13)."""
 
     energy_cov: float = 0.03
     """Weight of the between-group energy term (``consolidate.energy_cross_share``): the share
@@ -274,10 +280,6 @@ class SAEConfig:
                             f"top_s must be >= 1 (got {self.top_s})")
         if self.gate not in GATES:
             raise SasaError(f"unknown gate {self.gate!r}; use 'token' or 'batch'")
-        if self.batch_gate_from is not None and not (
-                self.arch != "relu" and 0 <= self.batch_gate_from <= 1):
-            raise SasaError("batch_gate_from must be a fraction of the run in [0, 1] (or None), "
-                            f"for sasa or topk (got {self.batch_gate_from}, arch {self.arch})")
         if self.nuc_lambda < 0:
             raise SasaError(f"nuc_lambda must be >= 0 (got {self.nuc_lambda})")
         if self.nuc_on not in NUC_ON:
@@ -306,6 +308,16 @@ class SAEConfig:
         if self.consolidate != "none" and self.arch != "sasa":
             raise SasaError(f"consolidate={self.consolidate!r} is for arch sasa; set "
                             "consolidate='none' for topk/relu")
+        if self.batch_gate_from == "auto":
+            self.batch_gate_from = 0.8 if self.consolidate == "anneal" else None
+        if self.batch_gate_from is not None and not (
+                self.arch != "relu" and isinstance(self.batch_gate_from, (int, float))
+                and 0 <= self.batch_gate_from <= 1):
+            raise SasaError("batch_gate_from must be a fraction of the run in [0, 1], None or "
+                            f"'auto', for sasa or topk (got {self.batch_gate_from!r}, arch "
+                            f"{self.arch})")
+        if self.group_lasso_end is None:
+            self.group_lasso_end = 0.8 if self.batch_gate_from is None else 1.0
         if self.s_ramp_tokens is not None and self.s_ramp_tokens < 1:
             raise SasaError(f"s_ramp_tokens must be >= 1, or None for the whole run (got "
                             f"{self.s_ramp_tokens})")
