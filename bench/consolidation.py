@@ -8,7 +8,9 @@ token budget, one sweep of four members read from the same pass:
 - ``plain``: SASA with ``consolidate="none"`` (the plain objective);
 - ``new``: SASA with the default consolidation procedure (``SAEConfig.consolidate``);
 - ``oracle``: SASA initialised at the planted subspaces (group f = feature f's basis, padded to
-  r dimensions; the other groups random), trained with the plain objective. The sweep is
+  r dimensions; the other groups random), trained with the plain objective and the gate
+  ``new`` trains with (since round 13 the batch gate for the last 20% of the run; before, the
+  token gate throughout: ``--over 'oracle={"batch_gate_from": null}'``). The sweep is
   stopped at step 0, the oracle's weights are written into the checkpoint, and the run resumes.
 
 Each saved SAE (normalisation folded in) is scored on held-out raw samples: FVU on 4000 of
@@ -125,10 +127,12 @@ def members(shape: Shape, lr: float | None, variants: dict[str, dict] | None = N
     sasa = {"arch": "sasa", "groups": shape.groups, "rank": shape.rank, "top_s": shape.top_s}
     topk = {"arch": "topk", "groups": shape.groups * shape.rank, "top_s": shape.top_s * shape.rank}
     plain = {**sasa, "consolidate": "none"}
+    # the oracle trains as `new` does, less the consolidation schedules: the same gate
+    late = SAEConfig(d_in=shape.spec.d, **sasa).batch_gate_from
     over = over or {}
     return [*(MemberConfig("synthetic", {**sae, **over.get(name, {})}, lr=lr, name=name)
               for name, sae in (("topk", topk), ("plain", plain), ("new", sasa),
-                                ("oracle", plain))),
+                                ("oracle", {**plain, "batch_gate_from": late}))),
             *(MemberConfig("synthetic", {**sasa, **o}, lr=lr, name=name)
               for name, o in (variants or {}).items())]
 
