@@ -98,7 +98,8 @@ class SAEConfig:
     consolidate: str | None = None
     """How SASA training reaches the consolidated optimum (one group per multi-dimensional
     feature when r >= d_i; measured in bench/RESULTS_consolidation.md). "anneal": two schedules
-    over the run, both back to the plain objective before the lr decay, and a periodic step: (1)
+    over the run, the second annealed to 0 by its end (by the lr decay with the token gate
+    throughout), the batch gate for its last 20% (``batch_gate_from``), and a periodic step: (1)
     the s ramp (``s_start``...): the gate keeps fewer groups than features early on, so a group
     that holds part of a feature leaves the rest in the error and turns its spare dimensions to
     it, instead of a spare slot letting a second group take it; (2) a group-sparsity penalty on
