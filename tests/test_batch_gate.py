@@ -17,7 +17,7 @@ from sasa.trainer import SAE, SAEConfig, load_sae, save_sae
 from sasa.trainer.consolidate import gate_at
 from sasa.trainer.in_memory import train_in_memory
 from sasa.trainer.persist import CONFIG_NAME, WEIGHTS_NAME
-from sasa.trainer.sae import THRESHOLD_DECAY
+from sasa.trainer.gate import THRESHOLD_DECAY
 
 
 def _kept_scores(sae: SAE, x: torch.Tensor, s: int) -> torch.Tensor:

@@ -51,18 +51,12 @@ from torch import nn
 from sasa.errors import SasaError
 from sasa.trainer.auxk import auxk_loss
 from sasa.trainer.consolidate import KeptEnergy, energy_cross_share, group_sparsity
+from sasa.trainer.gate import keep_mask, kept_flat
 from sasa.trainer.linalg import EffectiveRanks, batch_fvu, effective_ranks, signfix_qr, svdvals_GR
 from sasa.trainer.sae_config import SAEConfig
 from sasa.trainer.sparse import GatherCodes, Kept, kept_pairs
 
 __all__ = ["SAE", "SAEConfig", "ForwardOutput", "EffectiveRanks"]
-
-#: Decay of the running mean of the batch gate's smallest kept score (``SAE.gate_threshold``):
-#: a memory of ~10 steps, so the threshold follows the scores as they move under the lr decay.
-#: 0.99 (~100 steps, as long as the whole batch phase of a 524k-token run at batch 1024) kept
-#: 12-39% fewer groups than s even on the training text; 0.9 keeps 4-6% more
-#: (bench/SPLITTING.md, round 13).
-THRESHOLD_DECAY = 0.9
 
 
 class ForwardOutput(NamedTuple):
@@ -189,38 +183,14 @@ class SAE(nn.Module):
 
     def gate(self, h_BGR: torch.Tensor, top_s: int | None = None,
              gate: str | None = None) -> torch.Tensor:
-        """bool [B, G]: the groups kept (all of them for relu). ``top_s`` overrides s and
-        ``gate`` the configured gate (``consolidate.gate_at``)."""
+        """bool [B, G]: the groups kept (all of them for relu; ``sasa.trainer.gate``). ``top_s``
+        overrides s and ``gate`` the configured gate (``consolidate.gate_at``)."""
         B, G, _ = h_BGR.shape
         if self.cfg.arch == "relu":
             return torch.ones(B, G, dtype=torch.bool, device=h_BGR.device)
-        score_BG = h_BGR.detach().square().sum(-1)
         s = self.cfg.top_s if top_s is None else top_s
-        mode = self.gate_mode(gate)
-        if mode == "token":
-            idx_BS = score_BG.topk(s, dim=1, sorted=False).indices
-            return torch.zeros_like(score_BG, dtype=torch.bool).scatter_(1, idx_BS, True)
-        keep = torch.zeros(B * G, dtype=torch.bool, device=h_BGR.device)
-        return keep.scatter_(0, self._kept_flat(score_BG, s, mode), True).view(B, G)
-
-    def _kept_flat(self, score_BG: torch.Tensor, s: int, mode: str) -> torch.Tensor:
-        """The kept (token, group) pairs as sorted flat indices b * G + g under the rules that
-        keep any number of groups per token: "batch" (the top s*B scores of the batch; tracks
-        ``gate_threshold`` in training) or "threshold" (every score reaching it)."""
-        if mode == "threshold":
-            return (score_BG.flatten() >= self.gate_threshold).nonzero().squeeze(1)
-        top = score_BG.flatten().topk(s * score_BG.shape[0], sorted=False)
-        self._track_threshold(top.values)
-        return top.indices.sort().values
-
-    @torch.no_grad()
-    def _track_threshold(self, kept_scores: torch.Tensor) -> None:
-        """Training under the batch gate: fold this batch's smallest kept score into the running
-        mean ``gate_threshold`` (decay THRESHOLD_DECAY; no host sync)."""
-        if self.training:
-            low = kept_scores.min().to(self.gate_threshold.dtype)
-            t = self.gate_threshold
-            t.copy_(torch.where(t > 0, THRESHOLD_DECAY * t + (1 - THRESHOLD_DECAY) * low, low))
+        return keep_mask(h_BGR.detach().square().sum(-1), s, self.gate_mode(gate),
+                         self.gate_threshold, self.training)
 
     def encode(self, x_BD: torch.Tensor, top_s: int | None = None) -> torch.Tensor:
         """Gated codes z [B, G, r] (zero outside the kept groups); ``top_s`` overrides s."""
@@ -308,7 +278,7 @@ class SAE(nn.Module):
                 token_K = torch.arange(B, device=x_BD.device).repeat_interleave(s)
                 offsets_B = torch.arange(0, B * s * R, s * R, device=x_BD.device)
             else:  # any number of groups per token, the pairs sorted by token
-                flat_K = self._kept_flat(score_BG, s, mode)
+                flat_K = kept_flat(score_BG, s, mode, self.gate_threshold, self.training)
                 token_K, group_K, offsets_B = flat_K // G, flat_K % G, None
             kept = kept_pairs(token_K, group_K, R, B, offsets_B)
 
