@@ -50,8 +50,9 @@ Variants (each a name below, or NAME=JSON of SAEConfig overrides):
   Round 12's rows ran at commit 022e2ef with the probe's own copy of that gate, whose
   threshold was the mean of the smallest kept scores over the last 20% of the steps (the
   trainer's: a running mean, decay 0.99); ``git checkout 022e2ef -- bench/packing_probes.py
-  trainer/`` reproduces them (E seed 0's ``bg8`` row checked digit for digit). At HEAD the
-  trainer's threshold keeps slightly fewer groups: E seed 0 ``obg`` / ``bg8`` the same units
+  trainer/`` reproduces them (E seed 0's ``bg8`` row checked digit for digit). At 29a2805
+  (the trainer's running mean then had decay 0.99; 0.9 since round 13) its threshold kept
+  slightly fewer groups: E seed 0 ``obg`` / ``bg8`` the same units
   and FVU at 7.88 / 7.72 groups per row (against 7.91 / 7.84), B seed 0 ``bg8`` 1.84 on 4-D
   features and FVU 0.0072 at 3.70 per row (against 1.88, 0.0068 at 4.02).
 
