@@ -163,9 +163,9 @@ class BatchStream:
         if int(read_concurrency) <= 0:
             raise SasaError(f"read_concurrency must be positive, got {read_concurrency}")
         self.read_concurrency = int(read_concurrency)
+        # Chunks of the windows taken so far. A read-ahead window the consumer never reached is
+        # not counted, so the count depends on the batches taken, not on thread timing.
         self.chunks_read = 0
-        """Chunks of the windows taken so far. A read-ahead window the consumer never reached is
-        not counted, so the count depends on the batches taken, not on thread timing."""
 
         self.shards = list(resume["shards"]) if resume else cache.committed_shards()
         self.chunks = np.array([c for s in self.shards for c in self.layout.shard_chunks(s)], dtype=np.int64)
