@@ -94,6 +94,21 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(cache_url, tmp_p
         train(config(cache_url, members, seed=5), tmp_path / "part", resume=True, progress=False)
 
 
+def test_resume_refuses_a_run_started_under_other_defaults(cache_url, tmp_path):
+    """The run config stores what the user wrote; a default that a newer sasa resolves
+    differently (here round 12's: no late batch gate) must not switch a run mid-way."""
+    train(config(cache_url, [SASA]), tmp_path / "run", until_step=4, progress=False)
+    path = tmp_path / "run" / "checkpoints" / "worker-0.pt"
+    ckpt = torch.load(path, weights_only=True)
+    started = ckpt["members"]["sasa-synthetic-G8-r2-s2"]["sae_config"]
+    assert started["batch_gate_from"] == 0.8  # resolved, not "auto"
+    started.update(batch_gate_from=None, group_lasso_end=0.8)
+    torch.save(ckpt, path)
+    with pytest.raises(SasaError, match=r"sasa-synthetic-G8-r2-s2 started with other defaults "
+                                        r"\(batch_gate_from: None -> 0.8, group_lasso_end: 0.8 -> 1.0\)"):
+        train(config(cache_url, [SASA]), tmp_path / "run", resume=True, progress=False)
+
+
 def test_bad_input(cache_url, tmp_path):
     with pytest.raises(SasaError, match=r"hookpoint 'resid_post.1' is not in .* it has synthetic"):
         train(TrainConfig(cache=cache_url, members=[MemberConfig("resid_post.1", TOPK)]), tmp_path / "a")

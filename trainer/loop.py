@@ -12,6 +12,7 @@ weights as one that never stopped (on the same device and software).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -91,9 +92,17 @@ class Member:
                 **changed}
 
     def state(self) -> dict:
-        return {"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
+        return {"sae": self.sae.state_dict(), "opt": self.opt.state_dict(),
+                "sched": self.sched.state_dict(), "sae_config": dataclasses.asdict(self.sae_cfg)}
 
     def load_state(self, state: dict) -> None:
+        # The run config holds what the user wrote; the resolved SAE config also holds the
+        # defaults, which a newer sasa may resolve differently (older checkpoints lack it).
+        was, now = state.get("sae_config"), dataclasses.asdict(self.sae_cfg)
+        if was is not None and was != now:
+            diffs = ", ".join(f"{k}: {was.get(k)!r} -> {now[k]!r}" for k in now if was.get(k) != now[k])
+            raise SasaError(f"--resume: {self.cfg.name} started with other defaults ({diffs}); set "
+                            f"the started values in its config to continue, or start over")
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
