@@ -36,12 +36,10 @@ def _our_saes(paths) -> list[Path]:
 
 
 def _check_sparsify(folders) -> None:
-    import json
-
     from sasa.interop.sparsify import sparsify_refusal
-    from sasa.trainer.sae_config import SAEConfig
+    from sasa.trainer.persist import load_config
     for folder in folders:
-        cfg = SAEConfig(**json.loads((folder / "config.json").read_text())["config"])
+        cfg = load_config(folder)
         if reason := sparsify_refusal(cfg):
             raise SasaError(f"cannot export {folder.name} ({cfg.arch}) to sparsify: {reason}")
 

@@ -52,5 +52,5 @@ def track_threshold(threshold: torch.Tensor, kept_scores: torch.Tensor) -> None:
     """Fold a batch's smallest kept score into the running mean ``threshold`` in place (decay
     THRESHOLD_DECAY; the first batch sets it)."""
     low = kept_scores.min().to(threshold.dtype)
-    t = threshold
-    t.copy_(torch.where(t > 0, THRESHOLD_DECAY * t + (1 - THRESHOLD_DECAY) * low, low))
+    threshold.copy_(torch.where(threshold > 0,
+                                THRESHOLD_DECAY * threshold + (1 - THRESHOLD_DECAY) * low, low))

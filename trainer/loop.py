@@ -100,7 +100,8 @@ class Member:
         # defaults, which a newer sasa may resolve differently (older checkpoints lack it).
         was, now = state.get("sae_config"), dataclasses.asdict(self.sae_cfg)
         if was is not None and was != now:
-            diffs = ", ".join(f"{k}: {was.get(k)!r} -> {now[k]!r}" for k in now if was.get(k) != now[k])
+            diffs = ", ".join(f"{k}: {was.get(k)!r} -> {v!r}" for k, v in now.items()
+                              if was.get(k) != v)
             raise SasaError(f"--resume: {self.cfg.name} started with other defaults ({diffs}); set "
                             f"the started values in its config to continue, or start over")
         self.sae.load_state_dict(state["sae"])

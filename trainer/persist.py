@@ -54,17 +54,18 @@ def save_sae(sae: SAE, directory: str | Path) -> Path:
     return out
 
 
-def load_sae(path: str | Path, *, device=None) -> SAE:
-    """Load an SAE written by ``save_sae`` from its directory (or its config.json), in eval
-    mode (what inference wants: a batch-gated SAE gates by its threshold; ``.train()`` to
-    train it further)."""
-    from safetensors.torch import load_file
-
+def _folder(path: str | Path) -> Path:
+    """The SAE folder named by ``path`` (the folder or one of its two files)."""
     path = Path(path)
-    directory = path.parent if path.name in (CONFIG_NAME, WEIGHTS_NAME) else path
-    cfg_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    if not cfg_file.is_file() or not weights_file.is_file():
-        raise SasaError(f"{directory} is not a saved SAE: it needs {CONFIG_NAME} and "
+    return path.parent if path.name in (CONFIG_NAME, WEIGHTS_NAME) else path
+
+
+def load_config(path: str | Path) -> SAEConfig:
+    """The ``SAEConfig`` of an SAE written by ``save_sae`` (its directory or its config.json),
+    checked: format, version and fields this sasa knows."""
+    cfg_file = _folder(path) / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise SasaError(f"{_folder(path)} is not a saved SAE: it needs {CONFIG_NAME} and "
                         f"{WEIGHTS_NAME} (write one with save_sae)")
     try:
         meta = json.loads(cfg_file.read_text())
@@ -82,7 +83,21 @@ def load_sae(path: str | Path, *, device=None) -> SAE:
         raise SasaError(f"{cfg_file} has unknown config fields {sorted(unknown)}; "
                         "upgrade sasa to read it")
     # Folders written before the batch gate existed trained without it (no "auto").
-    cfg = SAEConfig(**{"batch_gate_from": None, **meta["config"]})
+    return SAEConfig(**{"batch_gate_from": None, **meta["config"]})
+
+
+def load_sae(path: str | Path, *, device=None) -> SAE:
+    """Load an SAE written by ``save_sae`` from its directory (or its config.json), in eval
+    mode (what inference wants: a batch-gated SAE gates by its threshold; ``.train()`` to
+    train it further)."""
+    from safetensors.torch import load_file
+
+    directory = _folder(path)
+    cfg_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not cfg_file.is_file() or not weights_file.is_file():
+        raise SasaError(f"{directory} is not a saved SAE: it needs {CONFIG_NAME} and "
+                        f"{WEIGHTS_NAME} (write one with save_sae)")
+    cfg = load_config(directory)
     try:
         tensors = load_file(str(weights_file))
     except Exception as err:  # safetensors raises its own error type for a torn file
