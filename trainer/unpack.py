@@ -28,9 +28,11 @@ Measured (bench/RESULTS_consolidation.md, round 4; four planted shapes, three se
 the streaming trainer): every 25 steps from 50% to 80% of the run it takes most packing out
 and brings FVU from 0.52-0.96x the planted oracle's to 0.87-1.08x, and multi-dimensional
 features on overlapping shapes closer to one group each, but splits one-dimensional features
-more (A: 1.23 against 1.13 groups at 1M tokens), so it is off by default. Per step it costs
-1.22x / 0.98x / 1.24x / 1.19x plain SASA where the default costs 1.17x / 0.96x / 1.17x / 1.14x
-(``python bench/consolidation.py --cost --variant 'unpack={"unpack_every": 25}'``).
+more (A: 1.23 against 1.13 groups at 1M tokens), so it is off by default. Per step it cost
+1.22x / 0.98x / 1.24x / 1.19x plain SASA where round 4's default cost 1.17x / 0.96x / 1.17x /
+1.14x (``python bench/consolidation.py --cost --variant 'unpack={"unpack_every": 25}'`` at
+round 4; the default has changed since: bench/RESULTS_consolidation.md's opening says how
+to train round 4's).
 
 Cost per call: an [r x r] eigenproblem, ``ICA_ITERS`` products of the group's kept rows by
 [r x r] matrices and an [r x r] co-occurrence count per group kept on >= 1% of the batch, in
