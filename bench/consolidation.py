@@ -196,17 +196,17 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
         train(cfg, out, resume=(out / "checkpoints").exists(), progress=False,
               until_step=round(frac * cfg.steps))
         for name, sae in checkpoint_saes(cfg, out).items():
-            o, units, units_alone = score(sae, *held)
+            o, units, units_alone, packed = score(sae, *held)
             rows.append({"shape": shape_name, "seed": seed, "tokens": tokens, "model": name,
                          "at": frac, "fvu": float(o.fvu), "units": units,
-                         "units_alone": units_alone})
+                         "units_alone": units_alone, "packed": packed})
     result = train(cfg, out, resume=(out / "checkpoints").exists(), progress=False)
     seconds = time.perf_counter() - t0
     for name in [*keep, *(variants or {})]:
-        o, units, units_alone = score(load_sae(result.saes[name]), *held)
+        o, units, units_alone, packed = score(load_sae(result.saes[name]), *held)
         rows.append({"shape": shape_name, "seed": seed, "tokens": tokens, "model": name,
                      "fvu": float(o.fvu), "units": units, "units_alone": units_alone,
-                     "sweep_seconds": seconds})
+                     "packed": packed, "sweep_seconds": seconds})
     return rows
 
 
@@ -238,11 +238,15 @@ def held_out(spec: SyntheticSpec, seed: int) -> tuple:
 
 @torch.no_grad()
 def score(sae, test, alone) -> tuple:
-    """(the SAE's output on ``test``, units by d_i in context, units by d_i alone)."""
+    """(the SAE's output on ``test``, units by d_i in context, units by d_i alone, the number
+    of planted features that share their main group with another: ``packed_groups``)."""
     o, o1 = sae(torch.from_numpy(test.x_ND)), sae(torch.from_numpy(alone.x_ND))
     units = splitting(o.codes_BGR, sae.decoder_GDR, test.active_NF, test.bases).units_by_dim
-    return o, units, splitting(o1.codes_BGR, sae.decoder_GDR, alone.active_NF,
-                               alone.bases).units_by_dim
+    units_alone = splitting(o1.codes_BGR, sae.decoder_GDR, alone.active_NF,
+                            alone.bases).units_by_dim
+    share_FG = energy_shares(unit_energies(o.codes_BGR, sae.decoder_GDR, test.bases,
+                                           test.active_NF), test.active_NF)
+    return o, units, units_alone, sum(map(len, packed_groups(share_FG).values()))
 
 
 def diagnose(shape_name: str, seed: int, run: Path, models: list[str],
@@ -332,7 +336,8 @@ def summarize(specs: list[str], oracle_of: dict[str, str] | None = None,
     from before the alone count show "-" there), and how many seeds meet both targets, each
     model against the oracle ``oracle_of`` names for it ("oracle" unless named). ``per_seed``:
     instead, per model, each seed's largest units-alone mean over d_i (with "(1.14x)", its FVU
-    over the seed's oracle's, where above 1.1) and the seeds on target."""
+    over the seed's oracle's, where above 1.1; "p4": 4 features share their main group, in
+    rows that count it) and the seeds on target."""
     rows = read_rows(specs)
     keys = sorted({(r["shape"], r["tokens"], r.get("at", 1.0)) for r in rows})  # --score-at
     if per_seed:
@@ -365,6 +370,7 @@ def summarize(specs: list[str], oracle_of: dict[str, str] | None = None,
                 cells = [f"{max(r['units_alone'].values()):.2f}" + (
                     f" ({r['fvu'] / oracle[r['seed']]:.2f}x)"
                     if r["seed"] in oracle and r["fvu"] > 1.1 * oracle[r["seed"]] else "")
+                    + (f" p{r['packed']}" if r.get("packed") else "")
                     for r in rs if "units_alone" in r]
                 print(f"| {shape} | {when} | {model} | {' / '.join(cells)} | {hit} |")
                 continue

@@ -83,10 +83,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import parse_variants  # noqa: E402
-from bench.consolidation import (SHAPES, energy_shares, held_out, oracle_weights,  # noqa: E402
-                                 packed_groups, score, shape_spec)
+from bench.consolidation import SHAPES, held_out, oracle_weights, score, shape_spec  # noqa: E402
 from sasa.analysis import metrics  # noqa: E402
-from sasa.analysis.splitting import splitting, unit_energies  # noqa: E402
+from sasa.analysis.splitting import splitting  # noqa: E402
 from sasa.analysis.synthetic import generate  # noqa: E402
 from sasa.trainer import SAE, SAEConfig  # noqa: E402
 from sasa.trainer.consolidate import (KeptEnergy, after_step, energy_cross_share,  # noqa: E402
@@ -239,10 +238,7 @@ def probe(shape_name: str, seed: int, variant: str, over: dict) -> str:
         sae.gate_threshold.zero_()
     sae.eval()
     sae.fold_normalisation(mean, scale)
-    o, units, units_alone = score(sae, test, alone)
-    share_FG = energy_shares(unit_energies(o.codes_BGR, sae.decoder_GDR, test.bases,
-                                           test.active_NF), test.active_NF)
-    packed = sum(map(len, packed_groups(share_FG).values()))
+    o, units, units_alone, packed = score(sae, test, alone)
     # Copies: per 1-D feature, the groups whose subspace holds >= half of its direction's norm^2.
     dec_GDR = sae.decoder_GDR.detach().double()
     copies = max((int(((dec_GDR.transpose(1, 2) @ torch.from_numpy(b[:, 0])).square().sum(1)
