@@ -88,9 +88,9 @@ from sasa.analysis import metrics  # noqa: E402
 from sasa.analysis.splitting import splitting  # noqa: E402
 from sasa.analysis.synthetic import generate  # noqa: E402
 from sasa.trainer import SAE, SAEConfig  # noqa: E402
-from sasa.trainer.consolidate import (KeptEnergy, after_step, energy_cross_share,  # noqa: E402
-                                      schedule_at, top_s_at)
+from sasa.trainer.consolidate import after_step, schedule_at, top_s_at  # noqa: E402
 from sasa.trainer.schedule import lr_factor  # noqa: E402
+from sasa.trainer.terms import KeptEnergy, energy_cross_share  # noqa: E402
 
 STEPS = 1024
 GATE_UNTIL = {"batch_ramp": 0.3, "batch_s1": 0.1}

@@ -200,7 +200,7 @@ def test_energy_cross_share_matches_a_covariance_table():
     the full G x G covariance of the energies in float64, from dense and from pair inputs;
     two slices of one feature (energies that switch on together) raise it, independent
     groups leave it near 0."""
-    from sasa.trainer.consolidate import KeptEnergy, energy_cross_share
+    from sasa.trainer.terms import KeptEnergy, energy_cross_share
     gen = torch.Generator().manual_seed(0)
     B, G, s = 512, 10, 3
     group_BS = torch.rand(B, G, generator=gen).argsort(1)[:, :s]
@@ -230,6 +230,54 @@ def test_energy_cross_share_matches_a_covariance_table():
     independent = float(energy_cross_share(KeptEnergy(whole_BG, ones), B, G))
     split = float(energy_cross_share(KeptEnergy(split_BG, ones), B, G))
     assert abs(independent) < 0.03 and split > 0.1
+
+
+@pytest.mark.parametrize("decode", ["dense", "sparse"])
+def test_one_pass_terms_equal_their_definitions_in_float64(decode, monkeypatch):
+    """The trainer's one-pass consolidation terms (``consolidation_terms``, the gate's scores
+    as squared norms) give the loss and every parameter gradient that the definitions
+    differentiated by autograd give, on both forward paths, with the batch and the token gate."""
+    import sasa.trainer.sae as sae_module
+    from sasa.trainer.terms import energy_cross_share, group_sparsity
+
+    def by_definition(cfg, x_BD, kept, G, w_gl, w_ec):
+        return (group_sparsity(cfg, x_BD, kept, w_gl),
+                w_ec * energy_cross_share(kept, x_BD.shape[0], G))
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 24, dtype=torch.float64)
+    for gate in ("batch", "token"):
+        grads = []
+        for terms in (sae_module.consolidation_terms, by_definition):
+            monkeypatch.setattr(sae_module, "consolidation_terms", terms)
+            sae = SAE(SAEConfig(d_in=24, groups=8, rank=3, top_s=2, decode=decode),
+                      seed=0, dtype=torch.float64)
+            out = sae(x, gl_scale=0.7, gate=gate)
+            assert float(out.group_lasso_term) > 0 and float(out.energy_cov_term) != 0
+            out.loss.backward()
+            grads.append([float(out.group_lasso_term), float(out.energy_cov_term),
+                          *(p.grad.clone() for p in sae.parameters())])
+        fast, ref = grads
+        assert fast[:2] == pytest.approx(ref[:2], rel=1e-10)
+        for a, b in zip(fast[2:], ref[2:]):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_kept_squared_norms_have_the_gradient_of_the_square_sum():
+    """``KeptSquaredNorms`` (the gate's detached scores, masked) has the gradient of
+    ``codes.square().sum(-1)`` with respect to the codes."""
+    from sasa.trainer.terms import KeptSquaredNorms
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(64, 5, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    keep = torch.rand(64, 5, generator=gen) < 0.4
+    codes = h * keep.unsqueeze(-1)
+    w = torch.randn(64, 5, generator=gen, dtype=torch.float64)
+    fast = KeptSquaredNorms.apply(codes, h.detach().square().sum(-1), keep)
+    (g_fast,) = torch.autograd.grad((fast * w).sum(), h, retain_graph=True)
+    ref = codes.square().sum(-1)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), h)
+    assert torch.equal(fast, ref)
+    assert torch.allclose(g_fast, g_ref, rtol=1e-12)
 
 
 def test_merge_step_keeps_blocks_orthonormal_and_finite():

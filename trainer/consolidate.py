@@ -22,7 +22,7 @@ repeats them exactly and every sweep member follows its own config, and one peri
   (``batch_gate_from``): a token with more features than s keeps more groups, so the copies of
   frequent features that the token gate's optimum keeps for such tokens are no longer needed,
   and the penalty, still on, charges them.
-- ``energy_cross_share`` (``energy_cov`` 0.03, on that schedule): the share of the variance of
+- ``sasa.trainer.terms.energy_cross_share`` (``energy_cov`` 0.03, on that schedule): the share of the variance of
   a token's code energy that lies between groups. Slices of one feature switch on together;
   groups holding whole independent features do not covary, whatever the features' frequency,
   so it separates the cuts of two always-kept groups' joint subspace that the penalty cannot.
@@ -138,53 +138,6 @@ def schedule_at(cfg: SAEConfig, step: int, steps: int, batch_size: int) -> StepS
     ``batch_size`` tokens."""
     return StepSchedule(top_s_at(cfg, step, steps, batch_size),
                         group_lasso_scale(cfg, step, steps), gate_at(cfg, step, steps))
-
-
-class KeptEnergy(NamedTuple):
-    """Squared code norms ||z_bg||^2 of the kept groups, as the two forward paths hold them:
-    dense ([B, G] with the mask of the kept entries, zero elsewhere) or as the kept pairs."""
-
-    sq: torch.Tensor
-    """[B, G] (dense) or [P] (pairs)."""
-    keep_BG: torch.Tensor | None = None
-    """Dense: bool [B, G], the kept entries. None for pairs."""
-    token_P: torch.Tensor | None = None
-    """Pairs: each pair's token. None for dense."""
-    group_P: torch.Tensor | None = None
-    """Pairs: each pair's group. None for dense."""
-
-
-def group_sparsity(cfg: SAEConfig, x_BD: torch.Tensor, kept: KeptEnergy,
-                   weight: float) -> torch.Tensor:
-    """``weight * mean_b sum_g (||z_bg||^2 / rms^2 + 1e-4)^(p/2)`` over the kept groups.
-    Relative to the batch's rms norm (a constant), so the weight is dimensionless."""
-    B = x_BD.shape[0]
-    rms = ((x_BD - x_BD.mean(0)).square().sum() / B).sqrt().detach()
-    rel_K = (kept.sq / rms.square().clamp_min(1e-24) + 1e-4).pow(cfg.group_lasso_power / 2)
-    if kept.keep_BG is not None:
-        rel_K = rel_K * kept.keep_BG
-    return (weight / B) * rel_K.sum()
-
-
-def energy_cross_share(kept: KeptEnergy, B: int, G: int) -> torch.Tensor:
-    """The share of the variance of a token's code energy T_b = sum_g e_bg (e_bg = ||z_bg||^2,
-    0 where g is not kept) that lies between groups, over the batch:
-    sum_{g != h} Cov(e_g, e_h) / Var(T) = 1 - sum_g Var(e_g) / Var(T), Var(T) detached.
-
-    Two slices of one feature switch on and grow together (Cov > 0); groups holding whole
-    independent features have Cov = 0, so the term prefers one group per feature and is
-    indifferent to packing independent ones (the criterion of independent subspace analysis).
-    Scale-free. O(pairs + G), never a G x G table: sum_{g != h} E[e_g e_h] = E[T^2 - sum_g
-    e_g^2] and sum_{g != h} m_g m_h = (sum_g m_g)^2 - sum_g m_g^2 (m the groups' means)."""
-    e = kept.sq.to(torch.promote_types(kept.sq.dtype, torch.float32))  # half -> float32 only
-    if kept.keep_BG is not None:
-        T_B, Q_B, m_G = e.sum(1), e.square().sum(1), e.mean(0)
-    else:
-        T_B = e.new_zeros(B).index_add(0, kept.token_P, e)
-        Q_B = e.new_zeros(B).index_add(0, kept.token_P, e.square())
-        m_G = e.new_zeros(G).index_add(0, kept.group_P, e) / B
-    cross = (T_B.square() - Q_B).mean() - (m_G.sum().square() - m_G.square().sum())
-    return cross / T_B.detach().var(unbiased=False).clamp_min(1e-12)
 
 
 class MergeReport(NamedTuple):

@@ -50,11 +50,11 @@ from torch import nn
 
 from sasa.errors import SasaError
 from sasa.trainer.auxk import auxk_loss
-from sasa.trainer.consolidate import KeptEnergy, energy_cross_share, group_sparsity
 from sasa.trainer.gate import keep_mask, kept_flat
 from sasa.trainer.linalg import EffectiveRanks, batch_fvu, effective_ranks, signfix_qr, svdvals_GR
 from sasa.trainer.sae_config import SAEConfig
 from sasa.trainer.sparse import GatherCodes, Kept, kept_pairs
+from sasa.trainer.terms import KeptEnergy, KeptSquaredNorms, consolidation_terms
 
 __all__ = ["SAE", "SAEConfig", "ForwardOutput", "EffectiveRanks"]
 
@@ -181,16 +181,18 @@ class SAE(nn.Module):
             return "threshold"
         return gate or self.cfg.gate
 
-    def gate(self, h_BGR: torch.Tensor, top_s: int | None = None,
-             gate: str | None = None) -> torch.Tensor:
+    def gate(self, h_BGR: torch.Tensor, top_s: int | None = None, gate: str | None = None,
+             score_BG: torch.Tensor | None = None) -> torch.Tensor:
         """bool [B, G]: the groups kept (all of them for relu; ``sasa.trainer.gate``). ``top_s``
-        overrides s and ``gate`` the configured gate (``consolidate.gate_at``)."""
+        overrides s and ``gate`` the configured gate (``consolidate.gate_at``); ``score_BG``:
+        the groups' squared code norms, when the caller has them."""
         B, G, _ = h_BGR.shape
         if self.cfg.arch == "relu":
             return torch.ones(B, G, dtype=torch.bool, device=h_BGR.device)
         s = self.cfg.top_s if top_s is None else top_s
-        return keep_mask(h_BGR.detach().square().sum(-1), s, self.gate_mode(gate),
-                         self.gate_threshold, self.training)
+        if score_BG is None:
+            score_BG = h_BGR.detach().square().sum(-1)
+        return keep_mask(score_BG, s, self.gate_mode(gate), self.gate_threshold, self.training)
 
     def encode(self, x_BD: torch.Tensor, top_s: int | None = None) -> torch.Tensor:
         """Gated codes z [B, G, r] (zero outside the kept groups); ``top_s`` overrides s."""
@@ -241,7 +243,8 @@ class SAE(nn.Module):
         """The reference: every code of every token goes through dense matmuls."""
         cfg = self.cfg
         h_BGR = self.pre_codes(x_BD)
-        keep_BG = self.gate(h_BGR, top_s, gate)
+        score_BG = h_BGR.detach().square().sum(-1)
+        keep_BG = self.gate(h_BGR, top_s, gate, score_BG)
         codes_BGR = h_BGR * keep_BG.unsqueeze(-1)
         x_hat_BD = self.decode(codes_BGR)
 
@@ -252,7 +255,7 @@ class SAE(nn.Module):
         l0_coords = (codes_BGR != 0).sum((1, 2)).to(x_BD.dtype).mean()
         sq = None
         if max(self._term_weights(gl_scale)) > 0:  # squared group norms (zero where not kept)
-            sq = KeptEnergy(codes_BGR.square().sum(-1), keep_BG)
+            sq = KeptEnergy(KeptSquaredNorms.apply(codes_BGR, score_BG, keep_BG), keep_BG)
         return self._finish(x_BD, x_hat_BD, codes_BGR, active_BG, auxk, l0_coords, nuc_scale,
                             gl_scale, sq)
 
@@ -325,12 +328,9 @@ class SAE(nn.Module):
             norms_GR = self.W_dec_GRD.norm(dim=-1)
             l1_term = cfg.l1_coeff * (codes_BGR.abs() * norms_GR).sum((1, 2)).mean()
         gl_term = ec_term = zero
-        gl_w, ec_w = self._term_weights(gl_scale)  # both 0 when sq is None
-        if gl_w > 0:
-            gl_term = group_sparsity(cfg, x_BD, sq, gl_w)
-        if ec_w > 0:
-            share = energy_cross_share(sq, x_BD.shape[0], self.W_dec_GRD.shape[0])
-            ec_term = ec_w * share.to(x_BD.dtype)
+        if sq is not None:  # the weights are not both 0
+            gl_term, ec_term = consolidation_terms(cfg, x_BD, sq, self.W_dec_GRD.shape[0],
+                                                   *self._term_weights(gl_scale))
         loss = fvu + cfg.auxk_alpha * auxk + nuc_term + l1_term + gl_term + ec_term
 
         if self.training:

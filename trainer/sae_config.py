@@ -137,7 +137,7 @@ class SAEConfig:
     rounds 8, 12 and 13)."""
 
     energy_cov: float = 0.03
-    """Weight of the between-group energy term (``consolidate.energy_cross_share``): the share
+    """Weight of the between-group energy term (``terms.energy_cross_share``): the share
     of the variance of a token's code energy sum_g ||z_g||^2 that lies between groups,
     sum_{g != h} Cov(||z_g||^2, ||z_h||^2) / Var(sum_g ||z_g||^2) over the batch, on the
     group-sparsity penalty's schedule (``group_lasso_hold``, ``group_lasso_end``). Slices of
