@@ -2,6 +2,7 @@
 coordinates, on the synthetic cache and on a MiniLM cache; writes a Markdown table.
 
     python bench/compare.py [--tokens 262144] [--minilm-tokens 131072] [--out bench/data/analysis]
+    python bench/compare.py --minilm-tokens 0 --token-gate   # + SASA scored with the token gate
 
 Each dataset is one `sasa.trainer.train` run (one read pass feeds every SAE), then `sasa eval` on
 each SAE; absorption (first-letter task) runs on MiniLM with one shared set of word activations.
@@ -24,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from sasa.analysis.evaluate import EvalConfig, evaluate  # noqa: E402
 from sasa.analysis.synth import write_synthetic_cache  # noqa: E402
 from sasa.store import open_cache  # noqa: E402
-from sasa.trainer import MemberConfig, TrainConfig, load_sae, train  # noqa: E402
+from sasa.trainer import MemberConfig, TrainConfig, load_sae, save_sae, train  # noqa: E402
 
 K = 24
 RELU_L1 = (3e-3, 1e-2, 3e-2)
@@ -45,7 +46,18 @@ def tokens_to_reach(lines: list[dict], target: float) -> int | None:
     return None
 
 
-def run(cache: str, hp: str, coords: int, tokens: int, batch: int, out: Path, eval_tokens: int, absorption: bool):
+def token_gated(folder: Path) -> Path | None:
+    """A copy of the SAE in ``folder`` that gates by Top-s per token instead of the threshold it
+    learned under the batch gate (None when it has none), so the same weights score both ways."""
+    sae = load_sae(folder)
+    if not float(sae.gate_threshold) > 0:
+        return None
+    sae.gate_threshold.zero_()
+    return save_sae(sae, folder.parent / "token-gate" / folder.name)
+
+
+def run(cache: str, hp: str, coords: int, tokens: int, batch: int, out: Path, eval_tokens: int, absorption: bool,
+        token_gate: bool = False):
     cfg = TrainConfig(cache=cache, members=members(hp, coords), tokens=tokens, batch_size=batch, log_every=8,
                       checkpoint_every=0, warmup_steps=100)
     t0 = time.time()
@@ -68,6 +80,11 @@ def run(cache: str, hp: str, coords: int, tokens: int, batch: int, out: Path, ev
             from sasa.analysis.absorption import absorption as absorb
             row["absorption"] = absorb(load_sae(folder), words, acfg).to_json()
         rows[m.name] = row
+        copy = token_gated(folder) if token_gate else None
+        if copy is not None:
+            ev = evaluate(EvalConfig(cache=cache, sae=str(copy), tokens=eval_tokens, progress=False,
+                                     splice_seqs=0)).report
+            rows[f"{m.name} (token gate)"] = {"name": f"{m.name} (token gate)", "eval": ev, "lines": lines}
     # ReLU: keep the l1 whose eval L0 (coordinates) is closest to K.
     relus = [r for n, r in rows.items() if n.startswith("relu")]
     best = min(relus, key=lambda r: abs(r["eval"]["l0_coords"] - K))
@@ -114,6 +131,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1 << 18, help="synthetic training tokens")
     ap.add_argument("--minilm-tokens", type=int, default=1 << 17, help="MiniLM cache/training tokens (0: skip)")
     ap.add_argument("--skip-synthetic", action="store_true")
+    ap.add_argument("--token-gate", action="store_true",
+                    help="also score every SAE that gates by a learned threshold with Top-s per token")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +141,8 @@ def main() -> None:
         syn = out / "synth"
         if not (syn / "zarr.json").exists():
             write_synthetic_cache(str(syn), n_tokens=args.tokens)
-        rows, secs, target = run(str(syn), "synthetic", 256, args.tokens, 512, out / "synth-run", 1 << 16, False)
+        rows, secs, target = run(str(syn), "synthetic", 256, args.tokens, 512, out / "synth-run", 1 << 16, False,
+                                 args.token_gate)
         results["synthetic"] = {"rows": rows, "train_s": secs, "target": target}
         print(table(rows, target, True, False), flush=True)
     if args.minilm_tokens:
