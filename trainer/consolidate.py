@@ -22,10 +22,11 @@ repeats them exactly and every sweep member follows its own config, and one peri
   (``batch_gate_from``): a token with more features than s keeps more groups, so the copies of
   frequent features that the token gate's optimum keeps for such tokens are no longer needed,
   and the penalty, still on, charges them.
-- ``sasa.trainer.terms.energy_cross_share`` (``energy_cov`` 0.03, on that schedule): the share of the variance of
-  a token's code energy that lies between groups. Slices of one feature switch on together;
-  groups holding whole independent features do not covary, whatever the features' frequency,
-  so it separates the cuts of two always-kept groups' joint subspace that the penalty cannot.
+- ``sasa.trainer.terms.energy_cross_share`` (``energy_cov`` 0.03, on that schedule): the share
+  of the variance of a token's code energy that lies between groups. Slices of one feature
+  switch on together; groups holding whole independent features do not covary, whatever the
+  features' frequency, so it separates the cuts of two always-kept groups' joint subspace that
+  the penalty cannot.
 - ``sasa.trainer.gather.gather_slices`` (``gather_every`` 25, from 50% to 80% of the run):
   blocks of different groups that are on only together, or whose code energies follow each
   other (``gather_energy``), are slices of one feature and move into one group.
