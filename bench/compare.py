@@ -84,7 +84,8 @@ def run(cache: str, hp: str, coords: int, tokens: int, batch: int, out: Path, ev
         if copy is not None:
             ev = evaluate(EvalConfig(cache=cache, sae=str(copy), tokens=eval_tokens, progress=False,
                                      splice_seqs=0)).report
-            rows[f"{m.name} (token gate)"] = {"name": f"{m.name} (token gate)", "eval": ev, "lines": lines}
+            name = f"{m.name} (token gate)"
+            rows[name] = {"name": name, "eval": ev, "lines": lines}
     # ReLU: keep the l1 whose eval L0 (coordinates) is closest to K.
     relus = [r for n, r in rows.items() if n.startswith("relu")]
     best = min(relus, key=lambda r: abs(r["eval"]["l0_coords"] - K))
@@ -132,7 +133,8 @@ def main() -> None:
     ap.add_argument("--minilm-tokens", type=int, default=1 << 17, help="MiniLM cache/training tokens (0: skip)")
     ap.add_argument("--skip-synthetic", action="store_true")
     ap.add_argument("--token-gate", action="store_true",
-                    help="also score every SAE that gates by a learned threshold with Top-s per token")
+                    help="also score every SAE that gates by a learned threshold with Top-s "
+                    "per token")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
