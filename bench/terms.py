@@ -6,6 +6,8 @@ ratio to the same step without the terms, timed in interleaved blocks in one pro
 
     python bench/terms.py                     # the planted shapes of bench/consolidation.py
     python bench/terms.py --shapes A C --gate token
+    python bench/terms.py --shapes --sizes 384,384,4,8 768,1536,4,32 --steps 100 --block 10
+                                              # d, G, r, s of user-size SAEs, Gaussian inputs
 """
 
 from __future__ import annotations
@@ -40,14 +42,27 @@ class SquareSum:
         return codes_BGR.square().sum(-1)
 
 
-def step_seconds(shape_name: str, gate: str, steps: int, block: int) -> dict[str, float]:
-    """Seconds per forward + backward of one SAE: without the terms, with the one-pass form,
-    with the definitions (interleaved blocks of ``block`` steps)."""
+def planted(shape_name: str) -> tuple[SAE, torch.Tensor]:
+    """The SAE of a planted shape and a batch of 1024 of its rows."""
     shape = SHAPES[shape_name]
     x = torch.from_numpy(generate(shape_spec(shape_name), 1024, seed=1).x_ND)
-    x = (x - x.mean(0)) / x.std()
     sae = SAE(SAEConfig(d_in=shape.spec.d, groups=shape.groups, rank=shape.rank,
                         top_s=shape.top_s), seed=0)
+    return sae, (x - x.mean(0)) / x.std()
+
+
+def sized(spec: str) -> tuple[SAE, torch.Tensor]:
+    """``"d,G,r,s"``: an SAE of that size and a batch of 1024 Gaussian rows."""
+    d, groups, rank, top_s = map(int, spec.split(","))
+    gen = torch.Generator().manual_seed(1)
+    return (SAE(SAEConfig(d_in=d, groups=groups, rank=rank, top_s=top_s), seed=0),
+            torch.randn(1024, d, generator=gen))
+
+
+def step_seconds(sae: SAE, x: torch.Tensor, gate: str, steps: int,
+                 block: int) -> dict[str, float]:
+    """Seconds per forward + backward of ``sae`` on ``x``: without the terms, with the one-pass
+    form, with the definitions (interleaved blocks of ``block`` steps)."""
     rows = {"none": (0.0, consolidation_terms, KeptSquaredNorms),
             "one pass": (1.0, consolidation_terms, KeptSquaredNorms),
             "definitions": (1.0, by_definition, KeptSquaredNorms),
@@ -69,6 +84,8 @@ def step_seconds(shape_name: str, gate: str, steps: int, block: int) -> dict[str
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--sizes", nargs="*", default=[], metavar="D,G,R,S",
+                   help="also SAEs of these sizes (d_in, groups, rank, top_s) on Gaussian rows")
     p.add_argument("--gate", default="batch", choices=["batch", "token"])
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--block", type=int, default=20)
@@ -79,8 +96,9 @@ def main() -> None:
     print("| shape | no terms (ms) | one pass / no terms | definitions / no terms "
           "| definitions, energies reduced again / no terms |")
     print("|---|---|---|---|---|")
-    for s in args.shapes:
-        t = step_seconds(s, args.gate, args.steps, args.block)
+    cases = [(s, planted(s)) for s in args.shapes] + [(z, sized(z)) for z in args.sizes]
+    for s, (sae, x) in cases:
+        t = step_seconds(sae, x, args.gate, args.steps, args.block)
         print(f"| {s} | {1e3 * t['none']:.2f} | {t['one pass'] / t['none']:.3f} | "
               f"{t['definitions'] / t['none']:.3f} | {t['reduced again'] / t['none']:.3f} |",
               flush=True)
