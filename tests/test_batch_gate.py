@@ -42,6 +42,21 @@ def test_threshold_is_the_running_mean_of_the_smallest_kept_score(decode):
     torch.testing.assert_close(sae.gate_threshold, want, rtol=1e-12, atol=0)
 
 
+def test_surgery_reading_the_gate_leaves_the_threshold_alone():
+    """A periodic step (gather, unpack, merge) reads the gate of a batch the training step has
+    already folded into the threshold; with the batch gate configured for the whole run it
+    must not fold it in a second time."""
+    from sasa.trainer.surgery import kept_codes
+    sae = make_sae(dtype=torch.float64, rank=2, top_s=3, gate="batch")
+    x1, x2 = rand_x(n=20, dtype=torch.float64), rand_x(n=20, seed=1, dtype=torch.float64)
+    sae(x1)
+    sae(x2)
+    before = sae.gate_threshold.clone()
+    _, keep_BG, _ = kept_codes(sae, x1, None)
+    assert int(keep_BG.sum()) == 3 * 20  # the batch gate's s * B groups
+    torch.testing.assert_close(sae.gate_threshold, before, rtol=0, atol=0)
+
+
 def test_a_short_batch_phase_leaves_a_threshold_that_keeps_s_groups_per_token():
     """The scores move under the lr decay; a running mean with a long memory (0.99: ~100
     steps, the whole batch phase here) lags them and keeps 9% fewer groups than s."""

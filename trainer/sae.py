@@ -182,17 +182,20 @@ class SAE(nn.Module):
         return gate or self.cfg.gate
 
     def gate(self, h_BGR: torch.Tensor, top_s: int | None = None, gate: str | None = None,
-             score_BG: torch.Tensor | None = None) -> torch.Tensor:
+             score_BG: torch.Tensor | None = None, track: bool | None = None) -> torch.Tensor:
         """bool [B, G]: the groups kept (all of them for relu; ``sasa.trainer.gate``). ``top_s``
         overrides s and ``gate`` the configured gate (``consolidate.gate_at``); ``score_BG``:
-        the groups' squared code norms, when the caller has them."""
+        the groups' squared code norms, when the caller has them; ``track``: whether a batch
+        gate folds this batch into its running threshold (default: in training mode; a
+        surgery step that only reads the gate passes False)."""
         B, G, _ = h_BGR.shape
         if self.cfg.arch == "relu":
             return torch.ones(B, G, dtype=torch.bool, device=h_BGR.device)
         s = self.cfg.top_s if top_s is None else top_s
         if score_BG is None:
             score_BG = h_BGR.detach().square().sum(-1)
-        return keep_mask(score_BG, s, self.gate_mode(gate), self.gate_threshold, self.training)
+        track = self.training if track is None else track
+        return keep_mask(score_BG, s, self.gate_mode(gate), self.gate_threshold, track)
 
     def encode(self, x_BD: torch.Tensor, top_s: int | None = None) -> torch.Tensor:
         """Gated codes z [B, G, r] (zero outside the kept groups); ``top_s`` overrides s."""
