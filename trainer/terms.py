@@ -7,8 +7,8 @@ autograd; ``sasa.trainer.consolidate`` says what each is for). The trainer runs
 closed form during the forward pass (the backward pass is one multiply), and takes the energies
 from the squared norms the gate already ranked (``KeptSquaredNorms``) instead of reducing the
 [B, G, r] codes again. On the planted shapes a step takes a few milliseconds and most of what
-the terms cost was that second reduction and the terms' autograd graph (about 25 small ops each
-way), not arithmetic: ``python bench/terms.py`` times both forms against a step without the
+the terms cost was that second reduction and the terms' autograd graph of small ops, not
+arithmetic: ``python bench/terms.py`` times both forms against a step without the
 terms (bench/RESULTS_consolidation.md, round 14); on SAEs of user size (d = 384 and 768) the
 terms cost 0-6% of a step in either form. The fast path is pinned to the definitions in
 float64, values and every parameter's gradient (tests/test_consolidation.py).
