@@ -182,19 +182,18 @@ class SAE(nn.Module):
         return gate or self.cfg.gate
 
     def gate(self, h_BGR: torch.Tensor, top_s: int | None = None, gate: str | None = None,
-             score_BG: torch.Tensor | None = None, track: bool | None = None) -> torch.Tensor:
+             score_BG: torch.Tensor | None = None, track: bool = False) -> torch.Tensor:
         """bool [B, G]: the groups kept (all of them for relu; ``sasa.trainer.gate``). ``top_s``
         overrides s and ``gate`` the configured gate (``consolidate.gate_at``); ``score_BG``:
         the groups' squared code norms, when the caller has them; ``track``: whether a batch
-        gate folds this batch into its running threshold (default: in training mode; a
-        surgery step that only reads the gate passes False)."""
+        gate folds this batch into its running threshold, which only the training step does
+        (``encode`` and the surgery steps read the gate of a batch it has already seen)."""
         B, G, _ = h_BGR.shape
         if self.cfg.arch == "relu":
             return torch.ones(B, G, dtype=torch.bool, device=h_BGR.device)
         s = self.cfg.top_s if top_s is None else top_s
         if score_BG is None:
             score_BG = h_BGR.detach().square().sum(-1)
-        track = self.training if track is None else track
         return keep_mask(score_BG, s, self.gate_mode(gate), self.gate_threshold, track)
 
     def encode(self, x_BD: torch.Tensor, top_s: int | None = None) -> torch.Tensor:
@@ -247,7 +246,7 @@ class SAE(nn.Module):
         cfg = self.cfg
         h_BGR = self.pre_codes(x_BD)
         score_BG = h_BGR.detach().square().sum(-1)
-        keep_BG = self.gate(h_BGR, top_s, gate, score_BG)
+        keep_BG = self.gate(h_BGR, top_s, gate, score_BG, track=self.training)
         codes_BGR = h_BGR * keep_BG.unsqueeze(-1)
         x_hat_BD = self.decode(codes_BGR)
 

@@ -54,12 +54,10 @@ def reset_moments(sae, opt: torch.optim.Optimizer, groups: list[int]) -> None:
 
 @torch.no_grad()
 def kept_codes(sae, x_BD: torch.Tensor, top_s: int | None) -> tuple[torch.Tensor, ...]:
-    """(x_BD in the SAE's dtype, keep_BG, z_BGR): the batch's gate and its gated codes. Reading
-    the gate here leaves a batch gate's running threshold alone: the training step has already
-    folded this batch into it."""
+    """(x_BD in the SAE's dtype, keep_BG, z_BGR): the batch's gate and its gated codes."""
     x_BD = x_BD.to(sae.W_dec_GRD.dtype)
     h_BGR = sae.pre_codes(x_BD)
-    keep_BG = sae.gate(h_BGR, top_s, track=False)
+    keep_BG = sae.gate(h_BGR, top_s)
     return x_BD, keep_BG, h_BGR * keep_BG.unsqueeze(-1)
 
 
