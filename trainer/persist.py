@@ -60,13 +60,18 @@ def _folder(path: str | Path) -> Path:
     return path.parent if path.name in (CONFIG_NAME, WEIGHTS_NAME) else path
 
 
+def _require(directory: Path, *names: str) -> None:
+    """Refuse a folder that lacks any of ``names``: it is not an SAE ``save_sae`` wrote."""
+    if not all((directory / name).is_file() for name in names):
+        raise SasaError(f"{directory} is not a saved SAE: it needs {CONFIG_NAME} and "
+                        f"{WEIGHTS_NAME} (write one with save_sae)")
+
+
 def load_config(path: str | Path) -> SAEConfig:
     """The ``SAEConfig`` of an SAE written by ``save_sae`` (its directory or its config.json),
     checked: format, version and fields this sasa knows."""
+    _require(_folder(path), CONFIG_NAME)
     cfg_file = _folder(path) / CONFIG_NAME
-    if not cfg_file.is_file():
-        raise SasaError(f"{_folder(path)} is not a saved SAE: it needs {CONFIG_NAME} and "
-                        f"{WEIGHTS_NAME} (write one with save_sae)")
     try:
         meta = json.loads(cfg_file.read_text())
     except (ValueError, UnicodeDecodeError) as err:
@@ -93,10 +98,8 @@ def load_sae(path: str | Path, *, device=None) -> SAE:
     from safetensors.torch import load_file
 
     directory = _folder(path)
+    _require(directory, CONFIG_NAME, WEIGHTS_NAME)
     cfg_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    if not cfg_file.is_file() or not weights_file.is_file():
-        raise SasaError(f"{directory} is not a saved SAE: it needs {CONFIG_NAME} and "
-                        f"{WEIGHTS_NAME} (write one with save_sae)")
     cfg = load_config(directory)
     try:
         tensors = load_file(str(weights_file))
