@@ -105,9 +105,11 @@ def shape_spec(shape_name: str, seed: int = 0, max_prob: float = MAX_PROB) -> Sy
     return dataclasses.replace(SHAPES[shape_name].spec, seed=seed, max_prob=max_prob)
 
 
-def energy_shares(e_NGF: np.ndarray, active_NF: np.ndarray) -> np.ndarray:
+def energy_shares(codes_BGR: torch.Tensor, decoder_GDR: torch.Tensor, data) -> np.ndarray:
     """[F, G]: each group's share of the energy that lands in feature f's subspace, summed over
-    the samples where f is on (``sasa.analysis.splitting.unit_energies``)."""
+    the samples of ``data`` where f is on (``sasa.analysis.splitting.unit_energies``)."""
+    e_NGF = unit_energies(codes_BGR, decoder_GDR, data.bases, data.active_NF)
+    active_NF = data.active_NF
     share_FG = np.stack([e_NGF[active_NF[:, f], :, f].sum(0) for f in range(e_NGF.shape[2])])
     return share_FG / share_FG.sum(1, keepdims=True)
 
@@ -244,8 +246,7 @@ def score(sae, test, alone) -> tuple:
     units = splitting(o.codes_BGR, sae.decoder_GDR, test.active_NF, test.bases).units_by_dim
     units_alone = splitting(o1.codes_BGR, sae.decoder_GDR, alone.active_NF,
                             alone.bases).units_by_dim
-    share_FG = energy_shares(unit_energies(o.codes_BGR, sae.decoder_GDR, test.bases,
-                                           test.active_NF), test.active_NF)
+    share_FG = energy_shares(o.codes_BGR, sae.decoder_GDR, test)
     return o, units, units_alone, sum(map(len, packed_groups(share_FG).values()))
 
 
@@ -263,8 +264,7 @@ def diagnose(shape_name: str, seed: int, run: Path, models: list[str],
         with torch.no_grad():
             o = sae(torch.from_numpy(test.x_ND))
         units = splitting(o.codes_BGR, sae.decoder_GDR, test.active_NF, test.bases).units_F
-        share_FG = energy_shares(unit_energies(o.codes_BGR, sae.decoder_GDR, test.bases,
-                                               test.active_NF), test.active_NF)
+        share_FG = energy_shares(o.codes_BGR, sae.decoder_GDR, test)
         print(f"{name}: held-out FVU {float(o.fvu):.4f}")
         for f in np.argsort(dims, kind="stable"):
             top = ", ".join(f"g{g} {share_FG[f, g]:.2f}" for g in np.argsort(-share_FG[f])[:3])
