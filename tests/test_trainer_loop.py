@@ -107,6 +107,12 @@ def test_resume_refuses_a_run_started_under_other_defaults(cache_url, tmp_path):
     with pytest.raises(SasaError, match=r"sasa-synthetic-G8-r2-s2 started with other defaults "
                                         r"\(batch_gate_from: None -> 0.8, group_lasso_end: 0.8 -> 1.0\)"):
         train(config(cache_url, [SASA]), tmp_path / "run", resume=True, progress=False)
+    # a setting the checkpoint has and this sasa does not (a dropped field) is named too
+    started.update(batch_gate_from=0.8, group_lasso_end=1.0, dropped_knob=3)
+    torch.save(ckpt, path)
+    with pytest.raises(SasaError, match=r"started with other defaults \(dropped_knob: 3 -> "
+                                        r"'\(no such setting\)'\)"):
+        train(config(cache_url, [SASA]), tmp_path / "run", resume=True, progress=False)
 
 
 def test_bad_input(cache_url, tmp_path):

@@ -100,8 +100,10 @@ class Member:
         # defaults, which a newer sasa may resolve differently (older checkpoints lack it).
         was, now = state.get("sae_config"), dataclasses.asdict(self.sae_cfg)
         if was is not None and was != now:
-            diffs = ", ".join(f"{k}: {was.get(k)!r} -> {v!r}" for k, v in now.items()
-                              if was.get(k) != v)
+            gone = "(no such setting)"  # a field this sasa dropped, or one it added
+            diffs = ", ".join(f"{k}: {was.get(k, gone)!r} -> {now.get(k, gone)!r}"
+                              for k in [*now, *(k for k in was if k not in now)]
+                              if was.get(k, gone) != now.get(k, gone))
             raise SasaError(f"--resume: {self.cfg.name} started with other defaults ({diffs}); set "
                             f"the started values in its config to continue, or start over")
         self.sae.load_state_dict(state["sae"])
