@@ -51,7 +51,8 @@ def run(name, cfg, lr, oracle=False, s0=None, ramp=(0.0,0.0)):
             a,b=ramp
             s = s0 if f<a else (s_final if f>=b else int(round(s0+(s_final-s0)*(f-a)/(b-a))))
         idx = torch.randint(0, xn.shape[0], (1024,), generator=gen)
-        out = sae(xn[idx], gl_scale=group_lasso_scale(sae.cfg, step, steps), top_s=s)
+        out = sae(xn[idx], gl_scale=group_lasso_scale(sae.cfg, step, steps, 1024),
+                  top_s=s)
         opt.zero_grad(); out.loss.backward(); opt.step(); sched.step(); sae.post_step()
         if merge_due(sae.cfg, step, steps):
             rep = merge_and_reseed(sae, xn[idx], opt, top_s=s); nm[0]+=len(rep.merged)

@@ -6,6 +6,7 @@ features); the oracle is the same SAE initialised at the planted subspaces.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -16,8 +17,9 @@ from sasa.analysis.synth import write_synthetic_cache
 from sasa.analysis.synthetic import SyntheticSpec, generate, generate_alone
 from sasa.errors import SasaError
 from sasa.trainer import SAE, SAEConfig, MemberConfig, TrainConfig, load_sae, train
-from sasa.trainer.consolidate import (group_lasso_scale, merge_and_reseed, revive_due,
-                                      ramp_steps, revive_silent, top_s_at)
+from sasa.trainer.consolidate import (group_lasso_scale, merge_and_reseed, penalty_steps,
+                                      ramp_steps, revive_due, revive_silent, schedule_at,
+                                      top_s_at)
 from sasa.trainer.linalg import signfix_qr
 
 SPEC = SyntheticSpec(d=32, features_per_dim={1: 2, 2: 2, 3: 2, 4: 2}, mean_active=3.0, max_prob=0.5,
@@ -132,7 +134,7 @@ def test_schedules():
     assert SAEConfig(d_in=8, groups=8, arch="topk").consolidate == "none"
     # r = 1: one direction per group, nothing to consolidate; the plain objective's schedule
     one = SAEConfig(d_in=8, groups=8, rank=1, top_s=5)
-    assert top_s_at(one, 0, 100, 64) is None and group_lasso_scale(one, 0, 100) == 0.0
+    assert top_s_at(one, 0, 100, 64) is None and group_lasso_scale(one, 0, 100, 64) == 0.0
     # The batch gate for the last 20% is part of anneal, and the penalty then runs to the end
     assert (cfg.batch_gate_from, cfg.group_lasso_end) == (0.8, 1.0)
     token = SAEConfig(d_in=8, groups=8, rank=2, top_s=5, batch_gate_from=None)
@@ -140,13 +142,31 @@ def test_schedules():
     assert SAEConfig(d_in=8, groups=8, arch="topk").batch_gate_from is None
     steps = 100
     s = [top_s_at(cfg, t, steps, 64) for t in range(steps)]
-    gl = [group_lasso_scale(cfg, t, steps) for t in range(steps)]
+    gl = [group_lasso_scale(cfg, t, steps, 64) for t in range(steps)]
     assert s[0] == 1 and s[9] == 1 and s[-1] is None and s[29] == 5 and s[30] is None
     assert all(a <= b for a, b in zip(s[:30], s[1:30]))  # s only grows
     assert gl[0] == 1.0 and gl[49] == 1.0 and 0 < gl[99] < gl[65] < 1  # annealed to the end
-    assert group_lasso_scale(token, 80, steps) == 0.0 < group_lasso_scale(token, 65, steps) < 1
+    assert group_lasso_scale(token, 80, steps, 64) == 0.0 < \
+        group_lasso_scale(token, 65, steps, 64) < 1
     plain = SAEConfig(d_in=8, groups=8, rank=2, top_s=5, consolidate="none")
-    assert top_s_at(plain, 0, steps, 64) is None and group_lasso_scale(plain, 0, steps) == 0.0
+    assert top_s_at(plain, 0, steps, 64) is None and group_lasso_scale(plain, 0, steps, 64) == 0.0
+
+
+def test_the_penalty_spans_the_first_group_lasso_tokens():
+    cfg = SAEConfig(d_in=8, groups=8, rank=2, top_s=5, group_lasso_tokens=100 * 64,
+                    revive_every=3)
+    assert (penalty_steps(cfg, 400, 64), penalty_steps(cfg, 50, 64)) == (100, 50)
+    gl = [schedule_at(cfg, t, 400, 64).gl_scale for t in range(400)]  # what the trainer runs
+    assert gl[:50] == [1.0] * 50 and 0 < gl[99] < gl[75] < 1 and gl[100:] == [0.0] * 300
+    # a run no longer than the span trains as with None (the whole run)
+    whole = dataclasses.replace(cfg, group_lasso_tokens=None)
+    assert [group_lasso_scale(cfg, t, 100, 64) for t in range(100)] == \
+        [group_lasso_scale(whole, t, 100, 64) for t in range(100)]
+    assert group_lasso_scale(whole, 150, 400, 64) == 1.0  # None: still held where cfg's ended
+    # the revive step runs until the penalty ends: step 98 is the 99th, 101 the 102nd
+    assert [revive_due(cfg, t, 400, 64) for t in (98, 101)] == [True, False]
+    with pytest.raises(SasaError, match="group_lasso_tokens must be >= 1"):
+        SAEConfig(d_in=8, groups=8, group_lasso_tokens=0)
 
 
 def test_the_s_ramp_spans_the_first_s_ramp_tokens():
@@ -174,6 +194,22 @@ def test_a_run_longer_than_the_ramp_keeps_s_groups_after_it(cache_url, tmp_path)
                               .splitlines()[0]) for name in ("whole", "span")}
     assert first["whole"]["l0_groups"] <= 1.0
     assert first["span"]["l0_groups"] >= SASA["top_s"] - 1.5
+
+
+def test_a_run_longer_than_the_penalty_span_trains_the_plain_objective_after_it(cache_url,
+                                                                                 tmp_path):
+    """The trainer's penalty spans group_lasso_tokens: with a span of 8 of 40 steps and no
+    AuxK, a logged step past it has loss == FVU; over the whole run the terms still count."""
+    plain = {**SASA, "auxk_alpha": 0.0}
+    cfg = config(cache_url, {"whole": {**plain, "group_lasso_tokens": None},
+                             "span": {**plain, "group_lasso_tokens": 512 * 8}},
+                 tokens=512 * 40, log_every=4)
+    train(cfg, tmp_path / "run", progress=False)
+    lines = {name: [json.loads(ln) for ln in (tmp_path / "run" / name / "metrics.jsonl")
+                    .read_text().splitlines()] for name in ("whole", "span")}
+    at = {name: {m["step"]: m["loss"] - m["fvu"] for m in ms} for name, ms in lines.items()}
+    assert at["span"][4] > 1e-3 and at["whole"][4] > 1e-3  # both inside the span
+    assert at["span"][20] == 0.0 and at["whole"][20] > 1e-3
 
 
 def test_dense_and_sparse_paths_agree_with_the_new_terms():
@@ -338,7 +374,7 @@ def test_revive_step_reseeds_silent_groups_at_the_residual():
     assert float(opt.state[sae.W_dec_GRD]["exp_avg"][4].abs().sum()) == 0.0
     assert float(opt.state[sae.W_dec_GRD]["exp_avg"][0].abs().sum()) > 0.0  # untouched
     assert all(torch.isfinite(p).all() for p in sae.parameters())
-    assert [revive_due(cfg, step, 100) for step in (1, 2, 77, 80, 83)] == \
+    assert [revive_due(cfg, step, 100, 64) for step in (1, 2, 77, 80, 83)] == \
         [False, True, True, False, False]  # every 3rd step up to group_lasso_end (80%)
 
 

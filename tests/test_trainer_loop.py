@@ -170,7 +170,8 @@ def test_cli_train_and_sweep(cache_url, tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", "sasa", *a], capture_output=True, text=True, timeout=300)  # noqa: E731
     out = run("train", "--cache", cache_url, "--hookpoint", "synthetic", "--arch", "sasa", "--groups", "8",
               "--rank", "2", "--top-s", "2", "--nuc-lambda", "1e-3", "--consolidate", "none",
-              "--s-ramp-tokens", "0", "--gather-energy", "0", "--energy-cov", "0.5",
+              "--s-ramp-tokens", "0", "--group-lasso-tokens", "0", "--gather-energy", "0",
+              "--energy-cov", "0.5",
               "--batch-gate-from", "0.5", "--tokens", "1024",
               "--batch-size", "128",
               "--log-every", "4", "--out", str(tmp_path / "t"))
@@ -179,6 +180,7 @@ def test_cli_train_and_sweep(cache_url, tmp_path):
     trained = load_sae(tmp_path / "t" / "sasa-synthetic-G8-r2-s2-nuc0.001").cfg
     assert trained.nuc_lambda == 1e-3 and trained.consolidate == "none"
     assert trained.s_ramp_tokens is None  # 0 on the command line: the whole run
+    assert trained.group_lasso_tokens is None
     assert trained.gather_energy == 0.0  # the default, 3, is SAEConfig's (test_gather.py)
     assert trained.energy_cov == 0.5
     assert trained.batch_gate_from == 0.5

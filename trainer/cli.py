@@ -67,6 +67,9 @@ def register(subparsers) -> None:
     p.add_argument("--s-ramp-tokens", type=int, default=None,
                    help="sasa: the s ramp spans the run's first N tokens; 0: the whole run "
                         "(default 2,097,152; 1048576 for long runs on real activations, docs/train.md)")
+    p.add_argument("--group-lasso-tokens", type=int, default=None,
+                   help="sasa: the group penalty and energy term span the run's first N tokens, "
+                        "then stop; 0: the whole run (default 2,097,152, docs/train.md)")
     p.add_argument("--gather-energy", type=float, default=None,
                    help="sasa: the gather step also links slices whose code energies follow "
                         "each other this strongly; 0: the on-test alone (default "
@@ -124,8 +127,9 @@ def run_train(args) -> int:
         if getattr(args, key) is not None:
             sae[key] = getattr(args, key)
     sae["batch_gate_from"] = args.batch_gate_from
-    if args.s_ramp_tokens is not None:
-        sae["s_ramp_tokens"] = args.s_ramp_tokens or None
+    for key in ("s_ramp_tokens", "group_lasso_tokens"):  # 0: None, the whole run
+        if getattr(args, key) is not None:
+            sae[key] = getattr(args, key) or None
     member = MemberConfig(hookpoint=args.hookpoint, sae=sae, lr=args.lr, name=args.name)
     cfg = TrainConfig(cache=args.cache, members=[member],
                       storage_options=parse_storage_options(args.storage_options), **_overrides(args))

@@ -16,8 +16,9 @@ repeats them exactly and every sweep member follows its own config, and one peri
   which pulls the group's spare dimensions onto it.
 - ``group_lasso_scale``: a group-sparsity penalty sum_g (||z_g|| / rms)^p, p = 1/2, at full
   weight for the first half and annealed to 0 by the end of the run (by 80% with the token gate
-  throughout, so that lr decay runs on the plain objective). It charges splits and copies and
-  so keeps spare slots from being free.
+  throughout, so that lr decay runs on the plain objective); in a run longer than
+  ``group_lasso_tokens`` (2M) the fractions are of its first 2M tokens, and the rest of the run
+  trains without it. It charges splits and copies and so keeps spare slots from being free.
 - ``gate_at``: the batch gate (the top s*B groups of a batch of B tokens) from 80% of the run
   (``batch_gate_from``): a token with more features than s keeps more groups, so the copies of
   frequent features that the token gate's optimum keeps for such tokens are no longer needed,
@@ -76,13 +77,24 @@ from sasa.trainer.surgery import kept_codes, periodic, reseed, reset_moments, se
 from sasa.trainer.unpack import unpack_due, unpack_packed
 
 
-def ramp_steps(cfg: SAEConfig, steps: int, batch_size: int) -> int:
-    """The steps the s ramp spans in a run of ``steps`` batches of ``batch_size`` tokens: the
-    first ``cfg.s_ramp_tokens`` of them (rounded up to a whole step), or the whole run when
-    that is shorter or the field is None."""
-    if cfg.s_ramp_tokens is None:
+def span_steps(tokens: int | None, steps: int, batch_size: int) -> int:
+    """The steps a schedule spanning a run's first ``tokens`` tokens covers in a run of
+    ``steps`` batches of ``batch_size`` tokens (rounded up to a whole step), or the whole run
+    when that is shorter or ``tokens`` is None."""
+    if tokens is None:
         return steps
-    return min(steps, -(-cfg.s_ramp_tokens // batch_size))
+    return min(steps, -(-tokens // batch_size))
+
+
+def ramp_steps(cfg: SAEConfig, steps: int, batch_size: int) -> int:
+    """The steps the s ramp spans: the run's first ``cfg.s_ramp_tokens`` tokens."""
+    return span_steps(cfg.s_ramp_tokens, steps, batch_size)
+
+
+def penalty_steps(cfg: SAEConfig, steps: int, batch_size: int) -> int:
+    """The steps the group penalty's schedule spans: the run's first ``cfg.group_lasso_tokens``
+    tokens."""
+    return span_steps(cfg.group_lasso_tokens, steps, batch_size)
 
 
 def top_s_at(cfg: SAEConfig, step: int, steps: int, batch_size: int) -> int | None:
@@ -110,11 +122,13 @@ def gate_at(cfg: SAEConfig, step: int, steps: int) -> str | None:
     return "batch"
 
 
-def group_lasso_scale(cfg: SAEConfig, step: int, steps: int) -> float:
-    """Multiplier (0..1) of ``cfg.group_lasso`` at optimiser step ``step`` (0-based) of ``steps``."""
+def group_lasso_scale(cfg: SAEConfig, step: int, steps: int, batch_size: int) -> float:
+    """Multiplier (0..1) of ``cfg.group_lasso`` at optimiser step ``step`` (0-based) of a run
+    of ``steps`` batches of ``batch_size`` tokens: 1 until ``group_lasso_hold`` of the
+    penalty's span (``penalty_steps``), then linearly to 0 at ``group_lasso_end``."""
     if cfg.consolidate == "none" or steps <= 0:
         return 0.0
-    frac = step / steps
+    frac = step / penalty_steps(cfg, steps, batch_size)
     hold, end = cfg.group_lasso_hold, cfg.group_lasso_end
     if frac < hold:
         return 1.0
@@ -139,7 +153,8 @@ def schedule_at(cfg: SAEConfig, step: int, steps: int, batch_size: int) -> StepS
     """Every schedule of ``cfg`` at optimiser step ``step`` of a run of ``steps`` batches of
     ``batch_size`` tokens."""
     return StepSchedule(top_s_at(cfg, step, steps, batch_size),
-                        group_lasso_scale(cfg, step, steps), gate_at(cfg, step, steps))
+                        group_lasso_scale(cfg, step, steps, batch_size),
+                        gate_at(cfg, step, steps))
 
 
 class MergeReport(NamedTuple):
@@ -240,9 +255,11 @@ def merge_and_reseed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None 
     return MergeReport(merged, int(g_P.numel()))
 
 
-def revive_due(cfg: SAEConfig, step: int, steps: int) -> bool:
-    """Whether the revive step runs after optimiser step ``step`` (0-based) of ``steps``."""
-    return cfg.consolidate != "none" and periodic(cfg.revive_every, step, steps, 0.0,
+def revive_due(cfg: SAEConfig, step: int, steps: int, batch_size: int) -> bool:
+    """Whether the revive step runs after optimiser step ``step`` (0-based) of a run of
+    ``steps`` batches of ``batch_size`` tokens: until the group penalty ends."""
+    span = penalty_steps(cfg, steps, batch_size)  # the window is a fraction of the span
+    return cfg.consolidate != "none" and periodic(cfg.revive_every, step, span, 0.0,
                                                    cfg.group_lasso_end)
 
 
@@ -286,7 +303,7 @@ def after_step(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None, step:
     changed = {}
     if merge_due(cfg, step, steps):
         changed["merged"] = len(merge_and_reseed(sae, x_BD, opt, top_s=top_s).merged)
-    if revive_due(cfg, step, steps):
+    if revive_due(cfg, step, steps, x_BD.shape[0]):
         changed["revived"] = len(revive_silent(sae, x_BD, opt, top_s=top_s))
     if unpack_due(cfg, step, steps):
         changed["unpacked"] = len(unpack_packed(sae, x_BD, opt, top_s=top_s).moved)
