@@ -169,10 +169,10 @@ class SAEConfig:
 
     s_ramp_tokens: int | None = 2_097_152
     """The s ramp's span: ``s_ramp_from`` and ``s_ramp_to`` are fractions of the run's first
-    this many training tokens (all of a shorter run); None: of the whole run. The penalty and
-    the periodic steps keep to fractions of the whole run. 2M is the longest budget at which
-    the planted benchmarks measured every shape with the whole-run ramp (runs up to it train
-    as with None); a longer run keeps its s = 1 phase short instead of at 10% of the run, which
+    this many training tokens (all of a shorter run); None: of the whole run. The penalty has
+    its own span (``group_lasso_tokens``); the periodic steps keep to fractions of the whole
+    run. 2M is the longest budget at which the planted benchmarks measured every shape with
+    the whole-run ramp (runs up to it train as with None); a longer run keeps its s = 1 phase short instead of at 10% of the run, which
     on MiniLM retires groups for good (bench/SPLITTING.md, rounds 2 and 7). Shorter spans put
     the ramp inside the lr warm-up: on MiniLM at 4.2M tokens a 1M span left 9-20% of the groups
     silent (2M: 33-56%) and 6-14% lower FVU at every r, but on planted data at 2M it kept
@@ -183,7 +183,8 @@ class SAEConfig:
     revive_every: int = 0
     """Steps between revive steps (``sasa.trainer.consolidate.revive_silent``): groups kept on
     no token of the last ``revive_every`` batches are re-seeded at the residual of the batch's
-    worst-reconstructed tokens, until ``group_lasso_end`` of the run; 0 disables."""
+    worst-reconstructed tokens, until the penalty ends (``group_lasso_end`` of its span);
+    0 disables."""
 
     merge_every: int = 0
     """Steps between merge steps (``sasa.trainer.consolidate.merge_and_reseed``: two co-firing
