@@ -144,7 +144,7 @@ class SAEConfig:
     the penalty's schedule; the gather step and the batch gate keep to fractions of the whole
     run. Past the span a run trains on the plain objective. At 4.2M tokens on MiniLM that
     lowered held-out FVU by 4-9% at r = 2, 4 and 8 against None, and on the Gaussian planted
-    shape D at 4M it brought FVU from 1.10-1.20x the planted oracle's to 0.94-1.02x
+    shape D at 4M it brought FVU from 1.10-1.20x the planted oracle's to 0.91-1.02x
     (bench/SPLITTING.md, round 15, which also says what it costs shape E)."""
 
     energy_cov: float = 0.03
