@@ -171,14 +171,14 @@ class SAEConfig:
     """The s ramp's span: ``s_ramp_from`` and ``s_ramp_to`` are fractions of the run's first
     this many training tokens (all of a shorter run); None: of the whole run. The penalty has
     its own span (``group_lasso_tokens``); the periodic steps keep to fractions of the whole
-    run. 2M is the longest budget at which the planted benchmarks measured every shape with
-    the whole-run ramp (runs up to it train as with None); a longer run keeps its s = 1 phase short instead of at 10% of the run, which
-    on MiniLM retires groups for good (bench/SPLITTING.md, rounds 2 and 7). Shorter spans put
-    the ramp inside the lr warm-up: on MiniLM at 4.2M tokens a 1M span left 9-20% of the groups
-    silent (2M: 33-56%) and 6-14% lower FVU at every r, but on planted data at 2M it kept
-    features split on more seeds (round 7). Above 2M the span cost planted data nothing
-    measurable with ``gather_energy`` 0: shape D at 4M, 3 of 9 seeds on target against 2 of 9
-    with None; shape E (seeds 0-2), 3 of 3 against 2 of 3 (round 9)."""
+    run. 2M is the longest budget at which the planted benchmarks measured every shape with the
+    whole-run ramp (runs up to it train as with None); a longer run keeps its s = 1 phase short
+    instead of at 10% of the run, which on MiniLM retires groups for good (bench/SPLITTING.md,
+    rounds 2 and 7). Shorter spans put the ramp inside the lr warm-up: on MiniLM at 4.2M tokens a 1M
+    span left 9-20% of the groups silent (2M: 33-56%) and 6-14% lower FVU at every r, but on planted
+    data at 2M it kept features split on more seeds (round 7). Above 2M the span cost planted data
+    nothing measurable with ``gather_energy`` 0: shape D at 4M, 3 of 9 seeds on target against 2 of
+    9 with None; shape E (seeds 0-2), 3 of 3 against 2 of 3 (round 9)."""
 
     revive_every: int = 0
     """Steps between revive steps (``sasa.trainer.consolidate.revive_silent``): groups kept on
