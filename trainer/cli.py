@@ -69,7 +69,8 @@ def register(subparsers) -> None:
                         "(default 2,097,152; 1048576 for long runs on real activations, docs/train.md)")
     p.add_argument("--group-lasso-tokens", type=int, default=None,
                    help="sasa: the group penalty and energy term span the run's first N tokens, "
-                        "then stop; 0: the whole run (default 2,097,152, docs/train.md)")
+                        "then stop; 0: the whole run (default 2,097,152; 1048576 with "
+                        "--s-ramp-tokens 1048576 for long runs on real activations, docs/train.md)")
     p.add_argument("--gather-energy", type=float, default=None,
                    help="sasa: the gather step also links slices whose code energies follow "
                         "each other this strongly; 0: the on-test alone (default "
