@@ -111,8 +111,9 @@ class SAEConfig:
     FVU + AuxK + rank penalty).
     Default: "anneal" for sasa with r >= 2; "none" for r = 1 and topk/relu, whose groups are
     one direction each, with no subspace to consolidate. At r = 1 on MiniLM after 4.2M tokens
-    the procedure cost: held-out FVU 0.1260 against 0.1092 with "none" (28% of the latents
-    silent against none; bench/RESULTS_minilm.md, rounds 7, 11 and 13); on synthetic planted
+    the procedure costs: held-out FVU 0.1036 against 0.0945 with "none", both with the late
+    batch gate (14% of the latents dead against none; with the token gate 0.1260 against
+    0.1092; bench/RESULTS_minilm.md, rounds 7, 11, 13 and 15); on synthetic planted
     data in a 512-step run its s ramp works as a k ramp and r = 1 gains (0.0332 against 0.1174,
     bench/RESULTS_analysis.md), as a TopK with a k ramp would."""
 
