@@ -22,7 +22,7 @@ repeats them exactly and every sweep member follows its own config, and one peri
 - ``gate_at``: the batch gate (the top s*B groups of a batch of B tokens) from 80% of the run
   (``batch_gate_from``): a token with more features than s keeps more groups, so the copies of
   frequent features that the token gate's optimum keeps for such tokens are no longer needed,
-  and the penalty, still on, charges them.
+  and the penalty, still on in a run up to 2.5M tokens (``group_lasso_tokens``), charges them.
 - ``sasa.trainer.terms.energy_cross_share`` (``energy_cov`` 0.03, on that schedule): the share
   of the variance of a token's code energy that lies between groups. Slices of one feature
   switch on together; groups holding whole independent features do not covary, whatever the
@@ -36,11 +36,11 @@ planted shapes, three seeds, nine on D and E, units per feature counted on input
 feature alone as issue 9 defines them). Round 13's default (with the late batch gate) at 2M
 tokens: 19 of 27 seeds at one group per feature within 1.1x the FVU of the planted-init oracle
 trained the same way (A 3 of 3, B 0, C 1, D 8 of 9, E 7 of 9; with the token gate throughout 17
-of 27) at 0.23-0.94x the held-out FVU; with nine seeds of every shape, at HEAD (round 14), 25 of
-45 (A 7, B 1, C 2, D 8, E 7; the oracle itself 20). Round 11's default (the token gate
-throughout), which the rest of this paragraph describes: every seed of the disjoint 1-4-D
-shape A at one group per feature (every d_i <= 1.2) below the planted oracle's FVU by 512k
-tokens (max 1.05, 0.87x; plain SASA not by 2M), while TopK's FVU still falls 17x to 2M; the
+of 27) at 0.23-0.94x the held-out FVU; with nine seeds of every shape (round 14; round 15's
+change leaves runs up to 2M as they were), 25 of 45 (A 7, B 1, C 2, D 8, E 7; the oracle
+itself 20). Round 11's default (the token gate throughout), which the rest of this paragraph
+describes: every seed of the disjoint 1-4-D shape A at one group per feature (every d_i <=
+1.2) below the planted oracle's FVU by 512k tokens (max 1.05, 0.87x; plain SASA not by 2M), while TopK's FVU still falls 17x to 2M; the
 overlapping Gaussian 1-6-D shape D on 2 of 3 seeds at 1M, 7 of 9 at 2M and 5 of 9 at 4M (mean
 over seeds 1.15-1.20); the overlapping spherical 1-5-D shape E with ~6 features on in the mean
 at 2-4M (1.07, 1.13) and on 6 and 5 of 9 seeds; the dense d = 32 shape B on 1 of 3 seeds at 2M.
