@@ -32,25 +32,25 @@ repeats them exactly and every sweep member follows its own config, and one peri
   blocks of different groups that are on only together, or whose code energies follow each
   other (``gather_energy``), are slices of one feature and move into one group.
 Measured through the streaming trainer (bench/RESULTS_consolidation.md, rounds 5-13: five
-planted shapes, three seeds, nine on D and E, units per feature counted on inputs of one
-feature alone as issue 9 defines them). Round 13's default (with the late batch gate) at 2M
-tokens: 19 of 27 seeds at one group per feature within 1.1x the FVU of the planted-init oracle
-trained the same way (A 3 of 3, B 0, C 1, D 8 of 9, E 7 of 9; with the token gate throughout 17
-of 27) at 0.23-0.94x the held-out FVU; with nine seeds of every shape (round 14; round 15's
-change leaves runs up to 2M as they were), 25 of 45 (A 7, B 1, C 2, D 8, E 7; the oracle
-itself 20). Round 11's default (the token gate throughout), which the rest of this paragraph
-describes: every seed of the disjoint 1-4-D shape A at one group per feature (every d_i <=
-1.2) below the planted oracle's FVU by 512k tokens (max 1.05, 0.87x; plain SASA not by 2M), while TopK's FVU still falls 17x to 2M; the
-overlapping Gaussian 1-6-D shape D on 2 of 3 seeds at 1M, 7 of 9 at 2M and 5 of 9 at 4M (mean
-over seeds 1.15-1.20); the overlapping spherical 1-5-D shape E with ~6 features on in the mean
-at 2-4M (1.07, 1.13) and on 6 and 5 of 9 seeds; the dense d = 32 shape B on 1 of 3 seeds at 2M.
-On the overlapping spherical 1-6-D shape C, where the most frequent features are on together
-in most tokens, every multi-dimensional feature within 1.2 groups in the mean over seeds at 2M
-(round 10, without the energy term: 1.82 on 6-D), its 1-D features at 1.48; at 8M on 2 of 3
-seeds (the planted-init oracle on none). The s = 1 phase is
-short (10% of the run, ramp to 30%, within the first 2M tokens) because a long one costs FVU on
-real activations (bench/SPLITTING.md, rounds 2 and 7; MiniLM in bench/RESULTS_minilm.md, where
-the energy term lowers r = 4's held-out FVU by 4-5% at 4.2M tokens, round 11).
+planted shapes, three seeds, nine on D and E, units per feature counted on inputs of one feature
+alone as issue 9 defines them). Round 13's default (with the late batch gate) at 2M tokens: 19
+of 27 seeds at one group per feature within 1.1x the FVU of the planted-init oracle trained the
+same way (A 3 of 3, B 0, C 1, D 8 of 9, E 7 of 9; with the token gate throughout 17 of 27) at
+0.23-0.94x the held-out FVU; with nine seeds of every shape (round 14; round 15's change leaves
+runs up to 2M as they were), 25 of 45 (A 7, B 1, C 2, D 8, E 7; the oracle itself 20). Round
+11's default (the token gate throughout), which the rest of this paragraph describes: every seed
+of the disjoint 1-4-D shape A at one group per feature (every d_i <= 1.2) below the planted
+oracle's FVU by 512k tokens (max 1.05, 0.87x; plain SASA not by 2M), while TopK's FVU still
+falls 17x to 2M; the overlapping Gaussian 1-6-D shape D on 2 of 3 seeds at 1M, 7 of 9 at 2M and
+5 of 9 at 4M (mean over seeds 1.15-1.20); the overlapping spherical 1-5-D shape E with ~6
+features on in the mean at 2-4M (1.07, 1.13) and on 6 and 5 of 9 seeds; the dense d = 32 shape B
+on 1 of 3 seeds at 2M. On the overlapping spherical 1-6-D shape C, where the most frequent
+features are on together in most tokens, every multi-dimensional feature within 1.2 groups in
+the mean over seeds at 2M (round 10, without the energy term: 1.82 on 6-D), its 1-D features at
+1.48; at 8M on 2 of 3 seeds (the planted-init oracle on none). The s = 1 phase is short (10% of
+the run, ramp to 30%, within the first 2M tokens) because a long one costs FVU on real
+activations (bench/SPLITTING.md, rounds 2 and 7; MiniLM in bench/RESULTS_minilm.md, where the
+energy term lowers r = 4's held-out FVU by 4-5% at 4.2M tokens, round 11).
 
 ``revive_silent`` (off by default, ``revive_every``) re-seeds groups that no token kept at the
 residual; it removes silent groups but did not recover FVU on MiniLM (bench/SPLITTING.md).
