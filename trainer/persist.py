@@ -70,8 +70,9 @@ def _require(directory: Path, *names: str) -> None:
 def load_config(path: str | Path) -> SAEConfig:
     """The ``SAEConfig`` of an SAE written by ``save_sae`` (its directory or its config.json),
     checked: format, version and fields this sasa knows."""
-    _require(_folder(path), CONFIG_NAME)
-    cfg_file = _folder(path) / CONFIG_NAME
+    directory = _folder(path)
+    _require(directory, CONFIG_NAME)
+    cfg_file = directory / CONFIG_NAME
     try:
         meta = json.loads(cfg_file.read_text())
     except (ValueError, UnicodeDecodeError) as err:

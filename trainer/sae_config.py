@@ -334,12 +334,10 @@ class SAEConfig:
                             f"{self.arch})")
         if self.group_lasso_end is None:
             self.group_lasso_end = 0.8 if self.batch_gate_from is None else 1.0
-        if self.s_ramp_tokens is not None and self.s_ramp_tokens < 1:
-            raise SasaError(f"s_ramp_tokens must be >= 1, or None for the whole run (got "
-                            f"{self.s_ramp_tokens})")
-        if self.group_lasso_tokens is not None and self.group_lasso_tokens < 1:
-            raise SasaError(f"group_lasso_tokens must be >= 1, or None for the whole run (got "
-                            f"{self.group_lasso_tokens})")
+        for span in ("s_ramp_tokens", "group_lasso_tokens"):
+            if getattr(self, span) is not None and getattr(self, span) < 1:
+                raise SasaError(f"{span} must be >= 1, or None for the whole run (got "
+                                f"{getattr(self, span)})")
         if self.group_lasso < 0:
             raise SasaError(f"group_lasso must be >= 0 (got {self.group_lasso})")
         if self.s_start is not None and not 1 <= self.s_start:
