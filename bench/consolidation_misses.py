@@ -18,11 +18,8 @@ prints one line per seed off target, then the counts per shape and budget.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from consolidation import read_rows  # noqa: E402
+from consolidation import read_rows  # bench/ is the script's folder, first on sys.path
 
 UNITS, FVU = 1.2, 1.1
 """Issue 9's targets: units alone per d_i, and FVU over the oracle's."""
@@ -60,7 +57,7 @@ def main() -> None:
         if miss is not None:
             c[miss[0]] += 1
             print(f"{shape} {tokens:,} seed {seed}: {miss[0]}'s: {'; '.join(miss[1])}")
-    print(f"\n| shape | tokens | seeds | on target | misses: the procedure's | the objective's |")
+    print("\n| shape | tokens | seeds | on target | misses: the procedure's | the objective's |")
     print("|---|---|---|---|---|---|")
     for (shape, tokens), c in sorted(counts.items()):
         hit = c["seeds"] - c["procedure"] - c["objective"]
