@@ -30,6 +30,7 @@ member uses lr 3e-3 (bench/SPLITTING.md; the default rule gives 1.1e-3-1.4e-3 he
     python bench/consolidation.py --summarize rows.jsonl    # means over seeds
     python bench/consolidation.py --summarize s1.jsonl L:s2.jsonl --oracle-of bg8=L:oracle \
         --per-seed      # L: prefixes s2's members; bg8 against s2's oracle; per seed
+                        # (bench/consolidation_report.py prints these, and --misses)
     python bench/consolidation.py --cost                     # seconds per step, plain vs new
     python bench/consolidation.py --diagnose W/run-D-0-2097152 --shapes D --seeds 0  # per feature
     python bench/consolidation.py --shapes D --tokens 4194304 --members new oracle \
@@ -309,86 +310,6 @@ def step_cost(shape_name: str, steps: int = 300, batch_size: int = 1024,
     return {name: t / steps for name, t in spent.items()}
 
 
-def _by_dim(units: dict) -> list[float]:
-    return [units[k] for k in sorted(units, key=int)]
-
-
-def read_rows(specs: list[str]) -> list[dict]:
-    """The rows of JSONL files; ``PREFIX:FILE`` prefixes the four members' names in that file
-    (``L:s2.jsonl``: its oracle becomes "L:oracle"), so that runs of one member trained two
-    ways can be summarised together."""
-    rows = []
-    for spec in specs:
-        head, _, tail = spec.partition(":")
-        prefix, path = ("", spec) if Path(spec).exists() else (head + ":", tail)
-        for line in Path(path).read_text().splitlines():
-            if line:
-                r = json.loads(line)
-                if r["model"] in MEMBERS:
-                    r["model"] = prefix + r["model"]
-                rows.append(r)
-    return rows
-
-
-def summarize(specs: list[str], oracle_of: dict[str, str] | None = None,
-              per_seed: bool = False) -> None:
-    """Mean over seeds per (shape, tokens, model) of the rows in the given JSONL files (rows
-    from before the alone count show "-" there), and how many seeds meet both targets, each
-    model against the oracle ``oracle_of`` names for it ("oracle" unless named). ``per_seed``:
-    instead, per model, each seed's largest units-alone mean over d_i (with "(1.14x)", its FVU
-    over the seed's oracle's, where above 1.1; "p4": 4 features share their main group, in
-    rows that count it) and the seeds on target."""
-    rows = read_rows(specs)
-    keys = sorted({(r["shape"], r["tokens"], r.get("at", 1.0)) for r in rows})  # --score-at
-    if per_seed:
-        print("| shape | tokens | model | largest units-alone mean per seed | seeds on target |")
-        print("|---|---|---|---|---|")
-    else:
-        print("| shape | tokens | model | seeds | held-out FVU (mean, min-max) | FVU / oracle "
-              "| units alone by d_i (mean over seeds) | max alone | units in context by d_i | "
-              "max in context | seeds on target |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for shape, tokens, at in keys:
-        sel = [r for r in rows
-               if r["shape"] == shape and r["tokens"] == tokens and r.get("at", 1.0) == at]
-        for model in [*MEMBERS, *sorted({r["model"] for r in sel} - set(MEMBERS))]:
-            rs = sorted((r for r in sel if r["model"] == model), key=lambda r: r["seed"])
-            if not rs:
-                continue
-            name = (oracle_of or {}).get(model, "oracle")
-            oracle = {r["seed"]: r["fvu"] for r in sel if r["model"] == name}
-            when = f"{tokens:,}" + (f" at {at:g}" if at < 1 else "")
-            # Seeds that meet both of the issue's targets on their own: every d_i <= 1.2 units
-            # alone, FVU <= 1.1x the same seed's oracle.
-            hit = "-"
-            if all("units_alone" in r for r in rs):
-                met = sum(max(r["units_alone"].values()) <= 1.2
-                          and r["fvu"] <= 1.1 * oracle[r["seed"]]
-                          for r in rs if r["seed"] in oracle)
-                hit = f"{met} of {len(rs)}"
-            if per_seed:
-                cells = [f"{max(r['units_alone'].values()):.2f}" + (
-                    f" ({r['fvu'] / oracle[r['seed']]:.2f}x)"
-                    if r["seed"] in oracle and r["fvu"] > 1.1 * oracle[r["seed"]] else "")
-                    + (f" p{r['packed']}" if r.get("packed") else "")
-                    for r in rs if "units_alone" in r]
-                print(f"| {shape} | {when} | {model} | {' / '.join(cells)} | {hit} |")
-                continue
-            fvu = np.array([r["fvu"] for r in rs])
-            ratios = [r["fvu"] / oracle[r["seed"]] for r in rs if r["seed"] in oracle]
-            ratio = f"{np.mean(ratios):.2f}" if ratios else "-"
-            cells = []
-            for key in ("units_alone", "units"):
-                if not all(key in r for r in rs):
-                    cells += ["-", "-"]
-                    continue
-                units = np.mean([_by_dim(r[key]) for r in rs], axis=0)
-                cells += [" / ".join(f"{u:.2f}" for u in units), f"{units.max():.2f}"]
-            print(f"| {shape} | {when} | {model} | {len(rs)} | {fvu.mean():.4f} "
-                  f"({fvu.min():.4f}-{fvu.max():.4f}) | {ratio} | " + " | ".join(cells)
-                  + f" | {hit} |")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
@@ -435,6 +356,7 @@ def main() -> None:
                         help="extra SASA members with these SAEConfig overrides, e.g. "
                         "'dead64k={\"dead_tokens\": 65536}' (hypotheses in bench/SPLITTING.md)")
     args = parser.parse_args()
+    from consolidation_report import by_dim, summarize  # it imports MEMBERS from here
     torch.set_num_threads(args.threads)
     if args.top_s is not None:
         for name, shape in SHAPES.items():
@@ -468,7 +390,7 @@ def main() -> None:
                                       variants, args.max_prob, tuple(args.members),
                                       args.warmup_steps, tuple(args.score_at),
                                       parse_variants(args.over)):
-                    alone, ctx = (" / ".join(f"{u:.2f}" for u in _by_dim(row[key]))
+                    alone, ctx = (" / ".join(f"{u:.2f}" for u in by_dim(row[key]))
                                   for key in ("units_alone", "units"))
                     at = f" at {row['at']:g}" if "at" in row else ""
                     print(f"| {shape} | {seed} | {tokens}{at} | {row['model']} | "
