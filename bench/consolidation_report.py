@@ -28,8 +28,12 @@ from pathlib import Path
 import numpy as np
 from consolidation import MEMBERS  # bench/ is the script's folder, first on sys.path
 
+UNITS, FVU = 1.2, 1.1
+"""Issue 9's targets: units alone per d_i, and FVU over the same seed's oracle's."""
+
 
 def by_dim(units: dict) -> list[float]:
+    """A row's units by d_i, in order of d_i."""
     return [units[k] for k in sorted(units, key=int)]
 
 
@@ -82,14 +86,14 @@ def summarize(specs: list[str], oracle_of: dict[str, str] | None = None,
             # alone, FVU <= 1.1x the same seed's oracle.
             hit = "-"
             if all("units_alone" in r for r in rs):
-                met = sum(max(r["units_alone"].values()) <= 1.2
-                          and r["fvu"] <= 1.1 * oracle[r["seed"]]
+                met = sum(max(r["units_alone"].values()) <= UNITS
+                          and r["fvu"] <= FVU * oracle[r["seed"]]
                           for r in rs if r["seed"] in oracle)
                 hit = f"{met} of {len(rs)}"
             if per_seed:
                 cells = [f"{max(r['units_alone'].values()):.2f}" + (
                     f" ({r['fvu'] / oracle[r['seed']]:.2f}x)"
-                    if r["seed"] in oracle and r["fvu"] > 1.1 * oracle[r["seed"]] else "")
+                    if r["seed"] in oracle and r["fvu"] > FVU * oracle[r["seed"]] else "")
                     + (f" p{r['packed']}" if r.get("packed") else "")
                     for r in rs if "units_alone" in r]
                 print(f"| {shape} | {when} | {model} | {' / '.join(cells)} | {hit} |")
@@ -107,10 +111,6 @@ def summarize(specs: list[str], oracle_of: dict[str, str] | None = None,
             print(f"| {shape} | {when} | {model} | {len(rs)} | {fvu.mean():.4f} "
                   f"({fvu.min():.4f}-{fvu.max():.4f}) | {ratio} | " + " | ".join(cells)
                   + f" | {hit} |")
-
-
-UNITS, FVU = 1.2, 1.1
-"""Issue 9's targets: units alone per d_i, and FVU over the oracle's."""
 
 
 def classify(row: dict, oracle: dict) -> tuple[str, list[str]] | None:
