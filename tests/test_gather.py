@@ -122,6 +122,8 @@ def test_slice_components_match_a_dense_reference():
         by_energy = (r >= 2) & (r.T >= 2) & (e >= cfg.gather_energy) & (e.T >= cfg.gather_energy)
         link = (r >= cfg.gather_ratio) & (r.T >= cfg.gather_ratio)
         link |= by_energy if cfg.gather_energy > 0 else torch.zeros_like(link)
+        if cfg.gather_corr > 0:  # Pearson correlation of the code energies
+            link |= torch.corrcoef(energy_NB) >= cfg.gather_corr
         adj = (link & (co_NN >= cfg.merge_min) & (groups.unsqueeze(1) != groups.unsqueeze(0))
                | torch.eye(N, dtype=torch.bool))
         for _ in range(6):
@@ -132,9 +134,11 @@ def test_slice_components_match_a_dense_reference():
 
     on_test = SAEConfig(d_in=8, groups=20, rank=4, top_s=2, gather_energy=0.0)
     energy = SAEConfig(d_in=8, groups=20, rank=4, top_s=2)
+    corr = SAEConfig(d_in=8, groups=20, rank=4, top_s=2, gather_corr=0.15)
     got = slice_components(on_test, items)
     assert got == dense(on_test) and len(got) >= 5
     assert slice_components(energy, items) == dense(energy) != got  # the energy test links more
+    assert slice_components(corr, items) == dense(corr) != dense(energy)  # and correlation more
 
 
 def test_energy_test_links_slices_whose_on_indicators_are_noisy():
@@ -170,3 +174,32 @@ def test_energy_test_links_slices_whose_on_indicators_are_noisy():
     assert linked.gather_energy == 3.0 and slice_components(linked, items) == [[0, 1]]
     with pytest.raises(SasaError, match="gather_energy"):
         SAEConfig(d_in=8, groups=3, rank=4, top_s=2, gather_energy=-1.0)
+
+
+def test_correlation_links_a_slice_spilled_from_a_full_group():
+    """``gather_corr``: a feature F spills out of a group packed past r: its slice there (block
+    0) is "on" on most of F's tokens and also on many others, where the features packed beside
+    it leak into its directions, so its on-ratios with F's other slice (block 1, in another
+    group) stay below 2 and neither the on-test nor the energy test links them; their code
+    energies still correlate. With ``gather_corr`` 0.15 they are linked, with 0 (the default)
+    not, and a block of an independent feature (2) is linked by neither."""
+    gen = torch.Generator().manual_seed(7)
+    B = 4096
+    f_on, g_on = (torch.rand(B, generator=gen) < 0.35 for _ in range(2))
+    packed_on = torch.rand(B, generator=gen) < 0.6  # the features packed beside F's slice
+    u = lambda: torch.rand(B, generator=gen, dtype=torch.float64)  # noqa: E731
+    e_f = f_on.double() * (0.5 + u())
+    e_0 = e_f + 0.15 * packed_on.double() * u()  # the slice in the full group, with leakage
+    items = [Block(0, torch.zeros(1, 4, dtype=torch.float64), f_on | packed_on, e_0),
+             Block(1, torch.zeros(1, 4, dtype=torch.float64), f_on, e_f * u() + 0.01),
+             Block(2, torch.zeros(1, 4, dtype=torch.float64), g_on, g_on.double() * u() + 0.01)]
+
+    on_ratio_01 = float(items[0].on_B[f_on].double().mean() / items[0].on_B[~f_on].double().mean())
+    assert on_ratio_01 < 2.0  # the premise: the on-ratio tests cannot link them
+    assert torch.corrcoef(torch.stack([it.energy_B for it in items]))[0, 1] >= 0.15
+    default = SAEConfig(d_in=8, groups=3, rank=4, top_s=2)
+    assert default.gather_corr == 0.0 and slice_components(default, items) == []
+    linked = SAEConfig(d_in=8, groups=3, rank=4, top_s=2, gather_corr=0.15)
+    assert slice_components(linked, items) == [[0, 1]]
+    with pytest.raises(SasaError, match="gather_corr"):
+        SAEConfig(d_in=8, groups=3, rank=4, top_s=2, gather_corr=1.5)

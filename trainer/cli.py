@@ -75,6 +75,10 @@ def register(subparsers) -> None:
                    help="sasa: the gather step also links slices whose code energies follow "
                         "each other this strongly; 0: the on-test alone (default "
                         f"{SAE['gather_energy']:g}, docs/train.md)")
+    p.add_argument("--gather-corr", type=float, default=None,
+                   help="sasa: the gather step also links slices whose code energies correlate "
+                        "at least this much over a batch, e.g. 0.15; 0: off (default "
+                        f"{SAE['gather_corr']:g}, docs/train.md)")
     p.add_argument("--energy-cov", type=float, default=None,
                    help="sasa: weight of the term on covariance between groups' code energies; "
                         f"0: off (default {SAE['energy_cov']:g}, docs/train.md)")
@@ -124,7 +128,7 @@ def run_train(args) -> int:
     sae = {"arch": args.arch, "groups": args.groups, "top_s": args.top_s, "nuc_lambda": args.nuc_lambda,
            "nuc_on": args.nuc_on, "gate": args.gate}
     for key in ("rank", "codes", "l1_coeff", "auxk_alpha", "dead_tokens", "consolidate",
-                "gather_energy", "energy_cov"):
+                "gather_energy", "gather_corr", "energy_cov"):
         if getattr(args, key) is not None:
             sae[key] = getattr(args, key)
     sae["batch_gate_from"] = args.batch_gate_from

@@ -48,10 +48,22 @@ corpus (three seeds), +10% on one seed of round 9's cache (bench/RESULTS_minilm.
 1-3 features per call there, 0.84-1.49x as many as the on-test alone (the metrics'
 ``gathered``).
 
+``gather_corr`` (default 0: off) also links blocks of different groups whose code energies
+correlate over the batch (Pearson) at least this much. A feature that spills out of a group
+packed past r keeps a slice there whose block is "on" on many of the packed features' tokens as
+well, so both on-ratio tests miss it, while its energy still follows the feature (round 16 of
+bench/SPLITTING.md). At 0.15, through the streaming trainer, five planted shapes, nine seeds
+each at 2M tokens: 28 of 45 seeds on target against 25 (A 8, B 1, C 3, D 8, E 8), the three it
+gains spills (A seed 5, C seed 3, E seed 2), none lost; FVU over the oracle's in the mean 1.04 /
+0.99 / 0.96 / 1.07 / 1.05x on A-E (the default's 1.05 / 0.90 / 0.92 / 1.06 / 1.04x); on MiniLM
+at 4.2M tokens held-out FVU -2.5 / +1.5 / +0.3% at r = 2 / 4 / 8 (bench/RESULTS_minilm.md, round
+16). An option until it is measured in long runs and on more real activations.
+
 Cost per call: the unpack step's block search, the blocks' [N, B] on-indicators (N <= r x the
 groups kept on >= 1% of the batch), co-occurrence counts of the blocks on at each token (B (s r)^2
 pairs at most, never an [N x N] table), and an SVD of at most r rows per gathered feature;
-``gather_energy`` adds a [P, B] product over the P pairs with both on-ratios in [2, gather_ratio).
+``gather_energy`` adds a [P, B] product over the P pairs with both on-ratios in [2, gather_ratio),
+``gather_corr`` one over every pair.
 """
 
 from __future__ import annotations
@@ -160,6 +172,11 @@ def slice_components(cfg, items: list[Block]) -> list[list[int]]:
         i_C, j_C = i_P[cand], j_P[cand]
         link[cand] = ((energy_ratio(onf_NB[i_C], e_NB[j_C], n_N[i_C], B) >= cfg.gather_energy)
                       & (energy_ratio(onf_NB[j_C], e_NB[i_C], n_N[j_C], B) >= cfg.gather_energy))
+    if cfg.gather_corr > 0:  # or code energies that correlate over the batch
+        e_NB = torch.stack([it.energy_B for it in items])
+        c_NB = e_NB - e_NB.mean(1, keepdim=True)
+        norm_N = c_NB.norm(dim=1).clamp_min(1e-30)
+        link |= (c_NB[i_P] * c_NB[j_P]).sum(1) / (norm_N[i_P] * norm_N[j_P]) >= cfg.gather_corr
     link &= (co_P >= cfg.merge_min) & (grp_N[i_P] != grp_N[j_P])
     root = list(range(N))  # union-find over the linked pairs
 
