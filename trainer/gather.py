@@ -57,7 +57,9 @@ each at 2M tokens: 28 of 45 seeds on target against 25 (A 8, B 1, C 3, D 8, E 8)
 gains spills (A seed 5, C seed 3, E seed 2), none lost; FVU over the oracle's in the mean 1.04 /
 0.99 / 0.96 / 1.07 / 1.05x on A-E (the default's 1.05 / 0.90 / 0.92 / 1.06 / 1.04x); on MiniLM
 at 4.2M tokens held-out FVU -2.5 / +1.5 / +0.3% at r = 2 / 4 / 8 (bench/RESULTS_minilm.md, round
-16). An option until it is measured in long runs and on more real activations.
+16). At 4M tokens (D and E, nine seeds each) it mends E's copies of 1-D features but splits a
+5-D feature on two seeds and a 1-D one on a third: 11 of 18 on target against 13. An option, off
+by default.
 
 Cost per call: the unpack step's block search, the blocks' [N, B] on-indicators (N <= r x the
 groups kept on >= 1% of the batch), co-occurrence counts of the blocks on at each token (B (s r)^2
@@ -166,14 +168,14 @@ def slice_components(cfg, items: list[Block]) -> list[list[int]]:
     # gather_energy: or on-ratios >= 2 and code energies that follow each other
     cand = torch.nonzero(~link & (r_ij >= 2) & (r_ji >= 2)).flatten() \
         if cfg.gather_energy > 0 else torch.zeros(0, dtype=torch.long)
-    if cand.numel():
+    if cand.numel() or cfg.gather_corr > 0:
         e_NB = torch.stack([it.energy_B for it in items])
+    if cand.numel():
         onf_NB = on_NB.double()
         i_C, j_C = i_P[cand], j_P[cand]
         link[cand] = ((energy_ratio(onf_NB[i_C], e_NB[j_C], n_N[i_C], B) >= cfg.gather_energy)
                       & (energy_ratio(onf_NB[j_C], e_NB[i_C], n_N[j_C], B) >= cfg.gather_energy))
     if cfg.gather_corr > 0:  # or code energies that correlate over the batch
-        e_NB = torch.stack([it.energy_B for it in items])
         c_NB = e_NB - e_NB.mean(1, keepdim=True)
         norm_N = c_NB.norm(dim=1).clamp_min(1e-30)
         link |= (c_NB[i_P] * c_NB[j_P]).sum(1) / (norm_N[i_P] * norm_N[j_P]) >= cfg.gather_corr
