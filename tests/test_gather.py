@@ -8,7 +8,9 @@ import torch
 
 from sasa.errors import SasaError
 from sasa.trainer import SAE, SAEConfig
-from sasa.trainer.gather import Block, gather_due, gather_slices, slice_components
+from sasa.trainer import gather
+from sasa.trainer.gather import (Block, gather_due, gather_slices, pair_correlations,
+                                  slice_components)
 
 
 def feature_codes(gen, n: int, dim: int, p: float) -> torch.Tensor:
@@ -203,3 +205,16 @@ def test_correlation_links_a_slice_spilled_from_a_full_group():
     assert slice_components(linked, items) == [[0, 1]]
     with pytest.raises(SasaError, match="gather_corr"):
         SAEConfig(d_in=8, groups=3, rank=4, top_s=2, gather_corr=1.5)
+
+
+def test_pair_correlations_match_corrcoef_in_any_chunking(monkeypatch):
+    """The correlation test's per-pair values equal ``torch.corrcoef``'s (float64), whether the
+    pairs' products are formed all at once or a few pairs at a time (the last chunk short)."""
+    gen = torch.Generator().manual_seed(11)
+    on_NB = torch.rand(12, 300, generator=gen) < 0.4
+    e_NB = torch.rand(12, 300, generator=gen, dtype=torch.float64) * on_NB
+    i_P, j_P = torch.triu_indices(12, 12, offset=1)
+    ref_P = torch.corrcoef(e_NB)[i_P, j_P]
+    assert torch.allclose(pair_correlations(e_NB, i_P, j_P), ref_P, atol=1e-12)
+    monkeypatch.setattr(gather, "PAIR_CHUNK_ELEMENTS", 7 * 300)  # 7 of the 66 pairs at a time
+    assert torch.allclose(pair_correlations(e_NB, i_P, j_P), ref_P, atol=1e-12)

@@ -65,7 +65,7 @@ Cost per call: the unpack step's block search, the blocks' [N, B] on-indicators 
 groups kept on >= 1% of the batch), co-occurrence counts of the blocks on at each token (B (s r)^2
 pairs at most, never an [N x N] table), and an SVD of at most r rows per gathered feature;
 ``gather_energy`` adds a [P, B] product over the P pairs with both on-ratios in [2, gather_ratio),
-``gather_corr`` one over every pair.
+``gather_corr`` one over every pair, formed ``PAIR_CHUNK_ELEMENTS`` at a time.
 """
 
 from __future__ import annotations
@@ -78,6 +78,11 @@ from sasa.trainer.surgery import (kept_codes, periodic, reset_moments, residual_
                                    silent_groups)
 from sasa.trainer.unpack import (_fill, _take_over, block_parts, busy_groups,
                                   independent_blocks)
+
+PAIR_CHUNK_ELEMENTS = 1 << 22
+"""Elements of the [pairs, B] products ``pair_correlations`` forms at a time (32 MiB of float64):
+the correlation test reads every pair of blocks on together, up to B (s r)^2 of them, so its
+memory is bounded here and not by the number of pairs."""
 
 
 class Block(NamedTuple):
@@ -140,6 +145,18 @@ def energy_ratio(on_KB, e_JB, n_k, B: int):
     return e_on / e_off.clamp_min(1e-30)
 
 
+def pair_correlations(e_NB: torch.Tensor, i_P: torch.Tensor, j_P: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation over the batch of the code energies ``e_NB`` of each pair of blocks
+    (i_P, j_P), ``PAIR_CHUNK_ELEMENTS`` products at a time."""
+    c_NB = e_NB - e_NB.mean(1, keepdim=True)
+    norm_N = c_NB.norm(dim=1).clamp_min(1e-30)
+    step = max(1, PAIR_CHUNK_ELEMENTS // c_NB.shape[1])
+    dot_P = c_NB.new_empty(len(i_P))
+    for lo in range(0, len(i_P), step):
+        dot_P[lo:lo + step] = (c_NB[i_P[lo:lo + step]] * c_NB[j_P[lo:lo + step]]).sum(1)
+    return dot_P / (norm_N[i_P] * norm_N[j_P])
+
+
 def slice_components(cfg, items: list[Block]) -> list[list[int]]:
     """The sets of blocks linked, transitively, by the slice test (module docstring) and held
     by two or more groups; each set's block indices ascending, sets by their first block.
@@ -176,9 +193,7 @@ def slice_components(cfg, items: list[Block]) -> list[list[int]]:
         link[cand] = ((energy_ratio(onf_NB[i_C], e_NB[j_C], n_N[i_C], B) >= cfg.gather_energy)
                       & (energy_ratio(onf_NB[j_C], e_NB[i_C], n_N[j_C], B) >= cfg.gather_energy))
     if cfg.gather_corr > 0:  # or code energies that correlate over the batch
-        c_NB = e_NB - e_NB.mean(1, keepdim=True)
-        norm_N = c_NB.norm(dim=1).clamp_min(1e-30)
-        link |= (c_NB[i_P] * c_NB[j_P]).sum(1) / (norm_N[i_P] * norm_N[j_P]) >= cfg.gather_corr
+        link |= pair_correlations(e_NB, i_P, j_P) >= cfg.gather_corr
     link &= (co_P >= cfg.merge_min) & (grp_N[i_P] != grp_N[j_P])
     root = list(range(N))  # union-find over the linked pairs
 
