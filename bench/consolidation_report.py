@@ -32,6 +32,12 @@ UNITS, FVU = 1.2, 1.1
 """Issue 9's targets: units alone per d_i, and FVU over the same seed's oracle's."""
 
 
+def on_target(row: dict, oracle_fvu: float) -> bool:
+    """Whether a row meets both targets: every d_i within ``UNITS`` alone, FVU within ``FVU``x
+    the same seed's oracle's."""
+    return max(row["units_alone"].values()) <= UNITS and row["fvu"] <= FVU * oracle_fvu
+
+
 def by_dim(units: dict) -> list[float]:
     """A row's units by d_i, in order of d_i."""
     return [units[k] for k in sorted(units, key=int)]
@@ -82,13 +88,9 @@ def summarize(specs: list[str], oracle_of: dict[str, str] | None = None,
             name = (oracle_of or {}).get(model, "oracle")
             oracle = {r["seed"]: r["fvu"] for r in sel if r["model"] == name}
             when = f"{tokens:,}" + (f" at {at:g}" if at < 1 else "")
-            # Seeds that meet both of the issue's targets on their own: every d_i <= 1.2 units
-            # alone, FVU <= 1.1x the same seed's oracle.
-            hit = "-"
+            hit = "-"  # seeds that meet both of the issue's targets on their own
             if all("units_alone" in r for r in rs):
-                met = sum(max(r["units_alone"].values()) <= UNITS
-                          and r["fvu"] <= FVU * oracle[r["seed"]]
-                          for r in rs if r["seed"] in oracle)
+                met = sum(on_target(r, oracle[r["seed"]]) for r in rs if r["seed"] in oracle)
                 hit = f"{met} of {len(rs)}"
             if per_seed:
                 cells = [f"{max(r['units_alone'].values()):.2f}" + (
@@ -115,14 +117,14 @@ def summarize(specs: list[str], oracle_of: dict[str, str] | None = None,
 
 def classify(row: dict, oracle: dict) -> tuple[str, list[str]] | None:
     """None when ``row`` meets both targets; else ("procedure" | "objective", what fails)."""
-    ratio = row["fvu"] / oracle["fvu"]
-    failing = sorted((d for d, u in row["units_alone"].items() if u > UNITS), key=int)
-    if ratio <= FVU and not failing:
+    if on_target(row, oracle["fvu"]):
         return None
-    what = [f"FVU {ratio:.2f}x"] if ratio > FVU else []
+    fvu_miss = row["fvu"] > FVU * oracle["fvu"]
+    failing = sorted((d for d, u in row["units_alone"].items() if u > UNITS), key=int)
+    what = [f"FVU {row['fvu'] / oracle['fvu']:.2f}x"] if fvu_miss else []
     what += [f"d_i {d}: {row['units_alone'][d]:.2f} (oracle {oracle['units_alone'][d]:.2f})"
              for d in failing]
-    own = ratio > FVU or any(oracle["units_alone"][d] <= UNITS for d in failing)
+    own = fvu_miss or any(oracle["units_alone"][d] <= UNITS for d in failing)
     return ("procedure" if own else "objective"), what
 
 
