@@ -19,17 +19,21 @@ def feature_codes(gen, n: int, dim: int, p: float) -> torch.Tensor:
     return torch.randn(n, dim, generator=gen, dtype=torch.float64) * on
 
 
-def split_sae(split: bool = True):
+def split_sae(split: bool = True, whole_host: bool = False):
     """d = 32, 4 groups of rank 4, s = 3. Three independent features: A and B 2-D, C 4-D,
     each on with probability 0.4. ``split``: group 0 holds A and the first half of C, group 1
-    holds B and the other half; else group 0 packs A and B and group 1 holds C whole. Groups
-    2-3 are silent (encoders 0)."""
+    holds B and the other half; else group 0 packs A and B and group 1 holds C whole.
+    ``whole_host``: group 0 holds A and the first half of C, group 1 all of C (B in no group),
+    so all of group 1 is a slice to move. Groups 2-3 are silent (encoders 0)."""
     gen = torch.Generator().manual_seed(2)
     frame = torch.linalg.qr(torch.randn(32, 32, generator=gen))[0]
     a, b, c = frame[:, :2], frame[:, 2:4], frame[:, 4:8]
     sae = SAE(SAEConfig(d_in=32, groups=4, rank=4, top_s=3, gather_every=1), seed=0)
     with torch.no_grad():
-        if split:
+        if whole_host:
+            sae.W_dec_GRD[0] = torch.cat([a, c[:, :2]], 1).T
+            sae.W_dec_GRD[1] = c.T
+        elif split:
             sae.W_dec_GRD[0] = torch.cat([a, c[:, :2]], 1).T
             sae.W_dec_GRD[1] = torch.cat([b, c[:, 2:]], 1).T
         else:
@@ -73,6 +77,28 @@ def test_gather_moves_the_slices_of_a_split_feature_into_one_group():
     assert all(float(moments[g]) == 0.0 for g in (0, 1, target))
     other = ({2, 3} - {target}).pop()
     assert torch.equal(sae.W_dec_GRD.detach()[other], before[other])
+
+
+def test_gather_empties_a_host_whose_every_block_moves():
+    """Group 1 is C and nothing else, group 0 holds A and half of C: C moves into a silent
+    group and group 1 is left silent (decoder off C, encoder 0), not with a copy of C: a host's
+    decoder less the moved span is rounding alone there, which is no direction to keep."""
+    sae, x, (a, b, c) = split_sae(whole_host=True)
+    fvu_before = float(sae(x).fvu.detach())
+
+    report = gather_slices(sae, x)
+
+    assert len(report.gathered) == 1
+    target, hosts = report.gathered[0]
+    assert hosts == [0, 1] and target in (2, 3)
+    d_GDR = sae.decoder_GDR.detach()
+    held = lambda basis, g: float((basis.T @ d_GDR[g]).square().sum())  # noqa: E731
+    assert held(c, target) == pytest.approx(4.0, abs=0.02)
+    assert held(c, 0) + held(c, 1) == pytest.approx(0.0, abs=0.02)
+    assert held(a, 0) == pytest.approx(2.0, abs=0.02)
+    assert float(sae.W_enc_GRD.detach()[1].abs().max()) == 0.0
+    assert torch.allclose(d_GDR.transpose(1, 2) @ d_GDR, torch.eye(4).expand(4, 4, 4), atol=1e-5)
+    assert float(sae(x).fvu.detach()) == pytest.approx(fvu_before, abs=2e-3)
 
 
 def test_gather_leaves_independent_features_alone():

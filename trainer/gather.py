@@ -268,6 +268,9 @@ def gather_slices(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
             if g != target:
                 q_DJ = torch.linalg.svd(spans[g].T, full_matrices=False).U
                 keep_KD = old[g][0] - (old[g][0] @ q_DJ) @ q_DJ.T
+                # A row wholly in the moved span is rounding (decoder rows are unit vectors);
+                # left in, _fill would take it for a direction and g would keep a copy.
+                keep_KD = keep_KD[keep_KD.norm(dim=1) > 1e-6]
                 _take_over(sae, g, *_fill(keep_KD, all_KD, pool_PD, R), *old[g])
         joint = tuple(torch.cat([old[g][j] for g in hosts]) for j in range(3))
         _take_over(sae, target, *_fill(all_KD, torch.zeros(1, D, dtype=all_KD.dtype), pool_PD, R),

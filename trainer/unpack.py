@@ -216,8 +216,8 @@ def _fill(span_KD: torch.Tensor, avoid_JD: torch.Tensor, pool_PD: torch.Tensor,
     """([D, R] orthonormal, k): an orthonormal basis of the k-dimensional span of
     ``span_KD``'s rows, completed with ``pool_PD``'s rows (in order), then the coordinate axes,
     projected away from that span and from ``avoid_JD``'s rows."""
-    u_DK, sv_K, _ = torch.linalg.svd(span_KD.T, full_matrices=False)
-    q_DK = u_DK[:, sv_K > 1e-6 * sv_K.max()][:, :R]
+    u_DK, sv_K, _ = torch.linalg.svd(span_KD.T, full_matrices=False)  # span_KD may be empty
+    q_DK = u_DK[:, sv_K > 1e-6 * (sv_K[0] if len(sv_K) else 0.0)][:, :R]
     a_DJ = torch.linalg.qr(avoid_JD.T).Q
     cols = [q_DK]
     have = q_DK.shape[1]
