@@ -55,11 +55,11 @@ well, so both on-ratio tests miss it, while its energy still follows the feature
 bench/SPLITTING.md). At 0.15, through the streaming trainer, five planted shapes, nine seeds
 each at 2M tokens: 28 of 45 seeds on target against 25 (A 8, B 1, C 3, D 8, E 8), the three it
 gains spills (A seed 5, C seed 3, E seed 2), none lost; FVU over the oracle's in the mean 1.04 /
-0.99 / 0.96 / 1.07 / 1.05x on A-E (the default's 1.05 / 0.90 / 0.92 / 1.06 / 1.04x); on MiniLM
-at 4.2M tokens held-out FVU -2.5 / +1.5 / +0.3% at r = 2 / 4 / 8, and +2.3% at r = 4 on a second
-seed (bench/RESULTS_minilm.md, round 16). At 4M tokens (D and E, nine seeds each) it mends E's
-copies of 1-D features but splits a 5-D feature on two seeds and a 1-D one on a third: 11 of 18
-on target against 13. An option, off by default.
+0.93 / 0.96 / 1.07 / 1.05x on A-E (the default's 1.05 / 0.89 / 0.92 / 1.06 / 1.04x). At 4M
+tokens (D and E, nine seeds each) it mends E's copies of 1-D features on one seed and leaves
+other features split on four: 10 of 18 on target against 13. On MiniLM at 4.2M tokens held-out
+FVU +4.6 / +3.4 / +0.3% at r = 2 / 4 / 8 (bench/RESULTS_minilm.md, round 17). An option, off by
+default.
 
 Cost per call: the unpack step's block search, the blocks' [N, B] on-indicators (N <= r x the
 groups kept on >= 1% of the batch), co-occurrence counts of the blocks on at each token (B (s r)^2
