@@ -305,7 +305,7 @@ def step_cost(shape_name: str, steps: int = 300, batch_size: int = 1024,
                 out.loss.backward()
                 opt.step()
                 sae.post_step()
-                after_step(sae, x, opt, step, steps, plan.top_s)
+                after_step(sae, x, opt, step, steps, plan)
             spent[name] += time.perf_counter() - t0
     return {name: t / steps for name, t in spent.items()}
 

@@ -88,7 +88,8 @@ from sasa.analysis import metrics  # noqa: E402
 from sasa.analysis.splitting import splitting  # noqa: E402
 from sasa.analysis.synthetic import generate  # noqa: E402
 from sasa.trainer import SAE, SAEConfig  # noqa: E402
-from sasa.trainer.consolidate import after_step, schedule_at, top_s_at  # noqa: E402
+from sasa.trainer.consolidate import (StepSchedule, after_step, schedule_at,  # noqa: E402
+                                       top_s_at)
 from sasa.trainer.schedule import lr_factor  # noqa: E402
 from sasa.trainer.terms import KeptEnergy, energy_cross_share  # noqa: E402
 
@@ -213,7 +214,7 @@ def train_in_memory(shape_name: str, seed: int, over: dict, variant: str = "",
         opt.step()
         sched.step()
         sae.post_step()
-        after_step(sae, x_n[idx], opt, step, STEPS, top_s)
+        after_step(sae, x_n[idx], opt, step, STEPS, StepSchedule(top_s, gl_scale, gate))
         if STEPS // 20 <= step < STEPS // 10:
             s1_fvu.append(float(out.fvu.detach()))
         if variant == "rank":

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sasa.analysis.synthetic import SyntheticSpec, generate
 from sasa.errors import SasaError
-from sasa.trainer import SAE, SAEConfig
+from sasa.trainer import SAE, SAEConfig, train_in_memory
 from sasa.trainer import gather
 from sasa.trainer.gather import (Block, gather_due, gather_slices, pair_correlations,
                                   slice_components)
@@ -244,3 +245,23 @@ def test_pair_correlations_match_corrcoef_in_any_chunking(monkeypatch):
     assert torch.allclose(pair_correlations(e_NB, i_P, j_P), ref_P, atol=1e-12)
     monkeypatch.setattr(gather, "PAIR_CHUNK_ELEMENTS", 7 * 300)  # 7 of the 66 pairs at a time
     assert torch.allclose(pair_correlations(e_NB, i_P, j_P), ref_P, atol=1e-12)
+
+
+def test_correlation_link_acts_only_while_the_group_penalty_is_on():
+    """Trained in memory with gather steps from 50% of the run: the correlation link changes
+    what the run ends at while the penalty is on through the gather window, and changes nothing
+    (the same weights bit for bit as without it) once the penalty has ended before the window."""
+    spec = SyntheticSpec(d=32, features_per_dim={1: 3, 2: 3, 3: 2, 4: 2}, mean_active=3.0, seed=0)
+    x = torch.from_numpy(generate(spec, 8192).x_ND).float()
+    steps, batch = 240, 256
+
+    def trained(corr: float, penalty_tokens: int | None) -> torch.Tensor:
+        cfg = SAEConfig(d_in=32, groups=16, rank=4, top_s=4, gather_every=5, gather_corr=corr,
+                        group_lasso_tokens=penalty_tokens)
+        sae = SAE(cfg, seed=0)
+        train_in_memory(sae, x, steps=steps, batch_size=batch, lr=3e-3, decay_frac=0.2)
+        return sae.W_dec_GRD.detach()
+
+    assert not torch.equal(trained(0.0, None), trained(0.3, None))
+    ended = int(0.4 * steps * batch)  # the penalty is 0 from 40% of the run
+    assert torch.equal(trained(0.0, ended), trained(0.3, ended))

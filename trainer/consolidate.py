@@ -293,13 +293,14 @@ def periodic_steps(cfg: SAEConfig) -> list[str]:
 
 
 def after_step(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None, step: int,
-               steps: int, top_s: int | None) -> dict[str, int]:
+               steps: int, plan: StepSchedule) -> dict[str, int]:
     """The periodic consolidation steps due after optimiser step ``step`` of ``steps`` (merge,
-    revive, unpack, gather; each a no-op unless its ``*_every`` is set), on that step's batch.
+    revive, unpack, gather; each a no-op unless its ``*_every`` is set), on that step's batch,
+    under that step's schedules ``plan`` (``schedule_at``).
 
     Returns, for each step that ran, how much it changed: group pairs merged, groups revived,
     blocks moved out of packed groups, features gathered (the trainer logs their sums)."""
-    cfg = sae.cfg
+    cfg, top_s = sae.cfg, plan.top_s
     changed = {}
     if merge_due(cfg, step, steps):
         changed["merged"] = len(merge_and_reseed(sae, x_BD, opt, top_s=top_s).merged)
@@ -308,5 +309,6 @@ def after_step(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None, step:
     if unpack_due(cfg, step, steps):
         changed["unpacked"] = len(unpack_packed(sae, x_BD, opt, top_s=top_s).moved)
     if gather_due(cfg, step, steps):
-        changed["gathered"] = len(gather_slices(sae, x_BD, opt, top_s=top_s).gathered)
+        changed["gathered"] = len(gather_slices(sae, x_BD, opt, top_s=top_s,
+                                                link_corr=plan.gl_scale > 0).gathered)
     return changed

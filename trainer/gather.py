@@ -157,9 +157,10 @@ def pair_correlations(e_NB: torch.Tensor, i_P: torch.Tensor, j_P: torch.Tensor) 
     return dot_P / (norm_N[i_P] * norm_N[j_P])
 
 
-def slice_components(cfg, items: list[Block]) -> list[list[int]]:
+def slice_components(cfg, items: list[Block], corr: float | None = None) -> list[list[int]]:
     """The sets of blocks linked, transitively, by the slice test (module docstring) and held
     by two or more groups; each set's block indices ascending, sets by their first block.
+    ``corr``: the correlation link's threshold (None: ``cfg.gather_corr``; 0: off).
 
     Co-occurrence counts come from the blocks on at each token (at most s r of them), never
     from an [N x N] table: beside the blocks' own [N, B] on-indicators they take ~ B (s r)^2."""
@@ -185,15 +186,16 @@ def slice_components(cfg, items: list[Block]) -> list[list[int]]:
     # gather_energy: or on-ratios >= 2 and code energies that follow each other
     cand = torch.nonzero(~link & (r_ij >= 2) & (r_ji >= 2)).flatten() \
         if cfg.gather_energy > 0 else torch.zeros(0, dtype=torch.long)
-    if cand.numel() or cfg.gather_corr > 0:
+    corr = cfg.gather_corr if corr is None else corr
+    if cand.numel() or corr > 0:
         e_NB = torch.stack([it.energy_B for it in items])
     if cand.numel():
         onf_NB = on_NB.double()
         i_C, j_C = i_P[cand], j_P[cand]
         link[cand] = ((energy_ratio(onf_NB[i_C], e_NB[j_C], n_N[i_C], B) >= cfg.gather_energy)
                       & (energy_ratio(onf_NB[j_C], e_NB[i_C], n_N[j_C], B) >= cfg.gather_energy))
-    if cfg.gather_corr > 0:  # or code energies that correlate over the batch
-        link |= pair_correlations(e_NB, i_P, j_P) >= cfg.gather_corr
+    if corr > 0:  # or code energies that correlate over the batch
+        link |= pair_correlations(e_NB, i_P, j_P) >= corr
     link &= (co_P >= cfg.merge_min) & (grp_N[i_P] != grp_N[j_P])
     root = list(range(N))  # union-find over the linked pairs
 
@@ -224,17 +226,19 @@ def joint_span(spans_KD: torch.Tensor, min_share: float) -> tuple[torch.Tensor, 
 
 @torch.no_grad()
 def gather_slices(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = None,
-                  top_s: int | None = None) -> GatherReport:
+                  top_s: int | None = None, link_corr: bool = True) -> GatherReport:
     """Move the slices of each feature split over groups into one group (module docstring).
 
-    On the batch ``x_BD`` (the trainer's normalised inputs), with the gate at ``top_s``."""
+    On the batch ``x_BD`` (the trainer's normalised inputs), with the gate at ``top_s``;
+    ``link_corr``: whether the correlation link (``gather_corr``) is on (the trainer: while the
+    group penalty is)."""
     cfg = sae.cfg
     G, R, D = sae.W_dec_GRD.shape
     x_BD, keep_BG, z_BGR = kept_codes(sae, x_BD, top_s)
     items = block_items(sae, z_BGR, keep_BG)
     if len(items) < 2:
         return GatherReport([], 0)
-    comps = slice_components(cfg, items)
+    comps = slice_components(cfg, items, None if link_corr else 0.0)
     comps.sort(key=lambda m: -sum(float(items[i].rows_KR.square().sum()) for i in m))
 
     donors = silent_groups(sae, keep_BG)

@@ -48,7 +48,7 @@ def train_in_memory(sae: SAE, x_ND: torch.Tensor, *, steps: int, batch_size: int
         opt.step()
         sched.step()
         sae.post_step()
-        after_step(sae, x_ND[idx], opt, step, steps, plan.top_s)
+        after_step(sae, x_ND[idx], opt, step, steps, plan)
         fvus.append(out.fvu.detach())
         if log_every and (step + 1) % log_every == 0:
             print(f"step {step + 1}: fvu {float(out.fvu):.4f} l0 {float(out.l0_groups):.2f}")

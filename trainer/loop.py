@@ -291,7 +291,7 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, member_ids: list[int] |
             m.sched.step()
             m.sae.post_step()
             for name, n in after_step(m.sae, xs[m.cfg.hookpoint], m.opt, step, cfg.steps,
-                                      plan.top_s).items():
+                                      plan).items():
                 m.changed[name] += n
             m.accumulate(o)
         step += 1

@@ -268,12 +268,13 @@ class SAEConfig:
     docstring of ``sasa.trainer.gather``."""
 
     gather_corr: float = 0.0
-    """> 0: the gather step also links two blocks of different groups whose code energies over
-    the batch correlate at least this much (Pearson). It finds what the on-ratio tests miss: a
-    feature that spills out of a group packed past r, whose slice in that group is "on" on
-    many of the other features' tokens too, so its on-ratios stay low while its energy still
-    follows the feature. 0 (the default): off. What 0.15 gains on planted data and does on
-    MiniLM: the module docstring of ``sasa.trainer.gather``."""
+    """> 0: while the group penalty is on, the gather step also links two blocks of different
+    groups whose code energies over the batch correlate at least this much (Pearson). It finds
+    what the on-ratio tests miss: a feature that spills out of a group the penalty packed past
+    r, whose slice in that group is "on" on many of the other features' tokens too, so its
+    on-ratios stay low while its energy still follows the feature. 0 (the default): off. What
+    0.15 gains on planted data and does on MiniLM: the module docstring of
+    ``sasa.trainer.gather``."""
 
     def __post_init__(self) -> None:
         check_fields(self)  # YAML / CLI values: one-line errors naming the field and its type
