@@ -29,7 +29,8 @@ def split_sae(split: bool = True, whole_host: bool = False):
     gen = torch.Generator().manual_seed(2)
     frame = torch.linalg.qr(torch.randn(32, 32, generator=gen))[0]
     a, b, c = frame[:, :2], frame[:, 2:4], frame[:, 4:8]
-    sae = SAE(SAEConfig(d_in=32, groups=4, rank=4, top_s=3, gather_every=1), seed=0)
+    sae = SAE(SAEConfig(d_in=32, groups=4, rank=4, top_s=3, gather_every=1, gather_corr=0.0),
+              seed=0)
     with torch.no_grad():
         if whole_host:
             sae.W_dec_GRD[0] = torch.cat([a, c[:, :2]], 1).T
@@ -124,7 +125,8 @@ def test_slice_components_match_a_dense_reference():
     """The per-token pair counts give the components a dense [N x N] on-ratio table (and
     energy-ratio table, for ``gather_energy``) and its transitive closure give: 60 blocks in
     20 groups, some of them slices that switch on together (with noise), some on far more often
-    than their feature, on 512 tokens; with the energy test (the default) and without it."""
+    than their feature, on 512 tokens; the on-test alone, with the energy test, and with the
+    correlation link as well (the default)."""
     gen = torch.Generator().manual_seed(3)
     B, N = 512, 60
     feature_on = torch.rand(12, B, generator=gen) < 0.3
@@ -161,9 +163,9 @@ def test_slice_components_match_a_dense_reference():
         comps = [torch.nonzero(first == c).flatten().tolist() for c in first.unique().tolist()]
         return [m for m in comps if len({int(groups[i]) for i in m}) >= 2]
 
-    on_test = SAEConfig(d_in=8, groups=20, rank=4, top_s=2, gather_energy=0.0)
-    energy = SAEConfig(d_in=8, groups=20, rank=4, top_s=2)
-    corr = SAEConfig(d_in=8, groups=20, rank=4, top_s=2, gather_corr=0.15)
+    on_test = SAEConfig(d_in=8, groups=20, rank=4, top_s=2, gather_energy=0.0, gather_corr=0.0)
+    energy = SAEConfig(d_in=8, groups=20, rank=4, top_s=2, gather_corr=0.0)
+    corr = SAEConfig(d_in=8, groups=20, rank=4, top_s=2)  # the default, gather_corr 0.15
     got = slice_components(on_test, items)
     assert got == dense(on_test) and len(got) >= 5
     assert slice_components(energy, items) == dense(energy) != got  # the energy test links more
@@ -197,9 +199,9 @@ def test_energy_test_links_slices_whose_on_indicators_are_noisy():
         assert 2.0 <= on < 4.0 and e >= 3.0
     assert max(ratios(items[0], items[2])[0], ratios(items[2], items[0])[0]) < 2.0
 
-    on_test = SAEConfig(d_in=8, groups=3, rank=4, top_s=2, gather_energy=0.0)
+    on_test = SAEConfig(d_in=8, groups=3, rank=4, top_s=2, gather_energy=0.0, gather_corr=0.0)
     assert slice_components(on_test, items) == []
-    linked = SAEConfig(d_in=8, groups=3, rank=4, top_s=2)  # the default, gather_energy 3
+    linked = SAEConfig(d_in=8, groups=3, rank=4, top_s=2, gather_corr=0.0)  # gather_energy 3
     assert linked.gather_energy == 3.0 and slice_components(linked, items) == [[0, 1]]
     with pytest.raises(SasaError, match="gather_energy"):
         SAEConfig(d_in=8, groups=3, rank=4, top_s=2, gather_energy=-1.0)
@@ -210,7 +212,7 @@ def test_correlation_links_a_slice_spilled_from_a_full_group():
     0) is "on" on most of F's tokens and also on many others, where the features packed beside
     it leak into its directions, so its on-ratios with F's other slice (block 1, in another
     group) stay below 2 and neither the on-test nor the energy test links them; their code
-    energies still correlate. With ``gather_corr`` 0.15 they are linked, with 0 (the default)
+    energies still correlate. With ``gather_corr`` 0.15 (the default) they are linked, with 0
     not, and a block of an independent feature (2) is linked by neither."""
     gen = torch.Generator().manual_seed(7)
     B = 4096
@@ -226,10 +228,10 @@ def test_correlation_links_a_slice_spilled_from_a_full_group():
     on_ratio_01 = float(items[0].on_B[f_on].double().mean() / items[0].on_B[~f_on].double().mean())
     assert on_ratio_01 < 2.0  # the premise: the on-ratio tests cannot link them
     assert torch.corrcoef(torch.stack([it.energy_B for it in items]))[0, 1] >= 0.15
-    default = SAEConfig(d_in=8, groups=3, rank=4, top_s=2)
-    assert default.gather_corr == 0.0 and slice_components(default, items) == []
-    linked = SAEConfig(d_in=8, groups=3, rank=4, top_s=2, gather_corr=0.15)
-    assert slice_components(linked, items) == [[0, 1]]
+    off = SAEConfig(d_in=8, groups=3, rank=4, top_s=2, gather_corr=0.0)
+    assert slice_components(off, items) == []
+    linked = SAEConfig(d_in=8, groups=3, rank=4, top_s=2)
+    assert linked.gather_corr == 0.15 and slice_components(linked, items) == [[0, 1]]
     with pytest.raises(SasaError, match="gather_corr"):
         SAEConfig(d_in=8, groups=3, rank=4, top_s=2, gather_corr=1.5)
 

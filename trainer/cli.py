@@ -76,8 +76,9 @@ def register(subparsers) -> None:
                         "each other this strongly; 0: the on-test alone (default "
                         f"{SAE['gather_energy']:g}, docs/train.md)")
     p.add_argument("--gather-corr", type=float, default=None,
-                   help="sasa: the gather step also links slices whose code energies correlate "
-                        "at least this much over a batch, e.g. 0.15; 0: off (default "
+                   help="sasa: while the group penalty is on, the gather step also links slices "
+                        "whose code energies correlate at least this much over a batch; 0: off "
+                        "(default "
                         f"{SAE['gather_corr']:g}, docs/train.md)")
     p.add_argument("--energy-cov", type=float, default=None,
                    help="sasa: weight of the term on covariance between groups' code energies; "

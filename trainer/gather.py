@@ -48,18 +48,19 @@ corpus (three seeds), +10% on one seed of round 9's cache (bench/RESULTS_minilm.
 1-3 features per call there, 0.84-1.49x as many as the on-test alone (the metrics'
 ``gathered``).
 
-``gather_corr`` (default 0: off) also links blocks of different groups whose code energies
-correlate over the batch (Pearson) at least this much. A feature that spills out of a group
-packed past r keeps a slice there whose block is "on" on many of the packed features' tokens as
-well, so both on-ratio tests miss it, while its energy still follows the feature (round 16 of
-bench/SPLITTING.md). At 0.15, through the streaming trainer, five planted shapes, nine seeds
-each at 2M tokens: 28 of 45 seeds on target against 25 (A 8, B 1, C 3, D 8, E 8), the three it
-gains spills (A seed 5, C seed 3, E seed 2), none lost; FVU over the oracle's in the mean 1.04 /
-0.93 / 0.96 / 1.07 / 1.05x on A-E (the default's 1.05 / 0.89 / 0.92 / 1.06 / 1.04x). At 4M
-tokens (D and E, nine seeds each) it mends E's copies of 1-D features on one seed and leaves
-other features split on four: 10 of 18 on target against 13. On MiniLM at 4.2M tokens held-out
-FVU +4.6 / +3.4 / +0.3% at r = 2 / 4 / 8 (bench/RESULTS_minilm.md, round 17). An option, off by
-default.
+``gather_corr`` (default 0.15, since round 17; 0: off) also links, while the group penalty is
+on, blocks of different groups whose code energies correlate over the batch (Pearson) at least
+this much. A feature that spills out of a group the penalty packed past r keeps a slice there
+whose block is "on" on many of the packed features' tokens as well, so both on-ratio tests miss
+it, while its energy still follows the feature (round 16 of bench/SPLITTING.md). Through the
+streaming trainer, five planted shapes, nine seeds each at 2M tokens: 28 of 45 seeds on target
+against 25 with 0 (A 8, B 1, C 3, D 8, E 8), the three it gains spills (A seed 5, C seed 3, E
+seed 2), none lost; FVU over the oracle's in the mean 1.04 / 0.93 / 0.96 / 1.07 / 1.05x on A-E
+(with 0: 1.05 / 0.89 / 0.92 / 1.06 / 1.04x). Linking after the penalty had ended cost long runs
+(at 4M, D and E: 10 of 18 on target against 13; MiniLM at 4.2M +3.4-4.6% at r = 2 and 4), so
+the link keeps to the penalty: at 4M it gathers what 0 does, bit for bit, and on MiniLM at 2M
+tokens held-out FVU moves +0.5 / -0.5 / 0.0% at r = 2 / 4 / 8 (bench/SPLITTING.md and
+bench/RESULTS_minilm.md, round 17).
 
 Cost per call: the unpack step's block search, the blocks' [N, B] on-indicators (N <= r x the
 groups kept on >= 1% of the batch), co-occurrence counts of the blocks on at each token (B (s r)^2
