@@ -30,7 +30,8 @@ repeats them exactly and every sweep member follows its own config, and one peri
   the penalty cannot.
 - ``sasa.trainer.gather.gather_slices`` (``gather_every`` 25, from 50% to 80% of the run):
   blocks of different groups that are on only together, or whose code energies follow each
-  other (``gather_energy``), are slices of one feature and move into one group.
+  other (``gather_energy``) or, while the penalty is on, correlate (``gather_corr``), are
+  slices of one feature and move into one group.
 Measured through the streaming trainer (bench/RESULTS_consolidation.md, rounds 5-13: five
 planted shapes, three seeds, nine on D and E, units per feature counted on inputs of one feature
 alone as issue 9 defines them). Round 13's default (with the late batch gate) at 2M tokens: 19
