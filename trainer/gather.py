@@ -59,8 +59,8 @@ seed 2), none lost; FVU over the oracle's in the mean 1.04 / 0.93 / 0.96 / 1.07 
 (with 0: 1.05 / 0.89 / 0.92 / 1.06 / 1.04x). Linking after the penalty had ended cost long runs
 (at 4M, D and E: 10 of 18 on target against 13; MiniLM at 4.2M +3.4-4.6% at r = 2 and 4), so
 the link keeps to the penalty: at 4M it gathers what 0 does, bit for bit, and on MiniLM at 2M
-tokens held-out FVU moves +0.5 / -0.5 / 0.0% at r = 2 / 4 / 8 (bench/SPLITTING.md and
-bench/RESULTS_minilm.md, round 17).
+tokens held-out FVU moves +0.5 / -0.5 / 0.0% at r = 2 / 4 / 8, on a second seed +0.3 / -0.6 /
+-0.5% (bench/SPLITTING.md and bench/RESULTS_minilm.md, round 17).
 
 Cost per call: the unpack step's block search, the blocks' [N, B] on-indicators (N <= r x the
 groups kept on >= 1% of the batch), co-occurrence counts of the blocks on at each token (B (s r)^2
