@@ -85,7 +85,7 @@ def test_gather_empties_a_host_whose_every_block_moves():
     """Group 1 is C and nothing else, group 0 holds A and half of C: C moves into a silent
     group and group 1 is left silent (decoder off C, encoder 0), not with a copy of C: a host's
     decoder less the moved span is rounding alone there, which is no direction to keep."""
-    sae, x, (a, b, c) = split_sae(whole_host=True)
+    sae, x, (a, _, c) = split_sae(whole_host=True)
     fvu_before = float(sae(x).fvu.detach())
 
     report = gather_slices(sae, x)
