@@ -77,7 +77,7 @@ import torch
 
 from sasa.trainer.surgery import (kept_codes, periodic, reset_moments, residual_directions,
                                    silent_groups)
-from sasa.trainer.unpack import (_fill, _take_over, block_parts, busy_groups,
+from sasa.trainer.unpack import (_fill, _remainder, _take_over, block_parts, busy_groups,
                                   independent_blocks)
 
 PAIR_CHUNK_ELEMENTS = 1 << 22
@@ -271,11 +271,7 @@ def gather_slices(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
             pool_PD = residual_directions(x_BD - sae.decode(z_BGR), 4 * R)
         for g in hosts:
             if g != target:
-                q_DJ = torch.linalg.svd(spans[g].T, full_matrices=False).U
-                keep_KD = old[g][0] - (old[g][0] @ q_DJ) @ q_DJ.T
-                # A row wholly in the moved span is rounding (decoder rows are unit vectors);
-                # left in, _fill would take it for a direction and g would keep a copy.
-                keep_KD = keep_KD[keep_KD.norm(dim=1) > 1e-6]
+                keep_KD = _remainder(old[g][0], spans[g])
                 _take_over(sae, g, *_fill(keep_KD, all_KD, pool_PD, R), *old[g])
         joint = tuple(torch.cat([old[g][j] for g in hosts]) for j in range(3))
         _take_over(sae, target, *_fill(all_KD, torch.zeros(1, D, dtype=all_KD.dtype), pool_PD, R),

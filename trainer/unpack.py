@@ -183,8 +183,7 @@ def unpack_packed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
                sae.b_enc_GR[g].double().clone())
         spans = [blocks.mix_GRR[a, p] @ old[0] for p in parts]  # [k, D] each
         out_JD = torch.cat(spans[1:1 + n_out])
-        q_DJ = torch.linalg.svd(out_JD.T, full_matrices=False).U
-        keep_KD = old[0] - (old[0] @ q_DJ) @ q_DJ.T  # all of g but the blocks moved out
+        keep_KD = _remainder(old[0], out_JD)  # all of g but the blocks moved out
         for span_KD in spans[1:1 + n_out]:
             donor = donors.pop(0)
             _take_over(sae, donor, *_fill(span_KD, keep_KD, pool_PD, R), *old)
@@ -209,6 +208,17 @@ def _take_over(sae, g: int, q_DR: torch.Tensor, k: int, dec_RD: torch.Tensor,
     sae.b_enc_GR[g] = 0
     sae.b_enc_GR[g, :k] = (p_KR @ b_R).to(dtype)
     sae.tokens_since_fired_G[g] = 0
+
+
+def _remainder(dec_RD: torch.Tensor, moved_JD: torch.Tensor) -> torch.Tensor:
+    """[K, D]: a group's decoder rows ``dec_RD`` with the span of ``moved_JD``'s rows projected
+    out, what the group keeps when that span moves to other groups. A row wholly in the span is
+    rounding (decoder rows are unit vectors) and is dropped: left in, ``_fill`` would take it
+    for a direction and the group would keep a copy of what moved (bench/SPLITTING.md, round
+    17). When all of the group moves, no rows are left."""
+    q_DJ = torch.linalg.svd(moved_JD.T, full_matrices=False).U
+    keep_KD = dec_RD - (dec_RD @ q_DJ) @ q_DJ.T
+    return keep_KD[keep_KD.norm(dim=1) > 1e-6]
 
 
 def _fill(span_KD: torch.Tensor, avoid_JD: torch.Tensor, pool_PD: torch.Tensor,
