@@ -65,8 +65,9 @@ tokens held-out FVU moves +0.5 / -0.5 / 0.0% at r = 2 / 4 / 8, on a second seed 
 Cost per call: the unpack step's block search, the blocks' [N, B] on-indicators (N <= r x the
 groups kept on >= 1% of the batch), co-occurrence counts of the blocks on at each token (B (s r)^2
 pairs at most, never an [N x N] table), and an SVD of at most r rows per gathered feature;
-``gather_energy`` adds a [P, B] product over the P pairs with both on-ratios in [2, gather_ratio),
-``gather_corr`` one over every pair, formed ``PAIR_CHUNK_ELEMENTS`` at a time.
+``gather_energy`` adds a [P, B] product over the P pairs of different groups with both on-ratios
+in [2, gather_ratio), ``gather_corr`` one over the pairs of different groups the other tests left
+unlinked, formed ``PAIR_CHUNK_ELEMENTS`` at a time.
 """
 
 from __future__ import annotations
@@ -182,10 +183,13 @@ def slice_components(cfg, items: list[Block], corr: float | None = None) -> list
     i_P, j_P, co_P = pairs // N, pairs % N, co_P.double()
     grp_N = torch.tensor([it.group for it in items])
 
+    # Only pairs of different groups on together often enough can link; the tests below read
+    # no other pair.
+    may_P = (co_P >= cfg.merge_min) & (grp_N[i_P] != grp_N[j_P])
     r_ij, r_ji = on_ratio(co_P, n_N[i_P], n_N[j_P], B), on_ratio(co_P, n_N[j_P], n_N[i_P], B)
-    link = (r_ij >= cfg.gather_ratio) & (r_ji >= cfg.gather_ratio)
+    link = may_P & (r_ij >= cfg.gather_ratio) & (r_ji >= cfg.gather_ratio)
     # gather_energy: or on-ratios >= 2 and code energies that follow each other
-    cand = torch.nonzero(~link & (r_ij >= 2) & (r_ji >= 2)).flatten() \
+    cand = torch.nonzero(may_P & ~link & (r_ij >= 2) & (r_ji >= 2)).flatten() \
         if cfg.gather_energy > 0 else torch.zeros(0, dtype=torch.long)
     corr = cfg.gather_corr if corr is None else corr
     if cand.numel() or corr > 0:
@@ -196,8 +200,8 @@ def slice_components(cfg, items: list[Block], corr: float | None = None) -> list
         link[cand] = ((energy_ratio(onf_NB[i_C], e_NB[j_C], n_N[i_C], B) >= cfg.gather_energy)
                       & (energy_ratio(onf_NB[j_C], e_NB[i_C], n_N[j_C], B) >= cfg.gather_energy))
     if corr > 0:  # or code energies that correlate over the batch
-        link |= pair_correlations(e_NB, i_P, j_P) >= corr
-    link &= (co_P >= cfg.merge_min) & (grp_N[i_P] != grp_N[j_P])
+        rest = torch.nonzero(may_P & ~link).flatten()
+        link[rest] = pair_correlations(e_NB, i_P[rest], j_P[rest]) >= corr
     root = list(range(N))  # union-find over the linked pairs
 
     def find(a: int) -> int:
