@@ -51,6 +51,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -199,17 +200,18 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
         train(cfg, out, resume=(out / "checkpoints").exists(), progress=False,
               until_step=round(frac * cfg.steps))
         for name, sae in checkpoint_saes(cfg, out).items():
-            o, units, units_alone, packed = score(sae, *held)
+            sc = score(sae, *held)
             rows.append({"shape": shape_name, "seed": seed, "tokens": tokens, "model": name,
-                         "at": frac, "fvu": float(o.fvu), "units": units,
-                         "units_alone": units_alone, "packed": packed})
+                         "at": frac, "fvu": float(sc.out.fvu), "units": sc.units,
+                         "units_alone": sc.units_alone, "packed": sc.packed,
+                         "features": sc.features})
     result = train(cfg, out, resume=(out / "checkpoints").exists(), progress=False)
     seconds = time.perf_counter() - t0
     for name in [*keep, *(variants or {})]:
-        o, units, units_alone, packed = score(load_sae(result.saes[name]), *held)
+        sc = score(load_sae(result.saes[name]), *held)
         rows.append({"shape": shape_name, "seed": seed, "tokens": tokens, "model": name,
-                     "fvu": float(o.fvu), "units": units, "units_alone": units_alone,
-                     "packed": packed, "sweep_seconds": seconds})
+                     "fvu": float(sc.out.fvu), "units": sc.units, "units_alone": sc.units_alone,
+                     "packed": sc.packed, "features": sc.features, "sweep_seconds": seconds})
     return rows
 
 
@@ -239,16 +241,34 @@ def held_out(spec: SyntheticSpec, seed: int) -> tuple:
     return generate(spec, 4000, seed=10**9 + seed), generate_alone(spec, 500, seed=10**9 + seed)
 
 
+class Score(NamedTuple):
+    """How one SAE scores on the held-out samples (``score``)."""
+
+    out: object
+    """The SAE's output on the 4000 held-out samples (``.fvu``, ``.codes_BGR``)."""
+    units: dict
+    """Units per feature in context, mean per d_i."""
+    units_alone: dict
+    """Units per feature alone (issue 9's definition), mean per d_i."""
+    packed: int
+    """Planted features that share their main group with another (``packed_groups``)."""
+    features: dict
+    """Per planted feature, in order: "d" its d_i, "p" its frequency in the held-out samples,
+    "alone" its units alone (what ``consolidation_report.py --by-frequency`` reads)."""
+
+
 @torch.no_grad()
-def score(sae, test, alone) -> tuple:
-    """(the SAE's output on ``test``, units by d_i in context, units by d_i alone, the number
-    of planted features that share their main group with another: ``packed_groups``)."""
+def score(sae, test, alone) -> Score:
+    """Score an SAE (normalisation folded in) on ``held_out``'s samples."""
     o, o1 = sae(torch.from_numpy(test.x_ND)), sae(torch.from_numpy(alone.x_ND))
     units = splitting(o.codes_BGR, sae.decoder_GDR, test.active_NF, test.bases).units_by_dim
-    units_alone = splitting(o1.codes_BGR, sae.decoder_GDR, alone.active_NF,
-                            alone.bases).units_by_dim
+    split1 = splitting(o1.codes_BGR, sae.decoder_GDR, alone.active_NF, alone.bases)
     share_FG = energy_shares(o.codes_BGR, sae.decoder_GDR, test)
-    return o, units, units_alone, sum(map(len, packed_groups(share_FG).values()))
+    features = {"d": [b.shape[1] for b in test.bases],
+                "p": [round(float(p), 4) for p in test.active_NF.mean(0)],
+                "alone": [round(float(u), 4) for u in split1.units_F]}
+    return Score(o, units, split1.units_by_dim, sum(map(len, packed_groups(share_FG).values())),
+                 features)
 
 
 def diagnose(shape_name: str, seed: int, run: Path, models: list[str],

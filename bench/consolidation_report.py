@@ -15,6 +15,7 @@ were not its own.)
     python bench/consolidation_report.py s1.jsonl L:s2.jsonl --oracle-of bg8=L:oracle \
         --per-seed      # L: prefixes s2's members; bg8 against s2's oracle; per seed
     python bench/consolidation_report.py h45.jsonl --misses [--model new] [--oracle oracle]
+    python bench/consolidation_report.py rows.jsonl --by-frequency   # features split, by p
 
 (``python bench/consolidation.py --summarize ...`` prints the first two.)
 """
@@ -22,6 +23,7 @@ were not its own.)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -151,6 +153,41 @@ def print_misses(specs: list[str], model: str = "new", oracle_name: str = "oracl
               f"{c['objective']} |")
 
 
+P_EDGES = (0.0, 0.1, 0.15, 0.25, 0.4, 1.0)
+"""Bins of planted features' frequency for ``--by-frequency``."""
+
+
+def print_by_frequency(specs: list[str], model: str = "new", oracle_name: str = "oracle") -> None:
+    """Per bin of feature frequency, how many planted features ``model`` and its oracle end
+    split (units alone above ``UNITS``), over the seeds where both rows count features one by
+    one (rows from bench/consolidation.py since round 18), per budget."""
+    rows = [r for r in read_rows(specs) if "features" in r and "at" not in r]
+    by = {(r["shape"], r["tokens"], r["seed"], r["model"]): r for r in rows}
+    pairs = [(row, by[(shape, tokens, seed, oracle_name)])
+             for (shape, tokens, seed, name), row in sorted(by.items())
+             if name == model and (shape, tokens, seed, oracle_name) in by]
+    for tokens in sorted({r["tokens"] for r, _ in pairs}):
+        sel = [(r, o) for r, o in pairs if r["tokens"] == tokens]
+        shapes = "".join(sorted({r["shape"] for r, _ in sel}))
+        print(f"\n{tokens:,} tokens, shapes {shapes}, {len(sel)} runs: planted features split "
+              f"(units alone > {UNITS}) by their frequency p")
+        print(f"| p | features | {model}: split | mean units alone | {oracle_name}: split | "
+              "mean units alone |")
+        print("|---|---|---|---|---|---|")
+        bins = [*itertools.pairwise(P_EDGES), (0.0, 1.0)]
+        for lo, hi in bins:
+            cells = []
+            for k in (0, 1):
+                units = np.array([u for pair in sel for p, u in zip(pair[k]["features"]["p"],
+                                                                    pair[k]["features"]["alone"])
+                                  if lo <= p < hi or (hi == 1.0 and p == 1.0)])
+                n = len(units)
+                cells += [f"{int((units > UNITS).sum())} ({(units > UNITS).mean():.0%})" if n
+                          else "-", f"{units.mean():.2f}" if n else "-"]
+            label = "all" if (lo, hi) == (0.0, 1.0) else f"[{lo:g}, {hi:g})"
+            print(f"| {label} | {n} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rows", nargs="+", metavar="[PREFIX:]JSONL")
@@ -160,11 +197,17 @@ def main() -> None:
                         help="each seed's largest units-alone mean, not means")
     parser.add_argument("--misses", action="store_true",
                         help="each seed --model leaves off target, and whose miss it is")
-    parser.add_argument("--model", default="new", help="--misses: the model to look at")
-    parser.add_argument("--oracle", default="oracle", help="--misses: its oracle's rows")
+    parser.add_argument("--by-frequency", action="store_true",
+                        help="planted features --model and its oracle leave split, by frequency")
+    parser.add_argument("--model", default="new",
+                        help="--misses, --by-frequency: the model to look at")
+    parser.add_argument("--oracle", default="oracle",
+                        help="--misses, --by-frequency: its oracle's rows")
     args = parser.parse_args()
     if args.misses:
         print_misses(args.rows, args.model, args.oracle)
+    elif args.by_frequency:
+        print_by_frequency(args.rows, args.model, args.oracle)
     else:
         summarize(args.rows, dict(o.split("=", 1) for o in args.oracle_of), args.per_seed)
 

@@ -239,7 +239,7 @@ def probe(shape_name: str, seed: int, variant: str, over: dict) -> str:
         sae.gate_threshold.zero_()
     sae.eval()
     sae.fold_normalisation(mean, scale)
-    o, units, units_alone, packed = score(sae, test, alone)
+    o, units, units_alone, packed, _ = score(sae, test, alone)
     # Copies: per 1-D feature, the groups whose subspace holds >= half of its direction's norm^2.
     dec_GDR = sae.decoder_GDR.detach().double()
     copies = max((int(((dec_GDR.transpose(1, 2) @ torch.from_numpy(b[:, 0])).square().sum(1)
