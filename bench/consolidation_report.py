@@ -174,17 +174,19 @@ def print_by_frequency(specs: list[str], model: str = "new", oracle_name: str = 
         print(f"| p | features | {model}: split | mean units alone | {oracle_name}: split | "
               "mean units alone |")
         print("|---|---|---|---|---|---|")
-        bins = [*itertools.pairwise(P_EDGES), (0.0, 1.0)]
-        for lo, hi in bins:
+        # rows: each bin of p over every shape, then every p per shape
+        cuts = [(f"[{lo:g}, {hi:g})", shapes, lo, hi) for lo, hi in itertools.pairwise(P_EDGES)]
+        cuts += [("all", shapes, 0.0, 1.0)] + [(f"all, {s}", s, 0.0, 1.0) for s in shapes]
+        for label, only, lo, hi in cuts:
             cells = []
             for k in (0, 1):
-                units = np.array([u for pair in sel for p, u in zip(pair[k]["features"]["p"],
-                                                                    pair[k]["features"]["alone"])
+                units = np.array([u for pair in sel if pair[k]["shape"] in only
+                                  for p, u in zip(pair[k]["features"]["p"],
+                                                  pair[k]["features"]["alone"])
                                   if lo <= p < hi or (hi == 1.0 and p == 1.0)])
                 n = len(units)
                 cells += [f"{int((units > UNITS).sum())} ({(units > UNITS).mean():.0%})" if n
                           else "-", f"{units.mean():.2f}" if n else "-"]
-            label = "all" if (lo, hi) == (0.0, 1.0) else f"[{lo:g}, {hi:g})"
             print(f"| {label} | {n} | " + " | ".join(cells) + " |")
 
 
