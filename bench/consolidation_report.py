@@ -160,7 +160,8 @@ P_EDGES = (0.0, 0.1, 0.15, 0.25, 0.4, 1.0)
 def print_by_frequency(specs: list[str], model: str = "new", oracle_name: str = "oracle") -> None:
     """Per bin of feature frequency, how many planted features ``model`` and its oracle end
     split (units alone above ``UNITS``), over the seeds where both rows count features one by
-    one (rows from bench/consolidation.py since round 18), per budget."""
+    one (rows from bench/consolidation.py since round 18), per budget; then how many features
+    both split, and how many one of them splits where the other holds the feature."""
     rows = [r for r in read_rows(specs) if "features" in r and "at" not in r]
     by = {(r["shape"], r["tokens"], r["seed"], r["model"]): r for r in rows}
     pairs = [(row, by[(shape, tokens, seed, oracle_name)])
@@ -188,6 +189,10 @@ def print_by_frequency(specs: list[str], model: str = "new", oracle_name: str = 
                 cells += [f"{int((units > UNITS).sum())} ({(units > UNITS).mean():.0%})" if n
                           else "-", f"{units.mean():.2f}" if n else "-"]
             print(f"| {label} | {n} | " + " | ".join(cells) + " |")
+        split = [(a > UNITS, b > UNITS) for r, o in sel
+                 for a, b in zip(r["features"]["alone"], o["features"]["alone"])]
+        print(f"Split by both: {split.count((True, True))}; by {model} alone: "
+              f"{split.count((True, False))}; by {oracle_name} alone: {split.count((False, True))}")
 
 
 def main() -> None:
