@@ -51,6 +51,8 @@ def test_python_api_checks_too():
     with pytest.raises(SasaError, match="nuc_lambda must be a number, got None"):
         SAEConfig(d_in=16, groups=8, nuc_lambda=None)
     assert SAEConfig(d_in=16, groups=8, nuc_lambda="2e-3").nuc_lambda == 2e-3
+    with pytest.raises(SasaError, match="unknown gather_into 'donor'; use one of host, silent$"):
+        SAEConfig(d_in=16, groups=8, gather_into="donor")
     with pytest.raises(SasaError, match="rank must be >= 1"):  # values, not only types, checked early
         MemberConfig("h", {"groups": 8, "rank": 0})
 

@@ -82,10 +82,12 @@ def test_gather_moves_the_slices_of_a_split_feature_into_one_group():
 
 
 def test_gather_empties_a_host_whose_every_block_moves():
-    """Group 1 is C and nothing else, group 0 holds A and half of C: C moves into a silent
-    group and group 1 is left silent (decoder off C, encoder 0), not with a copy of C: a host's
-    decoder less the moved span is rounding alone there, which is no direction to keep."""
+    """Into a silent group (``gather_into: silent``): group 1 is C and nothing else, group 0
+    holds A and half of C: C moves into a silent group and group 1 is left silent (decoder off
+    C, encoder 0), not with a copy of C: a host's decoder less the moved span is rounding alone
+    there, which is no direction to keep."""
     sae, x, (a, _, c) = split_sae(whole_host=True)
+    sae.cfg.gather_into = "silent"
     fvu_before = float(sae(x).fvu.detach())
 
     report = gather_slices(sae, x)
@@ -101,6 +103,67 @@ def test_gather_empties_a_host_whose_every_block_moves():
     assert float(sae.W_enc_GRD.detach()[1].abs().max()) == 0.0
     assert torch.allclose(d_GDR.transpose(1, 2) @ d_GDR, torch.eye(4).expand(4, 4, 4), atol=1e-5)
     assert float(sae(x).fvu.detach()) == pytest.approx(fvu_before, abs=2e-3)
+
+
+def test_gather_into_the_host_that_holds_the_feature_whole():
+    """By default (``gather_into: host``) the same C moves into group 1, which holds all of it
+    and nothing else: group 0 gives up its half of C and keeps A, no silent group is used, the
+    reconstruction is kept."""
+    sae, x, (a, _, c) = split_sae(whole_host=True)
+    silent = sae.W_dec_GRD.detach()[2:].clone()
+    fvu_before = float(sae(x).fvu.detach())
+
+    report = gather_slices(sae, x)
+
+    assert report.gathered == [(1, [0, 1])]
+    d_GDR = sae.decoder_GDR.detach()
+    held = lambda basis, g: float((basis.T @ d_GDR[g]).square().sum())  # noqa: E731
+    assert held(c, 1) == pytest.approx(4.0, abs=0.02) and held(c, 0) == pytest.approx(0.0, abs=0.02)
+    assert held(a, 0) == pytest.approx(2.0, abs=0.02)
+    assert torch.equal(sae.W_dec_GRD.detach()[2:], silent)
+    assert torch.allclose(d_GDR.transpose(1, 2) @ d_GDR, torch.eye(4).expand(4, 4, 4), atol=1e-5)
+    assert float(sae(x).fvu.detach()) == pytest.approx(fvu_before, abs=2e-3)
+
+
+def test_gather_into_a_host_beside_its_other_feature():
+    """Group 0 holds A (2-D) and one dimension of a 2-D feature F, group 1 holds B, a 1-D E and
+    F's other dimension (full: F cannot join it): F moves into group 0 beside A, which keeps its
+    codes for A; group 1 keeps B and E; finite, orthonormal, reconstruction kept, no silent group
+    used."""
+    gen = torch.Generator().manual_seed(3)
+    frame = torch.linalg.qr(torch.randn(32, 32, generator=gen))[0]
+    a, b, e, f = frame[:, :2], frame[:, 2:4], frame[:, 4:5], frame[:, 5:7]
+    sae = SAE(SAEConfig(d_in=32, groups=4, rank=4, top_s=3, gather_every=1, gather_corr=0.0),
+              seed=0)
+    with torch.no_grad():
+        sae.W_dec_GRD[0] = torch.cat([a, f[:, :1], frame[:, 7:8]], 1).T
+        sae.W_dec_GRD[1] = torch.cat([b, e, f[:, 1:]], 1).T
+        sae.W_dec_GRD[2:] = frame[:, 16:24].T.reshape(2, 4, 32)
+        sae.W_enc_GRD.copy_(sae.W_dec_GRD)
+        sae.W_enc_GRD[2:] = 0
+    n = 2048
+    za, zb, ze, zf = (feature_codes(gen, n, k, 0.4) for k in (2, 2, 1, 2))
+    x = za.float() @ a.T + zb.float() @ b.T + ze.float() @ e.T + zf.float() @ f.T
+    x = x + 0.01 * torch.randn(n, 32, generator=gen)
+    silent = sae.W_dec_GRD.detach()[2:].clone()
+    on_a = lambda out, d_GDR: (out.codes_BGR.detach()[:, 0] @ d_GDR[0].T) @ a  # noqa: E731
+    codes_a = on_a(sae(x), sae.decoder_GDR.detach())
+    fvu_before = float(sae(x).fvu.detach())
+
+    report = gather_slices(sae, x)
+
+    assert report.gathered == [(0, [0, 1])]
+    d_GDR = sae.decoder_GDR.detach()
+    held = lambda basis, g: float((basis.T @ d_GDR[g]).square().sum())  # noqa: E731
+    assert held(f, 0) == pytest.approx(2.0, abs=0.02) and held(a, 0) == pytest.approx(2.0, abs=0.02)
+    assert held(f, 1) == pytest.approx(0.0, abs=0.02)
+    assert held(b, 1) == pytest.approx(2.0, abs=0.02) and held(e, 1) == pytest.approx(1.0, abs=0.02)
+    out = sae(x)
+    assert torch.allclose(on_a(out, d_GDR), codes_a, atol=1e-3)  # group 0's reading of A
+    assert torch.equal(sae.W_dec_GRD.detach()[2:], silent)
+    assert torch.allclose(d_GDR.transpose(1, 2) @ d_GDR, torch.eye(4).expand(4, 4, 4), atol=1e-5)
+    assert all(torch.isfinite(p).all() for p in sae.parameters())
+    assert float(out.fvu.detach()) == pytest.approx(fvu_before, abs=2e-3)
 
 
 def test_gather_leaves_independent_features_alone():

@@ -171,7 +171,7 @@ def test_cli_train_and_sweep(cache_url, tmp_path):
     out = run("train", "--cache", cache_url, "--hookpoint", "synthetic", "--arch", "sasa", "--groups", "8",
               "--rank", "2", "--top-s", "2", "--nuc-lambda", "1e-3", "--consolidate", "none",
               "--s-ramp-tokens", "0", "--group-lasso-tokens", "0", "--gather-energy", "0",
-              "--gather-corr", "0", "--energy-cov", "0.5",
+              "--gather-corr", "0", "--gather-into", "silent", "--energy-cov", "0.5",
               "--batch-gate-from", "0.5", "--tokens", "1024",
               "--batch-size", "128",
               "--log-every", "4", "--out", str(tmp_path / "t"))
@@ -183,6 +183,7 @@ def test_cli_train_and_sweep(cache_url, tmp_path):
     assert trained.group_lasso_tokens is None
     assert trained.gather_energy == 0.0  # the default, 3, is SAEConfig's (test_gather.py)
     assert trained.gather_corr == 0.0  # the default is 0.15
+    assert trained.gather_into == "silent"  # the default is "host"
     assert trained.energy_cov == 0.5
     assert trained.batch_gate_from == 0.5
     out = run("train", "--cache", cache_url, "--hookpoint", "synthetic", "--arch", "sasa",

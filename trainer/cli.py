@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from sasa.errors import SasaError
 from sasa.trainer.config import TrainConfig
-from sasa.trainer.sae_config import ARCHS, CODES, CONSOLIDATE, GATES, NUC_ON, SAEConfig
+from sasa.trainer.sae_config import (ARCHS, CODES, CONSOLIDATE, GATES, GATHER_INTO, NUC_ON,
+                                     SAEConfig)
 
 # Defaults shown in --help come from the dataclasses (one home per default). Options left at
 # None are not passed on, so a sweep file's values win over them.
@@ -80,6 +81,10 @@ def register(subparsers) -> None:
                         "whose code energies correlate at least this much over a batch; 0: off "
                         "(default "
                         f"{SAE['gather_corr']:g}, docs/train.md)")
+    p.add_argument("--gather-into", default=None, choices=GATHER_INTO,
+                   help="sasa: where the gather step moves a feature's slices: host (the group "
+                        "holding most of them, when they fit beside its other blocks) or silent "
+                        f"(a group kept on no token); default {SAE['gather_into']}, docs/train.md")
     p.add_argument("--energy-cov", type=float, default=None,
                    help="sasa: weight of the term on covariance between groups' code energies; "
                         f"0: off (default {SAE['energy_cov']:g}, docs/train.md)")
@@ -129,7 +134,7 @@ def run_train(args) -> int:
     sae = {"arch": args.arch, "groups": args.groups, "top_s": args.top_s, "nuc_lambda": args.nuc_lambda,
            "nuc_on": args.nuc_on, "gate": args.gate}
     for key in ("rank", "codes", "l1_coeff", "auxk_alpha", "dead_tokens", "consolidate",
-                "gather_energy", "gather_corr", "energy_cov"):
+                "gather_energy", "gather_corr", "gather_into", "energy_cov"):
         if getattr(args, key) is not None:
             sae[key] = getattr(args, key)
     sae["batch_gate_from"] = args.batch_gate_from

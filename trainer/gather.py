@@ -15,11 +15,13 @@ Blocks come from ``sasa.trainer.unpack.independent_blocks`` (FastICA sources of 
 joined when dependent); a block is "on" on the tokens where its code energy exceeds
 ``gather_on`` of its mean over the tokens where its group is kept. Slices linked by the test
 (transitively) whose joint span has at most r directions above ``unpack_min_share`` of its
-energy move into one group: a silent group (kept on no token of the batch) when there is one,
-else a host holding nothing else. The hosts keep everything else; as in the unpack step, the
-new group's first dimensions take over the hosts' codes for the slices (encoder D_new^T D_old
-E_old, summed over the hosts), so the step leaves the reconstruction almost unchanged; Adam
-moments of the groups touched are zeroed. At most max(1, G // 8) features per call.
+energy move into one group: the host holding most of them when they fit beside its other
+blocks (``gather_into`` "host", the default since round 18), else a silent group (kept on no
+token of the batch) when there is one, else a host holding nothing else. The hosts keep
+everything else; as in the unpack step, the group's first dimensions take over the hosts' codes
+for the slices (encoder D_new^T D_old E_old, summed over the hosts), and a host that takes them
+in keeps its own codes for what it had, so the step leaves the reconstruction almost unchanged;
+Adam moments of the groups touched are zeroed. At most max(1, G // 8) features per call.
 Deterministic given the batch and the weights (exact under resume).
 
 Measured (bench/RESULTS_consolidation.md and bench/SPLITTING.md, round 6; four planted shapes,
@@ -229,6 +231,34 @@ def joint_span(spans_KD: torch.Tensor, min_share: float) -> tuple[torch.Tensor, 
     return u_DK, sv_K, int((sv_K.square() >= min_share * sv_K.square().sum()).sum())
 
 
+def _gather_beside(sae, g: int, u_DJ: torch.Tensor, moved_KD: torch.Tensor, own: tuple,
+                   joint: tuple, pool_PD: torch.Tensor, z_BR: torch.Tensor) -> None:
+    """Host ``g`` takes a gathered set (orthonormal directions ``u_DJ``) beside what it keeps of
+    its own: its decoder less ``moved_KD`` (its part of the set) and less the set's span, in
+    order of the code energy it carried on the batch (``z_BR``, g's kept codes), up to r, then
+    ``pool_PD``'s directions. The set's dimensions take over every host's codes for it
+    (``joint``: the hosts' old decoder, encoder and bias rows); the kept ones take over only g's
+    own (``own``), so no other host's content is counted twice; the rest start silent."""
+    R = sae.cfg.rank
+    rest_KD = _remainder(own[0], moved_KD)
+    rest_KD = rest_KD - (rest_KD @ u_DJ) @ u_DJ.T
+    u_DK, sv_K, _ = torch.linalg.svd(rest_KD.T, full_matrices=False)  # rest_KD may be empty
+    q_DK = u_DK[:, sv_K > 1e-6]
+    w_RK = own[0] @ q_DK  # the old code coordinates of those directions
+    ev_K, v_KK = torch.linalg.eigh(w_RK.T @ (z_BR.T.double() @ z_BR.double()) @ w_RK)
+    top = ev_K.flip(0)
+    kept_DK = (q_DK @ v_KK.flip(1))[:, top > 1e-9 * max(float(top.sum()), 1e-30)]
+    kept_DK = kept_DK[:, :R - u_DJ.shape[1]]
+    have_DK = torch.cat([u_DJ, kept_DK], 1)
+    fill_DR, _ = _fill(have_DK[:, :0].T, have_DK.T, pool_PD, R - have_DK.shape[1])
+    q_DR = torch.cat([have_DK, fill_DR], 1)
+    dims, kept = u_DJ.shape[1], kept_DK.shape[1]
+    _take_over(sae, g, q_DR, dims, *joint)
+    p_KR = q_DR[:, dims:dims + kept].T @ own[0].T
+    sae.W_enc_GRD[g, dims:dims + kept] = (p_KR @ own[1]).to(sae.W_enc_GRD.dtype)
+    sae.b_enc_GR[g, dims:dims + kept] = (p_KR @ own[2]).to(sae.b_enc_GR.dtype)
+
+
 @torch.no_grad()
 def gather_slices(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = None,
                   top_s: int | None = None, link_corr: bool = True) -> GatherReport:
@@ -264,7 +294,12 @@ def gather_slices(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
         if dims > R:
             continue
         all_KD = (u_DK[:, :dims] * sv_K[:dims]).T
-        if donors:
+        # "host": the host holding most of the set, if the set fits beside its other blocks
+        room = [g for g in hosts
+                if dims_of(g, range(len(items))) - dims_of(g, members) + dims <= R]
+        if cfg.gather_into == "host" and room:
+            target = max(room, key=lambda g: float(spans[g].square().sum()))
+        elif donors:
             target = donors.pop(0)
         else:  # a host none of whose other blocks would have to move
             whole = [g for g in hosts if dims_of(g, members) == dims_of(g, range(len(items)))]
@@ -278,8 +313,12 @@ def gather_slices(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
                 keep_KD = _remainder(old[g][0], spans[g])
                 _take_over(sae, g, *_fill(keep_KD, all_KD, pool_PD, R), *old[g])
         joint = tuple(torch.cat([old[g][j] for g in hosts]) for j in range(3))
-        _take_over(sae, target, *_fill(all_KD, torch.zeros(1, D, dtype=all_KD.dtype), pool_PD, R),
-                   *joint)
+        if target in hosts:  # the set's directions, then what the target keeps of its own
+            _gather_beside(sae, target, u_DK[:, :dims], spans[target], old[target], joint,
+                           pool_PD, z_BGR[:, target])
+        else:
+            _take_over(sae, target,
+                       *_fill(all_KD, torch.zeros(1, D, dtype=all_KD.dtype), pool_PD, R), *joint)
         touched.update(hosts + [target])
         gathered.append((target, hosts))
         if opt is not None:

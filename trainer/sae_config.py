@@ -19,6 +19,7 @@ NUC_ON = ("map", "decoder", "encoder")
 INIT_ENCODER = ("transpose", "random")
 DECODES = ("auto", "dense", "sparse")
 CONSOLIDATE = ("anneal", "none")
+GATHER_INTO = ("host", "silent")
 
 
 @dataclass
@@ -276,6 +277,13 @@ class SAEConfig:
     round 17). What 0.15 gains on planted data and does on MiniLM: the module docstring of
     ``sasa.trainer.gather``."""
 
+    gather_into: str = "host"
+    """Where the gather step moves a feature's slices: "host", into the group that holds most
+    of them when they fit beside its other blocks (else as "silent"); "silent", into a group
+    kept on no token of the batch, else a host holding nothing else (the default before round
+    18 of bench/SPLITTING.md). What "host" gains on planted data and does on MiniLM: the module
+    docstring of ``sasa.trainer.gather``."""
+
     def __post_init__(self) -> None:
         check_fields(self)  # YAML / CLI values: one-line errors naming the field and its type
         if self.arch not in ARCHS:
@@ -355,6 +363,9 @@ class SAEConfig:
             raise SasaError(f"energy_cov must be >= 0 (0: off; got {self.energy_cov})")
         if self.gather_energy < 0:
             raise SasaError(f"gather_energy must be >= 0 (0: off; got {self.gather_energy})")
+        if self.gather_into not in GATHER_INTO:
+            raise SasaError(f"unknown gather_into {self.gather_into!r}; use one of "
+                            f"{', '.join(GATHER_INTO)}")
         if not 0 <= self.gather_corr <= 1:
             raise SasaError(f"gather_corr must be in [0, 1] (0: off; got {self.gather_corr})")
         if not 0 <= self.s_ramp_from <= self.s_ramp_to <= 1:
