@@ -39,7 +39,8 @@ of 27 seeds at one group per feature within 1.1x the FVU of the planted-init ora
 same way (A 3 of 3, B 0, C 1, D 8 of 9, E 7 of 9; with the token gate throughout 17 of 27) at
 0.23-0.94x the held-out FVU; with nine seeds of every shape (round 14; round 15's change leaves
 runs up to 2M as they were), 25 of 45 (A 7, B 1, C 2, D 8, E 7; the oracle itself 20), and
-with round 17's correlation link in the gather step 28 of 45 (A 8, C 3, E 8). Round
+with round 17's correlation link in the gather step 28 of 45 (A 8, C 3, E 8), and with round
+18's gather into the host 31 of 45 (A 9, C 4, D 9). Round
 11's default (the token gate throughout), which the rest of this paragraph describes: every seed
 of the disjoint 1-4-D shape A at one group per feature (every d_i <= 1.2) below the planted
 oracle's FVU by 512k tokens (max 1.05, 0.87x; plain SASA not by 2M), while TopK's FVU still

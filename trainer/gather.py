@@ -50,19 +50,36 @@ corpus (three seeds), +10% on one seed of round 9's cache (bench/RESULTS_minilm.
 1-3 features per call there, 0.84-1.49x as many as the on-test alone (the metrics'
 ``gathered``).
 
-``gather_corr`` (default 0.15, since round 17; 0: off) also links, while the group penalty is
-on, blocks of different groups whose code energies correlate over the batch (Pearson) at least
-this much. A feature that spills out of a group the penalty packed past r keeps a slice there
-whose block is "on" on many of the packed features' tokens as well, so both on-ratio tests miss
-it, while its energy still follows the feature (round 16 of bench/SPLITTING.md). Through the
-streaming trainer, five planted shapes, nine seeds each at 2M tokens: 28 of 45 seeds on target
-against 25 with 0 (A 8, B 1, C 3, D 8, E 8), the three it gains spills (A seed 5, C seed 3, E
-seed 2), none lost; FVU over the oracle's in the mean 1.04 / 0.93 / 0.96 / 1.07 / 1.05x on A-E
-(with 0: 1.05 / 0.89 / 0.92 / 1.06 / 1.04x). Linking after the penalty had ended cost long runs
-(at 4M, D and E: 10 of 18 on target against 13; MiniLM at 4.2M +3.4-4.6% at r = 2 and 4), so
-the link keeps to the penalty: at 4M it gathers what 0 does, bit for bit, and on MiniLM at 2M
-tokens held-out FVU moves +0.5 / -0.5 / 0.0% at r = 2 / 4 / 8, on a second seed +0.3 / -0.6 /
--0.5% (bench/SPLITTING.md and bench/RESULTS_minilm.md, round 17).
+``gather_corr`` (default 0.15, since round 17; 0: off) also links, while the group penalty is on,
+blocks of different groups whose code energies correlate over the batch (Pearson) at least this
+much. A feature that spills out of a group the penalty packed past r keeps a slice there whose block
+is "on" on many of the packed features' tokens as well, so both on-ratio tests miss it, while its
+energy still follows the feature (round 16 of bench/SPLITTING.md). Through the streaming trainer,
+five planted shapes, nine seeds each at 2M tokens (round 17, with ``gather_into`` "silent"): 28 of
+45 seeds on target against 25 with 0 (A 8, B 1, C 3, D 8, E 8), the three it gains spills (A seed 5,
+C seed 3, E seed 2), none lost; FVU over the oracle's in the mean 1.04 / 0.93 / 0.96 / 1.07 / 1.05x
+on A-E (with 0: 1.05 / 0.89 / 0.92 / 1.06 / 1.04x). Linking after the penalty had ended cost long
+runs (at 4M, D and E: 10 of 18 on target against 13; MiniLM at 4.2M +3.4-4.6% at r = 2 and 4), so
+the link keeps to the penalty: at 4M it gathers what 0 does, bit for bit, and on MiniLM at 2M tokens
+held-out FVU moves +0.5 / -0.5 / 0.0% at r = 2 / 4 / 8, on a second seed +0.3 / -0.6 / -0.5%
+(bench/SPLITTING.md and bench/RESULTS_minilm.md, round 17).
+
+``gather_into`` (default "host" since round 18; "silent": the rule before) decides where a set
+goes. Into a silent group, every host gives up a direction, each refilled with a residual
+direction that training turns to something: in a trace of planted D seed 8 at 2M, a slice of the
+same feature again, which the step then moved again (one packed group's spare dimension gave up
+a 1-D and a 2-D feature at three calls each); every move re-points its groups and zeroes their
+Adam moments.
+Into the host that holds most of the set, when the set fits beside that host's other blocks, one
+group fewer changes and the host's features stay where they were. Through the streaming trainer,
+five planted shapes, nine seeds each at 2M tokens: 31 of 45 seeds on target against 28 with
+"silent" (A 9, B 1, C 4, D 9, E 8: A seed 8 and D seed 6, off on FVU alone, and C seed 5, a
+spill), none lost, FVU over the oracle's 1.02 / 0.90 / 0.94 / 1.03 / 1.04x against 1.04 / 0.93 /
+0.96 / 1.07 / 1.05x, 43 of the 684 planted features split against 51; at 4M (D, E) 14 of 18
+against 13, none lost. On MiniLM held-out FVU at r = 2 / 4 / 8 moves -0.1 / +1.0 / +0.3% at 2M
+tokens and +0.2 / -0.5 / +0.5% at 4.2M, with fewer groups silent (4.2M: 13 / 8 / 4% against 15 /
+12 / 8%) and fewer gathers (30 / 22 / 11 against 30 / 44 / 52); a step costs as before
+(bench/SPLITTING.md, bench/RESULTS_consolidation.md and bench/RESULTS_minilm.md, round 18).
 
 Cost per call: the unpack step's block search, the blocks' [N, B] on-indicators (N <= r x the
 groups kept on >= 1% of the batch), co-occurrence counts of the blocks on at each token (B (s r)^2
