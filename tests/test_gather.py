@@ -20,6 +20,12 @@ def feature_codes(gen, n: int, dim: int, p: float) -> torch.Tensor:
     return torch.randn(n, dim, generator=gen, dtype=torch.float64) * on
 
 
+def held(sae, basis: torch.Tensor, g: int) -> float:
+    """How much of ``basis``'s span group g's decoder holds (its dimensions there, 0 to
+    basis.shape[1])."""
+    return float((basis.T @ sae.decoder_GDR.detach()[g]).square().sum())
+
+
 def split_sae(split: bool = True, whole_host: bool = False):
     """d = 32, 4 groups of rank 4, s = 3. Three independent features: A and B 2-D, C 4-D,
     each on with probability 0.4. ``split``: group 0 holds A and the first half of C, group 1
@@ -69,10 +75,10 @@ def test_gather_moves_the_slices_of_a_split_feature_into_one_group():
     assert hosts == [0, 1] and target in (2, 3)
     d_GDR = sae.decoder_GDR.detach()
     assert torch.allclose(d_GDR.transpose(1, 2) @ d_GDR, torch.eye(4).expand(4, 4, 4), atol=1e-5)
-    held = lambda basis, g: float((basis.T @ d_GDR[g]).square().sum())  # noqa: E731
-    assert held(c, target) == pytest.approx(4.0, abs=0.02)
-    assert held(c, 0) + held(c, 1) == pytest.approx(0.0, abs=0.02)
-    assert held(a, 0) == pytest.approx(2.0, abs=0.02) and held(b, 1) == pytest.approx(2.0, abs=0.02)
+    assert held(sae, c, target) == pytest.approx(4.0, abs=0.02)
+    assert held(sae, c, 0) + held(sae, c, 1) == pytest.approx(0.0, abs=0.02)
+    assert held(sae, a, 0) == pytest.approx(2.0, abs=0.02)
+    assert held(sae, b, 1) == pytest.approx(2.0, abs=0.02)
     assert float(sae(x).fvu.detach()) == pytest.approx(fvu_before, abs=2e-3)
     assert all(torch.isfinite(p).all() for p in sae.parameters())
     moments = opt.state[sae.W_dec_GRD]["exp_avg"].abs().sum((1, 2))
@@ -96,10 +102,9 @@ def test_gather_empties_a_host_whose_every_block_moves():
     target, hosts = report.gathered[0]
     assert hosts == [0, 1] and target in (2, 3)
     d_GDR = sae.decoder_GDR.detach()
-    held = lambda basis, g: float((basis.T @ d_GDR[g]).square().sum())  # noqa: E731
-    assert held(c, target) == pytest.approx(4.0, abs=0.02)
-    assert held(c, 0) + held(c, 1) == pytest.approx(0.0, abs=0.02)
-    assert held(a, 0) == pytest.approx(2.0, abs=0.02)
+    assert held(sae, c, target) == pytest.approx(4.0, abs=0.02)
+    assert held(sae, c, 0) + held(sae, c, 1) == pytest.approx(0.0, abs=0.02)
+    assert held(sae, a, 0) == pytest.approx(2.0, abs=0.02)
     assert float(sae.W_enc_GRD.detach()[1].abs().max()) == 0.0
     assert torch.allclose(d_GDR.transpose(1, 2) @ d_GDR, torch.eye(4).expand(4, 4, 4), atol=1e-5)
     assert float(sae(x).fvu.detach()) == pytest.approx(fvu_before, abs=2e-3)
@@ -117,9 +122,9 @@ def test_gather_into_the_host_that_holds_the_feature_whole():
 
     assert report.gathered == [(1, [0, 1])]
     d_GDR = sae.decoder_GDR.detach()
-    held = lambda basis, g: float((basis.T @ d_GDR[g]).square().sum())  # noqa: E731
-    assert held(c, 1) == pytest.approx(4.0, abs=0.02) and held(c, 0) == pytest.approx(0.0, abs=0.02)
-    assert held(a, 0) == pytest.approx(2.0, abs=0.02)
+    assert held(sae, c, 1) == pytest.approx(4.0, abs=0.02)
+    assert held(sae, c, 0) == pytest.approx(0.0, abs=0.02)
+    assert held(sae, a, 0) == pytest.approx(2.0, abs=0.02)
     assert torch.equal(sae.W_dec_GRD.detach()[2:], silent)
     assert torch.allclose(d_GDR.transpose(1, 2) @ d_GDR, torch.eye(4).expand(4, 4, 4), atol=1e-5)
     assert float(sae(x).fvu.detach()) == pytest.approx(fvu_before, abs=2e-3)
@@ -154,10 +159,11 @@ def test_gather_into_a_host_beside_its_other_feature():
 
     assert report.gathered == [(0, [0, 1])]
     d_GDR = sae.decoder_GDR.detach()
-    held = lambda basis, g: float((basis.T @ d_GDR[g]).square().sum())  # noqa: E731
-    assert held(f, 0) == pytest.approx(2.0, abs=0.02) and held(a, 0) == pytest.approx(2.0, abs=0.02)
-    assert held(f, 1) == pytest.approx(0.0, abs=0.02)
-    assert held(b, 1) == pytest.approx(2.0, abs=0.02) and held(e, 1) == pytest.approx(1.0, abs=0.02)
+    assert held(sae, f, 0) == pytest.approx(2.0, abs=0.02)
+    assert held(sae, a, 0) == pytest.approx(2.0, abs=0.02)
+    assert held(sae, f, 1) == pytest.approx(0.0, abs=0.02)
+    assert held(sae, b, 1) == pytest.approx(2.0, abs=0.02)
+    assert held(sae, e, 1) == pytest.approx(1.0, abs=0.02)
     out = sae(x)
     assert torch.allclose(on_a(out, d_GDR), codes_a, atol=1e-3)  # group 0's reading of A
     assert torch.equal(sae.W_dec_GRD.detach()[2:], silent)
