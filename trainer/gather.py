@@ -64,21 +64,20 @@ the link keeps to the penalty: at 4M it gathers what 0 does, bit for bit, and on
 held-out FVU moves +0.5 / -0.5 / 0.0% at r = 2 / 4 / 8, on a second seed +0.3 / -0.6 / -0.5%
 (bench/SPLITTING.md and bench/RESULTS_minilm.md, round 17).
 
-``gather_into`` (default "host" since round 18; "silent": the rule before) decides where a set
-goes. Into a silent group, every host gives up a direction, each refilled with a residual
-direction that training turns to something: in a trace of planted D seed 8 at 2M, a slice of the
-same feature again, which the step then moved again (one packed group's spare dimension gave up
-a 1-D and a 2-D feature at three calls each); every move re-points its groups and zeroes their
-Adam moments.
-Into the host that holds most of the set, when the set fits beside that host's other blocks, one
-group fewer changes and the host's features stay where they were. Through the streaming trainer,
-five planted shapes, nine seeds each at 2M tokens: 31 of 45 seeds on target against 28 with
-"silent" (A 9, B 1, C 4, D 9, E 8: A seed 8 and D seed 6, off on FVU alone, and C seed 5, a
-spill), none lost, FVU over the oracle's 1.02 / 0.90 / 0.94 / 1.03 / 1.04x against 1.04 / 0.93 /
-0.96 / 1.07 / 1.05x, 43 of the 684 planted features split against 51; at 4M (D, E) 14 of 18
-against 13, none lost. On MiniLM held-out FVU at r = 2 / 4 / 8 moves -0.1 / +1.0 / +0.3% at 2M
-tokens and +0.2 / -0.5 / +0.5% at 4.2M, with fewer groups silent (4.2M: 13 / 8 / 4% against 15 /
-12 / 8%) and fewer gathers (30 / 22 / 11 against 30 / 44 / 52); a step costs as before
+``gather_into`` (default "host" since round 18; "silent": the rule before) decides where a set goes.
+Into a silent group, every host gives up a direction, each refilled with a residual direction that
+training turns to something: in a trace of planted D seed 8 at 2M, a slice of the same feature
+again, which the step then moved again (one packed group's spare dimension gave up a 1-D and a 2-D
+feature at three calls each); every move re-points its groups and zeroes their Adam moments. Into
+the host that holds most of the set, when the set fits beside that host's other blocks, one group
+fewer changes and the host's features stay where they were. Through the streaming trainer, five
+planted shapes, nine seeds each at 2M tokens: 31 of 45 seeds on target against 28 with "silent" (A
+9, B 1, C 4, D 9, E 8: A seed 8 and D seed 6, off on FVU alone, and C seed 5, a spill), none lost,
+FVU over the oracle's 1.02 / 0.90 / 0.94 / 1.03 / 1.04x against 1.04 / 0.93 / 0.96 / 1.07 / 1.05x,
+43 of the 684 planted features split against 51; at 4M (D, E) 14 of 18 against 13, none lost. On
+MiniLM held-out FVU at r = 2 / 4 / 8 moves -0.1 / +1.0 / +0.3% at 2M tokens and +0.2 / -0.5 / +0.5%
+at 4.2M, with fewer groups silent (4.2M: 13 / 8 / 4% against 15 / 12 / 8%) and fewer gathers (30 /
+22 / 11 against 30 / 44 / 52); a step costs 1.06-1.28x a plain one, 1.05-1.27x with "silent"
 (bench/SPLITTING.md, bench/RESULTS_consolidation.md and bench/RESULTS_minilm.md, round 18).
 
 Cost per call: the unpack step's block search, the blocks' [N, B] on-indicators (N <= r x the
@@ -260,10 +259,10 @@ def _gather_beside(sae, g: int, u_DJ: torch.Tensor, moved_KD: torch.Tensor, own:
     rest_KD = _remainder(own[0], moved_KD)
     rest_KD = rest_KD - (rest_KD @ u_DJ) @ u_DJ.T
     u_DK, sv_K, _ = torch.linalg.svd(rest_KD.T, full_matrices=False)  # rest_KD may be empty
-    q_DK = u_DK[:, sv_K > 1e-6]
+    q_DK = u_DK[:, sv_K > 1e-6]  # what is left of it above rounding
     w_RK = own[0] @ q_DK  # the old code coordinates of those directions
     ev_K, v_KK = torch.linalg.eigh(w_RK.T @ (z_BR.T.double() @ z_BR.double()) @ w_RK)
-    top = ev_K.flip(0)
+    top = ev_K.flip(0)  # their code energy on the batch, largest first; none: silent, dropped
     kept_DK = (q_DK @ v_KK.flip(1))[:, top > 1e-9 * max(float(top.sum()), 1e-30)]
     kept_DK = kept_DK[:, :R - u_DJ.shape[1]]
     have_DK = torch.cat([u_DJ, kept_DK], 1)
