@@ -331,7 +331,7 @@ def gather_slices(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
                 keep_KD = _remainder(old[g][0], spans[g])
                 _take_over(sae, g, *_fill(keep_KD, all_KD, pool_PD, R), *old[g])
         joint = tuple(torch.cat([old[g][j] for g in hosts]) for j in range(3))
-        if target in hosts:  # the set's directions, then what the target keeps of its own
+        if target in hosts and cfg.gather_into == "host":  # the set, then the host's own
             _gather_beside(sae, target, u_DK[:, :dims], spans[target], old[target], joint,
                            pool_PD, z_BGR[:, target])
         else:
