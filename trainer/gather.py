@@ -77,10 +77,10 @@ FVU over the oracle's 1.02 / 0.90 / 0.94 / 1.03 / 1.04x against 1.04 / 0.93 / 0.
 43 of the 684 planted features split against 51; at 4M (D, E) 14 of 18 against 13, none lost; at the
 shorter budgets fewer (A at 512k 8 of 9 against 9, D and E at 1M 9 of 18 against 11) at lower FVU:
 over the four budgets, seeds change sides, FVU falls. On MiniLM held-out FVU at r = 2 / 4 / 8 moves
--0.1 / +1.0 / +0.3% at 2M tokens and +0.2 / -0.5 / +0.5% at 4.2M, with fewer groups silent (4.2M: 13
-/ 8 / 4% against 15 / 12 / 8%) and fewer gathers (30 / 22 / 11 against 30 / 44 / 52); a step costs
-1.06-1.28x a plain one, 1.05-1.27x with "silent" (bench/SPLITTING.md, bench/RESULTS_consolidation.md
-and bench/RESULTS_minilm.md, round 18).
+-0.1 / +1.0 / +0.3% at 2M tokens (a second seed -0.2 / -0.0 / +0.3%) and +0.2 / -0.5 / +0.5% at
+4.2M, with fewer groups silent (4.2M: 13 / 8 / 4% against 15 / 12 / 8%) and fewer gathers (30 / 22 /
+11 against 30 / 44 / 52); a step costs 1.06-1.28x a plain one, 1.05-1.27x with "silent"
+(bench/SPLITTING.md, bench/RESULTS_consolidation.md and bench/RESULTS_minilm.md, round 18).
 
 Cost per call: the unpack step's block search, the blocks' [N, B] on-indicators (N <= r x the
 groups kept on >= 1% of the batch), co-occurrence counts of the blocks on at each token (B (s r)^2
