@@ -297,6 +297,7 @@ def gather_slices(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
     donors = silent_groups(sae, keep_BG)
     dims_of = lambda g, idx: sum(items[i].rows_KR.shape[0] for i in idx  # noqa: E731
                                  if items[i].group == g)
+    block_dims = {g: dims_of(g, range(len(items))) for g in {it.group for it in items}}
     pool_PD = None
     gathered: list[tuple[int, list[int]]] = []
     touched: set[int] = set()
@@ -312,15 +313,15 @@ def gather_slices(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
         if dims > R:
             continue
         all_KD = (u_DK[:, :dims] * sv_K[:dims]).T
+        others = {g: block_dims[g] - dims_of(g, members) for g in hosts}  # blocks not in the set
         # "host": the host holding most of the set, if the set fits beside its other blocks
-        room = [g for g in hosts
-                if dims_of(g, range(len(items))) - dims_of(g, members) + dims <= R]
-        if cfg.gather_into == "host" and room:
+        room = [g for g in hosts if others[g] + dims <= R] if cfg.gather_into == "host" else []
+        if room:
             target = max(room, key=lambda g: float(spans[g].square().sum()))
         elif donors:
             target = donors.pop(0)
         else:  # a host none of whose other blocks would have to move
-            whole = [g for g in hosts if dims_of(g, members) == dims_of(g, range(len(items)))]
+            whole = [g for g in hosts if others[g] == 0]
             if not whole:
                 continue
             target = whole[0]
@@ -331,7 +332,7 @@ def gather_slices(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
                 keep_KD = _remainder(old[g][0], spans[g])
                 _take_over(sae, g, *_fill(keep_KD, all_KD, pool_PD, R), *old[g])
         joint = tuple(torch.cat([old[g][j] for g in hosts]) for j in range(3))
-        if target in hosts and cfg.gather_into == "host":  # the set, then the host's own
+        if target in room:  # the set, then what the host keeps of its own
             _gather_beside(sae, target, u_DK[:, :dims], spans[target], old[target], joint,
                            pool_PD, z_BGR[:, target])
         else:
