@@ -26,6 +26,13 @@ def held(sae, basis: torch.Tensor, g: int) -> float:
     return float((basis.T @ sae.decoder_GDR.detach()[g]).square().sum())
 
 
+def assert_orthonormal_and_kept(sae, x: torch.Tensor, fvu_before: float) -> None:
+    """A gather step left every decoder block orthonormal and the batch's FVU as it was."""
+    d_GDR = sae.decoder_GDR.detach()
+    assert torch.allclose(d_GDR.transpose(1, 2) @ d_GDR, torch.eye(4).expand(4, 4, 4), atol=1e-5)
+    assert float(sae(x).fvu.detach()) == pytest.approx(fvu_before, abs=2e-3)
+
+
 def split_sae(split: bool = True, whole_host: bool = False):
     """d = 32, 4 groups of rank 4, s = 3. Three independent features: A and B 2-D, C 4-D,
     each on with probability 0.4. ``split``: group 0 holds A and the first half of C, group 1
@@ -73,13 +80,11 @@ def test_gather_moves_the_slices_of_a_split_feature_into_one_group():
     assert report.candidates == 1 and len(report.gathered) == 1
     target, hosts = report.gathered[0]
     assert hosts == [0, 1] and target in (2, 3)
-    d_GDR = sae.decoder_GDR.detach()
-    assert torch.allclose(d_GDR.transpose(1, 2) @ d_GDR, torch.eye(4).expand(4, 4, 4), atol=1e-5)
+    assert_orthonormal_and_kept(sae, x, fvu_before)
     assert held(sae, c, target) == pytest.approx(4.0, abs=0.02)
     assert held(sae, c, 0) + held(sae, c, 1) == pytest.approx(0.0, abs=0.02)
     assert held(sae, a, 0) == pytest.approx(2.0, abs=0.02)
     assert held(sae, b, 1) == pytest.approx(2.0, abs=0.02)
-    assert float(sae(x).fvu.detach()) == pytest.approx(fvu_before, abs=2e-3)
     assert all(torch.isfinite(p).all() for p in sae.parameters())
     moments = opt.state[sae.W_dec_GRD]["exp_avg"].abs().sum((1, 2))
     assert all(float(moments[g]) == 0.0 for g in (0, 1, target))
@@ -101,13 +106,11 @@ def test_gather_empties_a_host_whose_every_block_moves():
     assert len(report.gathered) == 1
     target, hosts = report.gathered[0]
     assert hosts == [0, 1] and target in (2, 3)
-    d_GDR = sae.decoder_GDR.detach()
     assert held(sae, c, target) == pytest.approx(4.0, abs=0.02)
     assert held(sae, c, 0) + held(sae, c, 1) == pytest.approx(0.0, abs=0.02)
     assert held(sae, a, 0) == pytest.approx(2.0, abs=0.02)
     assert float(sae.W_enc_GRD.detach()[1].abs().max()) == 0.0
-    assert torch.allclose(d_GDR.transpose(1, 2) @ d_GDR, torch.eye(4).expand(4, 4, 4), atol=1e-5)
-    assert float(sae(x).fvu.detach()) == pytest.approx(fvu_before, abs=2e-3)
+    assert_orthonormal_and_kept(sae, x, fvu_before)
 
 
 def test_gather_into_the_host_that_holds_the_feature_whole():
@@ -121,13 +124,11 @@ def test_gather_into_the_host_that_holds_the_feature_whole():
     report = gather_slices(sae, x)
 
     assert report.gathered == [(1, [0, 1])]
-    d_GDR = sae.decoder_GDR.detach()
     assert held(sae, c, 1) == pytest.approx(4.0, abs=0.02)
     assert held(sae, c, 0) == pytest.approx(0.0, abs=0.02)
     assert held(sae, a, 0) == pytest.approx(2.0, abs=0.02)
     assert torch.equal(sae.W_dec_GRD.detach()[2:], silent)
-    assert torch.allclose(d_GDR.transpose(1, 2) @ d_GDR, torch.eye(4).expand(4, 4, 4), atol=1e-5)
-    assert float(sae(x).fvu.detach()) == pytest.approx(fvu_before, abs=2e-3)
+    assert_orthonormal_and_kept(sae, x, fvu_before)
 
 
 def test_gather_into_a_host_beside_its_other_feature():
@@ -167,9 +168,8 @@ def test_gather_into_a_host_beside_its_other_feature():
     out = sae(x)
     assert torch.allclose(on_a(out, d_GDR), codes_a, atol=1e-3)  # group 0's reading of A
     assert torch.equal(sae.W_dec_GRD.detach()[2:], silent)
-    assert torch.allclose(d_GDR.transpose(1, 2) @ d_GDR, torch.eye(4).expand(4, 4, 4), atol=1e-5)
+    assert_orthonormal_and_kept(sae, x, fvu_before)
     assert all(torch.isfinite(p).all() for p in sae.parameters())
-    assert float(out.fvu.detach()) == pytest.approx(fvu_before, abs=2e-3)
 
 
 def test_gather_leaves_independent_features_alone():
