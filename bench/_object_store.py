@@ -120,6 +120,7 @@ def run_one(spec: dict) -> dict:
             cache = Cache(spec["url"], zarr.open_group(spec["url"], mode="r", storage_options=so), so)
         else:
             cache = open_cache(spec["url"], so)
+        cache.direct_reads = spec.get("direct_reads", True)
         stream = cache.batches(HOOKPOINT, 4096, dtype=torch.float32, with_rows=True,
                                read_concurrency=spec.get("read_concurrency"))
         lay = cache.layout
@@ -180,7 +181,10 @@ def object_store_rows(data: Path, raw: Path, local: Path, rounds: int, drop, lat
             "sasa local, cold epoch, no huge-page advice": {
                 "kind": "sasa", "url": str(local), "huge_pages": False},
             "sasa local, one full first window (no ramp)": {"kind": "sasa", "url": str(local), "ramp_steps": 0},
-            "sasa local, no absent-chunk check (plain zarr store)": {"kind": "sasa-unchecked", "url": str(local)},
+            "sasa local, cold epoch, every chunk through zarr (direct_reads=False)": {
+                "kind": "sasa", "url": str(local), "direct_reads": False},
+            "sasa local, through zarr, no absent-chunk check (plain zarr store)": {
+                "kind": "sasa-unchecked", "url": str(local), "direct_reads": False},
             "sasa S3 loopback (moto)": {"kind": "sasa", "url": url, "storage_options": so},
             f"sasa S3 loopback + {latency_ms:.0f} ms per request": {
                 "kind": "sasa", "url": lat, "storage_options": so, "latency_s": latency_ms / 1000},

@@ -155,16 +155,18 @@ def read_raw(path: Path, ctx: int, convert: bool = True) -> Iterator:
             np.arange(s, s + len(block))
 
 
-def read_sasa(path: Path, ctx: int) -> Iterator:
+def read_sasa(path: Path, ctx: int, direct_reads: bool = True) -> Iterator:
     cache = open_cache(str(path))
+    cache.direct_reads = direct_reads
     for b in cache.batches(HOOKPOINT, BATCH, dtype=torch.float32, with_rows=True):
         yield b.acts, b.rows.numpy()
 
 
-def read_sasa_steady(path: Path, ctx: int) -> Iterator:
+def read_sasa_steady(path: Path, ctx: int, direct_reads: bool = True) -> Iterator:
     """The same stream over two epochs, timed over the second only: a long training run's rate,
     once both window buffers have been touched (their first fill pays the page faults)."""
     cache = open_cache(str(path))
+    cache.direct_reads = direct_reads
     stream = cache.batches(HOOKPOINT, BATCH, dtype=torch.float32, with_rows=True, epochs=2)
     per_epoch = len(cache.committed_shards()) * cache.layout.shard_rows
     seen = 0
@@ -319,6 +321,11 @@ def main(argv=None) -> None:
         build_sasa(path, acts, tokens, meta, **kw)
         readers[name] = (read_sasa, path)
     readers["sasa default (bf16), 2nd epoch (steady state)"] = (read_sasa_steady, data / "sasa_0")
+    zarr_path = "every chunk through zarr (direct_reads=False)"
+    readers[f"sasa default (bf16), {zarr_path}"] = (
+        lambda p, c: read_sasa(p, c, direct_reads=False), data / "sasa_0")
+    readers[f"sasa default (bf16), 2nd epoch, {zarr_path}"] = (
+        lambda p, c: read_sasa_steady(p, c, direct_reads=False), data / "sasa_0")
     build_safetensors(data / "safetensors", acts, tokens, meta)
     readers["safetensors shards + 1 GiB window (bf16)"] = (read_safetensors, data / "safetensors")
     build_arrow(data / "arrow", acts, tokens, meta)

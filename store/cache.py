@@ -11,12 +11,14 @@ from functools import cached_property
 import numpy as np
 import torch
 import zarr
+from zarr.core.buffer import cpu
 
 from sasa.errors import SasaError
+from sasa.store import direct
 from sasa.store import layout as L
 from sasa.store.convert import storage_to_float32
 from sasa.store.extras import open_extra
-from sasa.store.location import open_group, url_fs
+from sasa.store.location import local_root, open_group, url_fs
 from sasa.store.reader import BatchStream
 from sasa.store.remote import CacheStore, fs_call
 from sasa.store.stats import HookpointStats, Moments, merge, summarize
@@ -44,6 +46,12 @@ class Cache:
         self.layout = L.Layout.from_attrs(sasa)
         self.attrs = {k: v for k, v in group.attrs.items() if k != "sasa"}
         self.refresh()
+        self._local_root = local_root(url, storage_options)
+        """The cache's folder on a local disk (None on any other store)."""
+        self.direct_reads = True
+        """Read whole uncompressed chunks on a local disk as their files (``sasa.store.direct``);
+        False reads every chunk through zarr (the same rows, slower: the reference path the
+        tests and ``bench/store_read.py --object-store`` compare against)."""
         if isinstance(group.store, CacheStore):  # every absent chunk object is checked here
             group.store.on_missing = self._missing_object
 
@@ -142,6 +150,18 @@ class Cache:
         return open_extra(self.group, name, self.url)
 
     # -- reading -----------------------------------------------------------------------
+    def read_into(self, array: zarr.Array, start: int, stop: int, out: np.ndarray) -> None:
+        """Rows [start, stop) of one of this cache's arrays straight into ``out`` (no temporary
+        copy). Whole uncompressed chunks on a local disk are read as their files, from the page
+        cache into ``out`` (``sasa.store.direct``); anything else, and an absent chunk (reported
+        as damage, never read as zeros), goes through zarr."""
+        root = self._local_root if self.direct_reads and out.flags.c_contiguous else None
+        chunks = None if root is None else direct.whole_chunks(array, slice(start, stop))
+        if chunks is not None and all(direct.get_local(self.url, root, key, out[part])
+                                      for key, part in chunks):
+            return
+        array.get_basic_selection((slice(start, stop),), out=cpu.NDBuffer.from_numpy_array(out))
+
     def read_rows(self, hookpoint: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a hookpoint as float32 (sequential reads, for analysis); every
         row must lie in a committed shard."""

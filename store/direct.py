@@ -35,6 +35,7 @@ import zarr
 from zarr.codecs import BytesCodec
 from zarr.core.buffer import default_buffer_prototype
 
+from sasa.errors import SasaError
 from sasa.store.remote import CacheStore, fs_call
 
 
@@ -59,25 +60,31 @@ def plain_bytes(array: zarr.Array) -> bool:
     return np.dtype(array.dtype).itemsize == 1 or (little and sys.byteorder == "little")
 
 
-def chunk_puts(array: zarr.Array, rows: slice, data: np.ndarray) -> list[ChunkPut] | None:
-    """The chunk objects of ``array[rows] = data``, when ``rows`` covers whole chunks along the
-    first axis and ``data`` spans every other axis in one chunk; None when zarr must write it
-    (``plain_bytes`` false, a partial chunk, or a chunk split across the other axes)."""
+def whole_chunks(array: zarr.Array, rows: slice) -> list[tuple[str, slice]] | None:
+    """The chunk objects that hold exactly ``array[rows]``: (key, the part of ``rows`` it holds,
+    counted from ``rows.start``) per chunk, in order, when ``rows`` covers whole chunks along the
+    first axis and a chunk spans every other axis; None when zarr must do it (``plain_bytes``
+    false, a partial chunk, or a chunk split across the other axes)."""
     if not plain_bytes(array):
         return None
     chunk = tuple(array.metadata.chunk_grid.chunk_shape)
-    start, stop = rows.start, rows.stop
-    if tuple(data.shape) != (stop - start, *array.shape[1:]) or tuple(array.shape[1:]) != chunk[1:]:
+    start, stop, per = rows.start, rows.stop, chunk[0]
+    if tuple(array.shape[1:]) != chunk[1:] or start % per or (stop - start) % per \
+            or stop > array.shape[0]:
         return None
-    per = chunk[0]
-    if start % per or (stop - start) % per or stop > array.shape[0]:
+    tail = (0,) * (array.ndim - 1)
+    return [(f"{array.path}/{array.metadata.encode_chunk_key((c, *tail))}",
+             slice(c * per - start, (c + 1) * per - start)) for c in range(start // per, stop // per)]
+
+
+def chunk_puts(array: zarr.Array, rows: slice, data: np.ndarray) -> list[ChunkPut] | None:
+    """The chunk objects of ``array[rows] = data`` (``whole_chunks``), or None when zarr must
+    write it."""
+    chunks = whole_chunks(array, rows)
+    if chunks is None or tuple(data.shape) != (rows.stop - rows.start, *array.shape[1:]):
         return None
     data = np.ascontiguousarray(data, dtype=array.dtype)
-    tail = (0,) * (array.ndim - 1)
-    first = start // per
-    return [ChunkPut(f"{array.path}/{array.metadata.encode_chunk_key((c, *tail))}",
-                     memoryview(data[(c - first) * per:(c - first + 1) * per]).cast("B"))
-            for c in range(first, stop // per)]
+    return [ChunkPut(key, memoryview(data[part]).cast("B")) for key, part in chunks]
 
 
 def put_local(url: str, root: Path, put: ChunkPut) -> None:
@@ -102,3 +109,31 @@ async def put_store(store: CacheStore, put: ChunkPut) -> None:
     """Put one chunk object through the cache's store (retries and one-line errors included)."""
     await store.set(put.key, default_buffer_prototype().buffer.from_bytes(put.data))
 
+
+
+def get_local(url: str, root: Path, key: str, out: np.ndarray) -> bool:
+    """Read the chunk object ``key`` under ``root`` straight into ``out`` (C-contiguous, the
+    chunk's shape and dtype): one copy, from the page cache into ``out``. False when the object
+    is absent, so that the caller's zarr read reports it as such (``Cache``: never zeros for a
+    committed shard). A chunk object of the wrong size is damage: one line naming it."""
+    return fs_call(url, "read", _get, root / key, memoryview(out).cast("B"), url)
+
+
+def _get(path: Path, out: memoryview, url: str) -> bool:
+    try:
+        f = open(path, "rb", buffering=0)
+    except FileNotFoundError:
+        return False
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        done = 0
+        while size == len(out) and done < size:
+            got = f.readinto(out[done:])
+            if not got:
+                break
+            done += got
+    if done != len(out):
+        raise SasaError(f"chunk object {path} of {url} holds {size} bytes where a whole chunk has "
+                        f"{len(out)} (damaged or truncated); sasa never trains on it: run "
+                        f"`sasa info --verify {url}` and re-harvest the shard")
+    return True

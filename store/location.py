@@ -10,6 +10,7 @@ never written anywhere by sasa.
 from __future__ import annotations
 
 import enum
+from pathlib import Path
 
 import fsspec
 import zarr
@@ -92,3 +93,10 @@ def url_fs(url: str, storage_options: dict | None = None):
     except (ImportError, ValueError, TypeError) as err:
         raise SasaError(f"cannot use {url!r}: {err}; install the filesystem's package (e.g. s3fs) "
                         f"or check the URL and --storage-options") from None
+
+
+def local_root(url: str, storage_options: dict | None = None) -> Path | None:
+    """The folder of ``url`` on a local disk, or None on any other store (object stores,
+    memory://): where ``sasa.store.direct`` reads and writes chunk objects itself."""
+    fs, root = url_fs(url, storage_options)
+    return Path(root) if "file" in fs.protocol else None

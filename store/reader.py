@@ -239,10 +239,8 @@ class BatchStream:
     # -- reading -----------------------------------------------------------------------
     def _read_into(self, path_hp: str | None, start: int, stop: int, out: np.ndarray) -> None:
         """Read rows [start, stop) of one array straight into ``out`` (no temporary copy)."""
-        from zarr.core.buffer import cpu
-
         arr = self.cache.tokens if path_hp is None else self.cache.acts(path_hp)
-        arr.get_basic_selection((slice(start, stop),), out=cpu.NDBuffer.from_numpy_array(out))
+        self.cache.read_into(arr, start, stop, out)
 
     def _build_window(self, io: ThreadPoolExecutor, buffer_set: tuple, epoch: int, window: int) -> Window:
         lay = self.layout

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -39,7 +38,7 @@ from sasa.errors import SasaError
 from sasa.store import direct, extras
 from sasa.store import layout as L
 from sasa.store.convert import to_storage
-from sasa.store.location import Kind, create_group, open_group, probe, url_fs
+from sasa.store.location import Kind, create_group, local_root, open_group, probe, url_fs
 from sasa.store.masks import special_mask
 from sasa.store.options import DEFAULT_EXCLUDE
 from sasa.store.remote import fs_call, open_store
@@ -83,8 +82,7 @@ class CacheWriter:
         self._norms = {hp: every(L.norms_path(hp)) for hp in layout.hookpoints}
         self._stats = {hp: {name: group[L.stats_path(hp, name)] for name in ("count", "mean", "m2")}
                        for hp in layout.hookpoints}
-        fs, root = url_fs(url, storage_options)
-        self._local_root = Path(root) if "file" in fs.protocol else None
+        self._local_root = local_root(url, storage_options)
         """The cache's folder on a local disk (None on any other store)."""
         self.direct_writes = True
         """Store whole uncompressed chunks as their objects (``sasa.store.direct``); False sends
