@@ -4,6 +4,8 @@
 
 - random row gathers vs whole-chunk reads from a local cache (store/reader.py's opening line):
   rows per second reading ``--rows`` rows one random row at a time against whole chunks;
+- whole chunks read into a buffer (as the reader fills its windows) through zarr and as their
+  files (``Cache.read_into``, store/direct.py), one thread;
 - whole-row (void record) gathers vs element gathers of a [n, d] bf16 window
   (``store.reader._as_rows``), and ``np.take`` with ``mode="clip"`` (the reader's) vs the
   default ``mode="raise"``, which copies the output through a buffer;
@@ -85,6 +87,19 @@ def main() -> None:
         print(f"| random single-row reads | {1 / t_rows:,.0f} rows/s |")
         print(f"| whole-chunk reads ({chunk} rows each) | {1 / t_chunks:,.0f} rows/s |")
         print(f"| whole chunks / single rows | {t_rows / t_chunks:.0f}x |")
+
+        buf = np.zeros((a.rows, a.d), cache.layout.storage_dtype)  # touched: no first faults
+
+        def read_all(direct_reads: bool) -> None:
+            cache.direct_reads = direct_reads
+            arr = cache.acts("h")
+            for c in range(a.rows // chunk):
+                cache.read_into(arr, c * chunk, (c + 1) * chunk, buf[c * chunk:(c + 1) * chunk])
+        t_zarr = best_of(a.repeats, lambda: read_all(False))
+        t_file = best_of(a.repeats, lambda: read_all(True))
+        print(f"| whole chunks into a buffer, one thread: through zarr | {buf.nbytes / t_zarr / 1e9:.2f} GB/s |")
+        print(f"| ... as their files (Cache.read_into, store/direct.py) | {buf.nbytes / t_file / 1e9:.2f} GB/s |")
+        print(f"| ... files / through zarr | {t_zarr / t_file:.1f}x |")
 
         window = rng.integers(0, 1 << 16, (a.rows, a.d), dtype=np.uint16)
         order = rng.permutation(a.rows)

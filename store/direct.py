@@ -1,25 +1,34 @@
-"""Writing whole uncompressed chunks as their stored objects, outside zarr's codec pipeline.
+"""Reading and writing whole uncompressed chunks as their stored objects, outside zarr.
 
 When an array's only codec is ``bytes`` in little-endian order (no compressor, no filter, no
-sharding codec), the object of a chunk is exactly the C-order bytes of that chunk's rows, so a
-writer that covers whole chunks can put those bytes under the chunk's key itself: same objects,
-same bytes, as ``array[rows] = data`` would store (tests/test_store_write_path.py writes a cache
-both ways and compares every object). The writer (store/writer.py) does this for a shard's
-activations and norms; every other array, and every array of a ``shard_objects`` or compressed
-layout, keeps zarr's own ``setitem``.
+sharding codec), the object of a chunk is exactly the C-order bytes of that chunk's rows, so
+code that covers whole chunks can move those bytes under the chunk's key itself: same objects,
+same bytes, as ``array[rows] = data`` would store (tests/test_store_write_path.py writes a
+cache both ways and compares every object) and the same rows as zarr reads back
+(tests/test_store_read_path.py compares every batch). The writer (store/writer.py) does this
+for a shard's activations and norms; the reader (``Cache.read_into``) for the activation chunks
+it reads into its window buffers on a local disk. Every other array, and every array of a
+``shard_objects`` or compressed layout, keeps zarr's own path.
 
-Why: every zarr write of a process runs through zarr's one event-loop thread, which encodes the
-chunks and hands them to the store, so two shards written from two threads queue behind each
-other there. A local chunk written here goes from the shard's own thread (``os.write`` releases
-the GIL), so two shards' writes run on two cores. Measured on a 64 MiB bf16 shard at d = 4096
-(``python bench/harvest.py --stages``, figures in bench/RESULTS_harvest.md).
+Why, writing: every zarr write of a process runs through zarr's one event-loop thread, which
+encodes the chunks and hands them to the store, so two shards written from two threads queue
+behind each other there. A local chunk written here goes from the shard's own thread
+(``os.write`` releases the GIL), so two shards' writes run on two cores. Measured on a 64 MiB
+bf16 shard at d = 4096 (``python bench/harvest.py --stages``, figures in
+bench/RESULTS_harvest.md). Why, reading: zarr reads a local chunk into a new bytes object and
+copies it into the caller's buffer; ``readinto`` puts the file's bytes straight into the window,
+one copy instead of two and no fresh allocation per chunk: 2.2x zarr's rate on one thread from
+a warm page cache (``python bench/store_micro.py``), 1.2x over a cold epoch of the reader
+(``python bench/store_read.py``; both in bench/RESULTS_store.md).
 
 Safety is the same as zarr's LocalStore: a local object is written to
 ``<key>.<uuid4 hex>.partial`` and renamed over the key, so a writer killed mid-write leaves at
 worst such a temporary (``CacheWriter.remove_stray_temporaries`` removes them), never a torn
-chunk under a real key. Each local put goes through ``remote.fs_call`` (a full disk is one line);
-on any other store the objects go through the cache's ``CacheStore.set`` (retries for transient
-faults, one-line errors for the rest), concurrently on zarr's loop like the other writes.
+chunk under a real key. Each local put or get goes through ``remote.fs_call`` (a full disk is
+one line); on any other store the objects go through the cache's ``CacheStore.set`` (retries
+for transient faults, one-line errors for the rest), concurrently on zarr's loop like the other
+writes. A read never turns damage into rows: an absent chunk file is left to zarr's path, which
+reports it (``Cache``), and a file of the wrong size is one line naming it.
 """
 
 from __future__ import annotations

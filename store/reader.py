@@ -13,9 +13,10 @@ The order is a pure function of (seed, epoch, window, rank, world_size), so the 
 continues with exactly the rows that would have come. Windows are built on a background
 thread while the previous one is consumed, into one of two preallocated buffer sets (fresh
 GiB-sized allocations cost more than the reads: page faults); chunk reads go straight into the
-buffer from a pool of ``read_concurrency`` threads, each keeping one chunk request in flight
-(zarr's I/O and numpy copies release the GIL: 4 saturate a local disk, an object store needs
-more to hide its per-request latency), and batches are gathered as whole-row memcpys.
+buffer (on a local disk as their files: ``Cache.read_into``) from a pool of ``read_concurrency``
+threads, each keeping one chunk request in flight (file reads, zarr's I/O and numpy copies
+release the GIL: 4 saturate a local disk, an object store needs more to hide its per-request
+latency), and batches are gathered as whole-row memcpys.
 
 Start-up: a fresh stream would wait for a whole window (1 GiB) before its first batch, and the
 last window of a finite stream is shuffled and consumed after every read is done. So the first
