@@ -45,6 +45,7 @@ class Cache:
         self.fingerprint = sasa.pop("fingerprint", None)
         self.layout = L.Layout.from_attrs(sasa)
         self.attrs = {k: v for k, v in group.attrs.items() if k != "sasa"}
+        self._arrays: dict[str, zarr.Array] = {}
         self.refresh()
         self._local_root = local_root(url, storage_options)
         """The cache's folder on a local disk (None on any other store)."""
@@ -103,11 +104,18 @@ class Cache:
     @property
     def tokens(self) -> zarr.Array:
         """[n_seq, ctx_len] int32 (rows of uncommitted shards are undefined)."""
-        return self.group[L.TOKENS]
+        return self._array(L.TOKENS)
 
     def acts(self, hookpoint: str) -> zarr.Array:
         """[n_tokens, d] in the storage dtype (bf16 as uint16 bits)."""
-        return self.group[L.acts_path(self.check_hookpoint(hookpoint))]
+        return self._array(L.acts_path(self.check_hookpoint(hookpoint)))
+
+    def _array(self, path: str) -> zarr.Array:
+        """The array at ``path``, opened once: opening reads its metadata object, a request
+        each time on an object store, and the reader asks for its arrays once per chunk."""
+        if path not in self._arrays:
+            self._arrays[path] = self.group[path]
+        return self._arrays[path]
 
     def check_hookpoint(self, hookpoint: str) -> str:
         if hookpoint not in self.layout.hookpoints:

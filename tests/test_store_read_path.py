@@ -73,3 +73,17 @@ def test_a_chunk_file_of_the_wrong_size_is_one_line(tmp_path, size):
     message = rf"chunk object .*c/5/0 of {url} holds {size} bytes where a whole chunk has 1024"
     with pytest.raises(SasaError, match=message + r".*sasa info --verify"):
         epoch(cache, True, epochs=1)
+
+
+def test_the_reader_opens_each_array_once(tmp_path):
+    """Opening an array reads its metadata object (a request on an object store, and the reader
+    reads per chunk): once opened, the arrays are reused. With their metadata objects removed
+    after the first use, a whole epoch still reads, either path."""
+    url = str(tmp_path / "c")
+    build(url, dtype="bfloat16")
+    cache = open_cache(url)
+    assert cache.acts(HP) is cache.acts(HP) and cache.tokens is cache.tokens
+    for path in (f"acts/{HP}", "tokens"):
+        (tmp_path / "c" / path / "zarr.json").unlink()
+    for direct_reads in (True, False):
+        assert sum(len(x) for x, _ in epoch(cache, direct_reads, epochs=1)) > 256
