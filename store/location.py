@@ -16,7 +16,7 @@ import fsspec
 import zarr
 
 from sasa.errors import SasaError
-from sasa.store.remote import fs_call, open_store
+from sasa.store.remote import fs_call, open_store, with_defaults
 
 
 class Kind(enum.Enum):
@@ -89,7 +89,7 @@ def create_group(url: str, attributes: dict, storage_options: dict | None = None
 def url_fs(url: str, storage_options: dict | None = None):
     """(filesystem, path) for ``url``: used for sizes on disk and removal."""
     try:
-        return fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+        return fsspec.core.url_to_fs(str(url), **(with_defaults(url, storage_options) or {}))
     except (ImportError, ValueError, TypeError) as err:
         raise SasaError(f"cannot use {url!r}: {err}; install the filesystem's package (e.g. s3fs) "
                         f"or check the URL and --storage-options") from None

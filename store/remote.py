@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import fsspec
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
@@ -213,13 +214,32 @@ class CacheStore(WrapperStore):
         return await _retry(self.url, "read", self._store.is_empty, prefix)
 
 
+def with_defaults(url: str, storage_options: dict | None) -> dict | None:
+    """``storage_options`` with sasa's defaults for the URL's filesystem filled in (what the
+    caller set wins). On s3fs, ``max_concurrency=1``: s3fs (2026.9 here) otherwise asks for an
+    object's size (a HEAD request, a whole round trip) before every whole-object read, to split
+    objects over 50 MiB into concurrent ranged reads; a cache's objects are chunks of ~16 MiB
+    and the reader already keeps many requests in flight, so the HEAD only doubled the requests
+    and put a second latency in front of every read (bench/RESULTS_store.md)."""
+    protocol = fsspec.core.split_protocol(str(url))[0]
+    if protocol is None or "::" in str(url) or "max_concurrency" in (storage_options or {}):
+        return storage_options
+    try:
+        from s3fs import S3FileSystem
+        s3 = issubclass(fsspec.get_filesystem_class(protocol), S3FileSystem)
+    except (ImportError, ValueError):
+        return storage_options
+    return {**(storage_options or {}), "max_concurrency": 1} if s3 else storage_options
+
+
 def open_store(url: str, read_only: bool, storage_options: dict | None = None) -> CacheStore:
     """The store for ``url``, the same one zarr would pick (a folder: LocalStore; any fsspec
     URL: FsspecStore), wrapped in a ``CacheStore``."""
     url = str(url)
     try:
         if "://" in url or "::" in url:
-            inner: Any = FsspecStore.from_url(url, storage_options=storage_options, read_only=read_only)
+            inner: Any = FsspecStore.from_url(url, storage_options=with_defaults(url, storage_options),
+                                              read_only=read_only)
         else:
             if storage_options:
                 raise SasaError(f"--storage-options apply to URLs like s3://...; {url!r} is a local "

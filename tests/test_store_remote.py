@@ -310,3 +310,16 @@ def test_throttling_that_outlasts_the_retries(fast_retries, capsys):
         server.shutdown()
     line = one_line(capsys)
     assert "kept throttling requests to s3://busy-bucket/cache" in line and "read_concurrency" in line
+
+
+def test_s3_reads_a_chunk_in_one_request(s3, s3_url):
+    """s3fs's default asks for an object's size (a HEAD) before every whole-object read; the
+    cache's store reads with one GET (``remote.with_defaults``), and the caller's own setting
+    wins."""
+    build(s3_url, storage_options=s3.storage_options)
+    cache = open_cache(s3_url, s3.storage_options)
+    assert cache.group.store._store.fs.max_concurrency == 1
+    assert len(list(cache.batches("resid_post.1", 64))) > 4
+    assert remote.with_defaults(s3_url, {"max_concurrency": 4}) == {"max_concurrency": 4}
+    assert remote.with_defaults("memory://x", None) is None
+    assert remote.with_defaults("/a/folder", {}) == {}
