@@ -13,14 +13,13 @@ batch 32, resid_post.3, bf16 storage, workers=0 so Ray start-up is not in the nu
   a fresh local cache; its ratio to the bare forward is the target (>= 0.9);
 - full forward: the untruncated model, to show what stopping after block 3 saves;
 - write ceiling: the same pipeline with the model replaced by a free function that returns
-  activations of the right shape, at d=384 and at d=4096 (a 7B model's width), into a local
-  folder and into memory:// (the writer's CPU cost), the latter also with numpy's huge-page
-  advice turned off (does fresh-memory first touch hold the writer back?);
-- the machine's own write rate for new files, measured in the same run on the same bytes (as
-  many bytes as the d=4096 ceiling's cache holds on disk, in files of its chunk size, written
-  with plain Python): once into the page cache, once with ``os.fdatasync`` after each file
-  (the disk's sustained rate, which any harvest meets once its output outgrows the page
-  cache's dirty limit; sasa's writer does not fsync, so a short harvest runs at the first).
+  activations of the right shape (``write_ceilings``): at d=4096 (a 7B model's width) into a
+  local folder, writing twice the page cache's dirty limit (``--long-bytes``) so that it meets
+  the disk's sustained rate as a long harvest does, and against it the machine's own rate for
+  new files on the same bytes in the same run (plain Python, files of a chunk's size, with and
+  without ``os.fdatasync`` after each); at d=384 to local disk, and at d=4096 into memory://
+  (the writer's CPU cost), the latter also with numpy's huge-page advice turned off (does
+  fresh-memory first touch hold the writer back?), at ``--tokens``.
 
 Repeats are interleaved and the best of each kept: other processes share this machine.
 """
@@ -36,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import best_of, set_huge_page_advice  # noqa: E402
 from sasa.harvester.config import HarvestConfig  # noqa: E402
+from sasa.store import layout as L  # noqa: E402
 from sasa.harvester.harvest import plan, run_local  # noqa: E402
 from sasa.capture import ActivationCapture  # noqa: E402
 from sasa.models import load_model  # noqa: E402
@@ -290,14 +291,95 @@ def page_cache_runs(runs: int = 5, files: int = 48, file_bytes: int = 16 << 20) 
     return "\n".join(lines)
 
 
-def du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 #: The memory:// ceiling rows: the writer's CPU cost alone, and the same with numpy's huge-page
 #: advice turned off (bench/_common.py).
 MEMORY = "memory:// (no disk: the writer's CPU cost)"
 NO_HUGE = "memory://, numpy's huge-page advice off"
+LONG = "local disk, beyond the dirty limit"
+
+
+def dirty_limit() -> int:
+    """Bytes of dirty page cache a writer may build up before the kernel makes it wait for the
+    disk (vm.dirty_bytes, else vm.dirty_ratio percent of the available memory); 0 if unknown."""
+    vm = Path("/proc/sys/vm")
+    try:
+        fixed = int((vm / "dirty_bytes").read_text())
+        if fixed:
+            return fixed
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return avail * 1024 * int((vm / "dirty_ratio").read_text()) // 100
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+class Ceiling(NamedTuple):
+    rows: list
+    """(what, tokens/s or None, GB/s or None) table rows."""
+    lines: list
+    """The ratios, as markdown bullets."""
+
+
+def write_ceilings(p, root: Path, repeats: int, long_bytes: int) -> Ceiling:
+    """The writer's ceiling (the pipeline with a free model) against the machine's own write
+    rate for new files, measured on the same bytes in the same run.
+
+    The target row writes ``long_bytes`` at d=4096, more than the page cache's dirty limit, so
+    that the writer and plain Python alike meet the disk's sustained rate, as a long harvest
+    does (its output soon outgrows the limit). Both write into pages the page cache freed a
+    moment before: an untimed plain write of the same bytes comes first, and every row deletes
+    its files before the next; the order of the rows alternates from round to round. On this VM
+    a first touch of pages freed long ago costs a host fault (RESULTS_harvest.md), and the old
+    order, writer first, left that cost to the writer alone. Beside it: the writer's CPU cost
+    (d=4096 into memory://) and d=384 on local disk, at the run's own token count."""
+    tokens, S = p.tokens_NC, p.shard_seqs
+    row_bytes = 4096 * 2 * tokens.shape[1]
+    long_seqs = max(len(tokens), -(-long_bytes // row_bytes // S) * S)
+    long_NC = np.resize(tokens, (long_seqs, tokens.shape[1]))  # the free model ignores the ids
+
+    def writer(d, url, ids):
+        cache = {**p.spec.cache, "hookpoints": {"resid_post.3": d}, "n_seq": len(ids), "attrs": {}}
+        return WorkerSpec(url=url, model_source="", hookpoints=("x.0",), model_dtype="float32",
+                          batch_size=32, cache=cache), ids
+    writers = {(LONG, 4096): writer(4096, str(root / "free4096long"), long_NC),
+               ("local disk", 384): writer(384, str(root / "free384"), tokens),
+               (MEMORY, 4096): writer(4096, "memory://sasa-bench/free4096", tokens),
+               (NO_HUGE, 4096): writer(4096, "memory://sasa-bench/free4096hp", tokens)}
+    total, chunk = long_NC.size * 4096 * 2, L.DEFAULT_CHUNK_BYTES  # a chunk at d=4096
+    plain_write(root / "plain", total, chunk, False)  # warm-up: the rows reuse freed pages
+    best = dict.fromkeys([*writers, "plain", "sync"], float("inf"))
+    for r in range(repeats):
+        order = [(LONG, 4096), "plain", "sync"]
+        for key in (order if r % 2 == 0 else order[::-1]) + list(writers)[1:]:
+            if key in ("plain", "sync"):
+                best[key] = min(best[key], plain_write(root / "plain", total, chunk, key == "sync"))
+                continue
+            url_spec, ids = writers[key]
+            set_huge_page_advice(key[0] != NO_HUGE)
+            os.sync()  # as plain_write: no earlier row's dirty pages in the way
+            best[key] = min(best[key], time_pipeline(FreeRunner, url_spec, ids, S, root))
+            set_huge_page_advice(True)
+            drop(url_spec.url)
+    rows, gbs = [], {}
+    for (what, d), (url_spec, ids) in writers.items():
+        gbs[what] = ids.size * d * 2 / best[what, d] / 1e9
+        size = f", {ids.size * d * 2 / 1e9:.1f} GB" if what == LONG else ""
+        rows.append((f"write ceiling, free model, d={d}, bf16, {what}{size}", ids.size / best[what, d],
+                     gbs[what]))
+    disk = {k: total / best[k] / 1e9 for k in ("plain", "sync")}
+    rows.append((f"plain Python, the same {total / 1e9:.1f} GB as new {chunk >> 20} MiB files", None,
+                 disk["plain"]))
+    rows.append(("... fdatasync after each file", None, disk["sync"]))
+    lines = [
+        f"- write ceiling at d=4096 beyond the dirty limit ({dirty_limit() / 1e9:.1f} GB here) / "
+        f"plain Python on the same bytes = **{gbs[LONG] / disk['plain']:.2f}** (target >= 0.9); "
+        f"/ plain Python with fdatasync after each file = {gbs[LONG] / disk['sync']:.2f}",
+        f"- the writer without a disk (memory://) / plain Python on the disk = "
+        f"{gbs[MEMORY] / disk['plain']:.2f} (above 1: the disk, not the writer's CPU work, sets the ceiling)",
+        f"- the writer without a disk, numpy's huge-page advice on (its default) / off = "
+        f"{gbs[MEMORY] / gbs[NO_HUGE]:.2f}",
+    ]
+    return Ceiling(rows, lines)
 
 
 def main() -> None:
@@ -307,6 +389,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the markdown table here")
     ap.add_argument("--ceiling-only", action="store_true",
                     help="only the write ceiling and the machine's own write rates")
+    ap.add_argument("--long-bytes", type=int, default=None,
+                    help="bytes of the d=4096 ceiling on local disk (default: twice the page "
+                         "cache's dirty limit, so that it meets the disk's sustained rate)")
     ap.add_argument("--stats-blocks", action="store_true",
                     help="only the writer's statistics pass (one thread) per block size")
     ap.add_argument("--page-cache", action="store_true",
@@ -324,6 +409,8 @@ def main() -> None:
         print(page_cache_runs())
         return
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.long_bytes is None:
+        args.long_bytes = 2 * dirty_limit()
     root = Path(tempfile.mkdtemp(prefix="sasa-bench-"))
     rows = []
     try:
@@ -347,44 +434,7 @@ def main() -> None:
             ratio = t_bare / t_harv
             saved = 1 - t_bare / t_full
 
-        # Write ceilings and the machine's own write rates, interleaved round by round (best of
-        # each kept): the disk's rate wanders by 2x between minutes on a shared host.
-        specs = {}
-        for what, d, url in (("local disk", 384, str(root / "free384")),
-                             ("local disk", 4096, str(root / "free4096")),
-                             (MEMORY, 4096, "memory://sasa-bench/free4096"),
-                             (NO_HUGE, 4096, "memory://sasa-bench/free4096hp")):
-            specs[what, d] = WorkerSpec(url=url, model_source="", hookpoints=("x.0",),
-                                        model_dtype="float32", batch_size=32,
-                                        cache={**p.spec.cache, "hookpoints": {"resid_post.3": d},
-                                               "attrs": {}})
-        best = dict.fromkeys([*specs, False, True], float("inf"))
-        for _ in range(args.repeats):
-            for key, spec in specs.items():
-                set_huge_page_advice(key[0] != NO_HUGE)
-                best[key] = min(best[key], time_pipeline(FreeRunner, spec, tokens, S, root))
-                set_huge_page_advice(True)
-                if key[1] == 4096 and key[0] == "local disk":
-                    # The same bytes (the d=4096 cache as stored), as new files of its chunk size.
-                    total = du(Path(spec.url))
-                    chunk = max(f.stat().st_size for f in Path(spec.url).rglob("c/*/*"))
-                drop(spec.url)
-            for sync in (False, True):
-                best[sync] = min(best[sync], plain_write(root / "plain", total, chunk, sync))
-        gbs = {}
-        for (what, d), t in ((k, best[k]) for k in specs):
-            gbs[what, d] = n_tok * d * 2 / t / 1e9
-            rows.append((f"write ceiling, free model, d={d}, bf16, {what}", n_tok / t, gbs[what, d]))
-        disk = {}
-        for sync in (False, True):
-            disk[sync] = total / best[sync] / 1e9
-            how = "fdatasync after each file" if sync else "into the page cache"
-            rows.append((f"plain Python, {total / 1e9:.2f} GB as new {chunk >> 20} MiB files, {how}", None,
-                         disk[sync]))
-        # The ceilings' rates in stored bytes (the cache's bytes on disk, as the plain writes).
-        ceiling = gbs["local disk", 4096] * total / (n_tok * 4096 * 2)
-        cpu_ceiling = gbs[MEMORY, 4096] * total / (n_tok * 4096 * 2)
-        huge = gbs[MEMORY, 4096] / gbs[NO_HUGE, 4096]
+        ceiling = write_ceilings(p, root, args.repeats, args.long_bytes)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -400,18 +450,14 @@ def main() -> None:
         "| what | tokens/s | GB/s |",
         "|---|---:|---:|",
     ]
-    for what, tps, gbs in rows:
+    for what, tps, gbs in rows + ceiling.rows:
         lines.append(f"| {what} | {'' if tps is None else f'{tps:,.0f}'} | {'' if gbs is None else f'{gbs:.2f}'} |")
     lines += [
         "",
         *([] if ratio is None else [
             f"- harvest / bare forward = **{ratio:.2f}** (target >= 0.9)",
             f"- truncating after block 3 of 6 saves **{saved:.0%}** of the full forward's time"]),
-        f"- write ceiling at d=4096 / the disk's sustained rate (fdatasync) = **{ceiling / disk[True]:.2f}**"
-        f" (target >= 0.9); / the page-cache rate = {ceiling / disk[False]:.2f}",
-        f"- the writer without a disk (memory://) / the disk's sustained rate = {cpu_ceiling / disk[True]:.2f}"
-        " (above 1: the disk, not the writer's CPU work, sets the ceiling)",
-        f"- the writer without a disk, numpy's huge-page advice on (its default) / off = {huge:.2f}",
+        *ceiling.lines,
         "",
     ]
     text = "\n".join(lines)
