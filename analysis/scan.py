@@ -146,7 +146,11 @@ def read_chunk(cache, chunk: int, hookpoints, exclude) -> Chunk:
     tokens = cache.tokens[chunk * lay.chunk_seqs:(chunk + 1) * lay.chunk_seqs].reshape(-1)
     lo, hi = chunk * lay.chunk_rows, (chunk + 1) * lay.chunk_rows
     keep = np.flatnonzero(cache.row_mask(tokens, exclude, hookpoints=hookpoints, rows=np.arange(lo, hi)))
-    acts = {hp: storage_to_float32(cache.acts(hp)[lo:hi], lay.dtype)[keep] for hp in hookpoints}
+    acts = {}
+    for hp in hookpoints:
+        stored = np.empty((hi - lo, cache.hookpoints[hp]), lay.storage_dtype)
+        cache.read_into(cache.acts(hp), lo, hi, stored)  # a local chunk: its file, one copy
+        acts[hp] = storage_to_float32(stored, lay.dtype)[keep]
     return Chunk(lo + keep, acts)
 
 
