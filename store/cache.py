@@ -52,7 +52,7 @@ class Cache:
         self.direct_reads = True
         """Read whole uncompressed chunks on a local disk as their files (``sasa.store.direct``);
         False reads every chunk through zarr (the same rows, slower: the reference path the
-        tests and ``bench/store_read.py --object-store`` compare against)."""
+        tests and ``bench/store_read.py`` compare against)."""
         if isinstance(group.store, CacheStore):  # every absent chunk object is checked here
             group.store.on_missing = self._missing_object
 

@@ -18,8 +18,8 @@ bf16 shard at d = 4096 (``python bench/harvest.py --stages``, figures in
 bench/RESULTS_harvest.md). Why, reading: zarr reads a local chunk into a new bytes object and
 copies it into the caller's buffer; ``readinto`` puts the file's bytes straight into the window,
 one copy instead of two and no fresh allocation per chunk: 2.2x zarr's rate on one thread from
-a warm page cache (``python bench/store_micro.py``), 1.2x over a cold epoch of the reader
-(``python bench/store_read.py``; both in bench/RESULTS_store.md).
+a warm page cache (``python bench/store_micro.py``); over a cold epoch of the reader 0.93-1.27x
+in four runs, within this VM's swings (``python bench/store_read.py``; bench/RESULTS_store.md).
 
 Safety is the same as zarr's LocalStore: a local object is written to
 ``<key>.<uuid4 hex>.partial`` and renamed over the key, so a writer killed mid-write leaves at
@@ -117,7 +117,6 @@ def _put(path: Path, data: memoryview) -> None:
 async def put_store(store: CacheStore, put: ChunkPut) -> None:
     """Put one chunk object through the cache's store (retries and one-line errors included)."""
     await store.set(put.key, default_buffer_prototype().buffer.from_bytes(put.data))
-
 
 
 def get_local(url: str, root: Path, key: str, out: np.ndarray) -> bool:
