@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import mmap
 import os
 import platform
 import shutil
@@ -248,19 +249,25 @@ def time_pipeline(runner_factory, spec, tokens_NC, shard_seqs, root) -> float:
     return time.perf_counter() - t0
 
 
-def plain_write(folder: Path, total: int, file_bytes: int, sync: bool) -> float:
-    """Seconds to write ``total`` bytes as new files of ``file_bytes`` with plain Python."""
+def plain_write(folder: Path, total: int, file_bytes: int, how: str = "buffered") -> float:
+    """Seconds to write ``total`` bytes as new files of ``file_bytes`` with plain Python:
+    ``how`` "buffered" (through the page cache), "sync" (``os.fdatasync`` after each file) or
+    "direct" (``O_DIRECT``, from one page-aligned block: what the writer does by default)."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    block = np.random.default_rng(0).integers(0, 255, file_bytes, dtype=np.uint8).tobytes()
+    block = mmap.mmap(-1, file_bytes)  # page-aligned, as O_DIRECT needs
+    block[:] = np.random.default_rng(0).integers(0, 255, file_bytes, dtype=np.uint8).tobytes()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if how == "direct" else 0)
     os.sync()
     t0 = time.perf_counter()
     for i in range(-(-total // file_bytes)):
-        with open(folder / f"{i:06d}", "wb") as f:
-            f.write(block)
-            if sync:
-                f.flush()
-                os.fdatasync(f.fileno())
+        fd = os.open(folder / f"{i:06d}", flags, 0o644)
+        try:
+            os.write(fd, block)
+            if how == "sync":
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
     elapsed = time.perf_counter() - t0
     shutil.rmtree(folder, ignore_errors=True)
     return elapsed
@@ -293,9 +300,8 @@ def page_cache_runs(runs: int = 5, files: int = 48, file_bytes: int = 16 << 20) 
 
 #: The memory:// ceiling rows: the writer's CPU cost alone, and the same with numpy's huge-page
 #: advice turned off (bench/_common.py).
-MEMORY = "memory:// (no disk: the writer's CPU cost)"
-NO_HUGE = "memory://, numpy's huge-page advice off"
-LONG = "local disk"  # the long row: long_bytes at d=4096
+MEMORY = "write ceiling, free model, d=4096, bf16, memory:// (no disk: the writer's CPU cost)"
+NO_HUGE = "... the same, numpy's huge-page advice off"
 
 
 def dirty_limit() -> int:
@@ -326,61 +332,80 @@ def write_ceilings(p, root: Path, repeats: int, long_bytes: int, limit: int) -> 
 
     The target row writes ``long_bytes`` at d=4096, more than the page cache's dirty limit, so
     that the writer and plain Python alike meet the disk's sustained rate, as a long harvest
-    does (its output soon outgrows the limit). Both write into pages the page cache freed a
-    moment before: an untimed plain write of the same bytes comes first, and every row deletes
-    its files before the next; the order of the rows alternates from round to round. On this VM
-    a first touch of pages freed long ago costs a host fault (RESULTS_harvest.md), and the old
-    order, writer first, left that cost to the writer alone. Beside it: the writer's CPU cost
-    (d=4096 into memory://) and d=384 on local disk, at the run's own token count. ``limit``:
-    the dirty limit when the run started, for the report."""
+    does (its output soon outgrows the limit): the writer as it is (chunk files past the page
+    cache, ``CacheWriter.direct_io``) and through the page cache, against plain Python writing
+    the same bytes through the page cache, past it (``O_DIRECT``) and with ``fdatasync`` after
+    each file. All write into pages the page cache freed a moment before: an untimed plain
+    write of the same bytes comes first, and every row deletes its files before the next; the
+    order of these rows alternates from round to round. On this VM a first touch of pages
+    freed long ago costs a host fault (RESULTS_harvest.md), and the old order, writer first,
+    left that cost to the writer alone. Beside them: the writer's CPU cost (d=4096 into
+    memory://) and d=384 on local disk, at the run's own token count. ``limit``: the dirty
+    limit when the run started, for the report."""
     tokens, S = p.tokens_NC, p.shard_seqs
     row_bytes = 4096 * 2 * tokens.shape[1]
     long_seqs = max(len(tokens), -(-long_bytes // row_bytes // S) * S)
     long_NC = np.resize(tokens, (long_seqs, tokens.shape[1]))  # the free model ignores the ids
-
-    def writer(d, url, ids):
-        cache = {**p.spec.cache, "hookpoints": {"resid_post.3": d}, "n_seq": len(ids), "attrs": {}}
-        return WorkerSpec(url=url, model_source="", hookpoints=("x.0",), model_dtype="float32",
-                          batch_size=32, cache=cache), ids
-    writers = {(LONG, 4096): writer(4096, str(root / "free4096long"), long_NC),
-               ("local disk", 384): writer(384, str(root / "free384"), tokens),
-               (MEMORY, 4096): writer(4096, "memory://sasa-bench/free4096", tokens),
-               (NO_HUGE, 4096): writer(4096, "memory://sasa-bench/free4096hp", tokens)}
     total, chunk = long_NC.size * 4096 * 2, L.DEFAULT_CHUNK_BYTES  # a chunk at d=4096
-    plain_write(root / "plain", total, chunk, False)  # warm-up: the rows reuse freed pages
-    best = dict.fromkeys([*writers, "plain", "sync"], float("inf"))
-    for r in range(repeats):
-        order = [(LONG, 4096), "plain", "sync"]
-        for key in (order if r % 2 == 0 else order[::-1]) + list(writers)[1:]:
-            if key in ("plain", "sync"):
-                best[key] = min(best[key], plain_write(root / "plain", total, chunk, key == "sync"))
-                continue
-            url_spec, ids = writers[key]
-            set_huge_page_advice(key[0] != NO_HUGE)
+
+    def pipeline(d, url, ids, direct_io=True, advice=True):
+        cache = {**p.spec.cache, "hookpoints": {"resid_post.3": d}, "n_seq": len(ids), "attrs": {}}
+        spec = WorkerSpec(url=url, model_source="", hookpoints=("x.0",), model_dtype="float32",
+                          batch_size=32, cache=cache)
+
+        def factory(spec):
+            runner = FreeRunner(spec)
+            runner.writer.direct_io = direct_io
+            return runner
+
+        def seconds():
+            set_huge_page_advice(advice)
             os.sync()  # as plain_write: no earlier row's dirty pages in the way
-            best[key] = min(best[key], time_pipeline(FreeRunner, url_spec, ids, S, root))
+            t = time_pipeline(factory, spec, ids, S, root)
             set_huge_page_advice(True)
-            drop(url_spec.url)
-    rows, gbs = [], {}
-    for (what, d), (url_spec, ids) in writers.items():
-        gbs[what, d] = ids.size * d * 2 / best[what, d] / 1e9
-        side = "beyond" if ids.size * d * 2 > limit else "within"
-        size = f", {ids.size * d * 2 / 1e9:.1f} GB, {side} the dirty limit" if (what, d) == (LONG, 4096) else ""
-        rows.append((f"write ceiling, free model, d={d}, bf16, {what}{size}", ids.size / best[what, d],
-                     gbs[what, d]))
-    disk = {k: total / best[k] / 1e9 for k in ("plain", "sync")}
-    rows.append((f"plain Python, the same {total / 1e9:.1f} GB as new {chunk >> 20} MiB files", None,
-                 disk["plain"]))
-    rows.append(("... fdatasync after each file", None, disk["sync"]))
+            drop(url)
+            return t
+        return ids.size * d * 2, ids.size, seconds
+
+    def plain(how):
+        return total, None, lambda: plain_write(root / "plain", total, chunk, how)
+    side = "beyond" if total > limit else "within"
+    long_rows = {
+        f"write ceiling, free model, d=4096, bf16, local disk, {total / 1e9:.1f} GB, {side} the "
+        "dirty limit": pipeline(4096, str(root / "long"), long_NC),
+        "... the same, chunk files through the page cache (direct_io=False)":
+            pipeline(4096, str(root / "long"), long_NC, direct_io=False),
+        f"plain Python, the same {total / 1e9:.1f} GB as new {chunk >> 20} MiB files, through "
+        "the page cache": plain("buffered"),
+        "... past the page cache (O_DIRECT)": plain("direct"),
+        "... through the page cache, fdatasync after each file": plain("sync"),
+    }
+    short_rows = {
+        "write ceiling, free model, d=384, bf16, local disk": pipeline(384, str(root / "384"), tokens),
+        MEMORY: pipeline(4096, "memory://sasa-bench/free4096", tokens),
+        NO_HUGE: pipeline(4096, "memory://sasa-bench/free4096hp", tokens, advice=False),
+    }
+    everything = {**long_rows, **short_rows}
+    plain_write(root / "plain", total, chunk)  # warm-up: the rows reuse freed pages
+    best = dict.fromkeys(everything, float("inf"))
+    for r in range(repeats):
+        order = list(long_rows) if r % 2 == 0 else list(long_rows)[::-1]
+        for name in order + list(short_rows):
+            best[name] = min(best[name], everything[name][2]())
+    gbs = {name: nbytes / best[name] / 1e9 for name, (nbytes, _, _) in everything.items()}
+    rows = [(name, n_tok and n_tok / best[name], gbs[name]) for name, (_, n_tok, _) in everything.items()]
+    writer, buffered, *plains, synced = long_rows
+    machine = max(gbs[name] for name in plains)
     lines = [
         f"- write ceiling at d=4096, {total / 1e9:.1f} GB (the dirty limit: {limit / 1e9:.1f} GB at "
-        f"the start) / "
-        f"plain Python on the same bytes = **{gbs[LONG, 4096] / disk['plain']:.2f}** (target >= 0.9); "
-        f"/ plain Python with fdatasync after each file = {gbs[LONG, 4096] / disk['sync']:.2f}",
-        f"- the writer without a disk (memory://) / plain Python on the disk = "
-        f"{gbs[MEMORY, 4096] / disk['plain']:.2f} (above 1: the disk, not the writer's CPU work, sets the ceiling)",
+        f"the start) / the faster of plain Python's two ways on the same bytes = "
+        f"**{gbs[writer] / machine:.2f}** (target >= 0.9); with the chunk files through the page "
+        f"cache {gbs[buffered] / machine:.2f}; / plain Python with fdatasync after each file = "
+        f"{gbs[writer] / gbs[synced]:.2f}",
+        f"- the writer without a disk (memory://) / plain Python's faster way on the disk = "
+        f"{gbs[MEMORY] / machine:.2f} (above 1: the disk, not the writer's CPU work, sets the ceiling)",
         f"- the writer without a disk, numpy's huge-page advice on (its default) / off = "
-        f"{gbs[MEMORY, 4096] / gbs[NO_HUGE, 4096]:.2f}",
+        f"{gbs[MEMORY] / gbs[NO_HUGE]:.2f}",
     ]
     return Ceiling(rows, lines)
 

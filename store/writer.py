@@ -88,6 +88,11 @@ class CacheWriter:
         """Store whole uncompressed chunks as their objects (``sasa.store.direct``); False sends
         every object through zarr's ``setitem`` (the same bytes, slower: the reference path the
         tests and ``bench/harvest.py --stages`` compare against)."""
+        self.direct_io = True
+        """Write a local chunk object past the page cache (``O_DIRECT``) when the file system
+        and the chunk's size (a multiple of 4 KiB) allow it (``sasa.store.direct``): a harvest
+        writes each byte once and never reads it back, so caching it only costs memory and time
+        (bench/RESULTS_harvest.md). False writes through the page cache."""
 
     @property
     def n_shards(self) -> int:
@@ -207,7 +212,7 @@ class CacheWriter:
                 puts += chunks
         if root is not None:
             for put in puts:
-                direct.put_local(self.url, root, put)
+                direct.put_local(self.url, root, put, self.direct_io)
             puts = []
         _write_all(rest, [direct.put_store(self.group.store, p) for p in puts])
 

@@ -70,6 +70,42 @@ def test_direct_path_is_taken_for_plain_chunks_only(tmp_path):
                              data[:lay.chunk_rows]) is None
 
 
+def resident_pages(path) -> int:
+    """Pages of the file at ``path`` in the page cache now (``mincore`` over a mapping of it)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    size, page = os.path.getsize(path), os.sysconf("SC_PAGE_SIZE")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+        vec = (ctypes.c_ubyte * (-(-size // page)))()
+        assert libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) == 0
+        libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+    finally:
+        os.close(fd)
+    return sum(v & 1 for v in vec)
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
+def test_aligned_chunk_files_are_written_past_the_page_cache(tmp_path):
+    """A chunk of a multiple of 4 KiB is written with O_DIRECT (none of its pages are cached
+    after the write), any other size through the page cache, and either way the objects are
+    the bytes zarr writes."""
+    widths = {"resid_post.1": 64, "resid_post.2": 8}  # bf16 chunks of 32 rows: 4096, 512 bytes
+    a = build(tmp_path / "a", widths=widths, dtype="bfloat16")
+    b = build(tmp_path / "b", widths=widths, dtype="bfloat16", shards=[])
+    b.direct_writes = False
+    for i in range(b.n_shards):
+        b.write_shard(i, *shard_content(i, 16, 8, widths))
+    aligned, small = (tmp_path / "a" / "acts" / hp / "c" / "5" / "0" for hp in widths)
+    assert (aligned.stat().st_size, small.stat().st_size) == (4096, 512)
+    assert resident_pages(aligned) == 0 and resident_pages(small) == 1
+    assert snapshot(str(tmp_path / "a")) == snapshot(str(tmp_path / "b"))
+
+
 def test_direct_cache_reads_back_and_verifies(location):
     url, so = location
     build(url, storage_options=so, dtype="float32")
