@@ -15,9 +15,11 @@ batch 32, resid_post.3, bf16 storage, workers=0 so Ray start-up is not in the nu
 - write ceiling: the same pipeline with the model replaced by a free function that returns
   activations of the right shape (``write_ceilings``): at d=4096 (a 7B model's width) into a
   local folder, writing twice the page cache's dirty limit (``--long-bytes``) so that it meets
-  the disk's sustained rate as a long harvest does, and against it the machine's own rate for
-  new files on the same bytes in the same run (plain Python, files of a chunk's size, with and
-  without ``os.fdatasync`` after each); at d=384 to local disk, and at d=4096 into memory://
+  the disk's sustained rate as a long harvest does (with its chunk files past the page cache,
+  the default, and through it), and against it the machine's own rate for new files on the
+  same bytes in the same run (plain Python, files of a chunk's size, through the page cache,
+  past it with ``O_DIRECT``, and with ``os.fdatasync`` after each); at d=384 to local disk,
+  and at d=4096 into memory://
   (the writer's CPU cost), the latter also with numpy's huge-page advice turned off (does
   fresh-memory first touch hold the writer back?), at ``--tokens``.
 
