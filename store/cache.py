@@ -168,13 +168,21 @@ class Cache:
         if chunks is not None and all(direct.get_local(self.url, root, key, out[part])
                                       for key, part in chunks):
             return
-        array.get_basic_selection((slice(start, stop),), out=cpu.NDBuffer.from_numpy_array(out))
+        try:
+            array.get_basic_selection((slice(start, stop),), out=cpu.NDBuffer.from_numpy_array(out))
+        except ValueError as err:  # a chunk that does not decode: truncated, or a bad checksum
+            raise SasaError(f"cannot read rows [{start}, {stop}) of {array.path} in {self.url} "
+                            f"({type(err).__name__}: {err}); a chunk object is damaged: run "
+                            f"`sasa info --verify {self.url}` and re-harvest the shard") from None
 
     def read_rows(self, hookpoint: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a hookpoint as float32 (sequential reads, for analysis); every
         row must lie in a committed shard."""
+        array = self.acts(hookpoint)
         self.check_rows(start, stop)
-        return storage_to_float32(self.acts(hookpoint)[start:stop], self.dtype)
+        out = np.empty((stop - start, self.hookpoints[hookpoint]), self.layout.storage_dtype)
+        self.read_into(array, start, stop, out)
+        return storage_to_float32(out, self.dtype)
 
     def check_rows(self, start: int, stop: int) -> None:
         """Refuse rows past the end, or rows of shards that are not committed (zarr would

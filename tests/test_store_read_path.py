@@ -62,8 +62,7 @@ def test_direct_read_path_is_taken_for_plain_local_chunks_only(tmp_path, memory_
 
 @pytest.mark.parametrize("size", [0, 100, 2048])
 def test_a_chunk_file_of_the_wrong_size_is_one_line(tmp_path, size):
-    """Truncated, emptied or grown: the reader refuses the chunk, naming it (zarr's own path
-    fails with a bare reshape error here)."""
+    """Truncated, emptied or grown: the reader refuses the chunk, naming it."""
     url = str(tmp_path / "c")
     build(url, dtype="bfloat16")
     path = tmp_path / "c" / "acts" / HP / "c" / "5" / "0"  # 32 rows x 16 x 2 bytes = 1024
@@ -73,6 +72,20 @@ def test_a_chunk_file_of_the_wrong_size_is_one_line(tmp_path, size):
     message = rf"chunk object .*c/5/0 of {url} holds {size} bytes where a whole chunk has 1024"
     with pytest.raises(SasaError, match=message + r".*sasa info --verify"):
         epoch(cache, True, epochs=1)
+
+
+def test_a_damaged_chunk_read_through_zarr_is_one_line(tmp_path, shard_objects):
+    """Through zarr (object stores, ``shard_objects``, ``direct_reads=False``) a chunk object
+    cut in half does not decode (a reshape, or the shard index's checksum): one line naming the
+    rows, the array and the fix, not zarr's bare ValueError."""
+    url = str(tmp_path / "c")
+    build(url, dtype="bfloat16", shard_objects=shard_objects)
+    path = tmp_path / "c" / "acts" / HP / "c" / ("1" if shard_objects else "5") / "0"
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    cache = open_cache(url)
+    message = rf"cannot read rows \[\d+, \d+\) of acts/{HP} in {url} \(ValueError: .*\); a chunk"
+    with pytest.raises(SasaError, match=message + r".*sasa info --verify"):
+        epoch(cache, False, epochs=1)
 
 
 def test_the_reader_opens_each_array_once(tmp_path):
