@@ -383,7 +383,8 @@ def write_ceilings(p, root: Path, repeats: int, long_bytes: int, limit: int) -> 
         "... through the page cache, fdatasync after each file": plain("sync"),
     }
     short_rows = {
-        "write ceiling, free model, d=384, bf16, local disk": pipeline(384, str(root / "384"), tokens),
+        "write ceiling, free model, d=384, bf16, local disk":
+            pipeline(384, str(root / "384"), tokens),
         MEMORY: pipeline(4096, "memory://sasa-bench/free4096", tokens),
         NO_HUGE: pipeline(4096, "memory://sasa-bench/free4096hp", tokens, advice=False),
     }
@@ -395,17 +396,20 @@ def write_ceilings(p, root: Path, repeats: int, long_bytes: int, limit: int) -> 
         for name in order + list(short_rows):
             best[name] = min(best[name], everything[name][2]())
     gbs = {name: nbytes / best[name] / 1e9 for name, (nbytes, _, _) in everything.items()}
-    rows = [(name, n_tok and n_tok / best[name], gbs[name]) for name, (_, n_tok, _) in everything.items()]
+    rows = [(name, n_tok and n_tok / best[name], gbs[name])
+            for name, (_, n_tok, _) in everything.items()]
     writer, buffered, *plains, synced = long_rows
     machine = max(gbs[name] for name in plains)
     lines = [
-        f"- write ceiling at d=4096, {total / 1e9:.1f} GB (the dirty limit: {limit / 1e9:.1f} GB at "
-        f"the start) / the faster of plain Python's two ways on the same bytes = "
+        f"- write ceiling at d=4096, {total / 1e9:.1f} GB (the dirty limit: "
+        f"{limit / 1e9:.1f} GB at the start) / the faster of plain Python's two ways on the "
+        "same bytes = "
         f"**{gbs[writer] / machine:.2f}** (target >= 0.9); with the chunk files through the page "
         f"cache {gbs[buffered] / machine:.2f}; / plain Python with fdatasync after each file = "
         f"{gbs[writer] / gbs[synced]:.2f}",
         f"- the writer without a disk (memory://) / plain Python's faster way on the disk = "
-        f"{gbs[MEMORY] / machine:.2f} (above 1: the disk, not the writer's CPU work, sets the ceiling)",
+        f"{gbs[MEMORY] / machine:.2f} (above 1: the disk, not the writer's CPU work, sets the "
+        "ceiling)",
         f"- the writer without a disk, numpy's huge-page advice on (its default) / off = "
         f"{gbs[MEMORY] / gbs[NO_HUGE]:.2f}",
     ]

@@ -97,8 +97,10 @@ def main() -> None:
                 cache.read_into(arr, c * chunk, (c + 1) * chunk, buf[c * chunk:(c + 1) * chunk])
         t_zarr = best_of(a.repeats, lambda: read_all(False))
         t_file = best_of(a.repeats, lambda: read_all(True))
-        print(f"| whole chunks into a buffer, one thread: through zarr | {buf.nbytes / t_zarr / 1e9:.2f} GB/s |")
-        print(f"| ... as their files (Cache.read_into, store/direct.py) | {buf.nbytes / t_file / 1e9:.2f} GB/s |")
+        print(f"| whole chunks into a buffer, one thread: through zarr | "
+              f"{buf.nbytes / t_zarr / 1e9:.2f} GB/s |")
+        print(f"| ... as their files (Cache.read_into, store/direct.py) | "
+              f"{buf.nbytes / t_file / 1e9:.2f} GB/s |")
         print(f"| ... files / through zarr | {t_zarr / t_file:.1f}x |")
 
         window = rng.integers(0, 1 << 16, (a.rows, a.d), dtype=np.uint16)

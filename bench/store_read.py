@@ -363,7 +363,8 @@ def main(argv=None) -> None:
             "size_gb": du(path) / 1e9, "quality": med(rs, lambda r: r.quality),
             "partial": any(r.capped for r in rs),
         })
-    arrow_tps = next((t["tok_s"] for t in table if t["reader"].startswith("HF Arrow")), float("nan"))
+    arrow_tps = next((t["tok_s"] for t in table if t["reader"].startswith("HF Arrow")),
+                     float("nan"))
     head = ("| reader | GB/s fp32 batches | GB/s stored bytes | k tokens/s | x raw seq | x SAELens-style "
             "| size on disk GB | shuffle quality (1 = ideal) |\n|---|---|---|---|---|---|---|---|")
     lines = [head]

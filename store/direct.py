@@ -10,20 +10,20 @@ for a shard's activations and norms; the reader (``Cache.read_into``) for the ac
 it reads into its window buffers on a local disk. Every other array, and every array of a
 ``shard_objects`` or compressed layout, keeps zarr's own path.
 
-Why, writing: every zarr write of a process runs through zarr's one event-loop thread, which
-encodes the chunks and hands them to the store, so two shards written from two threads queue
-behind each other there. A local chunk written here goes from the shard's own thread
-(``os.write`` releases the GIL), so two shards' writes run on two cores. Measured on a 64 MiB
-bf16 shard at d = 4096 (``python bench/harvest.py --stages``, figures in
-bench/RESULTS_harvest.md). A local chunk whose size is a multiple of 4 KiB is written past the
-page cache (``O_DIRECT``; ``CacheWriter.direct_io``): a harvest writes each byte once and never
-reads it back, and through the page cache every new page is allocated, dirtied and flushed
-later; at d = 4096, 9.7 GB written, 1.54 against 1.23 GB/s through the page cache
-(``python bench/harvest.py --ceiling-only``, bench/RESULTS_harvest.md). Why, reading: zarr reads a local chunk into a new bytes object and
-copies it into the caller's buffer; ``readinto`` puts the file's bytes straight into the window,
-one copy instead of two and no fresh allocation per chunk: 2.2x zarr's rate on one thread from
-a warm page cache (``python bench/store_micro.py``); over a cold epoch of the reader 0.93-1.27x
-in four runs, within this VM's swings (``python bench/store_read.py``; bench/RESULTS_store.md).
+Why, writing: every zarr write of a process runs through zarr's one event-loop thread, which encodes
+the chunks and hands them to the store, so two shards written from two threads queue behind each
+other there. A local chunk written here goes from the shard's own thread (``os.write`` releases the
+GIL), so two shards' writes run on two cores. Measured on a 64 MiB bf16 shard at d = 4096 (``python
+bench/harvest.py --stages``, figures in bench/RESULTS_harvest.md). A local chunk whose size is a
+multiple of 4 KiB is written past the page cache (``O_DIRECT``; ``CacheWriter.direct_io``): a
+harvest writes each byte once and never reads it back, and through the page cache every new page is
+allocated, dirtied and flushed later; at d = 4096, 10 GB written, 1.54 and 1.39 against 1.23 and
+1.09 GB/s through the page cache in two runs (``python bench/harvest.py``,
+bench/RESULTS_harvest.md). Why, reading: zarr reads a local chunk into a new bytes object and copies
+it into the caller's buffer; ``readinto`` puts the file's bytes straight into the window, one copy
+instead of two and no fresh allocation per chunk: 2.2x zarr's rate on one thread from a warm page
+cache (``python bench/store_micro.py``); over a cold epoch of the reader 0.93-1.27x in four runs,
+within this VM's swings (``python bench/store_read.py``; bench/RESULTS_store.md).
 
 Safety is the same as zarr's LocalStore: a local object is written to
 ``<key>.<uuid4 hex>.partial`` and renamed over the key, so a writer killed mid-write leaves at
@@ -90,7 +90,8 @@ def whole_chunks(array: zarr.Array, rows: slice) -> list[tuple[str, slice]] | No
         return None
     tail = (0,) * (array.ndim - 1)
     return [(f"{array.path}/{array.metadata.encode_chunk_key((c, *tail))}",
-             slice(c * per - start, (c + 1) * per - start)) for c in range(start // per, stop // per)]
+             slice(c * per - start, (c + 1) * per - start))
+            for c in range(start // per, stop // per)]
 
 
 def chunk_puts(array: zarr.Array, rows: slice, data: np.ndarray) -> list[ChunkPut] | None:
@@ -145,7 +146,8 @@ def _write_direct(path: Path, data: memoryview) -> bool:
             return False
         raise
     try:
-        src = data if np.frombuffer(data, np.uint8).ctypes.data % ALIGN == 0 else _aligned_copy(data)
+        aligned = np.frombuffer(data, np.uint8).ctypes.data % ALIGN == 0
+        src = data if aligned else _aligned_copy(data)
         done = 0
         while done < len(src):
             done += os.write(fd, src[done:])

@@ -238,8 +238,8 @@ def open_store(url: str, read_only: bool, storage_options: dict | None = None) -
     url = str(url)
     try:
         if "://" in url or "::" in url:
-            inner: Any = FsspecStore.from_url(url, storage_options=with_defaults(url, storage_options),
-                                              read_only=read_only)
+            options = with_defaults(url, storage_options)
+            inner: Any = FsspecStore.from_url(url, storage_options=options, read_only=read_only)
         else:
             if storage_options:
                 raise SasaError(f"--storage-options apply to URLs like s3://...; {url!r} is a local "
