@@ -30,7 +30,6 @@ import torch
 
 from sasa.analysis import metrics as M
 from sasa.analysis.contexts import CodeViews, TopRows
-from sasa.store.convert import storage_to_float32
 from sasa.store.options import DEFAULT_EXCLUDE
 
 #: Activation histograms: bins of log2(activation), HIST_PER_OCTAVE per factor of two, from
@@ -146,11 +145,7 @@ def read_chunk(cache, chunk: int, hookpoints, exclude) -> Chunk:
     tokens = cache.tokens[chunk * lay.chunk_seqs:(chunk + 1) * lay.chunk_seqs].reshape(-1)
     lo, hi = chunk * lay.chunk_rows, (chunk + 1) * lay.chunk_rows
     keep = np.flatnonzero(cache.row_mask(tokens, exclude, hookpoints=hookpoints, rows=np.arange(lo, hi)))
-    acts = {}
-    for hp in hookpoints:
-        stored = np.empty((hi - lo, cache.hookpoints[hp]), lay.storage_dtype)
-        cache.read_into(cache.acts(hp), lo, hi, stored)  # a local chunk: its file, one copy
-        acts[hp] = storage_to_float32(stored, lay.dtype)[keep]
+    acts = {hp: cache.read_rows(hp, lo, hi)[keep] for hp in hookpoints}
     return Chunk(lo + keep, acts)
 
 
