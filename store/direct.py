@@ -1,14 +1,14 @@
 """Reading and writing whole uncompressed chunks as their stored objects, outside zarr.
 
 When an array's only codec is ``bytes`` in little-endian order (no compressor, no filter, no
-sharding codec), the object of a chunk is exactly the C-order bytes of that chunk's rows, so
-code that covers whole chunks can move those bytes under the chunk's key itself: same objects,
-same bytes, as ``array[rows] = data`` would store (tests/test_store_write_path.py writes a
-cache both ways and compares every object) and the same rows as zarr reads back
-(tests/test_store_read_path.py compares every batch). The writer (store/writer.py) does this
-for a shard's activations and norms; the reader (``Cache.read_into``) for the activation chunks
-it reads into its window buffers on a local disk. Every other array, and every array of a
-``shard_objects`` or compressed layout, keeps zarr's own path.
+sharding codec), the object of a chunk is exactly the C-order bytes of that chunk's rows, so code
+that covers whole chunks can move those bytes under the chunk's key itself: same objects, same
+bytes, as ``array[rows] = data`` would store (tests/test_store_write_path.py writes a cache both
+ways and compares every object) and the same rows as zarr reads back (tests/test_store_read_path.py
+compares every batch). The writer (store/writer.py) does this for a shard's activations and norms;
+``Cache.read_into`` for the activation chunks it reads on a local disk (the reader's windows,
+``Cache.read_rows``, analysis scans). Every other array, and every array of a ``shard_objects`` or
+compressed layout, keeps zarr's own path.
 
 Why, writing: every zarr write of a process runs through zarr's one event-loop thread, which encodes
 the chunks and hands them to the store, so two shards written from two threads queue behind each
@@ -189,13 +189,10 @@ def _get(path: Path, out: memoryview, url: str) -> bool:
     except FileNotFoundError:
         return False
     with f:
-        size = os.fstat(f.fileno()).st_size
-        done = 0
-        while size == len(out) and done < size:
-            got = f.readinto(out[done:])
-            if not got:
-                break
-            done += got
+        size, done = os.fstat(f.fileno()).st_size, 0
+        if size == len(out):
+            while done < size and (got := f.readinto(out[done:])):
+                done += got
     if done != len(out):
         raise SasaError(f"chunk object {path} of {url} holds {size} bytes where a whole chunk has "
                         f"{len(out)} (damaged or truncated); sasa never trains on it: run "
