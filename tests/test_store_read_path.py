@@ -44,6 +44,17 @@ def test_direct_reads_give_zarrs_batches(tmp_path, dtype, shard_objects):
             np.sort(rows.numpy())[:8]])
 
 
+def test_rows_across_many_chunks_read_as_zarr_reads_them(tmp_path):
+    """``Cache.read_rows`` over several chunks at once (analysis reads) puts each chunk file in
+    its place: the rows zarr reads, bit for bit, whole cache and a span of two shards."""
+    cache = open_cache(build(str(tmp_path / "c"), dtype="bfloat16").url)
+    for start, stop in ((0, 512), (128, 384)):
+        cache.direct_reads = True
+        got = cache.read_rows(HP, start, stop)
+        cache.direct_reads = False
+        np.testing.assert_array_equal(got, cache.read_rows(HP, start, stop))
+
+
 def test_direct_read_path_is_taken_for_plain_local_chunks_only(tmp_path, memory_url):
     plain = open_cache(build(str(tmp_path / "plain"), dtype="bfloat16").url)
     sharded = open_cache(build(str(tmp_path / "sharded"), shard_objects=True).url)
