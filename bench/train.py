@@ -3,6 +3,7 @@
     python bench/train.py                 # full run (~10 min on the shared 2-core CPU box)
     python bench/train.py --quick         # smoke run, < 1 minute, nothing written
     python bench/train.py --threads 1 2   # step times at 1 and 2 torch threads
+    python bench/train.py --device cuda --skip efficiency   # on a GPU, at a GPU's sizes
 
 Three parts, each measured side by side in one process:
 1. Step time, in memory (Adam step + post_step included): d = 384, batch 1024, the same width
@@ -10,7 +11,9 @@ Three parts, each measured side by side in one process:
    on the dense (reference) and the sparse decode path, and with the nuclear norm on
    (lambda = 1e-4) to get its share of a step. Configurations are interleaved step by step and
    the median taken, so a load change on the shared machine hits all of them alike. Fresh SAEs:
-   nothing is dead, so AuxK costs nothing on CPU (see trainer/sae.py).
+   nothing is dead, so AuxK costs nothing on CPU (see trainer/sae.py). ``--device cuda``: the
+   same models at a GPU's sizes (``GPU_SIZES``: d = 768, batch 4096, n = 24576, s*r = k = 64),
+   each step synchronized before the clock is read.
 2. Sweep vs separate passes: ``sasa.trainer.train`` with 4 members on one read of a bf16 cache of
    random activations (d = 384, written with ``sasa.store.create_cache``) against 4 runs of one.
 3. Sample efficiency on the default synthetic spec (d = 64): TopK k = 24 (256 latents) and SASA
@@ -41,11 +44,8 @@ from sasa.trainer import MemberConfig, TrainConfig, train  # noqa: E402
 from sasa.trainer import SAE, SAEConfig  # noqa: E402
 
 D, BATCH, N_COORDS, K = 384, 1024, 1536, 32
-ARCHS = [("TopK k=32", dict(arch="topk", groups=N_COORDS, top_s=K)),
-         ("SASA r=1 signed s=32", dict(arch="sasa", rank=1, groups=N_COORDS, top_s=K)),
-         ("SASA r=2 s=16", dict(arch="sasa", rank=2, groups=N_COORDS // 2, top_s=K // 2)),
-         ("SASA r=4 s=8", dict(arch="sasa", rank=4, groups=N_COORDS // 4, top_s=K // 4)),
-         ("SASA r=8 s=4", dict(arch="sasa", rank=8, groups=N_COORDS // 8, top_s=K // 8))]
+#: ``--device cuda``: GPT-2 small's width, a 32x SAE and k = 64, a batch a GPU fills.
+GPU_SIZES = dict(d=768, batch=4096, n_coords=24576, k=64)
 NUC = 1e-4
 NUC_EVERY = TrainConfig.__dataclass_fields__["nuc_every"].default  # the trainer's default
 
@@ -58,10 +58,20 @@ def machine() -> str:
 
 
 # ------------------------------------------------------------------------------ 1. step time
+def model_grid(n_coords: int = N_COORDS, k: int = K) -> list[tuple[str, dict]]:
+    """TopK and SASA r = 1 (signed), 2, 4, 8 at ``n_coords`` coordinates and s*r = k."""
+    return [(f"TopK k={k}", dict(arch="topk", groups=n_coords, top_s=k)),
+            (f"SASA r=1 signed s={k}", dict(arch="sasa", rank=1, groups=n_coords, top_s=k))] + [
+        (f"SASA r={r} s={k // r}", dict(arch="sasa", rank=r, groups=n_coords // r, top_s=k // r))
+        for r in (2, 4, 8)]
+
+
 def _stepper(kw: dict, x_BD: torch.Tensor):
-    sae = SAE(SAEConfig(d_in=x_BD.shape[1], **kw), seed=0)
+    sae = SAE(SAEConfig(d_in=x_BD.shape[1], **kw), seed=0).to(x_BD.device)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
     sae.train()
+
+    sync = torch.cuda.synchronize if x_BD.is_cuda else (lambda: None)
 
     def step():
         out = sae(x_BD)
@@ -69,16 +79,18 @@ def _stepper(kw: dict, x_BD: torch.Tensor):
         out.loss.backward()
         opt.step()
         sae.post_step()
+        sync()
 
     def nuc_only():  # the nuclear-norm term alone, forward and backward
         sae.nuclear_norm().backward()
+        sync()
 
     return step, nuc_only
 
 
-def step_times(threads: int, rounds: int, d: int, batch: int, archs) -> list[dict]:
+def step_times(threads: int, rounds: int, d: int, batch: int, archs, device="cpu") -> list[dict]:
     torch.set_num_threads(threads)
-    x_BD = torch.randn(batch, d, generator=torch.Generator().manual_seed(0))
+    x_BD = torch.randn(batch, d, generator=torch.Generator().manual_seed(0)).to(device)
     fns = {}
     for label, kw in archs:
         fns[(label, "dense")] = _stepper({**kw, "decode": "dense"}, x_BD)[0]
@@ -132,19 +144,20 @@ def random_cache(url: str, n_tokens: int, d: int) -> None:
         writer.write_shard(shard, tokens, {"rand": acts})
 
 
-def sweep_vs_separate(tmp: Path, n_cache: int, n_train: int, d: int, threads: int) -> dict:
+def sweep_vs_separate(tmp: Path, n_cache: int, n_train: int, d: int, threads: int,
+                      device: str = "cpu", batch: int = BATCH, n_coords: int = N_COORDS,
+                      k: int = K) -> dict:
     torch.set_num_threads(threads)
     url = str(tmp / "cache")
     t0 = time.perf_counter()
     random_cache(url, n_cache, d)
     write_s = time.perf_counter() - t0
     size = sum(f.stat().st_size for f in Path(url).rglob("*") if f.is_file())
-    members = [{"arch": "topk", "groups": N_COORDS, "top_s": K}] + [
-        {"arch": "sasa", "rank": r, "groups": N_COORDS // r, "top_s": K // r} for r in (2, 4, 8)]
+    members = [kw for label, kw in model_grid(n_coords, k) if "signed" not in label]
 
     def run(ms, out):
         cfg = TrainConfig(cache=url, members=[MemberConfig("rand", m) for m in ms], tokens=n_train,
-                          batch_size=BATCH, log_every=10_000, checkpoint_every=0, device="cpu",
+                          batch_size=batch, log_every=10_000, checkpoint_every=0, device=device,
                           shuffle_rows=1 << 16, warmup_steps=10)
         t = time.perf_counter()
         res = train(cfg, out, progress=False)
@@ -153,6 +166,7 @@ def sweep_vs_separate(tmp: Path, n_cache: int, n_train: int, d: int, threads: in
     sweep_s, sweep_chunks = run(members, tmp / "sweep")
     sep = [run([m], tmp / f"solo{i}") for i, m in enumerate(members)]
     return {"cache_mb": size / 1e6, "write_s": write_s, "tokens": n_train, "sweep_s": sweep_s,
+            "d": d, "batch": batch, "n_coords": n_coords, "k": k,
             "sweep_chunks": sweep_chunks, "sep_s": sum(s for s, _ in sep),
             "sep_chunks": sum(c for _, c in sep)}
 
@@ -201,9 +215,11 @@ def sample_efficiency(steps: int, eval_every: int, batch: int, lr: float, n_trai
 
 
 # ------------------------------------------------------------------------------ report
-def render(args, steps_rows, sweep, eff, wall) -> str:
+def render(args, steps_rows, sweep, eff, wall, step_kw) -> str:
     L = []
-    L.append("## 1. Step time, in memory (d = 384, batch 1024, n = 1536 coordinates, s*r = k = 32)\n")
+    n, k = (step_kw["archs"][0][1][key] for key in ("groups", "top_s"))
+    L.append(f"## 1. Step time, in memory (d = {step_kw['d']}, batch {step_kw['batch']}, n = {n} "
+             f"coordinates, s*r = k = {k}, {args.device})\n")
     L.append("ms per step (forward, backward, Adam, post_step), median of interleaved steps. "
              f"nuc: lambda = {NUC:g} on the sparse path; 'nuc share' = the nuclear-norm term's own "
              "forward+backward time / that step ('by diff.' = step with minus without, noisier).\n")
@@ -211,16 +227,20 @@ def render(args, steps_rows, sweep, eff, wall) -> str:
              f"| step with nuc ms | nuc share | nuc share by diff. | nuc share, every {NUC_EVERY} steps (default) |")
     L.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in steps_rows:
-        nuc = (f"{r['nuc_step']:.0f} | {100 * r['nuc_frac']:.1f}% | {100 * r['nuc_frac_diff']:.1f}% | "
+        nuc = (f"{r['nuc_step']:.3g} | {100 * r['nuc_frac']:.1f}% | "
+               f"{100 * r['nuc_frac_diff']:.1f}% | "
                f"{100 * r['nuc_frac_every']:.1f}%" if "nuc_step" in r else "- | - | - | -")
-        L.append(f"| {r['threads']} | {r['model']} | {r['dense']:.0f} | {r['sparse']:.0f} | "
+        L.append(f"| {r['threads']} | {r['model']} | {r['dense']:.3g} | {r['sparse']:.3g} | "
                  f"x{r['speedup']:.2f} | {r['vs_topk']:.2f}x | {r['vs_topk_dense']:.2f}x | {nuc} |")
     if sweep:
         s = sweep
         L.append("\n## 2. Sweep of 4 SAEs from one read pass vs 4 separate passes\n")
-        L.append(f"bf16 cache of random activations, d = 384, {s['cache_mb']:.0f} MB on disk (written in "
-                 f"{s['write_s']:.0f} s); {s['tokens']:,} training tokens per SAE, batch 1024; members: "
-                 "TopK n=1536 k=32, SASA r=2/4/8 (n=1536, s*r=32); `sasa.trainer.train`, device cpu.\n")
+        L.append(f"bf16 cache of random activations, d = {s['d']}, {s['cache_mb']:.0f} MB on disk "
+                 "(written in "
+                 f"{s['write_s']:.0f} s); {s['tokens']:,} training tokens per SAE, batch "
+                 f"{s['batch']}; members: TopK n={s['n_coords']} k={s['k']}, SASA r=2/4/8 "
+                 f"(n={s['n_coords']}, s*r={s['k']}); `sasa.trainer.train`, device "
+                 f"{args.device}.\n")
         L.append("| run | wall s | chunk reads |")
         L.append("|---|---|---|")
         L.append(f"| 1 run, 4 members | {s['sweep_s']:.1f} | {s['sweep_chunks']} |")
@@ -261,19 +281,28 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1], help="torch threads for step times")
     p.add_argument("--rounds", type=int, default=12, help="interleaved steps per configuration")
     p.add_argument("--skip", nargs="*", default=[], choices=["steps", "sweep", "efficiency"])
+    p.add_argument("--device", default="cpu",
+                   help="cuda: step times and the sweep on the GPU at GPU_SIZES")
     p.add_argument("--out", default=None, help="markdown file to write (full runs default to "
                    "bench/RESULTS_train.md; --quick writes nothing unless given)")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
     header = machine()
+    if args.device.startswith("cuda"):
+        header += f", {torch.cuda.get_device_name(args.device)}"
     print(header, flush=True)
     if args.quick:
-        archs = [(lbl, {**kw, "groups": kw["groups"] // 4}) for lbl, kw in ARCHS]
-        step_kw = dict(rounds=3, d=96, batch=256, archs=archs)
+        step_kw = dict(rounds=3, d=96, batch=256, archs=model_grid(N_COORDS // 4))
         sweep_kw = dict(n_cache=1 << 14, n_train=1 << 12, d=D)
         eff_kw = dict(steps=60, eval_every=20, batch=512, lr=3e-3, n_train=20_000)
+    elif args.device.startswith("cuda"):
+        g = GPU_SIZES
+        step_kw = dict(rounds=args.rounds, d=g["d"], batch=g["batch"], device=args.device,
+                       archs=model_grid(g["n_coords"], g["k"]))
+        sweep_kw = dict(n_cache=1 << 20, n_train=1 << 20, d=g["d"], device=args.device,
+                        batch=g["batch"], n_coords=g["n_coords"], k=g["k"])
     else:
-        step_kw = dict(rounds=args.rounds, d=D, batch=BATCH, archs=ARCHS)
+        step_kw = dict(rounds=args.rounds, d=D, batch=BATCH, archs=model_grid())
         sweep_kw = dict(n_cache=1 << 18, n_train=1 << 17, d=D)
         eff_kw = dict(steps=4000, eval_every=100, batch=512, lr=3e-3, n_train=100_000)
     rows, sweep, eff = [], None, None
@@ -288,7 +317,7 @@ def main(argv=None) -> None:
     if "efficiency" not in args.skip:
         eff = sample_efficiency(threads=args.threads[0], **eff_kw)
         print("sample efficiency done", flush=True)
-    body = render(args, rows, sweep, eff, time.perf_counter() - t_start)
+    body = render(args, rows, sweep, eff, time.perf_counter() - t_start, step_kw)
     print(body)
     out = args.out or (None if args.quick else "bench/RESULTS_train.md")
     if out:
