@@ -4,6 +4,8 @@ copies). Skipped without a CUDA device; `python -m pytest -m gpu` runs them wher
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -105,3 +107,22 @@ def test_splitting_on_cuda_equals_cpu():
         ub = splitting(*args, projection=projection, chunk=64, device="cuda").units_F
         np.testing.assert_array_equal(np.isnan(ua), np.isnan(ub))
         np.testing.assert_allclose(ub, ua, rtol=1e-9)
+
+
+def test_consolidation_steps_run_on_cuda(tmp_path):
+    """Revive, unpack and gather act in a run on the GPU (each made a tensor on the CPU before
+    the first GPU run; tests/test_devices.py checks the same without a GPU)."""
+    url = str(tmp_path / "cache")
+    spec = SyntheticSpec(d=32, features_per_dim={1: 2, 2: 2, 3: 2, 4: 2}, mean_active=3.0,
+                         max_prob=0.5)
+    write_synthetic_cache(url, spec=spec, n_tokens=1 << 13, ctx_len=64, shard_seqs=32,
+                          progress=False)
+    sasa = {"arch": "sasa", "groups": 16, "rank": 4, "top_s": 3, "merge_every": 5,
+            "revive_every": 5, "unpack_every": 5, "gather_every": 5}
+    cfg = TrainConfig(cache=url, members=[MemberConfig("synthetic", sasa)], tokens=400 * 256,
+                      batch_size=256, log_every=5, checkpoint_every=0, shuffle_rows=2048,
+                      device="cuda")
+    (folder,) = train(cfg, tmp_path / "run", progress=False).saes.values()
+    lines = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(ln["loss"]) for ln in lines)
+    assert sum(ln["gathered"] for ln in lines) > 0, lines[-1]

@@ -195,13 +195,13 @@ def slice_components(cfg, items: list[Block], corr: float | None = None) -> list
     if M < 2:
         return []
     tok, blk = torch.nonzero(on_NB.T, as_tuple=True)  # by token, then block
-    idx_BM = torch.full((B, M), N)
-    idx_BM[tok, torch.arange(len(tok)) - (per_B.cumsum(0) - per_B)[tok]] = blk
+    idx_BM = torch.full((B, M), N, device=on_NB.device)
+    idx_BM[tok, torch.arange(len(tok), device=on_NB.device) - (per_B.cumsum(0) - per_B)[tok]] = blk
     i_BMM, j_BMM = idx_BM.unsqueeze(2).expand(B, M, M), idx_BM.unsqueeze(1).expand(B, M, M)
     ok = (i_BMM < j_BMM) & (j_BMM < N)
     pairs, co_P = torch.unique(i_BMM[ok] * N + j_BMM[ok], return_counts=True)
     i_P, j_P, co_P = pairs // N, pairs % N, co_P.double()
-    grp_N = torch.tensor([it.group for it in items])
+    grp_N = torch.tensor([it.group for it in items], device=on_NB.device)
 
     # Only pairs of different groups on together often enough can link; the tests below read
     # no other pair.
@@ -210,7 +210,7 @@ def slice_components(cfg, items: list[Block], corr: float | None = None) -> list
     link = may_P & (r_ij >= cfg.gather_ratio) & (r_ji >= cfg.gather_ratio)
     # gather_energy: or on-ratios >= 2 and code energies that follow each other
     cand = torch.nonzero(may_P & ~link & (r_ij >= 2) & (r_ji >= 2)).flatten() \
-        if cfg.gather_energy > 0 else torch.zeros(0, dtype=torch.long)
+        if cfg.gather_energy > 0 else torch.zeros(0, dtype=torch.long, device=on_NB.device)
     corr = cfg.gather_corr if corr is None else corr
     if cand.numel() or corr > 0:
         e_NB = torch.stack([it.energy_B for it in items])
@@ -336,8 +336,8 @@ def gather_slices(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
             _gather_beside(sae, target, u_DK[:, :dims], spans[target], old[target], joint,
                            pool_PD, z_BGR[:, target])
         else:
-            _take_over(sae, target,
-                       *_fill(all_KD, torch.zeros(1, D, dtype=all_KD.dtype), pool_PD, R), *joint)
+            none_1D = torch.zeros(1, D, dtype=all_KD.dtype, device=all_KD.device)
+            _take_over(sae, target, *_fill(all_KD, none_1D, pool_PD, R), *joint)
         touched.update(hosts + [target])
         gathered.append((target, hosts))
         if opt is not None:

@@ -122,10 +122,12 @@ class SAE(nn.Module):
         if seed is not None:
             gen = torch.Generator(device="cpu").manual_seed(seed)
         G, R, D = self.cfg.groups, self.cfg.rank, self.cfg.d_in
-        self._set_decoder(torch.randn(G, D, R, generator=gen, dtype=torch.float64))
+        # Drawn on the CPU in float64 whatever the SAE's device: one seed, one init everywhere.
+        cpu64 = {"generator": gen, "dtype": torch.float64, "device": "cpu"}
+        self._set_decoder(torch.randn(G, D, R, **cpu64))
         if self.cfg.init_encoder != "transpose":
             bound = 1 / math.sqrt(D)
-            self.W_enc_GRD.copy_(torch.rand(G, R, D, generator=gen, dtype=torch.float64)
+            self.W_enc_GRD.copy_(torch.rand(G, R, D, **cpu64)
                                  .mul_(2 * bound).sub_(bound))
         self.b_enc_GR.zero_()
         self.b_dec_D.zero_()
@@ -143,9 +145,10 @@ class SAE(nn.Module):
         gen = torch.Generator(device="cpu").manual_seed(seed)
         x_ND = x_ND.detach().to("cpu", torch.float64)
         mean_D = x_ND.mean(0)
-        idx = torch.randint(0, x_ND.shape[0], (G * R,), generator=gen)
+        idx = torch.randint(0, x_ND.shape[0], (G * R,), generator=gen, device="cpu")
         w_GDR = (x_ND[idx] - mean_D).reshape(G, R, D).transpose(1, 2)
-        self._set_decoder(w_GDR + 1e-3 * torch.randn(G, D, R, generator=gen, dtype=torch.float64))
+        self._set_decoder(w_GDR + 1e-3 * torch.randn(G, D, R, generator=gen, dtype=torch.float64,
+                                                     device="cpu"))
         self.b_dec_D.copy_(mean_D)
 
     def _set_decoder(self, w_GDR: torch.Tensor) -> None:

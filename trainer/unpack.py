@@ -102,7 +102,7 @@ def independent_blocks(z_BGR: torch.Tensor, min_share: float, dep: float) -> Blo
         white_GBR = (z_GBR @ u_GRR) * scale_GR.unsqueeze(1)
         # Symmetric FastICA (kurtosis). Invalid dims are zero columns: W stays block-diagonal
         # there (+-identity), so they stay out of the valid sources.
-        w_GRR = torch.eye(R, dtype=z_GBR.dtype).expand(n, R, R).contiguous()
+        w_GRR = torch.eye(R, dtype=z_GBR.dtype, device=z_GBR.device).expand(n, R, R).contiguous()
         for _ in range(ICA_ITERS):
             y_GBR = white_GBR @ w_GRR.transpose(1, 2)
             w_GRR = y_GBR.pow(3).transpose(1, 2) @ white_GBR / B - 3 * w_GRR
@@ -115,7 +115,7 @@ def independent_blocks(z_BGR: torch.Tensor, min_share: float, dep: float) -> Blo
         joint_GRR = on_GBR.transpose(1, 2) @ on_GBR / B
         adj_GRR = joint_GRR >= dep * p_GR.unsqueeze(2) * p_GR.unsqueeze(1)
         adj_GRR &= src_GR.unsqueeze(2) & src_GR.unsqueeze(1) & (p_GR > 0).unsqueeze(2)
-        adj_GRR |= torch.eye(R, dtype=torch.bool)
+        adj_GRR |= torch.eye(R, dtype=torch.bool, device=adj_GRR.device)
         for _ in range(max(1, (R - 1).bit_length())):  # transitive closure
             adj_GRR = (adj_GRR.double() @ adj_GRR.double()) > 0
         labels.append(torch.where(src_GR, adj_GRR.double().argmax(-1), -1))
@@ -159,7 +159,7 @@ def unpack_packed(sae, x_BD: torch.Tensor, opt: torch.optim.Optimizer | None = N
     total_A = energy_AR.sum(-1).clamp_min(1e-30)
 
     # A source whose label is its own index starts a block: only groups with two may be packed.
-    starts_A = (blocks.label_GR == torch.arange(R)).sum(1)
+    starts_A = (blocks.label_GR == torch.arange(R, device=blocks.label_GR.device)).sum(1)
     plans: list[tuple[float, int, int, list[list[int]]]] = []
     for a in torch.nonzero(starts_A >= 2).flatten().tolist():
         g = int(busy[a])
@@ -232,8 +232,9 @@ def _fill(span_KD: torch.Tensor, avoid_JD: torch.Tensor, pool_PD: torch.Tensor,
     cols = [q_DK]
     have = q_DK.shape[1]
     D = span_KD.shape[1]
-    axes = (torch.zeros(D, dtype=pool_PD.dtype).index_fill_(0, torch.tensor(i), 1.0)
-            for i in range(D))  # made only if the pool runs out
+    dev = pool_PD.device
+    axes = (torch.zeros(D, dtype=pool_PD.dtype, device=dev).index_fill_(
+        0, torch.tensor(i, device=dev), 1.0) for i in range(D))  # made only if the pool runs out
     for v in itertools.chain(pool_PD, axes):
         if have >= R:
             break

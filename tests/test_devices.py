@@ -1,0 +1,38 @@
+"""Every tensor the trainer makes lives on the SAE's device, checked without a GPU.
+
+The first GPU run of the consolidation procedure (bench/device.sh, 2026-11-30) stopped at
+``torch.eye(R)`` made on the CPU beside CUDA codes. Here the CPU plays the GPU: with the
+factory default set to the ``meta`` device, a tensor made without a device lands on ``meta``
+and the first operation that mixes it with the run's CPU tensors raises."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from sasa.analysis.synth import write_synthetic_cache
+from sasa.analysis.synthetic import SyntheticSpec
+from sasa.trainer import MemberConfig, TrainConfig, train
+
+
+def test_a_run_with_every_consolidation_step_makes_no_tensor_off_its_device(tmp_path):
+    url = str(tmp_path / "cache")
+    spec = SyntheticSpec(d=32, features_per_dim={1: 2, 2: 2, 3: 2, 4: 2}, mean_active=3.0,
+                         max_prob=0.5)
+    write_synthetic_cache(url, spec=spec, n_tokens=1 << 13, ctx_len=64, shard_seqs=32,
+                          progress=False)
+    sasa = {"arch": "sasa", "groups": 16, "rank": 4, "top_s": 3, "merge_every": 5,
+            "revive_every": 5, "unpack_every": 5, "gather_every": 5}
+    cfg = TrainConfig(cache=url, members=[MemberConfig("synthetic", sasa)], tokens=400 * 256,
+                      batch_size=256, log_every=5, checkpoint_every=0, shuffle_rows=2048,
+                      device="cpu")
+    torch.set_default_device("meta")
+    try:
+        result = train(cfg, tmp_path / "run", progress=False)
+    finally:
+        torch.set_default_device(None)
+    (folder,) = result.saes.values()
+    lines = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
+    acted = {k: sum(ln[k] for ln in lines) for k in ("revived", "unpacked", "gathered")}
+    assert all(n > 0 for n in acted.values()), acted  # the steps ran past their early exits
