@@ -169,6 +169,34 @@ def test_summarize_shard_blocks_equal_one_float64_pass(monkeypatch, dtype):
     np.testing.assert_allclose(summary.norms, np.linalg.norm(ref, axis=1), rtol=1e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_summarize_shard_parts_equal_one_float64_pass_whatever_the_threads(monkeypatch, threads):
+    """A shard cut into parts (ragged last part; masked rows and a NaN in different parts)
+    gives one float64 pass's statistics, and the same bytes on one thread as on three."""
+    from sasa.store import stats
+    monkeypatch.setattr(stats, "BLOCK_VALUES", 5 * 16)
+    monkeypatch.setattr(stats, "PART_VALUES", 23 * 16)  # 5 parts of 23 rows, the last of 8
+    x = np.random.default_rng(4).normal(50.0, 2.0, (100, 16)).astype(np.float32)
+    keep = np.ones(100, bool)
+    keep[[0, 30, 31, 99]] = False
+    summaries = {}
+    for t in (1, threads):
+        monkeypatch.setattr(stats, "THREADS", t)
+        monkeypatch.setattr(stats, "_pool", None)
+        summaries[t] = stats.summarize_shard(x, "float32", keep)
+    s = summaries[threads]
+    ref = x.astype(np.float64)
+    assert s.moments.count == 96 and s.non_finite == 0
+    np.testing.assert_allclose(s.moments.mean, ref[keep].mean(0), rtol=1e-13)
+    np.testing.assert_allclose(s.moments.m2 / 96, ref[keep].var(0), rtol=1e-9)
+    np.testing.assert_allclose(s.norms, np.linalg.norm(ref, axis=1), rtol=1e-6)
+    one = summaries[1]
+    assert np.array_equal(one.norms, s.norms) and np.array_equal(one.moments.m2, s.moments.m2)
+    assert np.array_equal(one.moments.mean, s.moments.mean)
+    x[[40, 77], 3] = np.nan
+    assert stats.summarize_shard(x, "float32", keep).non_finite == 2
+
+
 # -- the reader ----------------------------------------------------------------------------
 def collect(stream):
     rows, acts = [], []
