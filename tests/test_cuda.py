@@ -1,6 +1,8 @@
 """The CUDA paths pinned to the CPU: the SAE's float64 numerics on the GPU (the sync-free AuxK
-pick, both decode paths) and the trainer's GPU read path (pinned host batches, non-blocking
-copies). Skipped without a CUDA device; `python -m pytest -m gpu` runs them where one exists."""
+pick, both decode paths, the Gram-matrix singular values and CholeskyQR2), the trainer's GPU
+read path (pinned host batches, non-blocking copies), the consolidation steps and the
+splitting analysis. Skipped without a CUDA device; `python -m pytest -m gpu` runs them where
+one exists."""
 
 from __future__ import annotations
 
@@ -46,6 +48,11 @@ def test_sae_float64_on_cuda_equals_cpu(kw, decode):
     for (name, p), q in zip(cpu.named_parameters(), gpu.parameters()):
         torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-10, atol=1e-12, msg=name)
     assert torch.equal(cpu.tokens_since_fired_G, gpu.tokens_since_fired_G.cpu())
+    with torch.no_grad():  # a step away from the constraint, then restore it (CholeskyQR2)
+        for sae in (cpu, gpu):
+            sae.W_dec_GRD.add_(0.05 * sae.W_dec_GRD.grad)
+            sae.post_step()
+    torch.testing.assert_close(gpu.W_dec_GRD.cpu(), cpu.W_dec_GRD, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])

@@ -51,7 +51,8 @@ from torch import nn
 from sasa.errors import SasaError
 from sasa.trainer.auxk import auxk_loss
 from sasa.trainer.gate import keep_mask, kept_flat
-from sasa.trainer.linalg import EffectiveRanks, batch_fvu, effective_ranks, signfix_qr, svdvals_GR
+from sasa.trainer.linalg import (EffectiveRanks, batch_fvu, effective_ranks, orthonormalize,
+                                 signfix_qr, svdvals_GR, triangular_factor_GRR)
 from sasa.trainer.sae_config import SAEConfig
 from sasa.trainer.sparse import GatherCodes, Kept, kept_pairs
 from sasa.trainer.terms import KeptEnergy, KeptSquaredNorms, consolidation_terms
@@ -358,7 +359,7 @@ class SAE(nn.Module):
             d_GDR = self.decoder_GDR
             if d_GDR.dtype in (torch.float16, torch.bfloat16):  # no half-precision QR kernels
                 d_GDR = d_GDR.float()
-            q_GDR = signfix_qr(d_GDR)
+            q_GDR = orthonormalize(d_GDR)
             self.W_dec_GRD.copy_(q_GDR.transpose(1, 2))
         elif self.cfg.arch == "topk":
             self.W_dec_GRD.div_(self.W_dec_GRD.norm(dim=-1, keepdim=True).clamp_min(1e-12))
@@ -377,8 +378,7 @@ class SAE(nn.Module):
         r = 1: P_g = d_g e_g^T has the one singular value ||d_g|| ||e_g|| (no QR, no SVD)."""
         if self.cfg.rank == 1:
             return self.W_dec_GRD.norm(dim=-1) * self.W_enc_GRD.norm(dim=-1)
-        _, r_GRR = torch.linalg.qr(self.decoder_GDR)
-        return svdvals_GR(r_GRR @ self.W_enc_GRD)
+        return svdvals_GR(triangular_factor_GRR(self.decoder_GDR) @ self.W_enc_GRD)
 
     def nuclear_norm(self) -> torch.Tensor:
         """sum_g ||.||_* of what ``nuc_on`` names (differentiable, 0-d)."""
