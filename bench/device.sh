@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The checks that need a GPU machine, prepared to run on a lent one in two short calls:
+# The checks that need a GPU machine, prepared to run on a lent one in short calls:
 #
-#   bash bench/device.sh compute   # CUDA tests, train and harvest benchmarks, SASA at GPU scale
-#   bash bench/device.sh io        # cold epoch and write ceiling on that machine's disk
+#   bash bench/device.sh compute   # = machine tests train harvest consolidation svd
+#   bash bench/device.sh io        # = machine store ceiling (that machine's disk and memory)
+#   bash bench/device.sh tests svd # any steps, in the order given
 #
 # Run from the repository root with two ignored folders beside it: .whl (wheels of the packages
 # such a machine lacks: zarr, numcodecs, donfig, google-crc32c, zlib-ng, for its Python) and
@@ -18,7 +19,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
     SASA_BENCH_MODEL=$PWD/.devdata/minilm TOKENIZERS_PARALLELISM=false
 
-step() {  # step NAME SECONDS COMMAND...: run it under a limit, log it, print its tail
+run() {  # run NAME SECONDS COMMAND...: run it under a limit, log it, print its tail
     local name=$1 limit=$2
     shift 2
     echo "=== $name (limit ${limit} s) $(date +%T): $*"
@@ -27,32 +28,39 @@ step() {  # step NAME SECONDS COMMAND...: run it under a limit, log it, print it
     tail -n "${TAIL:-30}" "$OUT/$name.log"
 }
 
-case ${1:-} in
-compute)
-    { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-      nproc; free -g | head -2; python3 -c "import torch, transformers, zarr, numpy
-print('torch', torch.__version__, 'transformers', transformers.__version__,
-      'zarr', zarr.__version__, 'numpy', numpy.__version__)"; } 2>&1 | tee "$OUT/machine.log"
-    step tests 80 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda.py \
-        tests/test_harvest_models.py
-    TAIL=40 step train 90 python3 bench/train.py --device cuda --skip efficiency --out /dev/null
-    step harvest 90 python3 bench/harvest.py --device cuda --tokens 1048576 --repeats 2 \
-        --no-ceiling
-    step consolidation 150 python3 bench/consolidation.py --device cuda --shapes G --seeds 0 \
-        --tokens 8388608 --batch-size 4096 --threads 16 --work /tmp/sasa-consolidation \
-        --jsonl "$OUT/consolidation.jsonl"
-    ;;
-io)
-    { nproc; free -g | head -2; df -h /tmp | tail -1; cat /proc/sys/vm/dirty_ratio \
-        /proc/sys/vm/dirty_bytes /sys/kernel/mm/transparent_hugepage/enabled; } \
-        2>&1 | tee "$OUT/machine-io.log"
-    TAIL=25 step store 200 python3 bench/store_read.py --object-store --no-s3 --n-seq 16384 \
-        --real-seqs 4096 --rounds 2 --json "$OUT/store.json"
-    step ceiling 110 python3 bench/harvest.py --ceiling-only --tokens 262144 --repeats 2 \
-        --long-bytes 4000000000
-    ;;
-*)
-    echo "usage: bash bench/device.sh compute|io" >&2
-    exit 2
-    ;;
-esac
+step() {
+    case $1 in
+    machine)
+        { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+          nproc; free -g | head -2; df -h /tmp | tail -1; python3 -c "import torch, zarr
+print('torch', torch.__version__, 'zarr', zarr.__version__)"; } 2>&1 | tee "$OUT/machine.log" ;;
+    tests)
+        run tests 35 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda.py \
+            tests/test_harvest_models.py ;;
+    svd)
+        run svd 45 python3 bench/svd_layout.py --device cuda --d 768 --coords 24576 \
+            --ranks 2 8 --repeats 5 ;;
+    train)
+        TAIL=20 run train 40 python3 bench/train.py --device cuda --rounds 5 \
+            --skip sweep efficiency --out /dev/null ;;
+    harvest)
+        run harvest 40 python3 bench/harvest.py --device cuda --tokens 1048576 --repeats 2 \
+            --no-ceiling ;;
+    consolidation)
+        run consolidation 60 python3 bench/consolidation.py --device cuda --shapes G \
+            --seeds 0 --tokens 4194304 --batch-size 4096 --threads 16 \
+            --work /tmp/sasa-consolidation --jsonl "$OUT/consolidation.jsonl" ;;
+    store)
+        TAIL=25 run store 200 python3 bench/store_read.py --object-store --no-s3 \
+            --n-seq 16384 --real-seqs 4096 --rounds 2 --json "$OUT/store.json" ;;
+    ceiling)
+        run ceiling 45 python3 bench/harvest.py --ceiling-only --tokens 262144 --repeats 1 \
+            --long-bytes 4000000000 ;;
+    compute) for s in machine tests train harvest consolidation svd; do step $s; done ;;
+    io) for s in machine store ceiling; do step $s; done ;;
+    *) echo "unknown step $1; see the top of bench/device.sh" >&2; exit 2 ;;
+    esac
+}
+
+[ $# -gt 0 ] || { echo "usage: bash bench/device.sh compute|io|STEP..." >&2; exit 2; }
+for s in "$@"; do step "$s"; done
