@@ -6,8 +6,6 @@ one exists."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -16,6 +14,7 @@ from safetensors.torch import load_file
 from sasa.analysis.synth import write_synthetic_cache
 from sasa.analysis.synthetic import SyntheticSpec
 from sasa.trainer import MemberConfig, TrainConfig, train
+from test_devices import every_step_run
 from test_sae_sparse import SPARSE_CASES
 
 pytestmark = [pytest.mark.gpu,
@@ -119,17 +118,6 @@ def test_splitting_on_cuda_equals_cpu():
 def test_consolidation_steps_run_on_cuda(tmp_path):
     """Revive, unpack and gather act in a run on the GPU (each made a tensor on the CPU before
     the first GPU run; tests/test_devices.py checks the same without a GPU)."""
-    url = str(tmp_path / "cache")
-    spec = SyntheticSpec(d=32, features_per_dim={1: 2, 2: 2, 3: 2, 4: 2}, mean_active=3.0,
-                         max_prob=0.5)
-    write_synthetic_cache(url, spec=spec, n_tokens=1 << 13, ctx_len=64, shard_seqs=32,
-                          progress=False)
-    sasa = {"arch": "sasa", "groups": 16, "rank": 4, "top_s": 3, "merge_every": 5,
-            "revive_every": 5, "unpack_every": 5, "gather_every": 5}
-    cfg = TrainConfig(cache=url, members=[MemberConfig("synthetic", sasa)], tokens=400 * 256,
-                      batch_size=256, log_every=5, checkpoint_every=0, shuffle_rows=2048,
-                      device="cuda")
-    (folder,) = train(cfg, tmp_path / "run", progress=False).saes.values()
-    lines = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
+    lines = every_step_run(tmp_path, "cuda")
     assert all(np.isfinite(ln["loss"]) for ln in lines)
     assert sum(ln["gathered"] for ln in lines) > 0, lines[-1]

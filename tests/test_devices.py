@@ -7,6 +7,7 @@ and the first operation that mixes it with the run's CPU tensors raises."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
@@ -16,7 +17,9 @@ from sasa.analysis.synthetic import SyntheticSpec
 from sasa.trainer import MemberConfig, TrainConfig, train
 
 
-def test_a_run_with_every_consolidation_step_makes_no_tensor_off_its_device(tmp_path):
+def every_step_run(tmp_path, device: str) -> list[dict]:
+    """A short SASA run with merge, revive, unpack and gather every 5 steps on ``device``;
+    its metrics lines (what tests/test_cuda.py runs on a GPU)."""
     url = str(tmp_path / "cache")
     spec = SyntheticSpec(d=32, features_per_dim={1: 2, 2: 2, 3: 2, 4: 2}, mean_active=3.0,
                          max_prob=0.5)
@@ -26,13 +29,20 @@ def test_a_run_with_every_consolidation_step_makes_no_tensor_off_its_device(tmp_
             "revive_every": 5, "unpack_every": 5, "gather_every": 5}
     cfg = TrainConfig(cache=url, members=[MemberConfig("synthetic", sasa)], tokens=400 * 256,
                       batch_size=256, log_every=5, checkpoint_every=0, shuffle_rows=2048,
-                      device="cpu")
-    torch.set_default_device("meta")
+                      device=device)
+    meta = device == "meta"  # the CPU run with meta as the factory default
+    if meta:
+        cfg = dataclasses.replace(cfg, device="cpu")
+        torch.set_default_device("meta")
     try:
-        result = train(cfg, tmp_path / "run", progress=False)
+        (folder,) = train(cfg, tmp_path / "run", progress=False).saes.values()
     finally:
-        torch.set_default_device(None)
-    (folder,) = result.saes.values()
-    lines = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
+        if meta:
+            torch.set_default_device(None)
+    return [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_with_every_consolidation_step_makes_no_tensor_off_its_device(tmp_path):
+    lines = every_step_run(tmp_path, "meta")
     acted = {k: sum(ln[k] for ln in lines) for k in ("revived", "unpacked", "gathered")}
     assert all(n > 0 for n in acted.values()), acted  # the steps ran past their early exits
