@@ -39,6 +39,9 @@ member uses lr 3e-3 (bench/SPLITTING.md; the default rule gives 1.1e-3-1.4e-3 he
         --over 'oracle={"batch_gate_from": 0.8}' --work W --jsonl late.jsonl  # members changed
 
 CPU, one torch thread per process (``--threads``); ~2-6 min per (shape, seed, budget) here.
+``--device cuda`` trains the members on a GPU and scores them there; shape G (112 planted
+features in d = 256) is sized for that and is left out unless ``--shapes`` names it. Its one
+GPU run so far did not finish inside 60 s at 4M tokens (bench/RESULTS.md, "On a GPU").
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ batch 32, resid_post.3, bf16 storage, workers=0 so Ray start-up is not in the nu
   fresh-memory first touch hold the writer back?), at ``--tokens``.
 
 Repeats are interleaved and the best of each kept: other processes share this machine.
+``--device cuda`` runs the forward rows and the harvest on a GPU (bf16 weights, pinned host
+buffers, as ``sasa harvest`` does there; the write ceiling has no model and is the same).
 """
 
 from __future__ import annotations
