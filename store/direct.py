@@ -22,8 +22,10 @@ allocated, dirtied and flushed later; at d = 4096, 10 GB written, 1.54 and 1.39 
 bench/RESULTS_harvest.md). Why, reading: zarr reads a local chunk into a new bytes object and copies
 it into the caller's buffer; ``readinto`` puts the file's bytes straight into the window, one copy
 instead of two and no fresh allocation per chunk: 2.2x zarr's rate on one thread from a warm page
-cache (``python bench/store_micro.py``); over a cold epoch of the reader 0.93-1.27x in five runs,
-within this VM's swings (``python bench/store_read.py``; bench/RESULTS_store.md).
+cache on one 2-core VM and 0.7x on another (not understood; ``python bench/store_micro.py``,
+bench/RESULTS.md); over a cold epoch of the reader 0.93-1.27x in five runs on the first VM
+(``python bench/store_read.py``; bench/RESULTS_store.md), 1.15x on an H200 machine
+(bench/RESULTS.md, "On a GPU").
 
 Safety is the same as zarr's LocalStore: a local object is written to
 ``<key>.<uuid4 hex>.partial`` and renamed over the key, so a writer killed mid-write leaves at

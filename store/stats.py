@@ -11,7 +11,6 @@ shards beyond (``Cache.stats``), so opening a terabyte cache reads megabytes.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -112,8 +111,10 @@ def summarize_shard(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> Sh
 def _summarize_part(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> ShardSummary:
     """``summarize_shard`` of rows on one thread.
 
-    Per block: the values widened to float32 exactly (bf16 bits copied into the high halves of
-    a zeroed float32 buffer), the row norms, then float64 sums of x and x^2 per dimension, from
+    Per block: the values widened to float32 exactly (bf16 bits widened to 32-bit integers and
+    shifted into the high half: a contiguous copy and shift, 1.6x and 2.0x faster in two runs
+    than storing them into the high halves of a zeroed float32 buffer, ``python
+    bench/store_micro.py``), the row norms, then float64 sums of x and x^2 per dimension, from
     which the block's (count, mean, M2) follow (M2 = sum x^2 - mean * sum x) before Chan's
     merge. The sums are exact for bf16 data unless a dimension's values span over ~15 binades;
     the subtraction loses about log10(mean^2 / var) of float64's 16 digits (10 left at mean =
@@ -130,15 +131,16 @@ def _summarize_part(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> Sh
     total = Moments(0, np.zeros(d), np.zeros(d))
     bad = 0
     rows = min(block_rows, n)
-    buf = np.zeros((rows, d), np.float32)
+    buf = np.empty((rows, d), np.float32)
+    bits = buf.view(np.uint32)
     buf64 = np.empty((rows, d), np.float64)
-    high = buf.view(np.uint16)[:, 1::2] if sys.byteorder == "little" else buf.view(np.uint16)[:, ::2]
     for start in range(0, n, block_rows):
         block = stored_ND[start:start + block_rows]
         m = len(block)
         x = buf[:m]
-        if dtype == "bfloat16":
-            high[:m] = block  # the low halves stay zero: exactly the float32 of each bf16 value
+        if dtype == "bfloat16":  # bf16 bits over 16 zero bits: exactly the value's float32
+            np.copyto(bits[:m], block, casting="unsafe")
+            np.left_shift(bits[:m], 16, out=bits[:m])
         else:
             np.copyto(x, block)
         sq = np.einsum("ij,ij->i", x, x)
