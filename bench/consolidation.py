@@ -183,9 +183,11 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
     capped = "" if max_prob == MAX_PROB else f"-p{max_prob:g}"  # other caps: other folders
     # The spec's hash in the name: a cache left in --work by another spec is never reused.
     url = work / f"cache-{shape_name}-{seed}-{_digest(dataclasses.asdict(spec))[:8]}"
+    t_cache = time.perf_counter()
     if not (url / "zarr.json").exists():
         write_synthetic_cache(str(url), spec=spec, n_tokens=1 << 18, ctx_len=64, shard_seqs=256,
                               seed=seed, progress=False)
+    cache_s = time.perf_counter() - t_cache  # 0 when an earlier run's cache is reused
     chosen = [m for m in members(shape, lr, variants, over)
               if m.name in keep or m.name in (variants or {})]
     cfg = TrainConfig(cache=str(url), members=chosen, tokens=tokens,
@@ -204,7 +206,9 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         oracle_weights(ckpt["members"]["oracle"]["sae"], generate(spec, 0).bases, shape.rank, seed)
         torch.save(ckpt, ckpt_path)
+    t_held = time.perf_counter()
     held = held_out(spec, seed)
+    held_s = time.perf_counter() - t_held
     rows = []
     for frac in sorted(score_at):
         train(cfg, out, resume=(out / "checkpoints").exists(), progress=False,
@@ -218,10 +222,13 @@ def run_budget(shape_name: str, seed: int, tokens: int, work: Path, lr: float | 
     result = train(cfg, out, resume=(out / "checkpoints").exists(), progress=False)
     seconds = time.perf_counter() - t0
     for name in [*keep, *(variants or {})]:
+        t_score = time.perf_counter()
         sc = score(load_sae(result.saes[name]), *held, device)
         rows.append({"shape": shape_name, "seed": seed, "tokens": tokens, "model": name,
                      "fvu": float(sc.out.fvu), "units": sc.units, "units_alone": sc.units_alone,
-                     "packed": sc.packed, "features": sc.features, "sweep_seconds": seconds})
+                     "packed": sc.packed, "features": sc.features, "sweep_seconds": seconds,
+                     "cache_seconds": cache_s, "held_out_seconds": held_s,
+                     "score_seconds": time.perf_counter() - t_score})
     return rows
 
 
