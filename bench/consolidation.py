@@ -99,7 +99,7 @@ SHAPES = {
     "E": Shape(SyntheticSpec(d=128, features_per_dim={1: 4, 2: 4, 3: 4, 4: 3, 5: 3},
                              mean_active=6.0), rank=5, groups=48, top_s=8),
     # G, for a GPU (``--device cuda``): 112 overlapping spherical 1-5-D features in d = 256
-    # (sum d_i = 272 > d), ~6 on per row, 2.3 groups per feature as in E.
+    # (sum d_i = 272 > d), ~6 on per row, 2.3 groups per feature (E: 2.7).
     "G": Shape(SyntheticSpec(d=256, features_per_dim={1: 32, 2: 32, 3: 24, 4: 16, 5: 8},
                              mean_active=6.0), rank=5, groups=256, top_s=10),
 }
