@@ -74,7 +74,7 @@ def generate(out_dir: Path, n_real_seq: int, ctx_len: int = 128, batch_seqs: int
     t0 = time.perf_counter()
     path = model_source()
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
+    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()  # whatever the checkpoint
     texts = stdlib_texts()
     body = ctx_len - 1
     stream: list[int] = []
