@@ -4,6 +4,7 @@
 #   bash bench/device.sh compute   # = machine tests train harvest consolidation svd
 #   bash bench/device.sh io        # = machine store ceiling (that machine's disk and memory)
 #   bash bench/device.sh tests svd # any steps, in the order given
+#   bash bench/device.sh prepare   # HERE, before the first call: builds .whl and .devdata
 #
 # Run from the repository root with two ignored folders beside it: .whl (wheels of the packages
 # such a machine lacks: zarr, numcodecs, donfig, google-crc32c, zlib-ng, for its Python) and
@@ -15,7 +16,38 @@
 # On 2026-11-30 the consolidation step did not finish in 60 s and the store step's second round
 # was cut off at 200 s (transformers 5 loads a checkpoint in its own dtype, so the fp16 copy
 # of MiniLM generated the data in fp16 on the CPU; bench/_activations.py asks for fp32 now).
+# The device tool's call: run(command="bash bench/device.sh compute", carry=[".whl", ".devdata"]).
 set -u
+
+if [ "${1:-}" = prepare ]; then  # on the development machine, with sasa installed
+    grep -qx "/.whl/" .git/info/exclude || echo "/.whl/" >>.git/info/exclude
+    grep -qx "/.devdata/" .git/info/exclude || echo "/.devdata/" >>.git/info/exclude
+    pins=$(python -m pip list --format=freeze 2>/dev/null |
+           grep -iE "^(zarr|numcodecs|donfig|google-crc32c|zlib-ng)==")
+    python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d .whl $pins || exit 1
+    python - <<'PY' || exit 1
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from sasa.models import BUILTIN_MODEL, resolve_model_source
+
+src, dst = Path(resolve_model_source(BUILTIN_MODEL)), Path(".devdata/minilm")
+dst.mkdir(parents=True, exist_ok=True)
+for name in ("config.json", "special_tokens_map.json", "tokenizer.json",
+             "tokenizer_config.json", "vocab.txt"):
+    shutil.copy(src / name, dst / name)
+weights = load_file(str(src / "model.safetensors"))
+save_file({k: v.half().contiguous() for k, v in weights.items()},
+          str(dst / "model.safetensors"), metadata={"format": "pt"})
+PY
+    du -sh .whl .devdata
+    exit 0
+fi
+
 OUT=${OUT:-/tmp/sasa-device}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
