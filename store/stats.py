@@ -85,6 +85,14 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+def _forget_pool() -> None:  # a forked child has none of the parent's threads: make its own
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def summarize_shard(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> ShardSummary:
     """Norms, float64 moments of the kept rows, and a NaN/Inf count, in one blocked pass over
     the stored values: parts of ``PART_VALUES`` values on up to ``THREADS`` threads (numpy

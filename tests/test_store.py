@@ -7,6 +7,11 @@ layouts (``shard_objects``: one object per chunk, or one per shard).
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -195,6 +200,36 @@ def test_summarize_shard_parts_equal_one_float64_pass_whatever_the_threads(monke
     assert np.array_equal(one.moments.mean, s.moments.mean)
     x[[40, 77], 3] = np.nan
     assert stats.summarize_shard(x, "float32", keep).non_finite == 2
+
+
+FORKED_SUMMARY = """
+import os, numpy as np
+from sasa.store import stats
+stats.THREADS, stats.PART_VALUES = 2, 1 << 10
+x = np.random.default_rng(0).normal(size=(400, 16)).astype(np.float32)
+parent = stats.summarize_shard(x, "float32", np.ones(400, bool))  # the pool exists now
+pid = os.fork()
+if pid == 0:
+    child = stats.summarize_shard(x, "float32", np.ones(400, bool))
+    os._exit(0 if np.array_equal(child.moments.m2, parent.moments.m2) else 3)
+os._exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_writer_summarizes_on_its_own_threads():
+    """A process forked after the statistics pool started (a writer forked by its parent)
+    gets a pool of its own: the parent's threads do not exist in the child, and a pool
+    inherited with them never runs its work (this hangs without ``_forget_pool``)."""
+    proc = subprocess.Popen([sys.executable, "-c", FORKED_SUMMARY], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the hung child too
+        proc.communicate()
+        pytest.fail("the forked child's statistics pass hung")
+    assert proc.returncode == 0, err
 
 
 # -- the reader ----------------------------------------------------------------------------
