@@ -41,8 +41,9 @@ class TopRows:
         self.rows_GK = np.full((groups, k), -1, dtype=np.int64)
 
     def update(self, score_BG, rows_B) -> None:
-        s_BG = torch.as_tensor(score_BG).detach().float().cpu()  # torch: its topk and nonzero are
-        rows = _numpy(rows_B).astype(np.int64, copy=False)       # 4-5x faster than numpy's here
+        # torch: its topk and nonzero are 4-5x faster than numpy's here
+        s_BG = torch.as_tensor(score_BG, device="cpu").detach().float()
+        rows = _numpy(rows_B).astype(np.int64, copy=False)
         B, G = s_BG.shape
         thr_G = torch.from_numpy(self.vals_GK[:, -1].copy())  # -1 while a group has < k entries
         if B >= self.k:

@@ -1,4 +1,5 @@
-"""Every tensor the trainer makes lives on the SAE's device, checked without a GPU.
+"""Every tensor the trainer and the eval scan make lives on the SAE's device, checked
+without a GPU.
 
 The first GPU run of the consolidation procedure (bench/device.sh, 2026-11-30) stopped at
 ``torch.eye(R)`` made on the CPU beside CUDA codes. Here the CPU plays the GPU: with the
@@ -12,6 +13,9 @@ import json
 
 import torch
 
+from sasa.analysis import scan
+from sasa.analysis.eval_config import EvalConfig
+from sasa.analysis.evaluate import evaluate
 from sasa.analysis.synth import write_synthetic_cache
 from sasa.analysis.synthetic import SyntheticSpec
 from sasa.trainer import MemberConfig, TrainConfig, train
@@ -46,3 +50,29 @@ def test_a_run_with_every_consolidation_step_makes_no_tensor_off_its_device(tmp_
     lines = every_step_run(tmp_path, "meta")
     acted = {k: sum(ln[k] for ln in lines) for k in ("revived", "unpacked", "gathered")}
     assert all(n > 0 for n in acted.values()), acted  # the steps ran past their early exits
+
+
+def test_an_eval_scan_makes_no_tensor_off_its_device(tmp_path, monkeypatch):
+    """``sasa eval``'s pass over the cache (metrics, contexts, splitting) for SASA, TopK and
+    ReLU SAEs, with meta as the factory default inside the scan (the SAEs load before it)."""
+    url = str(tmp_path / "cache")
+    write_synthetic_cache(url, spec=SyntheticSpec(d=16, features_per_dim={1: 4, 2: 4}),
+                          n_tokens=4096, ctx_len=16, shard_seqs=64, progress=False)
+    members = [MemberConfig("synthetic", m) for m in (
+        {"arch": "sasa", "groups": 8, "rank": 2, "top_s": 2},
+        {"arch": "topk", "groups": 16, "top_s": 4}, {"arch": "relu", "groups": 16})]
+    run = train(TrainConfig(cache=url, members=members, tokens=8 * 128, batch_size=128,
+                            log_every=4, shuffle_rows=1024), tmp_path / "run", progress=False)
+    plain = scan.scan_chunks
+
+    def on_meta(*args, **kwargs):
+        torch.set_default_device("meta")
+        try:
+            return plain(*args, **kwargs)
+        finally:
+            torch.set_default_device(None)
+    monkeypatch.setattr(scan, "scan_chunks", on_meta)
+    for folder in run.saes.values():
+        report = evaluate(EvalConfig(cache=url, sae=str(folder), tokens=2048,
+                                     progress=False)).report
+        assert 0 < report["fvu"] < 1.5 and report["n_tokens"] == 2048
