@@ -53,8 +53,9 @@ def test_a_run_with_every_consolidation_step_makes_no_tensor_off_its_device(tmp_
 
 
 def test_an_eval_scan_makes_no_tensor_off_its_device(tmp_path, monkeypatch):
-    """``sasa eval``'s pass over the cache (metrics, contexts, splitting) for SASA, TopK and
-    ReLU SAEs, with meta as the factory default inside the scan (the SAEs load before it)."""
+    """``sasa eval``'s pass over the cache (its metrics and top contexts; the splitting scores
+    come after it) for SASA, TopK and ReLU SAEs, with meta as the factory default inside the
+    scan (the SAEs load before it)."""
     url = str(tmp_path / "cache")
     write_synthetic_cache(url, spec=SyntheticSpec(d=16, features_per_dim={1: 4, 2: 4}),
                           n_tokens=4096, ctx_len=16, shard_seqs=64, progress=False)
