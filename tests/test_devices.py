@@ -8,7 +8,7 @@ and the first operation that mixes it with the run's CPU tensors raises."""
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 
 import torch
@@ -21,9 +21,19 @@ from sasa.analysis.synthetic import SyntheticSpec
 from sasa.trainer import MemberConfig, TrainConfig, train
 
 
-def every_step_run(tmp_path, device: str) -> list[dict]:
-    """A short SASA run with merge, revive, unpack and gather every 5 steps on ``device``;
-    its metrics lines (what tests/test_cuda.py runs on a GPU)."""
+@contextlib.contextmanager
+def meta_by_default():
+    """Tensors made without a device land on ``meta`` inside (the CPU plays the GPU)."""
+    torch.set_default_device("meta")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
+
+
+def every_step_run(tmp_path, device: str, during=contextlib.nullcontext) -> list[dict]:
+    """A short SASA run with merge, revive, unpack and gather every 5 steps on ``device``, its
+    training inside ``during()``; its metrics lines (tests/test_cuda.py runs it on a GPU)."""
     url = str(tmp_path / "cache")
     spec = SyntheticSpec(d=32, features_per_dim={1: 2, 2: 2, 3: 2, 4: 2}, mean_active=3.0,
                          max_prob=0.5)
@@ -34,20 +44,13 @@ def every_step_run(tmp_path, device: str) -> list[dict]:
     cfg = TrainConfig(cache=url, members=[MemberConfig("synthetic", sasa)], tokens=400 * 256,
                       batch_size=256, log_every=5, checkpoint_every=0, shuffle_rows=2048,
                       device=device)
-    meta = device == "meta"  # the CPU run with meta as the factory default
-    if meta:
-        cfg = dataclasses.replace(cfg, device="cpu")
-        torch.set_default_device("meta")
-    try:
+    with during():
         (folder,) = train(cfg, tmp_path / "run", progress=False).saes.values()
-    finally:
-        if meta:
-            torch.set_default_device(None)
     return [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_a_run_with_every_consolidation_step_makes_no_tensor_off_its_device(tmp_path):
-    lines = every_step_run(tmp_path, "meta")
+    lines = every_step_run(tmp_path, "cpu", meta_by_default)
     acted = {k: sum(ln[k] for ln in lines) for k in ("revived", "unpacked", "gathered")}
     assert all(n > 0 for n in acted.values()), acted  # the steps ran past their early exits
 
@@ -67,11 +70,8 @@ def test_an_eval_scan_makes_no_tensor_off_its_device(tmp_path, monkeypatch):
     plain = scan.scan_chunks
 
     def on_meta(*args, **kwargs):
-        torch.set_default_device("meta")
-        try:
+        with meta_by_default():
             return plain(*args, **kwargs)
-        finally:
-            torch.set_default_device(None)
     monkeypatch.setattr(scan, "scan_chunks", on_meta)
     for folder in run.saes.values():
         report = evaluate(EvalConfig(cache=url, sae=str(folder), tokens=2048,
