@@ -119,12 +119,14 @@ def gram_svdvals_GR(m_GRD: torch.Tensor) -> torch.Tensor:
     return _GramSvdvals.apply(m_GRD)
 
 
-def triangular_factor_GRR(d_GDR: torch.Tensor, gram: bool | None = None) -> torch.Tensor:
+def triangular_factor_GRR(d_GDR: torch.Tensor) -> torch.Tensor:
     """An R [G, r, r] with D^T D = R^T R (QR's R up to row signs), differentiable: Householder
-    QR on the CPU, the Cholesky factor of D^T D in float64 on a GPU (``gram``: which, by
-    default the one for ``d_GDR``'s device)."""
-    if not (d_GDR.is_cuda if gram is None else gram):
-        return torch.linalg.qr(d_GDR).R
+    QR on the CPU, ``cholesky_factor_GRR`` on a GPU."""
+    return cholesky_factor_GRR(d_GDR) if d_GDR.is_cuda else torch.linalg.qr(d_GDR).R
+
+
+def cholesky_factor_GRR(d_GDR: torch.Tensor) -> torch.Tensor:
+    """The Cholesky factor R of D^T D (upper, diag > 0), computed in float64."""
     d64 = d_GDR.double()
     return torch.linalg.cholesky(d64.mT @ d64).mT.to(d_GDR.dtype)
 
