@@ -11,7 +11,6 @@ shards beyond (``Cache.stats``), so opening a terabyte cache reads megabytes.
 from __future__ import annotations
 
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -81,13 +80,19 @@ PART_VALUES = 1 << 24
 #: and one after: the writer at d = 4096 on local disk 0.91 -> 1.41 GB/s, a GPU harvest of
 #: MiniLM 0.30 -> 0.44 of the bare forward (bench/RESULTS.md, "On a GPU").
 THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
+
+
+def new_pool() -> ThreadPoolExecutor | None:
+    """The parts' threads (started on first use), or None for one thread."""
+    return ThreadPoolExecutor(THREADS, thread_name_prefix="sasa-stats") if THREADS > 1 else None
+
+
+_pool = new_pool()
 
 
 def _forget_pool() -> None:  # a forked child has none of the parent's threads: make its own
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
+    global _pool
+    _pool = new_pool()
 
 
 os.register_at_fork(after_in_child=_forget_pool)
@@ -97,15 +102,11 @@ def summarize_shard(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> Sh
     """Norms, float64 moments of the kept rows, and a NaN/Inf count, in one blocked pass over
     the stored values: parts of ``PART_VALUES`` values on up to ``THREADS`` threads (numpy
     releases the GIL in these loops), their moments merged in row order."""
-    global _pool
     n, d = stored_ND.shape
     part_rows = max(1, PART_VALUES // max(d, 1))
     starts = range(0, n, part_rows)
     if len(starts) == 1:
         return _summarize_part(stored_ND, dtype, keep_N)
-    with _pool_lock:
-        if _pool is None and THREADS > 1:
-            _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="sasa-stats")
     parts = list((_pool.map if _pool else map)(
         lambda a: _summarize_part(stored_ND[a:a + part_rows], dtype, keep_N[a:a + part_rows]),
         starts))

@@ -187,7 +187,7 @@ def test_summarize_shard_parts_equal_one_float64_pass_whatever_the_threads(monke
     summaries = {}
     for t in (1, threads):
         monkeypatch.setattr(stats, "THREADS", t)
-        monkeypatch.setattr(stats, "_pool", None)
+        monkeypatch.setattr(stats, "_pool", stats.new_pool())
         summaries[t] = stats.summarize_shard(x, "float32", keep)
     s = summaries[threads]
     ref = x.astype(np.float64)
@@ -206,6 +206,7 @@ FORKED_SUMMARY = """
 import os, numpy as np
 from sasa.store import stats
 stats.THREADS, stats.PART_VALUES = 2, 1 << 10
+stats._pool = stats.new_pool()
 x = np.random.default_rng(0).normal(size=(400, 16)).astype(np.float32)
 parent = stats.summarize_shard(x, "float32", np.ones(400, bool))  # the pool exists now
 pid = os.fork()
