@@ -147,9 +147,8 @@ def _summarize_part(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> Sh
         block = stored_ND[start:start + block_rows]
         m = len(block)
         x = buf[:m]
-        if dtype == "bfloat16":  # bf16 bits over 16 zero bits: exactly the value's float32
-            np.copyto(bits[:m], block, casting="unsafe")
-            np.left_shift(bits[:m], 16, out=bits[:m])
+        if dtype == "bfloat16":
+            widen_bf16(block, bits[:m])
         else:
             np.copyto(x, block)
         sq = np.einsum("ij,ij->i", x, x)
@@ -174,6 +173,13 @@ def _summarize_part(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> Sh
             m2 = np.maximum(s2 - mean * s1, 0.0)
             total = merge(total, Moments(count, mean, m2))
     return ShardSummary(norms, total, bad)
+
+
+def widen_bf16(bits_u16: np.ndarray, out_u32: np.ndarray) -> None:
+    """bf16 bits -> float32 bits in ``out_u32`` (a uint32 view of the float32 buffer): the 16
+    bits over 16 zero bits are exactly the value's float32."""
+    np.copyto(out_u32, bits_u16, casting="unsafe")
+    np.left_shift(out_u32, 16, out=out_u32)
 
 
 def merge(a: Moments, b: Moments) -> Moments:
