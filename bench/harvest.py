@@ -1,7 +1,7 @@
 """Harvest throughput against a bare forward, what truncation saves, and the write ceiling.
 
     python bench/harvest.py [--tokens 262144] [--repeats 2] [--out bench/RESULTS_harvest.md]
-    python bench/harvest.py --stats-blocks   # the writer's statistics pass per block size
+    python bench/harvest.py --stats-blocks   # the statistics pass per block size
     python bench/harvest.py --stages         # the parts of the writer's work on one shard
     python bench/harvest.py --page-cache     # how steady this machine's buffered writes are
 
@@ -52,33 +52,34 @@ from sasa.harvester.runner import ShardRunner, resolve_model_dtype  # noqa: E402
 
 
 def stats_blocks(repeats: int) -> str:
-    """GB/s of ``summarize_shard`` (one thread) on a 16 MiB bf16 shard per block size."""
+    """GB/s of ``summarize_shard`` (one thread) on a 16 MiB bf16 shard per block size (rows
+    summed before a merge)."""
     from sasa.store import stats
-    default = stats.BLOCK_VALUES
-    lines = ["| values per block | rows at d=384 | GB/s at d=384 | rows at d=4096 | GB/s at d=4096 |",
-             "|---|---|---|---|---|"]
+    default = stats.BLOCK_ROWS
+    lines = ["| rows per block | GB/s at d=384 | GB/s at d=4096 |", "|---|---|---|"]
     data = {d: torch.randn((8 << 20) // d, d).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
             for d in (384, 4096)}
     try:
-        for values in (1 << 16, 1 << 18, 1 << 20, 1024 * 4096):
-            stats.BLOCK_VALUES = values
+        for block_rows in (16, 64, 256, 1024):
+            stats.BLOCK_ROWS = block_rows
             cells = []
             for d, x in data.items():
                 keep = np.ones(len(x), bool)
                 t = best_of(repeats, lambda: stats.summarize_shard(x, "bfloat16", keep))
-                cells += [str(max(8, values // d)), f"{x.nbytes / t / 1e9:.2f}"]
-            mark = " (default)" if values == default else ""
-            lines.append(f"| {values:,}{mark} | " + " | ".join(cells) + " |")
+                cells.append(f"{x.nbytes / t / 1e9:.2f}")
+            mark = " (default)" if block_rows == default else ""
+            lines.append(f"| {block_rows}{mark} | " + " | ".join(cells) + " |")
     finally:
-        stats.BLOCK_VALUES = default
+        stats.BLOCK_ROWS = default
     return "\n".join(lines)
 
 
-def two_pass_summary(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray):
-    """The statistics pass as it was before round 3 of issue 12 (bf16 widened by a cast and a
-    shift; each block's mean subtracted in a second float64 pass), kept here only so that
+def numpy_summary(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray):
+    """The statistics pass as numpy calls, as it was before the compiled one (round 7 of issue
+    12): per block of 2^18 values, bf16 widened by a copy and a shift, float32 row norms, the
+    block copied to float64 and summed twice per dimension. Kept here only so that
     ``--stages`` measures the two side by side. ``summarize_shard``'s signature, for bf16 data
-    with every row kept (``dtype`` and ``keep_N`` are not read)."""
+    with every row kept (``dtype`` and ``keep_N`` are not read), on one thread."""
     from sasa.store.stats import Moments, ShardSummary, merge
     n, d = stored_ND.shape
     block_rows = max(8, (1 << 18) // d)
@@ -93,10 +94,9 @@ def two_pass_summary(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray):
         bits <<= 16
         np.sqrt(np.einsum("ij,ij->i", x, x), out=norms[start:start + m])
         np.copyto(x64, x)
-        mean = x64.sum(0) / m
-        x64 -= mean
-        np.square(x64, out=x64)
-        total = merge(total, Moments(m, mean, x64.sum(0)))
+        s1, s2 = x64.sum(0), np.einsum("ij,ij->j", x64, x64)
+        mean = s1 / m
+        total = merge(total, Moments(m, mean, np.maximum(s2 - mean * s1, 0.0)))
     return ShardSummary(norms, total, 0)
 
 
@@ -107,9 +107,9 @@ def write_stages(repeats: int, d: int = 4096, seqs: int = 64, ctx: int = 128) ->
     ``sasa.store.direct``) and the whole ``write_shard`` (every object through zarr, and as it
     is), into memory:// and into a local folder (the page cache); on one thread, and on two
     threads at once with two shards (as a harvest worker overlaps them). Where the writer's
-    time goes, and which parts run in parallel. The "before" rows are round 2's checksum
-    (the standard library's zlib) and statistics pass (``two_pass_summary``), also inside a
-    whole ``write_shard``."""
+    time goes, and which parts run in parallel. The "before" rows are the standard library's
+    checksum (zlib, before round 2) and the statistics pass as numpy calls (``numpy_summary``,
+    before round 7), also together inside a whole ``write_shard``."""
     import itertools
     import threading
     import zlib
@@ -127,11 +127,11 @@ def write_stages(repeats: int, d: int = 4096, seqs: int = 64, ctx: int = 128) ->
     whole = lambda w, i, k: w.write_shard(k, tokens, {"h": acts[i]})  # noqa: E731
 
     @contextlib.contextmanager
-    def round2_writer():
-        """The writer with round 2's checksum and statistics pass, for the whole measurement
+    def writer_before():
+        """The writer with the checksum and statistics pass before, for the whole measurement
         (patched once: both threads of the two-shard row run the same code)."""
         crc, summary = L.crc32, W.summarize_shard
-        L.crc32, W.summarize_shard = zlib.crc32, two_pass_summary
+        L.crc32, W.summarize_shard = zlib.crc32, numpy_summary
         try:
             yield
         finally:
@@ -144,16 +144,16 @@ def write_stages(repeats: int, d: int = 4096, seqs: int = 64, ctx: int = 128) ->
             (False, True, lambda w, i, k: zlib.crc32(raws[i]), same),
         "the shard's checksum (layout.crc32, zlib-ng)":
             (False, True, lambda w, i, k: L.crc32(raws[i]), same),
-        "statistics pass before (two_pass_summary)":
-            (False, True, lambda w, i, k: two_pass_summary(raws[i], "bfloat16", keep), same),
+        "statistics pass before: numpy calls (numpy_summary)":
+            (False, True, lambda w, i, k: numpy_summary(raws[i], "bfloat16", keep), same),
         "statistics pass (stats.summarize_shard)":
             (False, True, lambda w, i, k: stats.summarize_shard(raws[i], "bfloat16", keep), same),
         "zarr write of the activations (zarr's setitem)": (True, False, write_acts, same),
         "the writer's write of the activations (store/direct.py)": (True, True, write_acts, same),
         "whole write_shard, every object through zarr (direct_writes=False)":
             (True, False, whole, same),
-        "whole write_shard before (round 2's checksum and statistics)":
-            (True, True, whole, round2_writer),
+        "whole write_shard before (zlib's checksum, numpy's statistics)":
+            (True, True, whole, writer_before),
         "whole write_shard": (True, True, whole, same),
     }
 

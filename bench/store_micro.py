@@ -9,8 +9,6 @@
 - whole-row (void record) gathers vs element gathers of a [n, d] bf16 window
   (``store.reader._as_rows``), and ``np.take`` with ``mode="clip"`` (the reader's) vs the
   default ``mode="raise"``, which copies the output through a buffer;
-- widening a block of bf16 values to float32 (``store.stats``' statistics pass): stored into
-  the high halves of a float32 buffer (strided) against a contiguous widen-and-shift;
 - how well token ids compress with zarr's default codec (store/writer.py), on ids packed by
   the harvester from the built-in corpus with MiniLM's tokenizer;
 - the first touch of fresh memory (a new 1 GiB numpy array, one write per 4 KiB page, as the
@@ -41,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import best_of  # noqa: E402
 from sasa.store import create_cache, open_cache  # noqa: E402
 from sasa.store.reader import _as_rows  # noqa: E402
-from sasa.store.stats import widen_bf16  # noqa: E402
 
 
 FIRST_TOUCH = """
@@ -118,14 +115,6 @@ def main() -> None:
               f"{t_elem / t_void:.1f}x |")
         print(f"| ... as row records, np.take mode='raise' (buffers out) / mode='clip' | "
               f"{t_raise / t_void:.1f}x |")
-
-        bf16 = rng.integers(0, 1 << 16, (64, 4096), dtype=np.uint16)  # a stats block at d=4096
-        f32 = np.zeros(bf16.shape, np.float32)
-        bits, high = f32.view(np.uint32), f32.view(np.uint16)[:, 1::2]  # little-endian
-        t_strided = best_of(50 * a.repeats, lambda: high.__setitem__(slice(None), bf16))
-        t_shift = best_of(50 * a.repeats, lambda: widen_bf16(bf16, bits))
-        print(f"| widen 256k bf16 values to float32: strided store / copy and shift | "
-              f"{t_strided / t_shift:.1f}x ({1e6 * t_strided:.0f} / {1e6 * t_shift:.0f} us) |")
 
         from sasa.harvester.config import HarvestConfig
         from sasa.harvester.harvest import plan

@@ -6,6 +6,12 @@ the data, up to float64 rounding, whatever the order shards were written in. Nor
 per row (float32, 4 bytes a token), so any row mask can be applied to them at read time; the
 norm quantiles are exact over caches of up to 64 shards and estimated from 64 evenly spaced
 shards beyond (``Cache.stats``), so opening a terabyte cache reads megabytes.
+
+The writer's pass over a shard is compiled with numba (``_moments_pass``), because as numpy
+calls it was the writer's largest CPU cost: five passes over each block, 3.4x slower on one
+thread. The price is a dependency (numba, with llvmlite's 57 MB) and a start-up of ~1.4 s to
+compile in the first process on a machine, ~0.4 s to load from numba's cache in every later
+one (this project's 2-core VM).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
+import numba
 import numpy as np
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
@@ -58,11 +65,12 @@ class ShardSummary(NamedTuple):
     """Count of NaN/Inf values (the shard must then be refused)."""
 
 
-#: Values per block of ``summarize_shard`` (rows = this // d): a block and its float64 copy
-#: (3 MB) stay in the CPU's cache, so the pass costs little beyond reading the data once. Sized
-#: in values, not rows: a fixed 1024 rows made 32 MB blocks at d = 4096, 1.4x slower there
-#: (``python bench/harvest.py --stats-blocks``; table in bench/RESULTS_harvest.md, round 3).
-BLOCK_VALUES = 1 << 18
+#: Rows of a part summed before their moments are merged into the part's (``_moments_pass``).
+#: A block's float64 sums of bf16 values and squares are exact unless a dimension's values span
+#: over ~15 binades (8 + 8 significant bits a square, 8 more for 256 rows, of float64's 53);
+#: the merges cost 2-5% at this size against 1024 rows (``python bench/harvest.py
+#: --stats-blocks``, bench/RESULTS_harvest.md round 7a).
+BLOCK_ROWS = 256
 
 
 def non_finite(stored: np.ndarray, dtype: str) -> int:
@@ -77,8 +85,9 @@ def non_finite(stored: np.ndarray, dtype: str) -> int:
 PART_VALUES = 1 << 24
 #: Threads for the parts: half the cores, at most 8 (a harvest's forward keeps the others; on
 #: 2 cores the pass stays on the writer's own thread). On a 16-core GPU node, one run before
-#: and one after: the writer at d = 4096 on local disk 0.91 -> 1.41 GB/s, a GPU harvest of
-#: MiniLM 0.30 -> 0.44 of the bare forward (bench/RESULTS.md, "On a GPU").
+#: and one after, with the numpy pass that came before the compiled one: the writer at d =
+#: 4096 on local disk 0.91 -> 1.41 GB/s, a GPU harvest of MiniLM 0.30 -> 0.44 of the bare
+#: forward (bench/RESULTS.md, "On a GPU").
 THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
 
 
@@ -99,9 +108,9 @@ os.register_at_fork(after_in_child=_forget_pool)
 
 
 def summarize_shard(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> ShardSummary:
-    """Norms, float64 moments of the kept rows, and a NaN/Inf count, in one blocked pass over
-    the stored values: parts of ``PART_VALUES`` values on up to ``THREADS`` threads (numpy
-    releases the GIL in these loops), their moments merged in row order."""
+    """Norms, float64 moments of the kept rows, and a NaN/Inf count, in one pass over the
+    stored values: parts of ``PART_VALUES`` values on up to ``THREADS`` threads (the compiled
+    pass releases the GIL), their moments merged in row order."""
     n, d = stored_ND.shape
     part_rows = max(1, PART_VALUES // max(d, 1))
     starts = range(0, n, part_rows)
@@ -118,68 +127,81 @@ def summarize_shard(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> Sh
 
 
 def _summarize_part(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> ShardSummary:
-    """``summarize_shard`` of rows on one thread.
-
-    Per block: the values widened to float32 exactly (bf16 bits widened to 32-bit integers and
-    shifted into the high half: a contiguous copy and shift, 1.6x and 2.0x faster in two runs
-    than storing them into the high halves of a zeroed float32 buffer, ``python
-    bench/store_micro.py``), the row norms, then float64 sums of x and x^2 per dimension, from
-    which the block's (count, mean, M2) follow (M2 = sum x^2 - mean * sum x) before Chan's
-    merge. The sums are exact for bf16 data unless a dimension's values span over ~15 binades;
-    the subtraction loses about log10(mean^2 / var) of float64's 16 digits (10 left at mean =
-    1000 standard deviations), far below what bf16 or float32 storage resolves. Against
-    subtracting the mean in a second float64 pass (the previous formulation) this saves a pass
-    over each block: ``python bench/harvest.py --stages`` times the two side by side
-    (bench/RESULTS_harvest.md).
-
-    Plain numpy, no BLAS or torch threads: the writer runs beside a model's forward, and
-    oversubscribed OpenMP/BLAS threads spin."""
+    """``summarize_shard`` of rows on one thread: one compiled pass (``_moments_pass``) over the
+    stored values; float16, which numba cannot read on the CPU, widened to float32 a few
+    blocks at a time first."""
     n, d = stored_ND.shape
-    block_rows = max(8, BLOCK_VALUES // max(d, 1))
-    norms = np.empty(n, np.float32)
-    total = Moments(0, np.zeros(d), np.zeros(d))
+    norms, mean, m2 = np.empty(n, np.float32), np.zeros(d), np.zeros(d)
+    if dtype != "float16":
+        count, bad = _moments_pass(stored_ND, dtype == "bfloat16", keep_N, BLOCK_ROWS, 0,
+                                   norms, mean, m2)
+        return ShardSummary(norms, Moments(count, mean, m2), bad)
+    count = bad = 0
+    step = 16 * BLOCK_ROWS  # whole blocks, so the blocks are those of one pass
+    for a in range(0, n, step):
+        count, more = _moments_pass(stored_ND[a:a + step].astype(np.float32), False,
+                                    keep_N[a:a + step], BLOCK_ROWS, count, norms[a:a + step],
+                                    mean, m2)
+        bad += more
+    return ShardSummary(norms, Moments(count, mean, m2), bad)
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
+def _moments_pass(x_ND, bf16, keep_N, block_rows, count, norms_N, mean_D, m2_D):  # pragma: no cover
+    """Norms of all rows and the kept rows' moments merged into (count, mean_D, m2_D), in one
+    pass over ``x_ND`` (bf16 bits as uint16 when ``bf16``, else float32); returns the new count
+    and the number of NaN/Inf values.
+
+    Per row: the values widened to float32 exactly (bf16 bits shifted into the high half), the
+    norm from a float32 sum of squares (exact squares; the sum reassociated into vector lanes),
+    and for a kept row float64 sums of x and x^2 per dimension. Per ``block_rows`` rows, the
+    block's (count, mean, M2 = sum x^2 - mean * sum x) merged by Chan's update. The subtraction
+    loses about log10(mean^2 / var) of float64's 16 digits (10 left at mean = 1000 standard
+    deviations), far below what bf16 or float32 storage resolves. Masked rows (BOS, padding)
+    count for their norm only. Compiled (numba, without the GIL) because the same pass as
+    numpy calls costs five passes over each block: 3-3.5x slower on one thread (``python
+    bench/harvest.py --stages``, bench/RESULTS_harvest.md), the writer's largest cost."""
+    n, d = x_ND.shape
+    u_D = np.empty(d, np.uint32)
+    v_D = u_D.view(np.float32)
+    s1_D, s2_D = np.empty(d), np.empty(d)
     bad = 0
-    rows = min(block_rows, n)
-    buf = np.empty((rows, d), np.float32)
-    bits = buf.view(np.uint32)
-    buf64 = np.empty((rows, d), np.float64)
     for start in range(0, n, block_rows):
-        block = stored_ND[start:start + block_rows]
-        m = len(block)
-        x = buf[:m]
-        if dtype == "bfloat16":
-            widen_bf16(block, bits[:m])
-        else:
-            np.copyto(x, block)
-        sq = np.einsum("ij,ij->i", x, x)
-        if not np.isfinite(sq).all():  # cheap screen; count exactly only here
-            bad += int(np.count_nonzero(~np.isfinite(x)))
-            if bad:
-                continue
-        np.sqrt(sq, out=norms[start:start + m])
-        # Sums over the block minus the few masked rows (BOS, padding): no gather of kept rows.
-        masked = np.flatnonzero(~keep_N[start:start + m])
-        count = m - len(masked)
-        if count:
-            x64 = buf64[:m]
-            np.copyto(x64, x)
-            s1 = x64.sum(0)
-            s2 = np.einsum("ij,ij->j", x64, x64)
-            if len(masked):
-                off = x64[masked]
-                s1 -= off.sum(0)
-                s2 -= np.einsum("ij,ij->j", off, off)
-            mean = s1 / count
-            m2 = np.maximum(s2 - mean * s1, 0.0)
-            total = merge(total, Moments(count, mean, m2))
-    return ShardSummary(norms, total, bad)
-
-
-def widen_bf16(bits_u16: np.ndarray, out_u32: np.ndarray) -> None:
-    """bf16 bits -> float32 bits in ``out_u32`` (a uint32 view of the float32 buffer): the 16
-    bits over 16 zero bits are exactly the value's float32."""
-    np.copyto(out_u32, bits_u16, casting="unsafe")
-    np.left_shift(out_u32, 16, out=out_u32)
+        s1_D[:] = 0.0
+        s2_D[:] = 0.0
+        kept = 0
+        for i in range(start, min(n, start + block_rows)):
+            if bf16:
+                for j in range(d):
+                    u_D[j] = np.uint32(x_ND[i, j]) << 16
+            else:
+                for j in range(d):
+                    v_D[j] = x_ND[i, j]
+            sq = np.float32(0.0)
+            if keep_N[i]:
+                kept += 1
+                for j in range(d):
+                    sq += v_D[j] * v_D[j]
+                    x = np.float64(v_D[j])
+                    s1_D[j] += x
+                    s2_D[j] += x * x
+            else:
+                for j in range(d):
+                    sq += v_D[j] * v_D[j]
+            if not np.isfinite(sq):  # cheap screen; count exactly only here
+                for j in range(d):
+                    bad += not np.isfinite(v_D[j])
+            norms_N[i] = np.sqrt(sq)
+        if kept:
+            total = count + kept
+            for j in range(d):
+                block_mean = s1_D[j] / kept
+                delta = block_mean - mean_D[j]
+                mean_D[j] += delta * (kept / total)
+                m2_D[j] += max(s2_D[j] - block_mean * s1_D[j], 0.0) \
+                    + delta * delta * (count * kept / total)
+            count = total
+    return count, bad
 
 
 def merge(a: Moments, b: Moments) -> Moments:

@@ -12,12 +12,12 @@ catch).
 
 Where a shard's write time goes (``python bench/harvest.py --stages``, 64 MiB bf16 shards at d
 = 4096 on this project's 2-core VM; tables in bench/RESULTS_harvest.md), costliest first: the
-statistics pass (1.2-1.4 GB/s on one thread, 1.2-1.5x the two-pass version it replaced), the
-activations' write (through the page cache), the CRC-32 (zlib-ng, 8.5-11 GB/s; zlib's 2.4-3.7).
-The activations and norms bypass zarr's codec pipeline (``sasa.store.direct``: their chunk
-objects are plain bytes), because through zarr every write of a process queued on its one
-event-loop thread, so two shards written from two threads gained nothing there. Without a disk
-(memory://) the writer's CPU ceiling is 0.79-0.90 GB/s at d = 4096 (``--ceiling-only``). To a
+activations' write (2.0 GB/s from one thread to local disk), the statistics pass (5.3 GB/s on
+one thread, compiled; 1.5 as the numpy calls it replaced), the CRC-32 (zlib-ng, 13.5 GB/s;
+zlib's 3.7). The activations and norms bypass zarr's codec pipeline (``sasa.store.direct``:
+their chunk objects are plain bytes), because through zarr every write of a process queued on
+its one event-loop thread, so two shards written from two threads gained nothing there. Without
+a disk (memory://) the writer's CPU ceiling is 2.6 GB/s at d = 4096 (``--ceiling-only``). To a
 local disk on this VM the page cache sets the rate, and it swings between ~0.2 and ~4 GB/s from
 one second to the next for plain Python as much as for sasa (``--page-cache``; our reading: the
 VM's balloon reports freed memory to its host, so a write into pages freed a while ago pays a

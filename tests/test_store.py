@@ -154,14 +154,14 @@ def test_stats_equal_float64_numpy_over_all_kept_rows(location):
             assert v == pytest.approx(np.quantile(norms, q), rel=1e-6)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_summarize_shard_blocks_equal_one_float64_pass(monkeypatch, dtype):
+@pytest.mark.parametrize("dtype, block_rows", [("bfloat16", 7), ("float32", 7), ("float16", 3)])
+def test_summarize_shard_blocks_equal_one_float64_pass(monkeypatch, dtype, block_rows):
     """Many blocks (a ragged last one, masked rows inside blocks) give the statistics of one
     float64 pass over the kept rows (a mean of 300 standard deviations: float32 sums of squares
-    would lose the variance)."""
+    would lose the variance); float16, widened 16 blocks at a time, in three such steps."""
     from sasa.store import stats
     from sasa.store.convert import storage_to_float32, to_storage
-    monkeypatch.setattr(stats, "BLOCK_VALUES", 7 * 24)  # 7 rows of d = 24 per block
+    monkeypatch.setattr(stats, "BLOCK_ROWS", block_rows)
     x = np.random.default_rng(3).normal(300.0, 1.0, (100, 24)).astype(np.float32)
     stored = to_storage(x, dtype, "x")
     keep = np.ones(100, bool)
@@ -179,7 +179,7 @@ def test_summarize_shard_parts_equal_one_float64_pass_whatever_the_threads(monke
     """A shard cut into parts (ragged last part; masked rows and a NaN in different parts)
     gives one float64 pass's statistics, and the same bytes on one thread as on three."""
     from sasa.store import stats
-    monkeypatch.setattr(stats, "BLOCK_VALUES", 5 * 16)
+    monkeypatch.setattr(stats, "BLOCK_ROWS", 5)
     monkeypatch.setattr(stats, "PART_VALUES", 23 * 16)  # 5 parts of 23 rows, the last of 8
     x = np.random.default_rng(4).normal(50.0, 2.0, (100, 16)).astype(np.float32)
     keep = np.ones(100, bool)
