@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import queue
 import shutil
 import tempfile
 import time
@@ -27,7 +28,7 @@ import torch
 
 from bench._common import set_huge_page_advice
 from sasa.harvester.harvest import run_local
-from sasa.harvester.runner import ShardRunner, WorkerSpec
+from sasa.harvester.runner import ShardRunner, WorkerSpec, host_tensor
 from sasa.store import layout as L
 
 
@@ -42,13 +43,18 @@ class FreeRunner(ShardRunner):
         self.layout = self.writer.layout
         self.compute_lock = threading.Lock()
         self.cuda = False
-        rows = self.layout.shard_rows
+        self.store_dtype = torch.bfloat16
+        self._buffers = queue.SimpleQueue()
         g = torch.Generator().manual_seed(0)
-        self._acts = {hp: torch.randn(rows, d, generator=g).to(torch.bfloat16)
-                      for hp, d in self.layout.hookpoints.items()}
+        for _ in range(2):  # a set for each of run_local's threads, filled once
+            bufs = {hp: host_tensor((self.layout.shard_rows, d), torch.bfloat16, False)
+                    for hp, d in self.layout.hookpoints.items()}
+            for acts in bufs.values():
+                acts.copy_(torch.randn(acts.shape, generator=g))
+            self._buffers.put(bufs)
 
     def compute(self, tokens_SC):
-        return self._acts
+        return self._host_buffers(tokens_SC.size)  # the runner's own buffers, as they are
 
 
 def drop(url: str) -> None:

@@ -4,6 +4,7 @@
     python bench/harvest.py --stats-blocks   # the statistics pass per block size
     python bench/harvest.py --stages         # the parts of the writer's work on one shard
     python bench/harvest.py --page-cache     # how steady this machine's buffered writes are
+    python bench/harvest.py --trace          # where the writer's threads spend a run at d=4096
 
 All rows run in one process on the same packed batches (MiniLM, built-in corpus, ctx 128,
 batch 32, resid_post.3, bf16 storage, workers=0 so Ray start-up is not in the numbers):
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import best_of, model_source  # noqa: E402
 from bench._write_ceiling import (Ceiling, dirty_limit, drop, page_cache_runs,  # noqa: E402
                                   time_pipeline, write_ceilings)
+from bench._writer_trace import trace_writer  # noqa: E402
 from sasa.harvester.config import HarvestConfig  # noqa: E402
 from sasa.harvester.harvest import plan  # noqa: E402
 from sasa.capture import ActivationCapture  # noqa: E402
@@ -231,6 +233,9 @@ def main() -> None:
                     help="only the machine's buffered write rate per 64 MiB, five runs in a row")
     ap.add_argument("--stages", action="store_true",
                     help="only the parts of the writer's work on a shard (one and two threads)")
+    ap.add_argument("--trace", action="store_true",
+                    help="only a timed trace of the writer's parts and the disk's idle time "
+                         "(bench/_writer_trace.py), --long-bytes of them (default 4 GB)")
     ap.add_argument("--device", default="cpu",
                     help="where the model runs (cuda: bf16 weights, pinned host buffers, as "
                          "`sasa harvest` on a GPU)")
@@ -243,6 +248,13 @@ def main() -> None:
         return
     if args.page_cache:
         print(page_cache_runs())
+        return
+    if args.trace:  # the writer's disk queue as it is and with one thread, alternating
+        from sasa.store.writer import DISK_THREADS
+        with tempfile.TemporaryDirectory(prefix="sasa-trace-") as root:
+            for r in range(args.repeats):
+                for n in (DISK_THREADS, 1)[::1 if r % 2 == 0 else -1]:
+                    print(trace_writer(Path(root), (args.long_bytes or 4e9) / 1e9, n), "\n")
         return
     torch.set_num_threads(os.cpu_count() or 1)
     limit = dirty_limit()

@@ -10,11 +10,14 @@ the previous one is written and the device never waits on storage.
 
 GPU path: weights in bf16 (``model_dtype=auto``), token ids and activation buffers in pinned
 host memory, ``non_blocking`` copies both ways, one stream sync per shard before the buffers
-are handed to the writer.
+are handed to the writer. On either device a shard's host buffers are page-aligned and reused
+once the writer has committed it (``host_tensor``).
 """
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 import queue
 import threading
@@ -88,18 +91,18 @@ class ShardRunner:
         self.layout = self.writer.layout
         self.store_dtype = torch_dtype(self.layout.dtype)
         self.compute_lock = threading.Lock()
-        self._buffers: queue.SimpleQueue = queue.SimpleQueue()  # reusable pinned host buffers
+        self._buffers: queue.SimpleQueue = queue.SimpleQueue()  # reusable host buffers
 
     def _host_buffers(self, rows: int) -> dict[str, torch.Tensor]:
-        """Pinned buffers on a GPU (allocating pinned memory is slow: reuse it), else new."""
-        if self.cuda:
-            try:
-                bufs = self._buffers.get_nowait()
-                if next(iter(bufs.values())).shape[0] == rows:
-                    return bufs
-            except queue.Empty:
-                pass
-        return {hp: torch.empty((rows, d), dtype=self.store_dtype, pin_memory=self.cuda)
+        """A shard's host buffers, reused from shard to shard (pinned memory is slow to
+        allocate, and fresh memory costs a page fault per page on its first write)."""
+        try:
+            bufs = self._buffers.get_nowait()
+            if next(iter(bufs.values())).shape[0] == rows:
+                return bufs
+        except queue.Empty:
+            pass
+        return {hp: host_tensor((rows, d), self.store_dtype, self.cuda)
                 for hp, d in self.layout.hookpoints.items()}
 
     def compute(self, tokens_SC: np.ndarray) -> dict[str, torch.Tensor]:
@@ -128,10 +131,21 @@ class ShardRunner:
             acts = self.compute(tokens_SC)
         t1 = time.perf_counter()
         result = self.writer.write_shard(index, tokens_SC, acts)
-        if self.cuda:
-            self._buffers.put(acts)  # written: the next shard may fill it
+        self._buffers.put(acts)  # written: the next shard may fill it
         return ShardDone(index, int(tokens_SC.size), result.skipped, t1 - t0,
                          time.perf_counter() - t1)
+
+
+def host_tensor(shape: tuple[int, ...], dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+    """Page-aligned host memory for a shard's activations: pinned for a GPU's copies, else an
+    anonymous mapping (torch's own allocations are aligned to 64 bytes only), so the writer
+    sends their chunks past the page cache straight from them, without a copy to an aligned
+    buffer first (``sasa.store.direct``)."""
+    if pinned:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), np.uint8)[:nbytes]
+    return torch.from_numpy(raw).view(dtype).view(shape)
 
 
 def default_threads(workers_on_node: int) -> int:

@@ -12,13 +12,15 @@ compressed layout, keeps zarr's own path.
 
 Why, writing: every zarr write of a process runs through zarr's one event-loop thread, which encodes
 the chunks and hands them to the store, so two shards written from two threads queue behind each
-other there. A local chunk written here goes from the shard's own thread (``os.write`` releases the
-GIL), so two shards' writes run on two cores. Measured on a 64 MiB bf16 shard at d = 4096 (``python
-bench/harvest.py --stages``, figures in bench/RESULTS_harvest.md). A local chunk whose size is a
-multiple of 4 KiB is written past the page cache (``O_DIRECT``; ``CacheWriter.direct_io``): a
-harvest writes each byte once and never reads it back, and through the page cache every new page is
-allocated, dirtied and flushed later; at d = 4096, 10 GB written, 1.54 and 1.39 against 1.23 and
-1.09 GB/s through the page cache in two runs (``python bench/harvest.py``,
+other there. A local chunk written here goes from a thread of the writer's own (its disk queue,
+``CacheWriter._disk_queue``; ``os.write`` releases the GIL), beside zarr's loop and the shards' CPU
+work. Measured on a 64 MiB bf16 shard at d = 4096 (``python bench/harvest.py --stages``, figures in
+bench/RESULTS_harvest.md). A local chunk whose size is a multiple of 4 KiB is written past the page
+cache (``O_DIRECT``; ``CacheWriter.direct_io``), straight from the caller's array when it starts on
+a page (the harvester's host buffers do: ``sasa.harvester.runner.host_tensor``): a harvest writes
+each byte once and never reads it back, and through the page cache every new page is allocated,
+dirtied and flushed later; at d = 4096, 10 GB written, 1.71 and 1.60 against 1.08 and 1.21 GB/s
+through the page cache in two runs (``python bench/harvest.py --ceiling-only``,
 bench/RESULTS_harvest.md). Why, reading: zarr reads a local chunk into a new bytes object and copies
 it into the caller's buffer; ``readinto`` puts the file's bytes straight into the window, one copy
 instead of two and no fresh allocation per chunk: 2.2x zarr's rate on one thread from a warm page
@@ -135,7 +137,8 @@ def _put(path: Path, data: memoryview, direct_io: bool) -> None:
 
 def _write_direct(path: Path, data: memoryview) -> bool:
     """Write ``data`` as the new file ``path`` with ``O_DIRECT``, from ``data`` itself when its
-    address is aligned (pinned host buffers are), else from a page-aligned copy kept per thread.
+    address is aligned (the harvester's host buffers are), else from a page-aligned copy kept per
+    thread.
     False, having written nothing that counts, when this system, file system or size does not
     allow it: the caller then writes the file through the page cache."""
     flag = getattr(os, "O_DIRECT", 0)

@@ -17,11 +17,14 @@ one (this project's 2-core VM).
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numba
 import numpy as np
+
+from sasa.store.layout import STORAGE_DTYPES
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
 
@@ -105,6 +108,32 @@ def _forget_pool() -> None:  # a forked child has none of the parent's threads: 
 
 
 os.register_at_fork(after_in_child=_forget_pool)
+
+
+_warming: list[threading.Thread] = []
+
+
+def warm_up(dtype: str) -> None:
+    """Load (or compile) the pass for ``dtype`` on a thread of its own, once per process and
+    dtype, so that a writer's first shard does not wait for it (a harvest loads its model and
+    runs a forward meanwhile). A fork waits for it first (``_before_fork``): numba holds its
+    compiler lock while it loads, and a child forked then would wait for that lock forever."""
+    if any(t.name == f"sasa-warm-{dtype}" for t in _warming):
+        return
+    x = np.zeros((1, 1), STORAGE_DTYPES[dtype])
+    thread = threading.Thread(target=summarize_shard, args=(x, dtype, np.ones(1, bool)),
+                              name=f"sasa-warm-{dtype}")
+    _warming.append(thread)
+    thread.start()
+
+
+def _before_fork() -> None:
+    for thread in _warming:
+        if thread.is_alive() and thread is not threading.current_thread():
+            thread.join()
+
+
+os.register_at_fork(before=_before_fork)
 
 
 def summarize_shard(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> ShardSummary:

@@ -12,22 +12,27 @@ catch).
 
 Where a shard's write time goes (``python bench/harvest.py --stages``, 64 MiB bf16 shards at d
 = 4096 on this project's 2-core VM; tables in bench/RESULTS_harvest.md), costliest first: the
-activations' write (2.0 GB/s from one thread to local disk), the statistics pass (5.3 GB/s on
-one thread, compiled; 1.5 as the numpy calls it replaced), the CRC-32 (zlib-ng, 13.5 GB/s;
-zlib's 3.7). The activations and norms bypass zarr's codec pipeline (``sasa.store.direct``:
-their chunk objects are plain bytes), because through zarr every write of a process queued on
-its one event-loop thread, so two shards written from two threads gained nothing there. Without
-a disk (memory://) the writer's CPU ceiling is 2.6 GB/s at d = 4096 (``--ceiling-only``). To a
-local disk on this VM the page cache sets the rate, and it swings between ~0.2 and ~4 GB/s from
-one second to the next for plain Python as much as for sasa (``--page-cache``; our reading: the
-VM's balloon reports freed memory to its host, so a write into pages freed a while ago pays a
-host fault), which bounds any local ceiling measured here, not the writer.
+activations' write (1.3-2.0 GB/s from one thread to local disk), the statistics pass (5.1-5.3
+GB/s on one thread, compiled; 1.5 as the numpy calls it replaced), the CRC-32 (zlib-ng, 13
+GB/s; zlib's 3.7). The activations and norms bypass zarr's codec pipeline
+(``sasa.store.direct``: their chunk objects are plain bytes), because through zarr every write
+of a process queued on its one event-loop thread, so two shards written from two threads gained
+nothing there. On a local disk they go out through one queue per writer (``DISK_THREADS``
+threads, in the order the shards queued them): when each shard's thread wrote its own, two
+shards shared the disk, finished together, and both left it idle while they took their next
+checksums and statistics; a trace of 4 GB at d = 4096 (``python bench/harvest.py --trace``)
+found the disk busy 59-78% of the run that way and 88-95% with the queue, where two threads
+run 1.11-1.18x faster than one. The writer against plain Python's ``O_DIRECT`` writes of the
+same bytes, 10 GB at d = 4096 (``--ceiling-only``, three runs): 0.90-1.07; into memory:// (its
+CPU cost alone) 2.6-3.1 GB/s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import NamedTuple
 
 import numpy as np
@@ -42,7 +47,14 @@ from sasa.store.location import Kind, create_group, local_root, open_group, prob
 from sasa.store.masks import special_mask
 from sasa.store.options import DEFAULT_EXCLUDE
 from sasa.store.remote import fs_call, open_store
-from sasa.store.stats import summarize_shard
+from sasa.store.stats import summarize_shard, warm_up
+
+
+#: Threads that write a local cache's chunk objects (``CacheWriter._disk_queue``), shared by the
+#: shards a process writes at once. One queue keeps the disk busy while the shards' threads do
+#: their CPU work: each shard's objects go out in turn instead of two shards sharing the disk,
+#: finishing together and then both leaving it idle for their checksums and statistics.
+DISK_THREADS = 2
 
 
 class ShardResult(NamedTuple):
@@ -84,6 +96,9 @@ class CacheWriter:
                        for hp in layout.hookpoints}
         self._local_root = local_root(url, storage_options)
         """The cache's folder on a local disk (None on any other store)."""
+        self._disk: tuple[int, ThreadPoolExecutor] | None = None
+        """(process id, the threads that write local chunk objects): ``_disk_queue``."""
+        warm_up(layout.dtype)  # the statistics pass, loaded while the producer starts
         self.direct_writes = True
         """Store whole uncompressed chunks as their objects (``sasa.store.direct``); False sends
         every object through zarr's ``setitem`` (the same bytes, slower: the reference path the
@@ -199,8 +214,9 @@ class CacheWriter:
     def _write_objects(self, writes: list) -> None:
         """``array[selection] = value`` for every (array, selection, value). Whole uncompressed
         chunks (a shard's activations and norms unless ``shard_objects``) are stored as their
-        objects directly (``sasa.store.direct``): on local disk from this thread, before the rest;
-        on any other store beside the rest on zarr's loop. Everything else goes through zarr."""
+        objects directly (``sasa.store.direct``): on local disk by the writer's disk queue
+        (``_disk_queue``) while the rest go through zarr, on any other store beside the rest on
+        zarr's loop."""
         root = self._local_root
         puts, rest = [], []
         for array, sel, value in writes:
@@ -210,11 +226,26 @@ class CacheWriter:
                 rest.append((array, sel, value))
             else:
                 puts += chunks
-        if root is not None:
-            for put in puts:
-                direct.put_local(self.url, root, put, self.direct_io)
-            puts = []
-        _write_all(rest, [direct.put_store(self.group.store, p) for p in puts])
+        if root is None:
+            _write_all(rest, [direct.put_store(self.group.store, p) for p in puts])
+            return
+        disk = self._disk_queue()
+        done = [disk.submit(direct.put_local, self.url, root, p, self.direct_io) for p in puts]
+        try:
+            _write_all(rest)
+        finally:
+            wait(done)  # the puts read the caller's arrays: none may outlive this call
+        for put in done:
+            put.result()
+
+    def _disk_queue(self) -> ThreadPoolExecutor:
+        """The threads that write this writer's local chunk objects, shared by every shard it
+        writes, in the order they were queued (made again in a forked child, which has none of
+        the parent's threads)."""
+        if self._disk is None or self._disk[0] != os.getpid():
+            pool = ThreadPoolExecutor(DISK_THREADS, thread_name_prefix="sasa-disk")
+            self._disk = (os.getpid(), pool)
+        return self._disk[1]
 
 
 def _write_all(writes: list, also: list = ()) -> None:
@@ -325,7 +356,6 @@ def _claim_of(url: str, storage_options: dict | None) -> str | None:
 
 def _try_claim(url: str, fingerprint: str, storage_options: dict | None) -> bool:
     """Write the claim if nobody has: True for the one creator that did."""
-    import os
     fs, key = _claim_key(url, storage_options)
     data = json.dumps({"fingerprint": fingerprint}).encode()
     if "file" in fs.protocol:

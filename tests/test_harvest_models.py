@@ -153,6 +153,19 @@ def test_cache_equals_direct_forward(which, request, tmp_path):
             np.testing.assert_array_equal(got, acts[hp].reshape(-1, acts[hp].shape[-1]).numpy())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cpu_host_buffers_are_page_aligned(dtype):
+    """A shard's host buffer on the CPU starts on a page (so the writer sends its chunks past
+    the page cache straight from it, ``sasa.store.direct``), holds zeros and takes writes."""
+    import mmap
+    from sasa.harvester.runner import host_tensor
+    t = host_tensor((384, 96), dtype, pinned=False)
+    assert (t.shape, t.dtype, t.data_ptr() % mmap.PAGESIZE) == ((384, 96), dtype, 0)
+    assert not t.any()
+    t[5] = 2.0
+    assert t.sum().item() == 192.0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_path_bf16_pinned_equals_device_reference(tmp_path, gpt2):

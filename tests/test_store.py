@@ -233,6 +233,36 @@ def test_a_forked_writer_summarizes_on_its_own_threads():
     assert proc.returncode == 0, err
 
 
+FORKED_AT_START = """
+import os, sys
+import numpy as np
+from sasa.store import create_cache
+w = create_cache(sys.argv[1], hookpoints={"h": 64}, ctx_len=8, n_seq=16, shard_seqs=8)
+pid = os.fork()  # the statistics pass is still loading on its warm-up thread
+if pid == 0:
+    w.write_shard(0, np.ones((8, 8), np.int32), {"h": np.ones((64, 64), np.float32)})
+    os._exit(0)
+os._exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_writer_forked_while_its_statistics_pass_loads_writes_in_the_child(tmp_path):
+    """A fork waits for the statistics pass's warm-up (``stats.warm_up``), which holds numba's
+    compiler lock while it loads: a child forked during it would wait for that lock forever."""
+    proc = subprocess.Popen([sys.executable, "-c", FORKED_AT_START, str(tmp_path / "c")],
+                            start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the hung child too
+        proc.communicate()
+        pytest.fail("the forked child's statistics pass hung")
+    assert proc.returncode == 0, err
+    assert list(open_cache(str(tmp_path / "c")).committed_shards()) == [0]
+
+
 # -- the reader ----------------------------------------------------------------------------
 def collect(stream):
     rows, acts = [], []

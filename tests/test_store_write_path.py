@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sasa.errors import SasaError
 from sasa.store import create_cache, direct, open_cache
 from sasa.store import layout as L
 from sasa.store.verify import verify
@@ -184,3 +185,68 @@ def test_a_local_writer_killed_mid_write_leaves_only_temporaries(tmp_path):
         if killed_with_a_temporary and temporaries and done < n:
             return
     pytest.fail("the writer was never killed while a chunk temporary existed")
+
+
+FORKED_WRITER = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    from sasa.store import create_cache
+    url = sys.argv[1]
+    w = create_cache(url, hookpoints={"h": 4096}, ctx_len=64, n_seq=16, shard_seqs=8,
+                     chunk_seqs=4, dtype="float32")
+    x = lambda i: np.random.default_rng(i).normal(size=(8 * 64, 4096)).astype(np.float32)
+    w.write_shard(0, np.full((8, 64), 7), {"h": x(0)})  # the disk queue's threads run now
+    pid = os.fork()
+    if pid == 0:
+        w.write_shard(1, np.full((8, 64), 8), {"h": x(1)})
+        os._exit(0)
+    os._exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_writer_forked_after_its_disk_queue_started_writes_in_the_child(tmp_path):
+    """The child of a fork has none of the parent's threads: a writer whose disk queue started
+    before the fork makes a queue of its own there (an inherited one never runs its work: the
+    child's write would hang), and its shard is the one an unforked writer stores."""
+    ref = tmp_path / "ref"
+    w = create_cache(str(ref), hookpoints={"h": 4096}, ctx_len=64, n_seq=16, shard_seqs=8,
+                     chunk_seqs=4, dtype="float32")
+    for i in range(2):
+        x = np.random.default_rng(i).normal(size=(8 * 64, 4096)).astype(np.float32)
+        w.write_shard(i, np.full((8, 64), 7 + i), {"h": x})
+    url = tmp_path / "forked"
+    proc = subprocess.Popen([sys.executable, "-c", FORKED_WRITER, str(url)], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the hung child too
+        proc.communicate()
+        pytest.fail("the forked child's chunk writes hung")
+    assert proc.returncode == 0, err
+    assert snapshot(str(url)) == snapshot(str(ref))
+
+
+def test_a_failed_chunk_write_is_one_line_and_leaves_the_shard_uncommitted(tmp_path):
+    """A chunk object that cannot be written (here a file stands where its folder must be)
+    stops ``write_shard`` with one line naming the cache, after every other put of the shard
+    has finished, and the shard is not committed; the other shards are untouched and a rerun
+    once the obstacle is gone writes it."""
+    w = build(tmp_path / "c", shards=[0], dtype="bfloat16")
+    before = snapshot(str(tmp_path / "c"))
+    blocker = tmp_path / "c" / "acts" / "resid_post.1" / "c" / str(w.layout.shard_chunks(1)[-1])
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a folder")
+    with pytest.raises(SasaError, match=f"{tmp_path / 'c'}") as err:
+        w.write_shard(1, *shard_content(1, 16, 8, W_DEFAULT))
+    assert "\n" not in str(err.value)
+    assert list(w.committed()) == [True, False, False, False]
+    after = snapshot(str(tmp_path / "c"))
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert not [k for k in after if k.endswith(".partial")]  # every put finished or cleaned up
+    blocker.unlink()
+    w.write_shard(1, *shard_content(1, 16, 8, W_DEFAULT))
+    assert list(w.committed()) == [True, True, False, False]
+    build(tmp_path / "ref", shards=[0, 1], dtype="bfloat16")
+    assert snapshot(str(tmp_path / "c")) == snapshot(str(tmp_path / "ref"))
