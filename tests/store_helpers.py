@@ -1,8 +1,15 @@
-"""Small builders shared by the store tests: deterministic shard content and byte snapshots."""
+"""Small builders shared by the store tests: deterministic shard content, byte snapshots, and
+scripts that fork."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+
 import numpy as np
+import pytest
 
 from sasa.store import create_cache
 from sasa.store.location import url_fs
@@ -50,8 +57,22 @@ def snapshot(url, storage_options=None) -> dict[str, bytes]:
     return {p[len(root.rstrip('/')):]: fs.cat_file(p) for p in fs.find(root)}
 
 
+def run_forking_script(script: str, *args: str, hang: str, timeout: float = 60) -> None:
+    """Run ``script`` (which forks) in a session of its own: fail with ``hang`` when it has not
+    finished after ``timeout`` seconds (its whole process group killed, the hung child too), or
+    with its stderr when it exits non-zero."""
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(hang)
+    assert proc.returncode == 0, err
+
+
 # -- the store contract's grid: every backend, plain chunk objects and one object per shard ----
-import pytest  # noqa: E402
 
 
 @pytest.fixture(params=["local", "memory", "s3"])

@@ -8,9 +8,6 @@ layouts (``shard_objects``: one object per chunk, or one per shard).
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,8 +16,8 @@ import torch
 from sasa.errors import SasaError
 from sasa.store import create_cache, open_cache, shuffle_quality
 from sasa.store.masks import special_mask
-from store_helpers import (BOS, PAD, SPECIAL, build, location, shard_content,  # noqa: F401
-                           shard_objects, snapshot)
+from store_helpers import (BOS, PAD, SPECIAL, build, location, run_forking_script,  # noqa: F401
+                           shard_content, shard_objects, snapshot)
 
 W = {"resid_post.1": 16, "resid_post.2": 8}
 
@@ -222,15 +219,8 @@ def test_a_forked_writer_summarizes_on_its_own_threads():
     """A process forked after the statistics pool started (a writer forked by its parent)
     gets a pool of its own: the parent's threads do not exist in the child, and a pool
     inherited with them never runs its work (this hangs without ``_forget_pool``)."""
-    proc = subprocess.Popen([sys.executable, "-c", FORKED_SUMMARY], start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the hung child too
-        proc.communicate()
-        pytest.fail("the forked child's statistics pass hung")
-    assert proc.returncode == 0, err
+    run_forking_script(FORKED_SUMMARY, hang="the forked child's statistics pass hung",
+                       timeout=30)
 
 
 FORKED_AT_START = """
@@ -250,16 +240,8 @@ os._exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 def test_a_writer_forked_while_its_statistics_pass_loads_writes_in_the_child(tmp_path):
     """A fork waits for the statistics pass's warm-up (``stats.warm_up``), which holds numba's
     compiler lock while it loads: a child forked during it would wait for that lock forever."""
-    proc = subprocess.Popen([sys.executable, "-c", FORKED_AT_START, str(tmp_path / "c")],
-                            start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the hung child too
-        proc.communicate()
-        pytest.fail("the forked child's statistics pass hung")
-    assert proc.returncode == 0, err
+    run_forking_script(FORKED_AT_START, str(tmp_path / "c"),
+                       hang="the child forked during the warm-up hung")
     assert list(open_cache(str(tmp_path / "c")).committed_shards()) == [0]
 
 

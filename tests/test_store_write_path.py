@@ -23,7 +23,8 @@ from sasa.errors import SasaError
 from sasa.store import create_cache, direct, open_cache
 from sasa.store import layout as L
 from sasa.store.verify import verify
-from store_helpers import build, location, shard_content, shard_objects, snapshot  # noqa: F401
+from store_helpers import (build, location, run_forking_script, shard_content,  # noqa: F401
+                           shard_objects, snapshot)
 
 W_DEFAULT = {"resid_post.1": 16, "resid_post.2": 8}  # build's widths
 
@@ -216,15 +217,7 @@ def test_a_writer_forked_after_its_disk_queue_started_writes_in_the_child(tmp_pa
         x = np.random.default_rng(i).normal(size=(8 * 64, 4096)).astype(np.float32)
         w.write_shard(i, np.full((8, 64), 7 + i), {"h": x})
     url = tmp_path / "forked"
-    proc = subprocess.Popen([sys.executable, "-c", FORKED_WRITER, str(url)], start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the hung child too
-        proc.communicate()
-        pytest.fail("the forked child's chunk writes hung")
-    assert proc.returncode == 0, err
+    run_forking_script(FORKED_WRITER, str(url), hang="the forked child's chunk writes hung")
     assert snapshot(str(url)) == snapshot(str(ref))
 
 
