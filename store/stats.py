@@ -8,8 +8,8 @@ norm quantiles are exact over caches of up to 64 shards and estimated from 64 ev
 shards beyond (``Cache.stats``), so opening a terabyte cache reads megabytes.
 
 The writer's pass over a shard is compiled with numba (``_moments_pass``), because as numpy
-calls it was the writer's largest CPU cost: five passes over each block, 3.4x slower on one
-thread. The price is a dependency (numba, with llvmlite's 57 MB) and a start-up of ~1.4 s to
+calls it was the writer's largest CPU cost: five passes over each block, 3.4-3.5x slower on
+one thread. The price is a dependency (numba, with llvmlite's 57 MB) and a start-up of ~1.4 s to
 compile in the first process on a machine, ~0.4 s to load from numba's cache in every later
 one (this project's 2-core VM).
 """
@@ -176,7 +176,7 @@ def _summarize_part(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> Sh
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
-def _moments_pass(x_ND, bf16, keep_N, block_rows, count, norms_N, mean_D, m2_D):  # pragma: no cover
+def _moments_pass(x_ND, bf16, keep_N, block_rows, count, norms_N, mean_D, m2_D):
     """Norms of all rows and the kept rows' moments merged into (count, mean_D, m2_D), in one
     pass over ``x_ND`` (bf16 bits as uint16 when ``bf16``, else float32); returns the new count
     and the number of NaN/Inf values.
@@ -188,7 +188,7 @@ def _moments_pass(x_ND, bf16, keep_N, block_rows, count, norms_N, mean_D, m2_D):
     loses about log10(mean^2 / var) of float64's 16 digits (10 left at mean = 1000 standard
     deviations), far below what bf16 or float32 storage resolves. Masked rows (BOS, padding)
     count for their norm only. Compiled (numba, without the GIL) because the same pass as
-    numpy calls costs five passes over each block: 3-3.5x slower on one thread (``python
+    numpy calls costs five passes over each block: 3.4-3.5x slower on one thread (``python
     bench/harvest.py --stages``, bench/RESULTS_harvest.md), the writer's largest cost."""
     n, d = x_ND.shape
     u_D = np.empty(d, np.uint32)

@@ -20,11 +20,12 @@ of a process queued on its one event-loop thread, so two shards written from two
 nothing there. On a local disk they go out through one queue per writer (``DISK_THREADS``
 threads, in the order the shards queued them): when each shard's thread wrote its own, two
 shards shared the disk, finished together, and both left it idle while they took their next
-checksums and statistics; a trace of 4 GB at d = 4096 (``python bench/harvest.py --trace``)
-found the disk busy 59-78% of the run that way and 88-95% with the queue, where two threads
-run 1.11-1.18x faster than one. The writer against plain Python's ``O_DIRECT`` writes of the
-same bytes, 10 GB at d = 4096 (``--ceiling-only``, three runs): 0.90-1.07; into memory:// (its
-CPU cost alone) 2.6-3.1 GB/s.
+checksums and statistics; a trace at d = 4096 (``python bench/harvest.py --trace``) found the
+disk busy 59-78% of a 4 GB run that way and 88-95% of 2-4 GB runs with the queue, where two
+threads run 1.11-1.18x faster than one. The writer against plain Python's ``O_DIRECT`` writes
+of the same bytes, 10 GB at d = 4096 (``--ceiling-only``, four runs): 0.90-1.07; into memory://
+1.6-3.1 GB/s, as numpy's huge-page advice lets the memory store copy each chunk into fresh
+memory.
 """
 
 from __future__ import annotations
