@@ -9,19 +9,21 @@ shards beyond (``Cache.stats``), so opening a terabyte cache reads megabytes.
 
 The writer's pass over a shard is compiled with numba (``_moments_pass``), because as numpy
 calls it was the writer's largest CPU cost: five passes over each block, 3.4-3.5x slower on
-one thread. The price is a dependency (numba, with llvmlite's 57 MB) and a start-up of ~1.4 s to
-compile in the first process on a machine, ~0.4 s to load from numba's cache in every later
-one (this project's 2-core VM).
+one thread. The price is a dependency (numba, with llvmlite's 57 MB) and a start-up in each
+writing process: ~1.5 s to import numba and compile the pass in the first process on a
+machine, ~0.55 s to import it and load the pass from numba's cache in every later one (this
+project's 2-core VM), on a thread of its own (``warm_up``). Processes that only read a cache
+never import numba.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-import numba
 import numpy as np
 
 from sasa.store.layout import STORAGE_DTYPES
@@ -114,10 +116,11 @@ _warming: list[threading.Thread] = []
 
 
 def warm_up(dtype: str) -> None:
-    """Load (or compile) the pass for ``dtype`` on a thread of its own, once per process and
-    dtype, so that a writer's first shard does not wait for it (a harvest loads its model and
-    runs a forward meanwhile). A fork waits for it first (``_before_fork``): numba holds its
-    compiler lock while it loads, and a child forked then would wait for that lock forever."""
+    """Import numba and load (or compile) the pass for ``dtype`` on a thread of its own, once
+    per process and dtype, so that a writer's first shard does not wait for it (a harvest loads
+    its model and runs a forward meanwhile). A fork waits for it first (``_before_fork``): numba
+    holds its compiler lock while it loads, and a child forked then would wait for that lock
+    forever."""
     if any(t.name == f"sasa-warm-{dtype}" for t in _warming):
         return
     x = np.zeros((1, 1), STORAGE_DTYPES[dtype])
@@ -162,20 +165,27 @@ def _summarize_part(stored_ND: np.ndarray, dtype: str, keep_N: np.ndarray) -> Sh
     n, d = stored_ND.shape
     norms, mean, m2 = np.empty(n, np.float32), np.zeros(d), np.zeros(d)
     if dtype != "float16":
-        count, bad = _moments_pass(stored_ND, dtype == "bfloat16", keep_N, BLOCK_ROWS, 0,
-                                   norms, mean, m2)
+        count, bad = _compiled()(stored_ND, dtype == "bfloat16", keep_N, BLOCK_ROWS, 0,
+                                 norms, mean, m2)
         return ShardSummary(norms, Moments(count, mean, m2), bad)
     count = bad = 0
     step = 16 * BLOCK_ROWS  # whole blocks, so the blocks are those of one pass
     for a in range(0, n, step):
-        count, more = _moments_pass(stored_ND[a:a + step].astype(np.float32), False,
-                                    keep_N[a:a + step], BLOCK_ROWS, count, norms[a:a + step],
-                                    mean, m2)
+        count, more = _compiled()(stored_ND[a:a + step].astype(np.float32), False,
+                                  keep_N[a:a + step], BLOCK_ROWS, count, norms[a:a + step],
+                                  mean, m2)
         bad += more
     return ShardSummary(norms, Moments(count, mean, m2), bad)
 
 
-@numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
+@functools.cache
+def _compiled():
+    """``_moments_pass`` compiled by numba, without the GIL; numba is imported here, by a
+    writer's warm-up or first shard, so that processes that only read a cache never load it."""
+    import numba
+    return numba.njit(nogil=True, cache=True, fastmath={"reassoc"})(_moments_pass)
+
+
 def _moments_pass(x_ND, bf16, keep_N, block_rows, count, norms_N, mean_D, m2_D):
     """Norms of all rows and the kept rows' moments merged into (count, mean_D, m2_D), in one
     pass over ``x_ND`` (bf16 bits as uint16 when ``bf16``, else float32); returns the new count

@@ -8,6 +8,8 @@ layouts (``shard_objects``: one object per chunk, or one per shard).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -243,6 +245,16 @@ def test_a_writer_forked_while_its_statistics_pass_loads_writes_in_the_child(tmp
     run_forking_script(FORKED_AT_START, str(tmp_path / "c"),
                        hang="the child forked during the warm-up hung")
     assert list(open_cache(str(tmp_path / "c")).committed_shards()) == [0]
+
+
+def test_reading_a_cache_does_not_import_numba(tmp_path):
+    """Only a writer compiles the statistics pass: a process that opens a cache, reads its rows
+    and its statistics never imports numba (``stats._compiled``)."""
+    build(str(tmp_path / "c"))
+    script = ("import sys; from sasa.store import open_cache; c = open_cache(sys.argv[1]); "
+              "c.read_rows('resid_post.1', 0, 8); c.stats('resid_post.1'); "
+              "sys.exit('numba' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", script, str(tmp_path / "c")]).returncode == 0
 
 
 # -- the reader ----------------------------------------------------------------------------
