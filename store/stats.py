@@ -112,7 +112,8 @@ def _forget_pool() -> None:  # a forked child has none of the parent's threads: 
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-_warming: list[threading.Thread] = []
+_warming: dict[str, threading.Thread] = {}
+"""The warm-up thread of each storage dtype (``warm_up``)."""
 
 
 def warm_up(dtype: str) -> None:
@@ -121,17 +122,16 @@ def warm_up(dtype: str) -> None:
     its model and runs a forward meanwhile). A fork waits for it first (``_before_fork``): numba
     holds its compiler lock while it loads, and a child forked then would wait for that lock
     forever."""
-    if any(t.name == f"sasa-warm-{dtype}" for t in _warming):
+    if dtype in _warming:
         return
     x = np.zeros((1, 1), STORAGE_DTYPES[dtype])
-    thread = threading.Thread(target=summarize_shard, args=(x, dtype, np.ones(1, bool)),
-                              name=f"sasa-warm-{dtype}")
-    _warming.append(thread)
-    thread.start()
+    _warming[dtype] = threading.Thread(target=summarize_shard, args=(x, dtype, np.ones(1, bool)),
+                                       name=f"sasa-warm-{dtype}")
+    _warming[dtype].start()
 
 
 def _before_fork() -> None:
-    for thread in _warming:
+    for thread in _warming.values():
         if thread.is_alive() and thread is not threading.current_thread():
             thread.join()
 
