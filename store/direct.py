@@ -19,8 +19,8 @@ bench/RESULTS_harvest.md). A local chunk whose size is a multiple of 4 KiB is wr
 cache (``O_DIRECT``; ``CacheWriter.direct_io``), straight from the caller's array when it starts on
 a page (the harvester's host buffers do: ``sasa.harvester.runner.host_tensor``): a harvest writes
 each byte once and never reads it back, and through the page cache every new page is allocated,
-dirtied and flushed later; at d = 4096, 10 GB written, 1.71 and 1.60 against 1.08 and 1.21 GB/s
-through the page cache in two runs (``python bench/harvest.py --ceiling-only``,
+dirtied and flushed later; at d = 4096, 10 GB written, 1.70 and 1.90 against 1.14 and 1.11 GB/s
+through the page cache in two runs (``python bench/harvest.py [--ceiling-only]``,
 bench/RESULTS_harvest.md). Why, reading: zarr reads a local chunk into a new bytes object and copies
 it into the caller's buffer; ``readinto`` puts the file's bytes straight into the window, one copy
 instead of two and no fresh allocation per chunk: 2.2x zarr's rate on one thread from a warm page

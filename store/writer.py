@@ -10,22 +10,22 @@ temporary and renamed, so a crash leaves no torn object under a real key). Rewri
 it differs (a non-deterministic producer, or a config change that the fingerprint did not
 catch).
 
-Where a shard's write time goes (``python bench/harvest.py --stages``, 64 MiB bf16 shards at d
-= 4096 on this project's 2-core VM; tables in bench/RESULTS_harvest.md), costliest first: the
+Where a shard's write time goes (``python bench/harvest.py --stages``, 64 MiB bf16 shards at d =
+4096 on this project's 2-core VM; tables in bench/RESULTS_harvest.md), costliest first: the
 activations' write (1.3-2.0 GB/s from one thread to local disk), the statistics pass (5.1-5.3
-GB/s on one thread, compiled; 1.5 as the numpy calls it replaced), the CRC-32 (zlib-ng, 13
-GB/s; zlib's 3.7). The activations and norms bypass zarr's codec pipeline
-(``sasa.store.direct``: their chunk objects are plain bytes), because through zarr every write
-of a process queued on its one event-loop thread, so two shards written from two threads gained
-nothing there. On a local disk they go out through one queue per writer (``DISK_THREADS``
-threads, in the order the shards queued them): when each shard's thread wrote its own, two
-shards shared the disk, finished together, and both left it idle while they took their next
-checksums and statistics; a trace at d = 4096 (``python bench/harvest.py --trace``) found the
-disk busy 59-78% of a 4 GB run that way and 88-95% of 2-4 GB runs with the queue, where two
-threads run 1.11-1.18x faster than one. The writer against plain Python's ``O_DIRECT`` writes
-of the same bytes, 10 GB at d = 4096 (``--ceiling-only``, four runs): 0.90-1.07; into memory://
-1.6-3.1 GB/s, as numpy's huge-page advice lets the memory store copy each chunk into fresh
-memory.
+GB/s on one thread, compiled; 1.5 as the numpy calls it replaced), the CRC-32 (zlib-ng, 13 GB/s;
+zlib's 3.7). The activations and norms bypass zarr's codec pipeline (``sasa.store.direct``:
+their chunk objects are plain bytes), because through zarr every write of a process queued on
+its one event-loop thread, so two shards written from two threads gained nothing there. On a
+local disk they go out through one queue per writer (``DISK_THREADS`` threads, in the order the
+shards queued them): when each shard's thread wrote its own, two shards shared the disk,
+finished together, and both left it idle while they took their next checksums and statistics; a
+trace at d = 4096 (``python bench/harvest.py --trace``) found the disk busy 59-78% of a 4 GB run
+that way and 88-95% of 2-4 GB runs with the queue, where two threads run 1.11-1.18x faster than
+one. The writer against plain Python's ``O_DIRECT`` writes of the same bytes, 10 GB at d = 4096
+(``python bench/harvest.py [--ceiling-only]``, five runs): 0.90-1.23; into memory:// 1.6-3.1
+GB/s, depending on numpy's huge-page advice (the memory store copies each chunk into fresh
+memory).
 """
 
 from __future__ import annotations
